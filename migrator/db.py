@@ -1,0 +1,68 @@
+"""Connections to the legacy (source) and new (target) databases.
+
+Every session migrator opens pins the settings that decide how values are written as text, so that a row's text form
+is the same on both sides and parses back to the same bits. The capture function pins the same settings (see
+triggers/capture.sql); they must agree with `PINNED_SETTINGS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from migrator.config import redact
+from migrator.errors import ConnectionFailed
+
+PINNED_SETTINGS: dict[str, str] = {
+    "DateStyle": "ISO, YMD",
+    "IntervalStyle": "postgres",
+    "TimeZone": "UTC",
+    "extra_float_digits": "3",
+    "bytea_output": "hex",
+    "lc_monetary": "C",
+}
+
+
+def connect(dsn: str, *, role: str, autocommit: bool = False, application_name: str | None = None,
+            **kwargs: Any) -> psycopg.Connection[Any]:
+    """Open a connection with the pinned settings; `role` ("source" or "target") only names it in errors."""
+    options = " ".join(f"-c {k.replace(' ', '')}={v.replace(' ', '')}" for k, v in PINNED_SETTINGS.items())
+    try:
+        conn = psycopg.connect(
+            dsn,
+            autocommit=autocommit,
+            application_name=application_name or f"migrator-{role}",
+            options=options,
+            **kwargs,
+        )
+    except psycopg.Error as exc:
+        raise ConnectionFailed(f"cannot connect to the {role} database: {redact(str(exc)).strip()}") from exc
+    return conn
+
+
+@contextmanager
+def session(dsn: str, *, role: str, autocommit: bool = False, **kwargs: Any) -> Iterator[psycopg.Connection[Any]]:
+    conn = connect(dsn, role=role, autocommit=autocommit, **kwargs)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def qualified(schema: str, name: str) -> sql.Composed:
+    return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name))
+
+
+def describe_dsn(dsn: str) -> str:
+    """host:port/dbname of a DSN, for messages; never the password."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return redact(dsn)
+    host = info.get("host") or "local"
+    port = info.get("port") or "5432"
+    return f"{host}:{port}/{info.get('dbname', '')}"

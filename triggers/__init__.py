@@ -1,0 +1,1 @@
+"""The SQL that migrator installs into the legacy database (read by migrator.capture)."""
