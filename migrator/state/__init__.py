@@ -124,7 +124,8 @@ class TableState:
 
 
 def register_tables(conn: Conn, tables: list[Table]) -> None:
-    """Record the captured tables as prepared; a table already recorded keeps its copy progress."""
+    """Record the captured tables as prepared; a table already recorded keeps its copy progress unless its
+    definition changed, in which case it goes back to pending and is copied again."""
     with conn.cursor() as cur:
         for t in tables:
             cur.execute(
@@ -132,8 +133,12 @@ def register_tables(conn: Conn, tables: list[Table]) -> None:
                     "INSERT INTO {} (schema_name, table_name, source_oid, fingerprint, key_columns) "
                     "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (schema_name, table_name) DO UPDATE "
                     "SET source_oid = excluded.source_oid, fingerprint = excluded.fingerprint, "
-                    "key_columns = excluded.key_columns"
-                ).format(_t("table_state")),
+                    "key_columns = excluded.key_columns, "
+                    # A table whose definition changed (DDL) is copied again under a snapshot of its own.
+                    "status = CASE WHEN {t}.fingerprint = excluded.fingerprint THEN {t}.status ELSE 'pending' END, "
+                    "copy_snapshot = CASE WHEN {t}.fingerprint = excluded.fingerprint "
+                    "THEN {t}.copy_snapshot END"
+                ).format(_t("table_state"), t=_t("table_state")),
                 (t.schema, t.name, t.oid, t.fingerprint, list(t.key)),
             )
 
@@ -151,6 +156,17 @@ def set_fingerprint(conn: Conn, table: Table) -> None:
             .format(_t("table_state")),
             (table.fingerprint, table.oid, table.schema, table.name),
         )
+
+
+def reset_tables(conn: Conn, names: list[tuple[str, str]]) -> None:
+    """Send tables back to pending, so the next copy reads them again under a new boundary."""
+    with conn.cursor() as cur:
+        for schema_name, table_name in names:
+            cur.execute(
+                sql.SQL("UPDATE {} SET status = 'pending', copy_snapshot = NULL "
+                        "WHERE schema_name = %s AND table_name = %s").format(_t("table_state")),
+                (schema_name, table_name),
+            )
 
 
 def table_copy_started(conn: Conn, table: Table) -> None:

@@ -1,0 +1,255 @@
+"""Capture on the legacy database: install it (prepare), freeze and release it (cutover), remove it (cleanup).
+
+The only module that writes to the legacy database. Everything it creates lives in the `_migrator` schema, except
+the two triggers per captured table (`_migrator_capture` for rows, `_migrator_capture_truncate` for TRUNCATE),
+which call `_migrator.capture()`. Freezing replaces that function's body with one that rejects the write
+(triggers/freeze.sql): a committed catalog change that holds after migrator exits, taken without rewriting any
+table. Trigger DDL needs a short SHARE ROW EXCLUSIVE lock per table; it is taken with lock_timeout and retried,
+so prepare and cleanup never queue the clinical workload behind them for long.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from migrator import catalog, db, schema, state
+from migrator.catalog import Table
+from migrator.config import CAPTURE_SCHEMA, Config
+from migrator.errors import Blocked, MigratorError, NotReady
+from migrator.log import get
+
+ROW_TRIGGER = "_migrator_capture"
+TRUNCATE_TRIGGER = "_migrator_capture_truncate"
+LOCK_RETRIES = 20
+
+
+def trigger_sql(name: str) -> str:
+    return resources.files("migrator.triggers").joinpath(name).read_text()
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    tables: list[str]
+    target_schema_created: bool
+    triggers_installed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tables": self.tables, "target_schema_created": self.target_schema_created,
+                "triggers_installed": self.triggers_installed}
+
+
+def _with_lock_retries(conn: psycopg.Connection[Any], what: str, fn: Any, lock_timeout: float) -> None:
+    """Run fn(cursor) in its own transaction with lock_timeout, retrying when the lock is not granted in time."""
+    log = get(phase="capture")
+    for attempt in range(1, LOCK_RETRIES + 1):
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{int(lock_timeout * 1000)}ms")))
+                fn(cur)
+            return
+        except psycopg.errors.LockNotAvailable:
+            log.warning("capture.lock_wait", what=what, attempt=attempt)
+            time.sleep(min(0.2 * attempt, 2.0))
+    raise Blocked(
+        f"could not lock {what} within {lock_timeout}s after {LOCK_RETRIES} attempts: a long transaction holds it",
+        hint="Find the session with `migrator inspect` (long-running transactions), let it finish, and run again.",
+    )
+
+
+def installed_tables(conn: psycopg.Connection[Any]) -> dict[int, tuple[str, str, str]]:
+    """The captured-table registry on the source: oid -> (schema, table, fingerprint); empty when not prepared."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{CAPTURE_SCHEMA}.captured_table",))
+        row = cur.fetchone()
+        if not row or not row[0]:
+            return {}
+        cur.execute(sql.SQL("SELECT rel::bigint, schema_name, table_name, fingerprint FROM {}.captured_table")
+                    .format(sql.Identifier(CAPTURE_SCHEMA)))
+        return {r[0]: (r[1], r[2], r[3]) for r in cur.fetchall()}
+
+
+def install(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: float = 2.0) -> int:
+    """Create the capture schema and function, then the triggers on every table not yet captured."""
+    log = get(phase="prepare")
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext('migrator.capture'))")
+        cur.execute(sql.SQL(trigger_sql("capture.sql")))  # type: ignore[arg-type]
+    done = installed_tables(conn)
+    created = 0
+    for t in tables:
+        if t.oid in done:
+            continue
+
+        def create(cur: psycopg.Cursor[Any], t: Table = t) -> None:
+            fn = sql.SQL("{}.capture()").format(sql.Identifier(CAPTURE_SCHEMA))
+            cur.execute(sql.SQL("CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} "
+                                "FOR EACH ROW EXECUTE FUNCTION {}").format(sql.Identifier(ROW_TRIGGER), t.ident, fn))
+            cur.execute(sql.SQL("CREATE TRIGGER {} AFTER TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}")
+                        .format(sql.Identifier(TRUNCATE_TRIGGER), t.ident, fn))
+            # ALWAYS: capture even sessions running with session_replication_role = replica.
+            cur.execute(sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}, ENABLE ALWAYS TRIGGER {}")
+                        .format(t.ident, sql.Identifier(ROW_TRIGGER), sql.Identifier(TRUNCATE_TRIGGER)))
+            cur.execute(sql.SQL("INSERT INTO {}.captured_table (rel, schema_name, table_name, fingerprint) "
+                                "VALUES (%s, %s, %s, %s)").format(sql.Identifier(CAPTURE_SCHEMA)),
+                        (t.oid, t.schema, t.name, t.fingerprint))
+
+        _with_lock_retries(conn, f"table {t.display}", create, lock_timeout)
+        created += 1
+        log.info("capture.installed", table=t.display)
+    return created
+
+
+def check_target_columns(target: psycopg.Connection[Any], tables: list[Table]) -> None:
+    """The target's tables must have the source's columns in the source's order (row images are positional)."""
+    problems = []
+    with target.cursor() as cur:
+        for t in tables:
+            cur.execute(
+                "SELECT array_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum) "
+                "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped",
+                (t.schema, t.name),
+            )
+            row = cur.fetchone()
+            have = list(row[0]) if row and row[0] else []
+            want = [f"{c.name} {c.type}" for c in t.columns]
+            if have != want:
+                problems.append(t.display if have else f"{t.display} (missing)")
+    if problems:
+        raise MigratorError(
+            f"target tables differ from the source: {', '.join(problems[:20])}",
+            hint="Recreate the target database empty and run `migrator prepare` again, which creates the schema.",
+        )
+
+
+def _target_has_user_tables(target: psycopg.Connection[Any], tables: list[Table]) -> list[str]:
+    with target.cursor() as cur:
+        found = []
+        for t in tables:
+            cur.execute("SELECT to_regclass(%s) IS NOT NULL", (t.ident.as_string(target),))
+            row = cur.fetchone()
+            if row and row[0]:
+                found.append(t.display)
+    return found
+
+
+def prepare(cfg: Config) -> PrepareResult:
+    """Control schema and target schema on the target, capture on the source. Re-runnable."""
+    log = get(phase="prepare")
+    with db.session(cfg.target_dsn, role="target") as target, db.session(cfg.source_dsn, role="source") as source:
+        state.upgrade(target)
+        state.start_migration(target, db.describe_dsn(cfg.source_dsn))
+        target.commit()
+        source.autocommit = True
+        with source.cursor() as cur:
+            cur.execute("SELECT current_setting('server_version_num')::int")
+            row = cur.fetchone()
+            if row is None or row[0] < 130000:
+                raise Blocked("the source runs PostgreSQL older than 13; migrator needs 13 or newer")
+        tables = catalog.list_tables(source, cfg.tables)
+        if not tables:
+            raise Blocked("no source table matches [tables] include/exclude",
+                          hint="Check the patterns in migration.toml ([tables] include = [\"public.*\"]).")
+        m = state.migration(target)
+        assert m is not None
+        created_schema = False
+        if m.target_schema_at is None:
+            existing = _target_has_user_tables(target, tables)
+            if existing:
+                raise Blocked(
+                    f"the target already has tables of the source ({', '.join(existing[:5])}"
+                    f"{' ...' if len(existing) > 5 else ''}) that migrator did not create",
+                    hint="Point [target] at a new, empty database.",
+                )
+            target.commit()
+            schema.load_section(cfg.source_dsn, cfg.target_dsn, "pre-data")
+            state.mark(target, "target_schema_at")
+            target.commit()
+            created_schema = True
+            log.info("prepare.target_schema", tables=len(tables))
+        check_target_columns(target, tables)
+        installed = install(source, tables, lock_timeout=cfg.sync.lock_timeout)
+        state.register_tables(target, tables)
+        state.mark(target, "prepared_at")
+        target.commit()
+    return PrepareResult([t.display for t in tables], created_schema, installed)
+
+
+def freeze(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: float) -> None:
+    """Reject every write to the captured tables from now on, once no writer is in flight.
+
+    SHARE locks on all captured tables wait (at most lock_timeout) for transactions writing them to end; with the
+    locks held the capture function is replaced by the freeze function; the commit releases the locks and writers
+    queued behind them then fail. Every change committed before is in the delta log.
+    """
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{int(lock_timeout * 1000)}ms")))
+        if tables:
+            cur.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(sql.SQL(", ").join(t.ident for t in tables)))
+        cur.execute(sql.SQL(trigger_sql("freeze.sql")))  # type: ignore[arg-type]
+
+
+def release(conn: psycopg.Connection[Any]) -> None:
+    """Make the legacy database writable again, with capture on (the freeze undone)."""
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(sql.SQL(trigger_sql("capture.sql")))  # type: ignore[arg-type]
+        cur.execute(sql.SQL("UPDATE {}.freeze_state SET frozen = false, since = now(), reason = 'released'")
+                    .format(sql.Identifier(CAPTURE_SCHEMA)))
+
+
+def is_frozen(conn: psycopg.Connection[Any]) -> bool:
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{CAPTURE_SCHEMA}.freeze_state",))
+        row = cur.fetchone()
+        if not row or not row[0]:
+            return False
+        cur.execute(sql.SQL("SELECT frozen FROM {}.freeze_state WHERE id = 1").format(sql.Identifier(CAPTURE_SCHEMA)))
+        row = cur.fetchone()
+    return bool(row and row[0])
+
+
+@dataclass(frozen=True)
+class CleanupResult:
+    triggers_removed: int
+    schema_dropped: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"triggers_removed": self.triggers_removed, "schema_dropped": self.schema_dropped}
+
+
+def cleanup(cfg: Config, *, release_freeze: bool = False) -> CleanupResult:
+    """Remove the capture triggers and the `_migrator` schema from the legacy database, leaving no trace."""
+    log = get(phase="cleanup")
+    with db.session(cfg.source_dsn, role="source", autocommit=True) as source:
+        if is_frozen(source) and not release_freeze:
+            raise NotReady(
+                "the legacy database is frozen after cutover; removing capture would make it writable again",
+                hint="If clients have moved and writes to the legacy database are acceptable again, run "
+                     "`migrator cleanup --release-freeze --yes`; otherwise leave it frozen.",
+            )
+        with source.cursor() as cur:
+            cur.execute(
+                "SELECT n.nspname, c.relname, t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_proc p ON p.oid = t.tgfoid "
+                "JOIN pg_namespace pn ON pn.oid = p.pronamespace WHERE pn.nspname = %s AND NOT t.tgisinternal",
+                (CAPTURE_SCHEMA,),
+            )
+            triggers = cur.fetchall()
+        source.autocommit = False
+        for schema_name, table_name, trigger in triggers:
+            ident = sql.SQL("{}.{}").format(sql.Identifier(schema_name), sql.Identifier(table_name))
+
+            def drop(cur: psycopg.Cursor[Any], ident: sql.Composable = ident, trigger: str = trigger) -> None:
+                cur.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(trigger), ident))
+
+            _with_lock_retries(source, f"table {schema_name}.{table_name}", drop, cfg.sync.lock_timeout)
+        with source.transaction(), source.cursor() as cur:
+            cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(CAPTURE_SCHEMA)))
+        log.info("cleanup.done", triggers=len(triggers))
+    return CleanupResult(len(triggers), True)

@@ -1,0 +1,271 @@
+"""The command line: parses arguments, calls the phase function, renders its result as text or --json.
+
+Only this module turns errors into messages and exit codes: 0 done, 1 a finding the operator must look at
+(differences, blockers, declined), 2 an error, 3 a cutover that stopped (legacy database writable again).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+import psycopg
+
+from migrator import config as config_mod
+from migrator import log as log_mod
+from migrator.config import Config, redact
+from migrator.errors import Blocked, MigratorError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Ctx:
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+        self._cfg: Config | None = None
+
+    @property
+    def cfg(self) -> Config:
+        if self._cfg is None:
+            self._cfg = config_mod.load(self.config_path)
+        return self._cfg
+
+
+def _emit(result: Any, as_json: bool, text: Callable[[], str] | None = None) -> None:
+    if as_json:
+        data = result.to_dict() if hasattr(result, "to_dict") else result
+        click.echo(json.dumps(data, indent=2, default=str))
+    elif text is not None:
+        click.echo(text())
+    else:
+        data = result.to_dict() if hasattr(result, "to_dict") else result
+        click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _confirm(yes: bool, what: str) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise Blocked(f"{what}: confirmation needed", hint="Run it again with --yes (scripts) or on a terminal.")
+    if not click.confirm(f"{what}. Go on?", default=False):
+        raise Blocked("declined by the operator")
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum: int, _: Any) -> None:
+        log_mod.get(phase="cli").info("cli.stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON for scripts.")
+yes_option = click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+
+
+@click.group()
+@click.option("--config", "config_path", default=None, metavar="FILE",
+              help="Configuration file (default ./migration.toml).")
+@click.option("--log-json/--log-pretty", default=None, help="Log format (default: JSON unless on a terminal).")
+@click.option("--log-level", default="info", show_default=True)
+@click.version_option(package_name="migrator")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, log_json: bool | None, log_level: str) -> None:
+    """Zero-downtime delta migration of a live PostgreSQL database onto a new server."""
+    log_mod.configure(json=log_json, level=log_level)
+    ctx.obj = Ctx(config_path)
+
+
+@main.command()
+@json_option
+@click.pass_obj
+def inspect(obj: Ctx, as_json: bool) -> None:
+    """Readiness report of the legacy database; changes nothing. Exit 0 ready, 1 blockers found."""
+    from migrator import inspect as inspect_mod
+
+    report = inspect_mod.run(obj.cfg)
+    _emit(report, as_json, report.render_text)
+    sys.exit(0 if report.ready else 1)
+
+
+@main.command()
+@yes_option
+@json_option
+@click.pass_obj
+def prepare(obj: Ctx, yes: bool, as_json: bool) -> None:
+    """Create the control schema and target schema, and install capture triggers on the legacy database."""
+    from migrator import capture
+
+    _confirm(yes, "This installs capture triggers and the _migrator schema on the legacy database")
+    result = capture.prepare(obj.cfg)
+    _emit(result, as_json, lambda: (
+        f"prepared: {len(result.tables)} tables captured ({result.triggers_installed} newly), target schema "
+        f"{'created' if result.target_schema_created else 'already present'}"))
+
+
+@main.command()
+@click.option("--workers", type=int, default=None, help="Parallel table copies (default: CPU count).")
+@click.option("--tables", "only", multiple=True, metavar="SCHEMA.TABLE", help="Copy these tables again.")
+@json_option
+@click.pass_obj
+def copy(obj: Ctx, workers: int | None, only: tuple[str, ...], as_json: bool) -> None:
+    """Bulk copy from one consistent snapshot; re-run to resume after a failure."""
+    from migrator import copy as copy_mod
+    from migrator.console import CopyProgress
+
+    with CopyProgress(enabled=not as_json and sys.stderr.isatty()) as progress:
+        result = copy_mod.run(obj.cfg, workers=workers, progress=progress.update, only=list(only) or None)
+    _emit(result, as_json, lambda: (
+        f"copied {len(result.copied)} tables ({result.rows} rows, {result.bytes / 1e6:.1f} MB) in "
+        f"{result.seconds:.1f}s; {len(result.skipped)} already copied"))
+
+
+@main.command()
+@click.option("--until-caught-up", "mode", flag_value="once", default=True,
+              help="Apply until nothing is pending, then exit 0 (default).")
+@click.option("--follow", "mode", flag_value="follow", help="Keep applying; SIGINT/SIGTERM stop cleanly.")
+@click.option("--check-lag", type=float, default=None, metavar="SECONDS",
+              help="Apply nothing; exit 1 when the oldest pending change is older than SECONDS.")
+@json_option
+@click.pass_obj
+def sync(obj: Ctx, mode: str, check_lag: float | None, as_json: bool) -> None:
+    """Replay the delta log onto the target."""
+    from migrator import replay
+
+    if check_lag is not None:
+        lag = replay.lag(obj.cfg)
+        behind = (lag.oldest_pending_seconds or 0.0) > check_lag
+        _emit(lag, as_json, lambda: f"{lag.pending_events} events pending, oldest "
+                                    f"{lag.oldest_pending_seconds or 0:.1f}s ({'over' if behind else 'within'} {check_lag}s)")
+        sys.exit(1 if behind else 0)
+    stop = _stop_on_signals()
+    live = mode == "follow" and not as_json
+
+    def on_batch(info: replay.BatchInfo, lag: replay.Lag) -> None:
+        if live and info.events:
+            click.echo(f"applied {info.events} events in {info.seconds:.2f}s; pending {lag.pending_events}, "
+                       f"lag {lag.oldest_pending_seconds or 0:.1f}s", err=True)
+
+    result = replay.sync(obj.cfg, follow=mode == "follow", stop=stop, on_batch=on_batch)
+    _emit(result, as_json, lambda: (
+        f"applied {result.events} events in {result.batches} batches ({result.seconds:.1f}s); "
+        f"{'caught up' if result.caught_up else 'stopped'}"))
+
+
+@main.command()
+@click.option("--tables", multiple=True, metavar="SCHEMA.TABLE", help="Verify only these tables.")
+@click.option("--show-values", is_flag=True, help="Show the differing rows' values (patient data!).")
+@json_option
+@click.pass_obj
+def verify(obj: Ctx, tables: tuple[str, ...], show_values: bool, as_json: bool) -> None:
+    """Row parity: exit 0 identical, 1 differences (listed by key), 2 could not verify."""
+    from migrator import parity
+
+    report = parity.verify(obj.cfg, tables=list(tables) or None, show_values=show_values)
+    _emit(report, as_json, report.render_text)
+    sys.exit(report.exit_code)
+
+
+@main.command()
+@json_option
+@click.pass_obj
+def status(obj: Ctx, as_json: bool) -> None:
+    """The migration's state from the control schema, with the sync lag."""
+    from migrator import status as status_mod
+    from migrator.console import render_status
+
+    st = status_mod.read(obj.cfg)
+    _emit(st, as_json, lambda: render_status(st))
+
+
+@main.command()
+@yes_option
+@json_option
+@click.pass_obj
+def cutover(obj: Ctx, yes: bool, as_json: bool) -> None:
+    """Freeze writes, drain, verify, carry sequences, switch clients, report the freeze window."""
+    from migrator import cutover as cutover_mod
+
+    _confirm(yes, "This freezes writes on the legacy database and moves clients to the target")
+    report = cutover_mod.run(obj.cfg, on_step=None if as_json else lambda s, st: click.echo(f"  {s}: {st}", err=True))
+    _emit(report, as_json, lambda: f"cutover done; write freeze {report.freeze_seconds or 0:.2f}s\n" + "\n".join(
+        f"  {s.step:<10} {s.seconds:8.3f}s  {s.detail or ''}" for s in report.steps))
+
+
+@main.command()
+@yes_option
+@click.pass_obj
+def release(obj: Ctx, yes: bool) -> None:
+    """Make the legacy database writable again after a cutover (capture stays installed)."""
+    from migrator import cutover as cutover_mod
+
+    _confirm(yes, "This makes the legacy database writable again (split-brain risk if clients moved)")
+    cutover_mod.release(obj.cfg)
+    click.echo("released: the legacy database takes writes again")
+
+
+@main.command()
+@yes_option
+@click.option("--release-freeze", is_flag=True, help="Also end a post-cutover freeze (legacy becomes writable).")
+@json_option
+@click.pass_obj
+def cleanup(obj: Ctx, yes: bool, release_freeze: bool, as_json: bool) -> None:
+    """Remove the capture triggers and the _migrator schema from the legacy database."""
+    from migrator import capture
+
+    _confirm(yes, "This removes capture from the legacy database; changes after it are no longer recorded")
+    result = capture.cleanup(obj.cfg, release_freeze=release_freeze)
+    _emit(result, as_json, lambda: f"removed {result.triggers_removed} triggers and the _migrator schema")
+
+
+@main.command()
+@click.option("--scale", type=float, default=0.01, show_default=True, help="Size of the synthetic PACS (1 ≈ 1.5 M rows).")
+@click.option("--workload-tps", type=float, default=40.0, show_default=True, help="Write transactions/s per writer.")
+@click.option("--writers", type=int, default=2, show_default=True)
+@click.option("--keep", is_flag=True, help="Keep the throwaway databases afterwards.")
+@json_option
+def rehearse(scale: float, workload_tps: float, writers: int, keep: bool, as_json: bool) -> None:
+    """The whole migration on throwaway databases under a concurrent clinical workload, timed."""
+    from migrator import rehearse as rehearse_mod
+
+    report = rehearse_mod.run(scale=scale, tps=workload_tps, writers=writers, keep=keep)
+    _emit(report, as_json, report.render_text)
+    sys.exit(0 if report.ok else 1)
+
+
+def run() -> None:
+    """Entry point with error handling: our errors become a message, a hint and an exit code."""
+    try:
+        main.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except MigratorError as exc:
+        click.echo(f"error: {redact(str(exc))}", err=True)
+        if exc.hint:
+            click.echo(f"what to do: {exc.hint}", err=True)
+        sys.exit(exc.exit_code)
+    except psycopg.Error as exc:
+        click.echo(f"error: database error: {redact(str(exc)).strip()}", err=True)
+        click.echo("what to do: check that both servers are reachable and run the command again; every command "
+                   "resumes from the recorded state.", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted; run the same command again to continue", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()

@@ -1,0 +1,91 @@
+"""What the operator sees on a terminal: copy progress, the status page. Rendering only; no database access."""
+
+from __future__ import annotations
+
+import io
+import threading
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from migrator.status import Status
+
+
+class CopyProgress:
+    """A per-table progress display (bytes, rate) on a terminal; a no-op otherwise (logs carry the progress)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._lock = threading.Lock()
+        self._tasks: dict[str, Any] = {}
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            TextColumn("{task.fields[rows]} rows"), TimeElapsedColumn(),
+            console=Console(stderr=True), transient=False,
+        ) if enabled else None
+
+    def __enter__(self) -> CopyProgress:
+        if self._progress:
+            self._progress.start()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        if self._progress:
+            self._progress.stop()
+
+    def update(self, table: str, rows: int, nbytes: int) -> None:
+        if not self._progress:
+            return
+        with self._lock:
+            task = self._tasks.get(table)
+            if task is None:
+                task = self._tasks[table] = self._progress.add_task(table, total=None, rows="…")
+            self._progress.update(task, completed=nbytes, rows=rows if rows >= 0 else "…")
+            if rows >= 0:
+                self._progress.update(task, total=nbytes)
+
+
+def _age(v: Any) -> str:
+    return v.isoformat(timespec="seconds") if hasattr(v, "isoformat") else str(v or "-")
+
+
+def render_status(st: Status) -> str:
+    console = Console(record=True, width=120, file=io.StringIO())
+    console.print(f"[bold]migration[/] {st.source} → {st.target}: {st.phase}"
+                  + ("" if st.frozen is None else f"; legacy {'FROZEN' if st.frozen else 'writable'}"))
+    if st.copy:
+        c = st.copy
+        console.print(f"copy: {c['copied']}/{c['tables']} tables, {c['rows']} rows, {c['bytes'] / 1e6:.1f} MB; "
+                      f"started {_age(c['started_at'])}, finished {_age(c['finished_at'])}")
+    if st.sync:
+        s = st.sync
+        lag = s.get("lag_seconds")
+        console.print(f"sync: {s.get('events_applied', 0)} events applied in {s.get('batches', 0)} batches; "
+                      f"pending {s.get('pending_events', '?')}, lag {lag if lag is None else f'{lag:.1f}s'}")
+    if st.tables:
+        t = Table("table", "status", "rows", "MB", "key")
+        for row in st.tables:
+            t.add_row(row["table"], row["status"], str(row["rows"] if row["rows"] is not None else "-"),
+                      f"{(row['bytes'] or 0) / 1e6:.1f}", ", ".join(row["key"]) or "(none: multiset)")
+        console.print(t)
+    for a in st.cutover:
+        console.print(f"cutover attempt {a['id']}: {a['status']}"
+                      + (f", freeze {a['freeze_seconds']:.2f}s" if a.get("freeze_seconds") else "")
+                      + (f", failed at {a['failed_step']}: {a['error']}" if a.get("failed_step") else ""))
+        for step in a["steps"]:
+            console.print(f"    {step['step']:<10} {step['status']:<8} {_age(step['started_at'])}")
+    for w in st.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+    return console.export_text().rstrip()
+

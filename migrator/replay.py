@@ -1,0 +1,424 @@
+"""Sync: replay the delta log onto the target, exactly once, in an order that reproduces the source.
+
+Batches are cut by snapshots, as PgQ and Londiste do. The target records the source snapshot whose committed
+changes it holds (`applied`). A batch takes a new snapshot `cur` on the source and carries every event whose
+transaction is visible in `cur` but not in `applied`, in event-id order; its changes and the new position commit in
+one target transaction. Visibility, not event ids, decides membership, so a transaction that began before the copy
+and commits after newer events were applied is still applied, once. Two changes to one row can only be committed in
+the order their events were written (the second waits for the first's row lock), so event-id order within a batch
+and batch order reproduce the source for every row.
+
+Each table's changes in a batch are applied set-based: the last image of every key touched (a key's final state
+after the batch) replaces the target's rows for those keys; a TRUNCATE resets the table first. Tables without a key
+are multisets: the net count of each distinct row image is added or removed. The copy boundary is kept per table:
+an event whose transaction the table's copy snapshot already contains is skipped.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from migrator import catalog, db, state
+from migrator.catalog import Table
+from migrator.config import CAPTURE_SCHEMA, Config
+from migrator.errors import NotReady, ReplayError, SchemaChanged
+from migrator.log import get
+
+BATCH_TABLE = "_migrator_batch"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A pg_snapshot: transactions below xmin are finished, from xmax on not yet started, xip in progress."""
+
+    xmin: int
+    xmax: int
+    xip: frozenset[int]
+    text: str
+
+    @classmethod
+    def parse(cls, text: str) -> Snapshot:
+        xmin, xmax, xip = text.split(":")
+        return cls(int(xmin), int(xmax), frozenset(int(x) for x in xip.split(",") if x), text)
+
+    def surely_contains(self, other: Snapshot) -> bool:
+        """True when everything visible in `other` is visible here (everything it saw finished before our xmin)."""
+        return other.xmax <= self.xmin
+
+
+@dataclass(frozen=True)
+class Lag:
+    pending_events: int
+    oldest_pending_seconds: float | None
+    applied_snapshot: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pending_events": self.pending_events, "oldest_pending_seconds": self.oldest_pending_seconds,
+                "applied_snapshot": self.applied_snapshot}
+
+
+@dataclass
+class SyncResult:
+    batches: int = 0
+    events: int = 0
+    seconds: float = 0.0
+    caught_up: bool = False
+    applied_snapshot: str | None = None
+    lag: Lag | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batches": self.batches, "events": self.events, "seconds": round(self.seconds, 3),
+                "events_per_second": round(self.events / self.seconds, 1) if self.seconds else None,
+                "caught_up": self.caught_up, "applied_snapshot": self.applied_snapshot,
+                "lag": self.lag.to_dict() if self.lag else None}
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    events: int
+    seconds: float
+    snapshot: str
+    lag: Lag | None
+
+
+def pending(source: psycopg.Connection[Any], applied: str | None) -> Lag:
+    """Committed changes not yet applied, and the age of the oldest (from the source's delta log)."""
+    with source.cursor() as cur:
+        if applied is None:
+            cur.execute(sql.SQL("SELECT count(*), extract(epoch FROM now() - min(captured_at))::float8 "
+                                "FROM {}.delta_log").format(sql.Identifier(CAPTURE_SCHEMA)))
+        else:
+            cur.execute(
+                sql.SQL("SELECT count(*), extract(epoch FROM now() - min(captured_at))::float8 FROM {}.delta_log "
+                        "WHERE txid >= pg_snapshot_xmin(%(a)s::pg_snapshot) "
+                        "AND NOT pg_visible_in_snapshot(txid, %(a)s::pg_snapshot) "
+                        "AND pg_visible_in_snapshot(txid, pg_current_snapshot())").format(sql.Identifier(CAPTURE_SCHEMA)),
+                {"a": applied},
+            )
+        row = cur.fetchone()
+    assert row is not None
+    return Lag(int(row[0]), None if row[1] is None else max(float(row[1]), 0.0), applied)
+
+
+class _Applier:
+    """Writes one batch into the target: loads the events into a temporary table and applies them per table."""
+
+    def __init__(self, target: psycopg.Connection[Any], tables: dict[int, Table]) -> None:
+        self.target = target
+        self.tables = tables
+        with target.cursor() as cur:
+            cur.execute(sql.SQL(
+                "CREATE TEMP TABLE IF NOT EXISTS {} (event_id bigint NOT NULL, rel oid NOT NULL, op \"char\" NOT NULL, "
+                "old_row text, new_row text) ON COMMIT DELETE ROWS").format(sql.Identifier(BATCH_TABLE)))
+            cur.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (rel, event_id)").format(
+                sql.Identifier(BATCH_TABLE + "_rel"), sql.Identifier(BATCH_TABLE)))
+        target.commit()
+
+    def apply(self, cur: psycopg.Cursor[Any], n_events: int) -> None:
+        batch = sql.Identifier(BATCH_TABLE)
+        if n_events > 5000:
+            cur.execute(sql.SQL("ANALYZE {}").format(batch))
+        cur.execute(sql.SQL("SELECT rel::bigint, max(event_id) FILTER (WHERE op = 'T') FROM {} GROUP BY rel")
+                    .format(batch))
+        for rel, last_truncate in cur.fetchall():
+            table = self.tables.get(rel)
+            if table is None:
+                raise SchemaChanged(f"the delta log holds changes of a table that is not captured (oid {rel})")
+            log = get(phase="sync", table=table.display)
+            try:
+                if last_truncate is not None:
+                    self._truncate(cur, table)
+                after = last_truncate or 0
+                if table.key:
+                    self._apply_keyed(cur, table, rel, after)
+                else:
+                    self._apply_multiset(cur, table, rel, after)
+            except psycopg.Error as exc:
+                diag = exc.diag
+                log.error("sync.apply_failed", sqlstate=diag.sqlstate, constraint=diag.constraint_name,
+                          column=diag.column_name)
+                raise ReplayError(
+                    f"the target refused changes to {table.display}: SQLSTATE {diag.sqlstate}"
+                    + (f", constraint {diag.constraint_name}" if diag.constraint_name else "")
+                    + (f", column {diag.column_name}" if diag.column_name else "")
+                ) from exc
+
+    def _truncate(self, cur: psycopg.Cursor[Any], table: Table) -> None:
+        try:
+            with self.target.transaction():
+                cur.execute(sql.SQL("TRUNCATE ONLY {}").format(table.ident))
+        except psycopg.errors.FeatureNotSupported:
+            # Referenced by a foreign key: with triggers off (replica role) a DELETE empties it just the same.
+            cur.execute(sql.SQL("DELETE FROM ONLY {}").format(table.ident))
+
+    def _apply_keyed(self, cur: psycopg.Cursor[Any], table: Table, rel: int, after: int) -> None:
+        batch = sql.Identifier(BATCH_TABLE)
+        rowtype = table.ident
+        keys = [sql.Identifier(k) for k in table.key]
+        key_list = sql.SQL(", ").join(keys)
+        # Every event becomes "key k is absent" (the old image of U/D) and "key k is img" (the new image of I/U);
+        # the last of these per key, in event order, is the key's state after the batch.
+        cur.execute(sql.SQL("""
+            CREATE TEMP TABLE _migrator_last ON COMMIT DROP AS
+            WITH ev AS (
+                SELECT event_id AS _m_event, op AS _m_op,
+                       CASE WHEN op IN ('U', 'D') THEN old_row::{rt} END AS _m_o,
+                       CASE WHEN op IN ('I', 'U') THEN new_row::{rt} END AS _m_n
+                  FROM {batch} WHERE rel = %(rel)s AND event_id > %(after)s AND op <> 'T'
+            ), parts AS (
+                SELECT {old_keys}, _m_event, 0 AS _m_sub, NULL::{rt} AS _m_img, false AS _m_present
+                  FROM ev WHERE _m_op IN ('U', 'D')
+                UNION ALL
+                SELECT {new_keys}, _m_event, 1 AS _m_sub, _m_n AS _m_img, true AS _m_present
+                  FROM ev WHERE _m_op IN ('I', 'U')
+            )
+            SELECT DISTINCT ON ({key_list}) {key_list}, _m_img, _m_present
+              FROM parts ORDER BY {key_list}, _m_event DESC, _m_sub DESC
+        """).format(
+            rt=rowtype, batch=batch, key_list=key_list,
+            old_keys=sql.SQL(", ").join(sql.SQL("(_m_o).{} AS {}").format(k, k) for k in keys),
+            new_keys=sql.SQL(", ").join(sql.SQL("(_m_n).{} AS {}").format(k, k) for k in keys),
+        ), {"rel": rel, "after": after})
+        match = sql.SQL(" AND ").join(sql.SQL("t.{k} = l.{k}").format(k=k) for k in keys)
+        cur.execute(sql.SQL("DELETE FROM ONLY {} AS t USING _migrator_last AS l WHERE {}").format(table.ident, match))
+        cols = [sql.Identifier(c.name) for c in table.writable_columns]
+        cur.execute(sql.SQL("INSERT INTO {} ({}) {} SELECT {} FROM _migrator_last AS l WHERE l._m_present").format(
+            table.ident, sql.SQL(", ").join(cols),
+            sql.SQL("OVERRIDING SYSTEM VALUE") if table.has_identity_always else sql.SQL(""),
+            sql.SQL(", ").join(sql.SQL("(l._m_img).{}").format(c) for c in cols),
+        ))
+        cur.execute("DROP TABLE _migrator_last")
+
+    def _apply_multiset(self, cur: psycopg.Cursor[Any], table: Table, rel: int, after: int) -> None:
+        batch = sql.Identifier(BATCH_TABLE)
+        # The net count of each distinct row image; row images are the rows' text forms under pinned settings.
+        cur.execute(sql.SQL("""
+            CREATE TEMP TABLE _migrator_net ON COMMIT DROP AS
+            SELECT r, sum(c)::bigint AS net FROM (
+                SELECT old_row AS r, -1 AS c FROM {batch}
+                 WHERE rel = %(rel)s AND event_id > %(after)s AND op IN ('U', 'D')
+                UNION ALL
+                SELECT new_row, 1 FROM {batch} WHERE rel = %(rel)s AND event_id > %(after)s AND op IN ('I', 'U')
+            ) d GROUP BY r HAVING sum(c) <> 0
+        """).format(batch=batch), {"rel": rel, "after": after})
+        cur.execute(sql.SQL("""
+            DELETE FROM ONLY {t} WHERE ctid = ANY (ARRAY(
+                SELECT x.ctid FROM (
+                    SELECT t2.ctid, n.net, row_number() OVER (PARTITION BY n.r) AS rn
+                      FROM ONLY {t} AS t2 JOIN _migrator_net AS n ON t2::text = n.r WHERE n.net < 0
+                ) x WHERE x.rn <= -x.net))
+        """).format(t=table.ident))
+        cols = [sql.Identifier(c.name) for c in table.writable_columns]
+        cur.execute(sql.SQL(
+            "INSERT INTO {} ({}) {} SELECT {} FROM (SELECT r::{} AS img, net FROM _migrator_net WHERE net > 0) AS l "
+            "CROSS JOIN LATERAL generate_series(1, l.net)"
+        ).format(
+            table.ident, sql.SQL(", ").join(cols),
+            sql.SQL("OVERRIDING SYSTEM VALUE") if table.has_identity_always else sql.SQL(""),
+            sql.SQL(", ").join(sql.SQL("(l.img).{}").format(c) for c in cols), table.ident,
+        ))
+        cur.execute("DROP TABLE _migrator_net")
+
+
+def check_schema(source: psycopg.Connection[Any], cfg: Config,
+                 states: list[state.TableState]) -> dict[int, Table]:
+    """The captured tables as the source defines them now; SchemaChanged when DDL changed, added or dropped one."""
+    tables = catalog.list_tables(source, cfg.tables)
+    recorded = {(s.schema_name, s.table_name): s for s in states}
+    problems = []
+    by_oid: dict[int, Table] = {}
+    for t in tables:
+        s = recorded.pop((t.schema, t.name), None)
+        if s is None:
+            problems.append(f"new table {t.display}")
+        elif s.source_oid != t.oid:
+            problems.append(f"{t.display} was dropped and created again")
+        elif s.fingerprint != t.fingerprint:
+            problems.append(f"{t.display} was altered")
+        by_oid[t.oid] = t
+    problems += [f"{s.display} was dropped or renamed" for s in recorded.values()]
+    if problems:
+        raise SchemaChanged("DDL on the legacy database: " + "; ".join(problems[:20]))
+    return by_oid
+
+
+class Syncer:
+    """Reads batches from the source and hands them to the applier; owns the two connections."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.log = get(phase="sync")
+        self.source = db.connect(cfg.source_dsn, role="source")
+        self.target = db.connect(cfg.target_dsn, role="target")
+        m = state.migration(self.target)
+        if m is None or m.prepared_at is None:
+            raise NotReady("the migration is not prepared", hint="Run `migrator prepare` and `migrator copy` first.")
+        self.states = state.tables(self.target)
+        not_copied = [s.display for s in self.states if s.status != "copied"]
+        if m.copy_finished_at is None or not_copied:
+            raise NotReady(f"the copy is not finished ({len(not_copied)} table(s) pending)",
+                           hint="Run `migrator copy` until it reports done, then sync.")
+        self.target.commit()
+        self.applier = _Applier(self.target, {})
+        self.last_housekeeping = 0.0
+
+    def close(self) -> None:
+        for conn in (self.source, self.target):
+            try:
+                conn.close()
+            except psycopg.Error:
+                pass
+
+    def _boundaries(self, applied: Snapshot) -> tuple[list[int], list[str]]:
+        rels, snaps = [], []
+        for s in self.states:
+            if s.copy_snapshot and not applied.surely_contains(Snapshot.parse(s.copy_snapshot)):
+                rels.append(s.source_oid)
+                snaps.append(s.copy_snapshot)
+        return rels, snaps
+
+    def batch(self) -> BatchInfo:
+        """Apply one batch: everything committed on the source since the applied position."""
+        started = time.monotonic()
+        src, tgt = self.source, self.target
+        with src.cursor() as scur:
+            scur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            scur.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(
+                sql.Literal(f"{int(self.cfg.sync.statement_timeout * 1000)}ms")))
+            scur.execute("SELECT pg_current_snapshot()::text")
+            row = scur.fetchone()
+            assert row is not None
+            cur_snap = Snapshot.parse(row[0])
+            self.applier.tables = check_schema(src, self.cfg, self.states)
+        try:
+            with tgt.cursor() as tcur:
+                tcur.execute("SET LOCAL session_replication_role = replica")
+                state.lock_position(tgt)
+                pos = state.position(tgt)
+                assert pos is not None
+                applied = Snapshot.parse(pos.applied_snapshot)
+                rels, snaps = self._boundaries(applied)
+                boundary = sql.SQL("")
+                if rels:
+                    boundary = sql.SQL(
+                        " AND NOT EXISTS (SELECT 1 FROM unnest({}::oid[], {}::pg_snapshot[]) AS b(rel, snap) "
+                        "WHERE b.rel = e.rel AND pg_visible_in_snapshot(e.txid, b.snap))"
+                    ).format(sql.Literal(rels), sql.Literal(snaps))
+                query = sql.SQL(
+                    "COPY (SELECT e.event_id, e.rel, e.op, e.old_row, e.new_row FROM {}.delta_log AS e "
+                    "WHERE e.txid >= pg_snapshot_xmin({prev}::pg_snapshot) "
+                    "AND e.txid < pg_snapshot_xmax({cur}::pg_snapshot) "
+                    "AND pg_visible_in_snapshot(e.txid, {cur}::pg_snapshot) "
+                    "AND NOT pg_visible_in_snapshot(e.txid, {prev}::pg_snapshot){boundary} "
+                    "ORDER BY e.event_id) TO STDOUT (FORMAT binary)"
+                ).format(sql.Identifier(CAPTURE_SCHEMA), prev=sql.Literal(applied.text),
+                         cur=sql.Literal(cur_snap.text), boundary=boundary)
+                load = sql.SQL("COPY {} FROM STDIN (FORMAT binary)").format(sql.Identifier(BATCH_TABLE))
+                with src.cursor() as scur, scur.copy(query) as out, tcur.copy(load) as into:
+                    for block in out:
+                        into.write(block)
+                n_events = tcur.rowcount
+                if n_events:
+                    self.applier.apply(tcur, n_events)
+                if n_events or cur_snap.text != applied.text:
+                    state.advance_position(tgt, applied.text, cur_snap.text, n_events)
+            tgt.commit()
+        except BaseException:
+            tgt.rollback()
+            raise
+        finally:
+            src.rollback()
+        seconds = time.monotonic() - started
+        if n_events:
+            self.log.info("sync.batch", events=n_events, seconds=round(seconds, 3),
+                          rate=round(n_events / seconds) if seconds else None)
+        self._housekeeping(cur_snap)
+        return BatchInfo(n_events, seconds, cur_snap.text, None)
+
+    def _housekeeping(self, applied: Snapshot, every: float = 10.0) -> None:
+        """Delete events the target holds from the legacy database's delta log (short, bounded statements)."""
+        if time.monotonic() - self.last_housekeeping < every:
+            return
+        self.last_housekeeping = time.monotonic()
+        with self.source.cursor() as cur:
+            cur.execute(sql.SQL("SET statement_timeout = {}").format(
+                sql.Literal(f"{int(self.cfg.sync.statement_timeout * 1000)}ms")))
+            cur.execute(sql.SQL("DELETE FROM {}.delta_log WHERE txid < pg_snapshot_xmax(%(s)s::pg_snapshot) "
+                                "AND pg_visible_in_snapshot(txid, %(s)s::pg_snapshot)")
+                        .format(sql.Identifier(CAPTURE_SCHEMA)), {"s": applied.text})
+            deleted = cur.rowcount
+        self.source.commit()
+        if deleted:
+            self.log.info("sync.log_trimmed", events=deleted)
+
+    def lag(self) -> Lag:
+        pos = state.position(self.target)
+        self.target.rollback()
+        try:
+            return pending(self.source, pos.applied_snapshot if pos else None)
+        finally:
+            self.source.rollback()
+
+
+def sync(cfg: Config, *, follow: bool = False, stop: threading.Event | None = None,
+         on_batch: Callable[[BatchInfo, Lag], None] | None = None, max_retries: int = 5) -> SyncResult:
+    """Apply batches until nothing committed is pending (or, with follow, until `stop` is set).
+
+    Connection failures are retried with backoff (for ever with follow, `max_retries` times otherwise); errors that
+    need an operator (DDL, a refused change) stop it with the position unchanged.
+    """
+    stop = stop or threading.Event()
+    result = SyncResult()
+    started = time.monotonic()
+    syncer: Syncer | None = None
+    failures = 0
+    log = get(phase="sync")
+    try:
+        while not stop.is_set():
+            try:
+                if syncer is None:
+                    syncer = Syncer(cfg)
+                info = syncer.batch()
+                failures = 0
+                result.batches += 1 if info.events else 0
+                result.events += info.events
+                result.applied_snapshot = info.snapshot
+                if on_batch is not None:
+                    on_batch(info, syncer.lag())
+                if info.events == 0:
+                    result.caught_up = True
+                    if not follow:
+                        break
+                    stop.wait(cfg.sync.poll_interval)
+                else:
+                    result.caught_up = False
+            except psycopg.OperationalError as exc:
+                failures += 1
+                if syncer is not None:
+                    syncer.close()
+                    syncer = None
+                if not follow and failures > max_retries:
+                    raise
+                delay = min(2 ** failures * 0.5, 30.0)
+                log.warning("sync.retry", error=str(exc).splitlines()[0], attempt=failures, delay=delay)
+                stop.wait(delay)
+        if syncer is not None:
+            result.lag = syncer.lag()
+    finally:
+        if syncer is not None:
+            syncer.close()
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def lag(cfg: Config) -> Lag:
+    with db.session(cfg.target_dsn, role="target") as target, db.session(cfg.source_dsn, role="source") as source:
+        pos = state.position(target) if state.exists(target) else None
+        return pending(source, pos.applied_snapshot if pos else None)

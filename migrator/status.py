@@ -1,0 +1,77 @@
+"""Status: what the control schema says about the migration, with the sync lag read from the source."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from migrator import capture, db, replay, state
+from migrator.config import Config
+
+
+@dataclass
+class Status:
+    target: str
+    source: str
+    prepared: bool = False
+    phase: str = "not prepared"
+    tables: list[dict[str, Any]] = field(default_factory=list)
+    copy: dict[str, Any] = field(default_factory=dict)
+    sync: dict[str, Any] = field(default_factory=dict)
+    cutover: list[dict[str, Any]] = field(default_factory=list)
+    frozen: bool | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        def conv(v: Any) -> Any:
+            if isinstance(v, dt.datetime):
+                return v.isoformat()
+            if isinstance(v, dict):
+                return {k: conv(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [conv(x) for x in v]
+            return v
+        return conv(self.__dict__)
+
+
+def read(cfg: Config) -> Status:
+    st = Status(target=db.describe_dsn(cfg.target_dsn), source=db.describe_dsn(cfg.source_dsn))
+    with db.session(cfg.target_dsn, role="target") as target:
+        m = state.migration(target)
+        if m is None:
+            return st
+        st.prepared = m.prepared_at is not None
+        tables = state.tables(target)
+        copied = [t for t in tables if t.status == "copied"]
+        st.tables = [{"table": t.display, "status": t.status, "rows": t.rows_copied, "bytes": t.bytes_copied,
+                      "key": t.key_columns} for t in tables]
+        st.copy = {"tables": len(tables), "copied": len(copied), "rows": sum(t.rows_copied or 0 for t in copied),
+                   "bytes": sum(t.bytes_copied or 0 for t in copied), "started_at": m.copy_started_at,
+                   "finished_at": m.copy_finished_at, "snapshot": m.copy_snapshot}
+        pos = state.position(target)
+        st.cutover = [{k: v for k, v in a.items() if k != "steps"} | {"steps": a["steps"]}
+                      for a in state.attempts(target)]
+        if m.cutover_at is not None:
+            st.phase = "cut over"
+        elif m.copy_finished_at is not None:
+            st.phase = "syncing"
+        elif m.copy_started_at is not None:
+            st.phase = "copying"
+        elif m.prepared_at is not None:
+            st.phase = "prepared"
+        if pos is not None:
+            st.sync = {"applied_snapshot": pos.applied_snapshot, "events_applied": pos.events_applied,
+                       "batches": pos.batches, "updated_at": pos.updated_at}
+    try:
+        with db.session(cfg.source_dsn, role="source", autocommit=True) as source:
+            st.frozen = capture.is_frozen(source)
+            lag = replay.pending(source, pos.applied_snapshot if pos else None)
+            st.sync.update(pending_events=lag.pending_events, lag_seconds=lag.oldest_pending_seconds)
+            if lag.oldest_pending_seconds and lag.oldest_pending_seconds > 60 and m.copy_finished_at is not None:
+                st.warnings.append(f"sync is {lag.oldest_pending_seconds:.0f}s behind: is `migrator sync --follow` running?")
+    except (psycopg.Error, Exception) as exc:  # status must show what it can even when the source is down
+        st.warnings.append(f"source not readable: {str(exc).splitlines()[0]}")
+    return st
