@@ -88,7 +88,7 @@ def _section(data: dict[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
-def _build(cls: type, values: dict[str, Any], section: str) -> Any:
+def _build(cls: Any, values: dict[str, Any], section: str) -> Any:
     known = set(cls.__dataclass_fields__)
     unknown = set(values) - known
     if unknown:

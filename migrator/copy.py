@@ -167,9 +167,9 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
                     failures.append((t.display, exc))
         holder.rollback()
         if failures:
-            name, exc = failures[0]
-            raise CopyError(f"copy of {len(failures)} table(s) failed, first {name}: {str(exc).splitlines()[0]}") \
-                from exc
+            name, first = failures[0]
+            raise CopyError(f"copy of {len(failures)} table(s) failed, first {name}: {str(first).splitlines()[0]}") \
+                from first
         m = state.migration(target)
         assert m is not None
         if m.post_data_at is None:
@@ -181,8 +181,8 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
             result.post_data_seconds = time.monotonic() - t0
         target.autocommit = True
         with target.cursor() as cur:
-            for t in result.copied:
-                cur.execute(sql.SQL("ANALYZE {}").format(by_name[t.table].ident))
+            for done in result.copied:
+                cur.execute(sql.SQL("ANALYZE {}").format(by_name[done.table].ident))
         target.autocommit = False
         state.mark(target, "copy_finished_at")
         target.commit()

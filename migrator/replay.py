@@ -305,7 +305,7 @@ class Syncer:
                 assert pos is not None
                 applied = Snapshot.parse(pos.applied_snapshot)
                 rels, snaps = self._boundaries(applied)
-                boundary = sql.SQL("")
+                boundary: sql.Composable = sql.SQL("")
                 if rels:
                     boundary = sql.SQL(
                         " AND NOT EXISTS (SELECT 1 FROM unnest({}::oid[], {}::pg_snapshot[]) AS b(rel, snap) "

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Make this machine ready to run migrator: a PostgreSQL server on 127.0.0.1:5432 and a virtualenv in .venv.
+# Idempotent. Installs PostgreSQL from the distribution when it is missing and we are root on Debian/Ubuntu.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { echo "bootstrap: $*" >&2; }
+
+pg_up() { pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; }
+
+if ! command -v pg_isready >/dev/null 2>&1 || ! pg_up; then
+  if ls /etc/postgresql/*/main >/dev/null 2>&1; then
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    say "starting PostgreSQL $version"
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing PostgreSQL (apt-get)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq postgresql postgresql-client >/dev/null
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    # A fresh throwaway server: let local TCP connections in without a password, as on the project's machines.
+    hba="/etc/postgresql/$version/main/pg_hba.conf"
+    grep -q "migrator bootstrap" "$hba" || sed -i '1i # migrator bootstrap: trust on loopback\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba"
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start || pg_ctlcluster --skip-systemctl-redirect "$version" main reload
+  else
+    say "PostgreSQL is not running on 127.0.0.1:5432 and cannot be installed here (not root on Debian/Ubuntu)."
+    say "Start a server, or set MIGRATOR_TEST_DSN / MIGRATOR_REHEARSAL_DSN to one."
+  fi
+  for _ in $(seq 1 30); do pg_up && break; sleep 1; done
+fi
+
+for tool in pg_dump pg_restore; do
+  command -v "$tool" >/dev/null 2>&1 || say "warning: $tool not on PATH (install postgresql-client)"
+done
+
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv"
+  python3 -m venv .venv 2>/dev/null || {
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+      python3 -m venv .venv
+    else
+      say "python3 -m venv failed: install python3-venv"; exit 2
+    fi
+  }
+fi
+stamp=.venv/.migrator-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  say "installing migrator and its test tools into .venv"
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -e '.[test]'
+  touch "$stamp"
+fi
