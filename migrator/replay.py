@@ -8,10 +8,11 @@ and commits after newer events were applied is still applied, once. Two changes 
 the order their events were written (the second waits for the first's row lock), so event-id order within a batch
 and batch order reproduce the source for every row.
 
-Each table's changes in a batch are applied set-based: the last image of every key touched (a key's final state
-after the batch) replaces the target's rows for those keys; a TRUNCATE resets the table first. Tables without a key
-are multisets: the net count of each distinct row image is added or removed. The copy boundary is kept per table:
-an event whose transaction the table's copy snapshot already contains is skipped.
+Each table's changes in a batch are applied set-based, as the net count of each distinct row image (every event
+removes its old image and adds its new one); a TRUNCATE resets the table first. In a table with a key, the keys of
+removed images lose their rows and the added images are inserted. Tables without a key are multisets: the net count
+of each distinct row image is added or removed. The copy boundary is kept per table: an event whose transaction
+the table's copy snapshot already contains is skipped.
 """
 
 from __future__ import annotations
@@ -162,29 +163,26 @@ class _Applier:
         batch = sql.Identifier(BATCH_TABLE)
         rowtype = table.ident
         keys = [sql.Identifier(k) for k in table.key]
-        key_list = sql.SQL(", ").join(keys)
-        # Every event becomes "key k is absent" (the old image of U/D) and "key k is img" (the new image of I/U);
-        # the last of these per key, in event order, is the key's state after the batch.
+        # Every event removes its old image (U, D) and adds its new one (I, U); netted per distinct image, the keys
+        # of removed images lose their rows and the added images are the rows there after the batch. Not "the last
+        # event per key": under a deferrable key two rows may hold one key for a while, and the row that last left
+        # a key need not be the one left there at commit.
         cur.execute(sql.SQL("""
             CREATE TEMP TABLE _migrator_last ON COMMIT DROP AS
-            WITH ev AS (
-                SELECT event_id AS _m_event, op AS _m_op,
-                       CASE WHEN op IN ('U', 'D') THEN old_row::{rt} END AS _m_o,
-                       CASE WHEN op IN ('I', 'U') THEN new_row::{rt} END AS _m_n
-                  FROM {batch} WHERE rel = %(rel)s AND event_id > %(after)s AND op <> 'T'
-            ), parts AS (
-                SELECT {old_keys}, _m_event, 0 AS _m_sub, NULL::{rt} AS _m_img, false AS _m_present
-                  FROM ev WHERE _m_op IN ('U', 'D')
-                UNION ALL
-                SELECT {new_keys}, _m_event, 1 AS _m_sub, _m_n AS _m_img, true AS _m_present
-                  FROM ev WHERE _m_op IN ('I', 'U')
-            )
-            SELECT DISTINCT ON ({key_list}) {key_list}, _m_img, _m_present
-              FROM parts ORDER BY {key_list}, _m_event DESC, _m_sub DESC
+            SELECT {img_keys}, _m_img, _m_net > 0 AS _m_present FROM (
+                SELECT r::{rt} AS _m_img, net AS _m_net FROM (
+                    SELECT r, sum(c) AS net FROM (
+                        SELECT old_row AS r, -1 AS c FROM {batch}
+                         WHERE rel = %(rel)s AND event_id > %(after)s AND op IN ('U', 'D')
+                        UNION ALL
+                        SELECT new_row, 1 FROM {batch}
+                         WHERE rel = %(rel)s AND event_id > %(after)s AND op IN ('I', 'U')
+                    ) d GROUP BY r HAVING sum(c) <> 0
+                ) n
+            ) i
         """).format(
-            rt=rowtype, batch=batch, key_list=key_list,
-            old_keys=sql.SQL(", ").join(sql.SQL("(_m_o).{} AS {}").format(k, k) for k in keys),
-            new_keys=sql.SQL(", ").join(sql.SQL("(_m_n).{} AS {}").format(k, k) for k in keys),
+            rt=rowtype, batch=batch,
+            img_keys=sql.SQL(", ").join(sql.SQL("(_m_img).{} AS {}").format(k, k) for k in keys),
         ), {"rel": rel, "after": after})
         match = sql.SQL(" AND ").join(sql.SQL("t.{k} = l.{k}").format(k=k) for k in keys)
         cur.execute(sql.SQL("DELETE FROM ONLY {} AS t USING _migrator_last AS l WHERE {}").format(table.ident, match))
@@ -325,6 +323,7 @@ class Syncer:
                     for block in out:
                         into.write(block)
                 n_events = tcur.rowcount
+                loaded = time.monotonic()
                 if n_events:
                     self.applier.apply(tcur, n_events)
                 if n_events or cur_snap.text != applied.text:
@@ -338,6 +337,7 @@ class Syncer:
         seconds = time.monotonic() - started
         if n_events:
             self.log.info("sync.batch", events=n_events, seconds=round(seconds, 3),
+                          load_seconds=round(loaded - started, 3),
                           rate=round(n_events / seconds) if seconds else None)
         self._housekeeping(cur_snap)
         return BatchInfo(n_events, seconds, cur_snap.text, None)

@@ -1,0 +1,198 @@
+"""Rehearsal: the whole migration on throwaway databases, under a concurrent clinical write workload, timed.
+
+`run` creates a legacy and a new database on a local server (or on MIGRATOR_REHEARSAL_DSN), builds a synthetic PACS/
+OIS database in the legacy one (`pacs`), starts writer processes (`workload`) and goes through inspect → prepare →
+copy → sync → cutover → verify while they write. It reports each phase's time, the write-freeze window and parity,
+and is ok only if the target equals the frozen legacy database row for row and every study a writer saw committed
+arrived. The databases are dropped afterwards unless kept.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from migrator import capture, copy, cutover, parity, replay
+from migrator import inspect as inspect_mod
+from migrator.config import Config, from_dict
+from migrator.errors import ConnectionFailed
+from migrator.log import get
+from migrator.rehearse import pacs
+from migrator.rehearse.workload import Workload, WorkloadSpec
+from migrator.rehearse.workload import verify as workload_verify
+
+ADMIN_CANDIDATES = (
+    "host=127.0.0.1 port=5432 dbname=postgres user=postgres",
+    "dbname=postgres",
+    "host=127.0.0.1 port=5432 dbname=postgres",
+)
+
+
+@dataclass
+class Phase:
+    name: str
+    seconds: float
+    detail: str = ""
+
+
+@dataclass
+class RehearsalReport:
+    ok: bool = False
+    scale: float = 0.0
+    rows: int = 0
+    bytes: int = 0
+    phases: list[Phase] = field(default_factory=list)
+    freeze_seconds: float | None = None
+    events_applied: int = 0
+    parity: dict[str, Any] = field(default_factory=dict)
+    workload: dict[str, Any] = field(default_factory=dict)
+    missing_studies: int = 0
+    problems: list[str] = field(default_factory=list)
+    databases: tuple[str, str] | None = None
+    kept: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["phases"] = [p.__dict__ for p in self.phases]
+        return d
+
+    def render_text(self) -> str:
+        lines = [f"rehearsal at scale {self.scale}: {self.rows} rows, {self.bytes / 1e6:.1f} MB", ""]
+        lines += [f"  {p.name:<10} {p.seconds:9.2f}s  {p.detail}" for p in self.phases]
+        lines.append("")
+        if self.freeze_seconds is not None:
+            lines.append(f"write freeze (client-visible window): {self.freeze_seconds:.2f}s")
+        lines.append(f"events replayed: {self.events_applied}")
+        w = self.workload
+        if w:
+            lines.append(f"workload: {w.get('committed', 0)} transactions committed, "
+                         f"{w.get('frozen_rejections', 0)} rejected by the freeze, "
+                         f"{w.get('rolled_back_on_purpose', 0)} rolled back on purpose")
+        lines.append(f"parity: {self.parity.get('summary', '?')}; studies missing on target: {self.missing_studies}")
+        if self.kept and self.databases:
+            lines.append(f"kept databases: {self.databases[0]} (legacy), {self.databases[1]} (new)")
+        for p in self.problems:
+            lines.append(f"PROBLEM: {p}")
+        lines.append("RESULT: " + ("OK — nothing lost, nothing doubled" if self.ok else "FAILED"))
+        return "\n".join(lines)
+
+
+def _admin_dsn() -> str:
+    explicit = os.environ.get("MIGRATOR_REHEARSAL_DSN")
+    for dsn in ((explicit,) if explicit else ADMIN_CANDIDATES):
+        try:
+            psycopg.connect(dsn, connect_timeout=5).close()
+            return dsn
+        except psycopg.Error:
+            continue
+    raise ConnectionFailed(
+        "no PostgreSQL server for the rehearsal",
+        hint="Start the local server (pg_ctlcluster 15 main start) or set MIGRATOR_REHEARSAL_DSN to an admin DSN.",
+    )
+
+
+def run(*, scale: float = 0.01, tps: float = 40.0, writers: int = 2, keep: bool = False,
+        sync_rounds: int = 2, admin_dsn: str | None = None,
+        on_phase: Callable[[str], None] | None = None) -> RehearsalReport:
+    log = get(phase="rehearse")
+    admin = admin_dsn or _admin_dsn()
+    tag = uuid.uuid4().hex[:8]
+    names = (f"migrator_rehearsal_{tag}_legacy", f"migrator_rehearsal_{tag}_new")
+    report = RehearsalReport(scale=scale, databases=names, kept=keep)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        for name in names:
+            conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
+    source_dsn, target_dsn = (psycopg.conninfo.make_conninfo(admin, dbname=n) for n in names)
+    cfg: Config = from_dict({"source": {"dsn": source_dsn}, "target": {"dsn": target_dsn},
+                             "copy": {"workers": os.cpu_count() or 2}, "cutover": {"verify": "counts"}}, env={})
+    workload: Workload | None = None
+
+    def timed(name: str, fn: Callable[[], str]) -> None:
+        if on_phase:
+            on_phase(name)
+        t0 = time.monotonic()
+        detail = fn()
+        report.phases.append(Phase(name, time.monotonic() - t0, detail))
+        log.info("rehearse.phase", name=name, seconds=round(time.monotonic() - t0, 3))
+
+    try:
+        def build() -> str:
+            b = pacs.build(source_dsn, scale=scale)
+            report.rows, report.bytes = b.total_rows, b.bytes
+            return f"{b.total_rows} rows in {len(b.rows)} tables"
+
+        timed("build", build)
+        workload = Workload(source_dsn, WorkloadSpec(processes=writers, tps=tps, long_transaction_seconds=3.0))
+        workload.start()
+
+        def do_inspect() -> str:
+            r = inspect_mod.run(cfg)
+            return f"{'ready' if r.ready else 'BLOCKERS'}; {len(r.findings)} findings"
+
+        def do_prepare() -> str:
+            r = capture.prepare(cfg)
+            return f"{len(r.tables)} tables captured"
+
+        def do_copy() -> str:
+            r = copy.run(cfg)
+            return f"{r.rows} rows, {r.bytes / 1e6:.1f} MB, {r.rows / max(r.seconds, 1e-6):.0f} rows/s"
+
+        def do_sync() -> str:
+            total = 0
+            for _ in range(sync_rounds):
+                time.sleep(1.0)  # the clinical workload keeps writing between sync runs
+                r = replay.sync(cfg)
+                total += r.events
+            report.events_applied += total
+            lag = replay.lag(cfg)
+            return f"{total} events applied; {lag.pending_events} pending"
+
+        def do_cutover() -> str:
+            r = cutover.run(cfg)
+            report.freeze_seconds = r.freeze_seconds
+            report.events_applied += r.events_drained
+            return f"freeze {r.freeze_seconds:.2f}s, {r.events_drained} events drained"
+
+        def do_verify() -> str:
+            assert workload is not None
+            stats = workload.stop()
+            report.workload = stats.to_dict()
+            rep = parity.verify(cfg)
+            report.parity = {"identical": rep.identical, "summary": "identical" if rep.identical else "DIFFERENT",
+                             "exit_code": rep.exit_code}
+            if not rep.identical:
+                report.problems.append("parity found differences:\n" + rep.render_text())
+            check = workload_verify(target_dsn, stats)
+            report.missing_studies = len(check.missing)
+            if not check.ok:
+                report.problems.append(
+                    f"workload ledger on the target: {len(check.missing)} committed studies missing, "
+                    f"{len(check.resurrected)} purged studies present, {check.rolled_back_rows} rolled-back rows")
+            return report.parity["summary"]
+
+        timed("inspect", do_inspect)
+        timed("prepare", do_prepare)
+        timed("copy", do_copy)
+        timed("sync", do_sync)
+        timed("cutover", do_cutover)
+        timed("verify", do_verify)
+        report.ok = not report.problems
+    finally:
+        if workload is not None:
+            try:
+                workload.stop()
+            except Exception:  # noqa: BLE001 - stopping twice or after a failure must not hide the real error
+                pass
+        if not keep:
+            with psycopg.connect(admin, autocommit=True) as conn:
+                for name in names:
+                    conn.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+                                 .format(psycopg.sql.Identifier(name)))
+    return report
+
