@@ -1,0 +1,354 @@
+"""Row parity (`migrator verify`) against a real server: source and target databases built side by side."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+from migrator import parity
+from migrator.config import Config, from_dict
+from migrator.errors import ConnectionFailed, MigratorError
+from migrator.parity import ParityReport
+from tests.helpers import fetch, run_sql
+
+
+def both(source_dsn: str, target_dsn: str, *statements: str) -> None:
+    run_sql(source_dsn, *statements)
+    run_sql(target_dsn, *statements)
+
+
+def table(report: ParityReport, name: str) -> parity.TableParity:
+    (found,) = [t for t in report.tables if t.name == name]
+    return found
+
+
+def as_text(report: ParityReport) -> str:
+    return report.render_text() + "\n" + json.dumps(report.to_dict(), ensure_ascii=False)
+
+
+PATIENTS = """
+CREATE TABLE public.patient (id bigint PRIMARY KEY, mrn text NOT NULL, note text, weight numeric(6, 2));
+INSERT INTO public.patient SELECT g, 'MRN' || g, 'note ' || g, g % 300 FROM generate_series(1, {n}) g;
+"""
+
+
+def test_identical_databases_verify_with_exit_code_zero(source_dsn: str, target_dsn: str, cfg: Config) -> None:
+    both(
+        source_dsn, target_dsn,
+        PATIENTS.format(n=1000),
+        "CREATE TABLE public.study (uid uuid PRIMARY KEY, patient bigint NOT NULL)",
+        "INSERT INTO public.study SELECT md5(g::text)::uuid, g FROM generate_series(1, 500) g",
+        "CREATE TABLE public.audit (at timestamptz, what text)",
+        "INSERT INTO public.audit SELECT '2024-01-01'::timestamptz + g * interval '1 min', 'x' FROM generate_series(1, 300) g",
+    )
+    seen: list[tuple[str, int]] = []
+
+    report = parity.verify(cfg, progress=lambda name, rows: seen.append((name, rows)))
+
+    assert report.identical and report.exit_code == 0
+    assert [(t.name, t.status, t.source_rows, t.target_rows) for t in report.tables] == [
+        ("public.audit", "identical", 300, 300),
+        ("public.patient", "identical", 1000, 1000),
+        ("public.study", "identical", 500, 500),
+    ]
+    assert table(report, "public.audit").key_columns == ()
+    assert ("public.patient", 1000) in seen
+    json.dumps(report.to_dict())
+    assert "3 table(s): 3 identical, 0 different, 0 not verified" in report.render_text()
+
+
+def test_one_changed_value_in_a_50k_row_table_is_found_by_its_key(
+    source_dsn: str, target_dsn: str, cfg: Config
+) -> None:
+    both(source_dsn, target_dsn, PATIENTS.format(n=50_000))
+    run_sql(target_dsn, "UPDATE public.patient SET note = 'CONFIDENTIAL-diagnosis' WHERE id = 31337")
+
+    report = parity.verify(cfg)
+
+    result = table(report, "public.patient")
+    assert (result.status, result.source_rows, result.target_rows) == ("different", 50_000, 50_000)
+    assert result.difference_count == 1
+    assert result.differences == (parity.RowDifference("different", ("31337",)),)
+    assert report.exit_code == 1
+    assert "id=31337" in report.render_text()
+    assert "CONFIDENTIAL" not in as_text(report)
+    assert "note 31337" not in as_text(report)
+
+
+def test_show_values_adds_the_row_text_of_each_side(source_dsn: str, target_dsn: str, cfg: Config) -> None:
+    both(source_dsn, target_dsn, PATIENTS.format(n=100))
+    run_sql(target_dsn, "UPDATE public.patient SET note = 'CONFIDENTIAL-diagnosis' WHERE id = 42")
+
+    (diff,) = table(parity.verify(cfg, show_values=True), "public.patient").differences
+
+    assert diff.source_row == "(42,MRN42,\"note 42\",42.00)"
+    assert diff.target_row == "(42,MRN42,CONFIDENTIAL-diagnosis,42.00)"
+
+
+def test_a_missing_row_and_an_extra_row_are_reported(source_dsn: str, target_dsn: str, cfg: Config) -> None:
+    both(source_dsn, target_dsn, PATIENTS.format(n=2000))
+    run_sql(
+        target_dsn,
+        "DELETE FROM public.patient WHERE id IN (1, 1000)",
+        "INSERT INTO public.patient VALUES (5000, 'MRN5000', NULL, 1)",
+    )
+
+    result = table(parity.verify(cfg), "public.patient")
+
+    assert (result.source_rows, result.target_rows, result.difference_count) == (2000, 1999, 3)
+    assert [(d.kind, d.key, d.source_count, d.target_count) for d in result.differences] == [
+        ("missing", ("1",), 1, 0),
+        ("missing", ("1000",), 1, 0),
+        ("extra", ("5000",), 0, 1),
+    ]
+
+
+def test_composite_text_key_in_awkward_names_merges_whatever_each_sides_collation(
+    source_dsn: str, target_dsn: str, cfg: Config
+) -> None:
+    # The source sorts its text with ICU's linguistic order, the target byte-wise: the two servers' natural orders of
+    # these keys disagree, so the comparison must not rely on either.
+    ddl = """
+        CREATE SCHEMA "Radiology Dept";
+        CREATE TABLE "Radiology Dept"."Order" (
+            "Patient ID" text COLLATE {coll} NOT NULL,
+            "Séq" varchar(20) COLLATE {coll} NOT NULL,
+            "select" int,
+            "Value" text,
+            PRIMARY KEY ("Patient ID", "Séq")
+        )
+    """
+    run_sql(source_dsn, ddl.format(coll='"und-x-icu"'))
+    run_sql(target_dsn, ddl.format(coll='"C"'))
+    names = ["a", "B", "b", "A", "Zoë", "zoe", "Ωmega", "ωmega", "Łódź", "lodz", "日本", "中文", "😀", "", "a b",
+             "É", "e", "İstanbul", "straße", "STRASSE"]
+    both(
+        source_dsn, target_dsn,
+        psycopg.sql.SQL(
+            'INSERT INTO "Radiology Dept"."Order" SELECT p, s, 1, p || s FROM unnest({names}::text[]) p,'
+            " unnest({names}::text[]) s"
+        ).format(names=psycopg.sql.Literal(names)).as_string(None),
+    )
+    order = 'SELECT "Patient ID" FROM "Radiology Dept"."Order" WHERE "Séq" = \'a\' ORDER BY 1'
+    assert fetch(source_dsn, order) != fetch(target_dsn, order)
+    run_sql(
+        target_dsn,
+        """UPDATE "Radiology Dept"."Order" SET "Value" = 'changed' WHERE "Patient ID" = 'Ωmega' AND "Séq" = '日本'""",
+        """DELETE FROM "Radiology Dept"."Order" WHERE "Patient ID" = 'b' AND "Séq" = 'A'""",
+    )
+
+    report = parity.verify(cfg)
+
+    result = table(report, "Radiology Dept.Order")
+    assert result.key_columns == ("Patient ID", "Séq")
+    assert (result.source_rows, result.target_rows) == (400, 399)
+    assert sorted((d.kind, d.key) for d in result.differences) == [
+        ("different", ("Ωmega", "日本")),
+        ("missing", ("b", "A")),
+    ]
+    assert result.difference_count == 2
+    assert 'Patient ID="Ωmega", Séq="日本"' in report.render_text()
+    assert report.to_dict()["tables"][0]["differences"][0]["key"] in (
+        {"Patient ID": "Ωmega", "Séq": "日本"}, {"Patient ID": "b", "Séq": "A"},
+    )
+
+
+def test_composite_key_of_mixed_types_finds_exactly_the_rows_that_differ(
+    source_dsn: str, target_dsn: str, cfg: Config
+) -> None:
+    # Integers and uuids are ordered as typed values, the timestamp and numeric by their text; one merge handles both.
+    both(
+        source_dsn, target_dsn,
+        """CREATE TABLE public.image (
+               site int, taken timestamptz, series numeric, uid uuid, body text,
+               PRIMARY KEY (site, taken, series, uid))""",
+        """INSERT INTO public.image
+           SELECT s, t, n, md5(s || '/' || t || '/' || n)::uuid, 'pixels'
+             FROM unnest(array[-12, -2, -1, 0, 1, 2, 9, 10, 100]) s,
+                  unnest(array['-infinity', '0044-03-15 BC', '1999-12-31 23:59:59.5+00', '2000-01-01 00:00+00',
+                               'infinity']::timestamptz[]) t,
+                  unnest(array[-1.5, 0, 0.25, 2, 10, 'NaN']::numeric[]) n""",
+    )
+    run_sql(
+        target_dsn,
+        "UPDATE public.image SET body = 'edited' WHERE site = -2 AND taken = '-infinity' AND series = 10",
+        "DELETE FROM public.image WHERE site = 10 AND taken = '0044-03-15 BC' AND series = 'NaN'",
+        "INSERT INTO public.image VALUES (9, '2000-01-01 00:00+00', 3, gen_random_uuid(), 'new')",
+    )
+
+    result = table(parity.verify(cfg), "public.image")
+
+    assert (result.source_rows, result.target_rows) == (270, 270)
+    assert sorted((d.kind, d.key[:3]) for d in result.differences) == [
+        ("different", ("-2", "-infinity", "10")),
+        ("extra", ("9", "2000-01-01 00:00:00+00", "3")),
+        ("missing", ("10", "0044-03-15 00:00:00+00 BC", "NaN")),
+    ]
+
+
+def test_table_without_key_is_compared_as_a_multiset_and_reports_a_missing_duplicate(
+    source_dsn: str, target_dsn: str, cfg: Config
+) -> None:
+    both(
+        source_dsn, target_dsn,
+        "CREATE TABLE public.log (at date, message text)",
+        "INSERT INTO public.log SELECT '2024-01-01'::date + g, 'event ' || g FROM generate_series(1, 1000) g",
+        "INSERT INTO public.log VALUES ('2024-06-01', 'DUPLICATE-PAYLOAD'), ('2024-06-01', 'DUPLICATE-PAYLOAD')",
+    )
+    run_sql(source_dsn, "INSERT INTO public.log VALUES ('2024-06-01', 'DUPLICATE-PAYLOAD')")
+
+    report = parity.verify(cfg)
+
+    result = table(report, "public.log")
+    assert (result.status, result.source_rows, result.target_rows) == ("different", 1003, 1002)
+    ((row_md5,),) = fetch(source_dsn, "SELECT md5(ROW('2024-06-01'::date, 'DUPLICATE-PAYLOAD')::text)")
+    assert result.differences == (
+        parity.RowDifference("missing", (), row_md5=row_md5, source_count=3, target_count=2),
+    )
+    assert "DUPLICATE-PAYLOAD" not in as_text(report)
+    assert f"row md5 {row_md5}: 3 on source, 2 on target" in report.render_text()
+
+    (shown,) = table(parity.verify(cfg, show_values=True), "public.log").differences
+    assert shown.source_row == shown.target_row == "(2024-06-01,DUPLICATE-PAYLOAD)"
+
+
+def test_special_values_equal_on_both_sides_are_identical_whatever_the_databases_settings(
+    source_dsn: str, target_dsn: str, cfg: Config
+) -> None:
+    # The sessions pin their output settings, so databases that default to other ones still print rows alike.
+    dbname = psycopg.conninfo.conninfo_to_dict(target_dsn)["dbname"]
+    run_sql(
+        target_dsn,
+        f"ALTER DATABASE \"{dbname}\" SET TimeZone = 'Asia/Kolkata'",
+        f"ALTER DATABASE \"{dbname}\" SET DateStyle = 'SQL, DMY'",
+        f"ALTER DATABASE \"{dbname}\" SET extra_float_digits = -3",
+        f"ALTER DATABASE \"{dbname}\" SET bytea_output = 'escape'",
+        f"ALTER DATABASE \"{dbname}\" SET IntervalStyle = 'iso_8601'",
+    )
+    both(
+        source_dsn, target_dsn,
+        """CREATE TABLE public.measure (
+               id int PRIMARY KEY, f float8, r real, n numeric, at timestamptz, d date, i interval,
+               b bytea, j jsonb, a float8[])""",
+        """INSERT INTO public.measure VALUES
+               (1, '-0', '-0', 'NaN', 'infinity', 'infinity', '1 mon 2 days 00:00:01.5', '\\x00ff', '{"b": 1, "a": [1.50]}', '{-0,NaN}'),
+               (2, 'NaN', 'NaN', '0.1', '-infinity', '-infinity', '-3 days', '', 'null', '{Infinity}'),
+               (3, 'Infinity', '3.4e38', '1e-20', '2024-02-29 23:59:59.999999+05', '2024-02-29', '0', '\\x5c', '"é"', NULL),
+               (4, '-Infinity', '1.17549435e-38', '-0.000', '1999-12-31 12:00:00-08', '0001-01-01 BC', '1 year', NULL, '{}', '{}'),
+               (5, 0.1, 0.1, 1.10, '2000-01-01 00:00+00', '2000-01-01', '-1 mon +1 day', '\\xdeadbeef', '[]', '{0.1,1e308}')""",
+        "CREATE TABLE public.by_float (k float8 PRIMARY KEY, v text)",
+        "INSERT INTO public.by_float VALUES ('NaN', 'a'), ('Infinity', 'b'), ('-Infinity', 'c'), ('-0', 'd'), (1e-300, 'e'), (2.5, 'f'), (-7, 'g'), (10, 'h')",
+        "CREATE TABLE public.by_time (k timestamptz PRIMARY KEY, n numeric UNIQUE NOT NULL)",
+        "INSERT INTO public.by_time VALUES ('infinity', 'NaN'), ('-infinity', -1), ('2024-01-01 00:00+14', 2), ('2023-12-31 23:00-12', 10)",
+    )
+
+    report = parity.verify(cfg)
+
+    assert [(t.name, t.status) for t in report.tables] == [
+        ("public.by_float", "identical"), ("public.by_time", "identical"), ("public.measure", "identical"),
+    ], report.render_text()
+    assert report.exit_code == 0
+
+
+def test_a_table_missing_on_the_target_cannot_be_verified(source_dsn: str, target_dsn: str, cfg: Config) -> None:
+    both(source_dsn, target_dsn, PATIENTS.format(n=10))
+    run_sql(source_dsn, "CREATE TABLE public.series (id int PRIMARY KEY)")
+
+    report = parity.verify(cfg)
+
+    assert table(report, "public.patient").status == "identical"
+    missing = table(report, "public.series")
+    assert missing.status == "error" and missing.error == "public.series does not exist on the target"
+    assert report.exit_code == 2 and not report.identical
+    assert "ERROR      public.series" in report.render_text()
+
+
+def test_tables_narrows_the_comparison_to_the_named_tables(source_dsn: str, target_dsn: str, cfg: Config) -> None:
+    both(source_dsn, target_dsn, PATIENTS.format(n=10), "CREATE TABLE public.other (id int PRIMARY KEY)")
+    run_sql(target_dsn, "INSERT INTO public.other VALUES (1)")
+
+    assert parity.verify(cfg).exit_code == 1
+    narrowed = parity.verify(cfg, tables=["public.patient"])
+    assert [(t.name, t.status) for t in narrowed.tables] == [("public.patient", "identical")]
+    assert narrowed.exit_code == 0
+    unknown = parity.verify(cfg, tables=["public.patient", "public.nope"])
+    assert table(unknown, "public.nope").status == "error" and unknown.exit_code == 2
+
+
+def test_permission_denied_on_one_table_is_reported_for_that_table(
+    admin_dsn: str, source_dsn: str, target_dsn: str
+) -> None:
+    both(source_dsn, target_dsn, PATIENTS.format(n=10), "CREATE TABLE public.restricted (id int PRIMARY KEY)")
+    role = f"mt_verify_{uuid.uuid4().hex[:8]}"
+    run_sql(admin_dsn, f'CREATE ROLE "{role}" LOGIN')
+    try:
+        run_sql(target_dsn, f'GRANT SELECT ON public.patient TO "{role}"')
+        limited = psycopg.conninfo.make_conninfo(target_dsn, user=role)
+        cfg = from_dict({"source": {"dsn": source_dsn}, "target": {"dsn": limited}, "copy": {"workers": 1}}, env={})
+
+        report = parity.verify(cfg)
+
+        assert table(report, "public.patient").status == "identical"
+        denied = table(report, "public.restricted")
+        assert denied.status == "error" and "permission denied" in (denied.error or "")
+        assert report.exit_code == 2
+    finally:
+        run_sql(target_dsn, f'DROP OWNED BY "{role}"')
+        run_sql(admin_dsn, f'DROP ROLE "{role}"')
+
+
+def test_a_dsn_password_never_appears_in_the_report_or_errors(source_dsn: str, target_dsn: str) -> None:
+    secret = "pw-hunter2-secret"
+    with_password = [psycopg.conninfo.make_conninfo(d, password=secret) for d in (source_dsn, target_dsn)]
+    both(source_dsn, target_dsn, PATIENTS.format(n=10))
+    run_sql(source_dsn, "CREATE TABLE public.series (id int PRIMARY KEY)")
+    cfg = from_dict({"source": {"dsn": with_password[0]}, "target": {"dsn": with_password[1]}}, env={})
+
+    report = parity.verify(cfg)
+
+    assert report.exit_code == 2
+    assert secret not in as_text(report)
+    unreachable = psycopg.conninfo.make_conninfo(with_password[1], dbname="mt_no_such_database")
+    with pytest.raises(ConnectionFailed) as raised:
+        parity.verify(from_dict({"source": {"dsn": with_password[0]}, "target": {"dsn": unreachable}}, env={}))
+    assert secret not in str(raised.value)
+
+
+def test_only_the_first_differences_are_listed_but_all_are_counted(
+    source_dsn: str, target_dsn: str, cfg: Config
+) -> None:
+    both(source_dsn, target_dsn, PATIENTS.format(n=1000))
+    run_sql(target_dsn, "UPDATE public.patient SET weight = weight + 1 WHERE id % 4 = 0")
+
+    result = table(parity.verify(cfg), "public.patient")
+
+    assert result.difference_count == 250
+    assert len(result.differences) == parity.MAX_LISTED
+    assert result.differences[0].key == ("4",)
+
+
+def stream(*keys: Any) -> list[tuple[tuple[Any, ...], Any]]:
+    return [((k,), v) for k, v in keys]
+
+
+def test_merge_yields_only_keys_that_differ_or_are_on_one_side() -> None:
+    source = stream((1, "a"), (2, "b"), (4, "d"), (6, "f"))
+    target = stream((0, "z"), (2, "b"), (4, "D"), (5, "e"))
+
+    assert list(parity._merge(source, target)) == [
+        ((0,), None, "z"), ((1,), "a", None), ((4,), "d", "D"), ((5,), None, "e"), ((6,), "f", None),
+    ]
+    assert list(parity._merge([], [])) == []
+    assert list(parity._merge(source, source)) == []
+
+
+def test_a_stream_out_of_key_order_stops_the_comparison(source_dsn: str) -> None:
+    query = psycopg.sql.SQL("SELECT k, 'x'::bytea FROM (VALUES (1::int8), (3), (2)) AS v(k)")
+    with psycopg.connect(source_dsn) as conn:
+        rows = parity._Stream(conn, query, 1, False, "source")
+        with pytest.raises(MigratorError, match="out of key order"):
+            list(rows)
