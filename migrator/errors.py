@@ -45,8 +45,9 @@ class SchemaChanged(MigratorError):
     """DDL on the legacy database changed a captured table, or added or dropped one."""
 
     default_hint = (
-        "Apply the same DDL to the target (or re-run prepare for a new table), then run "
-        "`migrator sync --accept-schema` to record the new definitions, and sync again."
+        "Apply the same DDL to the target (create a new table there too), then run `migrator prepare --yes` "
+        "(records the new definitions; a changed table goes back to pending), `migrator copy` (copies it again) "
+        "and `migrator sync`."
     )
 
 

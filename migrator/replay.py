@@ -29,7 +29,7 @@ from psycopg import sql
 from migrator import catalog, db, state
 from migrator.catalog import Table
 from migrator.config import CAPTURE_SCHEMA, Config
-from migrator.errors import NotReady, ReplayError, SchemaChanged
+from migrator.errors import ConnectionFailed, NotReady, ReplayError, SchemaChanged
 from migrator.log import get
 
 BATCH_TABLE = "_migrator_batch"
@@ -52,6 +52,10 @@ class Snapshot:
     def surely_contains(self, other: Snapshot) -> bool:
         """True when everything visible in `other` is visible here (everything it saw finished before our xmin)."""
         return other.xmax <= self.xmin
+
+    def includes(self, other: Snapshot) -> bool:
+        """True when every transaction visible in `other` is visible here (this one was not taken before it)."""
+        return self.xmax >= other.xmax and all(x in other.xip or x >= other.xmax for x in self.xip)
 
 
 @dataclass(frozen=True)
@@ -128,12 +132,25 @@ class _Applier:
             cur.execute(sql.SQL("ANALYZE {}").format(batch))
         cur.execute(sql.SQL("SELECT rel::bigint, max(event_id) FILTER (WHERE op = 'T') FROM {} GROUP BY rel")
                     .format(batch))
-        for rel, last_truncate in cur.fetchall():
+        changed = cur.fetchall()
+        # The replica role silences the application's triggers, except those it enabled ALWAYS or REPLICA: those
+        # are disabled for the batch and enabled again in the same transaction, so they never fire on replay.
+        cur.execute("SELECT n.nspname, c.relname, t.tgname, t.tgenabled = 'A' FROM pg_trigger t "
+                    "JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE NOT t.tgisinternal AND t.tgenabled IN ('A', 'R')")
+        firing: dict[tuple[str, str], list[tuple[str, bool]]] = {}
+        for schema_name, table_name, trigger, always in cur.fetchall():
+            firing.setdefault((schema_name, table_name), []).append((trigger, always))
+        for rel, last_truncate in changed:
             table = self.tables.get(rel)
             if table is None:
                 raise SchemaChanged(f"the delta log holds changes of a table that is not captured (oid {rel})")
             log = get(phase="sync", table=table.display)
+            quiet = firing.get((table.schema, table.name), [])
             try:
+                for trigger, _ in quiet:
+                    cur.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER {}").format(table.ident,
+                                                                                   sql.Identifier(trigger)))
                 if last_truncate is not None:
                     self._truncate(cur, table)
                 after = last_truncate or 0
@@ -141,6 +158,9 @@ class _Applier:
                     self._apply_keyed(cur, table, rel, after)
                 else:
                     self._apply_multiset(cur, table, rel, after)
+                for trigger, always in quiet:
+                    cur.execute(sql.SQL("ALTER TABLE {} ENABLE {} TRIGGER {}").format(
+                        table.ident, sql.SQL("ALWAYS" if always else "REPLICA"), sql.Identifier(trigger)))
             except psycopg.Error as exc:
                 diag = exc.diag
                 log.error("sync.apply_failed", sqlstate=diag.sqlstate, constraint=diag.constraint_name,
@@ -302,6 +322,11 @@ class Syncer:
                 pos = state.position(tgt)
                 assert pos is not None
                 applied = Snapshot.parse(pos.applied_snapshot)
+                if not cur_snap.includes(applied):
+                    # Another sync applied a newer snapshot while this one waited for the lock: moving the position
+                    # back to `cur_snap` would make the next batch apply those changes a second time.
+                    tgt.rollback()
+                    return BatchInfo(0, time.monotonic() - started, applied.text, None)
                 rels, snaps = self._boundaries(applied)
                 boundary: sql.Composable = sql.SQL("")
                 if rels:
@@ -392,14 +417,18 @@ def sync(cfg: Config, *, follow: bool = False, stop: threading.Event | None = No
                 result.applied_snapshot = info.snapshot
                 if on_batch is not None:
                     on_batch(info, syncer.lag())
-                if info.events == 0:
+                # Under a steady workload a batch never comes back empty; without follow, a batch shorter than the
+                # poll interval counts as caught up (everything committed before it began is applied), or
+                # `sync --until-caught-up` and the cutover's catch-up would never return.
+                if info.events == 0 or (not follow and info.seconds < cfg.sync.poll_interval):
                     result.caught_up = True
                     if not follow:
                         break
                     stop.wait(cfg.sync.poll_interval)
                 else:
                     result.caught_up = False
-            except psycopg.OperationalError as exc:
+            # ConnectionFailed: the reconnect itself was refused (server restarting, slots full); retried alike.
+            except (psycopg.OperationalError, ConnectionFailed) as exc:
                 failures += 1
                 if syncer is not None:
                     syncer.close()

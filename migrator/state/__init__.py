@@ -42,7 +42,7 @@ def upgrade(conn: Conn) -> None:
     cfg.set_main_option("script_location", str(Path(__file__).parent))
     with engine.begin() as sa_conn:
         cfg.attributes["connection"] = sa_conn
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, "heads")
     conn.commit()
 
 
