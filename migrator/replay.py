@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from migrator import catalog, db, state
+from migrator import catalog, db, schema, state
 from migrator.catalog import Table
 from migrator.config import CAPTURE_SCHEMA, Config
 from migrator.errors import ConnectionFailed, NotReady, ReplayError, SchemaChanged
@@ -133,34 +133,23 @@ class _Applier:
         cur.execute(sql.SQL("SELECT rel::bigint, max(event_id) FILTER (WHERE op = 'T') FROM {} GROUP BY rel")
                     .format(batch))
         changed = cur.fetchall()
-        # The replica role silences the application's triggers, except those it enabled ALWAYS or REPLICA: those
-        # are disabled for the batch and enabled again in the same transaction, so they never fire on replay.
-        cur.execute("SELECT n.nspname, c.relname, t.tgname, t.tgenabled = 'A' FROM pg_trigger t "
-                    "JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-                    "WHERE NOT t.tgisinternal AND t.tgenabled IN ('A', 'R')")
-        firing: dict[tuple[str, str], list[tuple[str, bool]]] = {}
-        for schema_name, table_name, trigger, always in cur.fetchall():
-            firing.setdefault((schema_name, table_name), []).append((trigger, always))
+        firing = schema.firing_in_replica(cur)
         for rel, last_truncate in changed:
             table = self.tables.get(rel)
             if table is None:
                 raise SchemaChanged(f"the delta log holds changes of a table that is not captured (oid {rel})")
             log = get(phase="sync", table=table.display)
-            quiet = firing.get((table.schema, table.name), [])
             try:
-                for trigger, _ in quiet:
-                    cur.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER {}").format(table.ident,
-                                                                                   sql.Identifier(trigger)))
-                if last_truncate is not None:
-                    self._truncate(cur, table)
-                after = last_truncate or 0
-                if table.key:
-                    self._apply_keyed(cur, table, rel, after)
-                else:
-                    self._apply_multiset(cur, table, rel, after)
-                for trigger, always in quiet:
-                    cur.execute(sql.SQL("ALTER TABLE {} ENABLE {} TRIGGER {}").format(
-                        table.ident, sql.SQL("ALWAYS" if always else "REPLICA"), sql.Identifier(trigger)))
+                with schema.silenced(cur, table.ident, firing.get((table.schema, table.name), [])):
+                    if last_truncate is not None:
+                        self._truncate(cur, table)
+                    after = last_truncate or 0
+                    if table.key:
+                        self._apply_keyed(cur, table, rel, after)
+                    else:
+                        self._apply_multiset(cur, table, rel, after)
+            except psycopg.OperationalError:
+                raise  # a lost connection is retried by sync(), not a refused change
             except psycopg.Error as exc:
                 diag = exc.diag
                 log.error("sync.apply_failed", sqlstate=diag.sqlstate, constraint=diag.constraint_name,
