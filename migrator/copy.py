@@ -78,22 +78,25 @@ def _copy_table(cfg: Config, table: Table, snapshot_id: str, snapshot: str, prog
         with target.transaction(), target.cursor() as tcur, source.cursor() as scur:
             tcur.execute("SET LOCAL session_replication_role = replica")
             state.table_copy_started(target, table)
-            try:
-                with target.transaction():
-                    tcur.execute(sql.SQL("TRUNCATE ONLY {}").format(table.ident))
-            except psycopg.errors.FeatureNotSupported:
-                # Referenced by a foreign key (a table copied again after post-data): with triggers off (replica
-                # role) a DELETE empties it just the same.
-                tcur.execute(sql.SQL("DELETE FROM ONLY {}").format(table.ident))
-            last_report = time.monotonic()
-            with scur.copy(select) as out, tcur.copy(load) as into:
-                for block in out:
-                    into.write(block)
-                    nbytes += len(block)
-                    if progress and time.monotonic() - last_report > 0.5:
-                        progress(table.display, -1, nbytes)
-                        last_report = time.monotonic()
-            rows = tcur.rowcount
+            # Triggers exist only when a table is copied again after post-data; ALWAYS ones must not fire either.
+            firing = schema.firing_in_replica(tcur).get((table.schema, table.name), [])
+            with schema.silenced(tcur, table.ident, firing):
+                try:
+                    with target.transaction():
+                        tcur.execute(sql.SQL("TRUNCATE ONLY {}").format(table.ident))
+                except psycopg.errors.FeatureNotSupported:
+                    # Referenced by a foreign key (a table copied again after post-data): with triggers off
+                    # (replica role) a DELETE empties it just the same.
+                    tcur.execute(sql.SQL("DELETE FROM ONLY {}").format(table.ident))
+                last_report = time.monotonic()
+                with scur.copy(select) as out, tcur.copy(load) as into:
+                    for block in out:
+                        into.write(block)
+                        nbytes += len(block)
+                        if progress and time.monotonic() - last_report > 0.5:
+                            progress(table.display, -1, nbytes)
+                            last_report = time.monotonic()
+                rows = tcur.rowcount
             state.table_copied(target, table, snapshot, rows, nbytes)
         source.rollback()
     if progress:

@@ -3,7 +3,9 @@
 Loaded the way pg_restore loads a dump: `pre-data` (types, functions, tables, sequences) at prepare, before any
 row arrives; `post-data` (indexes, constraints, foreign keys, the application's own triggers) after the bulk copy.
 The engine's own objects never reach the target: the capture schema is excluded from the dump and the capture
-triggers on the application's tables are filtered out of the restore list.
+triggers on the application's tables are filtered out of the restore list. Copy and sync write with
+`session_replication_role = replica`, which silences the application's triggers and foreign keys on the target,
+except triggers enabled ALWAYS or REPLICA: `silenced` turns those off for one transaction.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from migrator.config import CAPTURE_SCHEMA, redact
 from migrator.errors import MigratorError, ToolMissing
@@ -81,3 +87,32 @@ def load_section(source_dsn: str, target_dsn: str, section: str) -> None:
         _run([pg_restore, "--single-transaction", "--exit-on-error", "--no-owner", "--no-privileges",
               f"--use-list={listing}", f"--dbname={tgt}", str(dump)], tgt_env, f"pg_restore of {section}")
     log.info("schema.loaded")
+
+
+Triggers = dict[tuple[str, str], list[tuple[str, bool]]]
+"""(schema, table) -> [(trigger, enabled ALWAYS)]"""
+
+
+def firing_in_replica(cur: psycopg.Cursor[Any]) -> Triggers:
+    """The application's triggers on the target that fire even for the replica role (enabled ALWAYS or REPLICA)."""
+    cur.execute("SELECT n.nspname, c.relname, t.tgname, t.tgenabled = 'A' FROM pg_trigger t "
+                "JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE NOT t.tgisinternal AND t.tgenabled IN ('A', 'R')")
+    found: Triggers = {}
+    for schema_name, table_name, trigger, always in cur.fetchall():
+        found.setdefault((schema_name, table_name), []).append((trigger, always))
+    return found
+
+
+@contextmanager
+def silenced(cur: psycopg.Cursor[Any], table: sql.Composable, triggers: list[tuple[str, bool]]) -> Iterator[None]:
+    """Disable these triggers of a table for the block, then enable them as they were, in the caller's transaction.
+
+    An error leaves them disabled only until the caller's transaction rolls back, which restores them too.
+    """
+    for trigger, _ in triggers:
+        cur.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER {}").format(table, sql.Identifier(trigger)))
+    yield
+    for trigger, always in triggers:
+        cur.execute(sql.SQL("ALTER TABLE {} ENABLE {} TRIGGER {}").format(
+            table, sql.SQL("ALWAYS" if always else "REPLICA"), sql.Identifier(trigger)))
