@@ -1,0 +1,220 @@
+"""DDL on the legacy database stops sync with a way out; cleanup leaves no trace; the target never gets engine objects."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from migrator import capture, copy, cutover, replay
+from migrator.config import Config
+from migrator.errors import NotReady, SchemaChanged
+from tests.helpers import fetch, run_sql
+
+SCHEMA = (
+    "CREATE TABLE public.study (id int PRIMARY KEY, uid text NOT NULL, note text)",
+    "CREATE TABLE public.series (id int PRIMARY KEY, study_id int NOT NULL REFERENCES public.study (id), "
+    "modality text)",
+    "CREATE TABLE public.audit (at timestamptz DEFAULT now(), what text)",
+    "INSERT INTO public.study SELECT g, '1.2.' || g, 'n' || g FROM generate_series(1, 100) g",
+    "INSERT INTO public.series SELECT g, 1 + g % 100, 'CT' FROM generate_series(1, 150) g",
+    "INSERT INTO public.audit (what) SELECT 'a' || g FROM generate_series(1, 20) g",
+)
+
+ENGINE_TRACES = {
+    "schema": "SELECT count(*) FROM pg_namespace WHERE nspname = '_migrator'",
+    "triggers": "SELECT count(*) FROM pg_trigger WHERE tgname LIKE '\\_migrator%%'",
+    "functions": "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+                 "WHERE n.nspname = '_migrator'",
+}
+
+
+def traces(dsn: str) -> dict[str, int]:
+    return {what: fetch(dsn, q)[0][0] for what, q in ENGINE_TRACES.items()}
+
+
+def catalog_counts(dsn: str) -> dict[str, int]:
+    return {c: fetch(dsn, f"SELECT count(*) FROM pg_catalog.{c}")[0][0]
+            for c in ("pg_class", "pg_trigger", "pg_proc", "pg_namespace", "pg_type", "pg_depend")}
+
+
+def rows(dsn: str, table: str) -> list[tuple[Any, ...]]:
+    return fetch(dsn, f"SELECT * FROM {table} ORDER BY 1, 2")
+
+
+def position(target_dsn: str) -> list[tuple[Any, ...]]:
+    return fetch(target_dsn, "SELECT applied_snapshot, events_applied, batches FROM migrator_control.sync_position")
+
+
+def synced(cfg: Config, source_dsn: str) -> None:
+    run_sql(source_dsn, *SCHEMA)
+    capture.prepare(cfg)
+    copy.run(cfg)
+    run_sql(source_dsn, "INSERT INTO public.study VALUES (101, '1.2.101', 'after copy')",
+            "UPDATE public.series SET modality = 'MR' WHERE id <= 10")
+    replay.sync(cfg)
+
+
+def cli(source_dsn: str, target_dsn: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "migration.toml"
+    config.write_text(f"[source]\ndsn = {json.dumps(source_dsn)}\n[target]\ndsn = {json.dumps(target_dsn)}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIGRATOR_")}
+    return subprocess.run([str(Path(sys.executable).with_name("migrator")), "--config", str(config), *args],
+                          env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+
+
+# --- DDL ----------------------------------------------------------------------------------------------------------
+
+def test_added_column_stops_sync_naming_the_table_and_leaves_the_position_unchanged(
+        cfg: Config, source_dsn: str, target_dsn: str, tmp_path: Path) -> None:
+    synced(cfg, source_dsn)
+    before = position(target_dsn)
+    run_sql(source_dsn, "ALTER TABLE public.study ADD COLUMN accession text",
+            "INSERT INTO public.study VALUES (102, '1.2.102', 'after alter', 'ACC-1')")
+
+    with pytest.raises(SchemaChanged, match=r"public\.study was altered"):
+        replay.sync(cfg)
+    proc = cli(source_dsn, target_dsn, tmp_path, "sync", "--until-caught-up")
+
+    assert proc.returncode != 0
+    assert "public.study" in proc.stderr and "DDL" in proc.stderr
+    [what_to_do] = [line for line in proc.stderr.splitlines() if line.startswith("what to do:")]
+    # The way out names commands that exist: the DDL on the target, prepare, copy, sync.
+    assert "target" in what_to_do and "migrator prepare" in what_to_do and "migrator copy" in what_to_do
+    assert "--accept-schema" not in what_to_do
+    assert position(target_dsn) == before
+    assert fetch(target_dsn, "SELECT count(*) FROM public.study WHERE id = 102") == [(0,)]
+
+
+def test_new_table_in_an_included_schema_stops_sync_naming_it(
+        cfg: Config, source_dsn: str, target_dsn: str) -> None:
+    synced(cfg, source_dsn)
+    before = position(target_dsn)
+    run_sql(source_dsn, "CREATE TABLE public.dose_report (id int PRIMARY KEY, gy numeric)",
+            "INSERT INTO public.study VALUES (102, '1.2.102', 'pending')")
+
+    with pytest.raises(SchemaChanged, match=r"new table public\.dose_report"):
+        replay.sync(cfg)
+    assert position(target_dsn) == before
+
+    # The hint's way out for a new table: create it on the target, prepare (captures it), copy, sync.
+    run_sql(source_dsn, "INSERT INTO public.dose_report VALUES (1, 0.5)")
+    run_sql(target_dsn, "CREATE TABLE public.dose_report (id int PRIMARY KEY, gy numeric)")
+    assert capture.prepare(cfg).triggers_installed == 1
+    assert [c.table for c in copy.run(cfg).copied] == ["public.dose_report"]
+    run_sql(source_dsn, "INSERT INTO public.dose_report VALUES (2, 1.5)")
+    replay.sync(cfg)
+    for table in ("public.study", "public.dose_report"):
+        assert rows(target_dsn, table) == rows(source_dsn, table), table
+
+
+def test_altered_table_is_recopied_after_the_ddl_reaches_the_target_and_sync_resumes(
+        cfg: Config, source_dsn: str, target_dsn: str) -> None:
+    synced(cfg, source_dsn)
+    # Changes before the ALTER, not yet applied; the altered table is referenced by a foreign key on the target.
+    run_sql(source_dsn,
+            "INSERT INTO public.study VALUES (102, '1.2.102', 'before alter')",
+            "UPDATE public.study SET note = 'changed before alter' WHERE id = 5",
+            "DELETE FROM public.series WHERE study_id = 6",
+            "DELETE FROM public.study WHERE id = 6",
+            "INSERT INTO public.audit (what) VALUES ('before alter')")
+    run_sql(source_dsn, "ALTER TABLE public.study ADD COLUMN accession text")
+    run_sql(source_dsn,
+            "INSERT INTO public.study VALUES (103, '1.2.103', 'after alter', 'ACC-103')",
+            "UPDATE public.study SET accession = 'ACC-7' WHERE id = 7",
+            "INSERT INTO public.series VALUES (151, 103, 'US')",
+            "INSERT INTO public.audit (what) VALUES ('after alter')")
+    with pytest.raises(SchemaChanged):
+        replay.sync(cfg)
+
+    # The way out: the same DDL on the target, prepare (new definition, table back to pending), copy, sync.
+    run_sql(target_dsn, "ALTER TABLE public.study ADD COLUMN accession text")
+    capture.prepare(cfg)
+    assert fetch(target_dsn, "SELECT status FROM migrator_control.table_state WHERE table_name = 'study'") == \
+        [("pending",)]
+    result = copy.run(cfg)
+    assert [c.table for c in result.copied] == ["public.study"]
+    # More changes after the re-copy, on both sides of the boundary.
+    run_sql(source_dsn,
+            "INSERT INTO public.study VALUES (104, '1.2.104', 'after recopy', 'ACC-104')",
+            "UPDATE public.study SET accession = 'ACC-8', note = 'after recopy' WHERE id = 8",
+            "INSERT INTO public.audit (what) VALUES ('after recopy')")
+    replay.sync(cfg)
+
+    for table in ("public.study", "public.series", "public.audit"):
+        assert rows(target_dsn, table) == rows(source_dsn, table), table
+    assert fetch(target_dsn, "SELECT accession FROM public.study WHERE id IN (7, 8, 103, 104) ORDER BY id") == \
+        [("ACC-7",), ("ACC-8",), ("ACC-103",), ("ACC-104",)]
+
+
+# --- cleanup ------------------------------------------------------------------------------------------------------
+
+def test_cleanup_removes_every_trace_from_the_legacy_database(
+        cfg: Config, source_dsn: str, target_dsn: str) -> None:
+    run_sql(source_dsn, *SCHEMA)
+    before = catalog_counts(source_dsn)
+    capture.prepare(cfg)
+    copy.run(cfg)
+    run_sql(source_dsn, "INSERT INTO public.study VALUES (101, '1.2.101', 'x')", "TRUNCATE public.audit")
+    replay.sync(cfg)
+    assert traces(source_dsn) == {"schema": 1, "triggers": 6, "functions": 1}
+
+    result = capture.cleanup(cfg)
+
+    assert result.triggers_removed == 6
+    assert traces(source_dsn) == {"schema": 0, "triggers": 0, "functions": 0}
+    assert catalog_counts(source_dsn) == before
+    # The application writes as before, and nothing is recorded any more; cleanup again is harmless.
+    run_sql(source_dsn, "INSERT INTO public.study VALUES (102, '1.2.102', 'y')")
+    assert capture.cleanup(cfg).triggers_removed == 0
+    assert catalog_counts(source_dsn) == before
+
+
+def test_cleanup_after_cutover_refuses_unless_the_freeze_is_released(
+        make_config: Any, source_dsn: str, target_dsn: str) -> None:
+    cfg = make_config(cutover={"switch_command": "true"})
+    run_sql(source_dsn, *SCHEMA)
+    capture.prepare(cfg)
+    copy.run(cfg)
+    assert cutover.run(cfg).ok
+
+    with pytest.raises(NotReady, match="frozen") as info:
+        capture.cleanup(cfg)
+    assert "--release-freeze" in info.value.hint
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        run_sql(source_dsn, "INSERT INTO public.study VALUES (500, 'x', 'x')")
+    assert traces(source_dsn)["triggers"] == 6
+
+    capture.cleanup(cfg, release_freeze=True)
+
+    assert traces(source_dsn) == {"schema": 0, "triggers": 0, "functions": 0}
+    run_sql(source_dsn, "INSERT INTO public.study VALUES (500, 'x', 'x')")
+
+
+def test_target_never_receives_engine_objects(make_config: Any, source_dsn: str, target_dsn: str) -> None:
+    cfg = make_config(cutover={"switch_command": "true"})
+    run_sql(source_dsn, *SCHEMA,
+            # The application's own trigger must reach the target; the engine's must not.
+            "CREATE FUNCTION public.touch() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$BEGIN NEW.note := coalesce(NEW.note, 'touched'); RETURN NEW; END$$",
+            "CREATE TRIGGER study_touch BEFORE INSERT ON public.study FOR EACH ROW EXECUTE FUNCTION public.touch()")
+    capture.prepare(cfg)
+    assert traces(target_dsn) == {"schema": 0, "triggers": 0, "functions": 0}
+    copy.run(cfg)  # post-data: indexes, constraints, triggers
+
+    assert traces(target_dsn) == {"schema": 0, "triggers": 0, "functions": 0}
+    assert fetch(target_dsn, "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal") == [("study_touch",)]
+
+    run_sql(source_dsn, "INSERT INTO public.study (id, uid) VALUES (101, '1.2.101')")
+    replay.sync(cfg)
+    assert cutover.run(cfg).ok
+
+    assert traces(target_dsn) == {"schema": 0, "triggers": 0, "functions": 0}
+    assert fetch(target_dsn, "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal") == [("study_touch",)]
+    assert fetch(target_dsn, "SELECT note FROM public.study WHERE id = 101") == [("touched",)]
