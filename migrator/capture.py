@@ -189,9 +189,13 @@ def freeze(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: flo
     queued behind them then fail. Every change committed before is in the delta log.
     """
     with conn.transaction(), conn.cursor() as cur:
-        cur.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{int(lock_timeout * 1000)}ms")))
+        bound = sql.Literal(f"{int(lock_timeout * 1000)}ms")
+        # lock_timeout bounds each table's lock; statement_timeout bounds the whole LOCK over all of them.
+        cur.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(bound))
+        cur.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(bound))
         if tables:
             cur.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(sql.SQL(", ").join(t.ident for t in tables)))
+        cur.execute("SET LOCAL statement_timeout = 0")
         cur.execute(sql.SQL(trigger_sql("freeze.sql")))  # type: ignore[arg-type]
 
 

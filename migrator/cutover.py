@@ -42,11 +42,13 @@ class CutoverReport:
     sequences_set: int = 0
     failed_step: str | None = None
     error: str | None = None
+    already_done: bool = False
+    """The cutover had already completed; nothing was done (the legacy database stays frozen)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"attempt": self.attempt, "ok": self.ok, "freeze_seconds": self.freeze_seconds,
                 "events_drained": self.events_drained, "sequences_set": self.sequences_set,
-                "failed_step": self.failed_step, "error": self.error,
+                "failed_step": self.failed_step, "error": self.error, "already_done": self.already_done,
                 "steps": [{"step": s.step, "seconds": round(s.seconds, 3), "detail": s.detail} for s in self.steps]}
 
 
@@ -104,8 +106,8 @@ def run(cfg: Config, *, on_step: Callable[[str, str], None] | None = None) -> Cu
         if m is None or m.copy_finished_at is None:
             raise NotReady("copy has not finished", hint="Run `migrator copy` and `migrator sync` first.")
         if m.cutover_at is not None and m.frozen:
-            raise NotReady("cutover already done; the legacy database is frozen",
-                           hint="Nothing to do. `migrator release --yes` would make the legacy side writable again.")
+            log.info("cutover.nothing_to_do")
+            return CutoverReport(attempt=0, ok=True, already_done=True)
         report = CutoverReport(attempt=state.start_attempt(target), ok=False)
         frozen = False
         freeze_started = 0.0
@@ -146,7 +148,7 @@ def run(cfg: Config, *, on_step: Callable[[str, str], None] | None = None) -> Cu
                 freeze_started = time.monotonic()
                 try:
                     capture.freeze(source, tables, cfg.cutover.freeze_lock_timeout)
-                except psycopg.errors.LockNotAvailable as exc:
+                except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
                     raise Blocked(f"writers still in flight after {cfg.cutover.freeze_lock_timeout}s; "
                                   "the legacy database was not frozen") from exc
                 frozen = True
