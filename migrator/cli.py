@@ -163,16 +163,60 @@ def sync(obj: Ctx, mode: str, check_lag: float | None, as_json: bool) -> None:
 
 @main.command()
 @click.option("--tables", multiple=True, metavar="SCHEMA.TABLE", help="Verify only these tables.")
+@click.option("--objects", "with_objects", is_flag=True, help="Also prove the files of [objects] in the target store.")
 @click.option("--show-values", is_flag=True, help="Show the differing rows' values (patient data!).")
 @json_option
 @click.pass_obj
-def verify(obj: Ctx, tables: tuple[str, ...], show_values: bool, as_json: bool) -> None:
-    """Row parity: exit 0 identical, 1 differences (listed by key), 2 could not verify."""
+def verify(obj: Ctx, tables: tuple[str, ...], with_objects: bool, show_values: bool, as_json: bool) -> None:
+    """Row parity (and, with --objects, the files): exit 0 identical, 1 differences (listed by key), 2 could not
+    verify."""
     from migrator import parity
 
-    report = parity.verify(obj.cfg, tables=list(tables) or None, show_values=show_values)
-    _emit(report, as_json, report.render_text)
-    sys.exit(report.exit_code)
+    live = not as_json and sys.stderr.isatty()
+
+    def show(what: str, done: int) -> None:
+        click.echo(f"\r  {what}: {done:,} ", err=True, nl=False)
+
+    report = parity.verify(obj.cfg, tables=list(tables) or None, show_values=show_values,
+                           progress=show if live else None)
+    if live:
+        click.echo("", err=True)
+    if not with_objects:
+        _emit(report, as_json, report.render_text)
+        sys.exit(report.exit_code)
+    from migrator import objects
+
+    found = objects.verify(obj.cfg, show_values=show_values,
+                           progress=(lambda files, _: show("objects", files)) if live else None)
+    if live:
+        click.echo("", err=True)
+    _emit({"rows": report.to_dict(), "objects": found.to_dict()}, as_json,
+          lambda: report.render_text() + "\n" + found.render_text())
+    sys.exit(max(report.exit_code, found.exit_code))
+
+
+@main.group("objects")
+def objects_group() -> None:
+    """The files rows point to (DICOM images, PDFs): copy them into the target store."""
+
+
+@objects_group.command("sync")
+@click.option("--follow", is_flag=True, help="Keep copying new files every poll_interval; SIGINT/SIGTERM stop.")
+@click.option("--workers", type=int, default=None, help="Files copied at once (default [objects] workers).")
+@click.option("--max-rate", type=float, default=None, metavar="MB/S", help="Throttle over all workers.")
+@json_option
+@click.pass_obj
+def objects_sync(obj: Ctx, follow: bool, workers: int | None, max_rate: float | None, as_json: bool) -> None:
+    """Copy every listed file the target store lacks or holds with other bytes; exit 1 when some failed."""
+    from migrator import objects
+    from migrator.console import CopyProgress
+
+    stop = _stop_on_signals()
+    with CopyProgress(enabled=not as_json and sys.stderr.isatty()) as progress:
+        result = objects.sync(obj.cfg, follow=follow, stop=stop, workers=workers, max_rate=max_rate,
+                              progress=lambda files, nbytes: progress.update("objects", files, nbytes))
+    _emit(result, as_json, result.render_text)
+    sys.exit(0 if result.ok else 1)
 
 
 @main.command()
@@ -197,6 +241,10 @@ def cutover(obj: Ctx, yes: bool, as_json: bool) -> None:
 
     _confirm(yes, "This freezes writes on the legacy database and moves clients to the target")
     report = cutover_mod.run(obj.cfg, on_step=None if as_json else lambda s, st: click.echo(f"  {s}: {st}", err=True))
+    if report.already_done:
+        _emit(report, as_json, lambda: "nothing to do: the cutover is done and the legacy database is frozen "
+                                       "(`migrator release --yes` would make it writable again)")
+        return
     _emit(report, as_json, lambda: f"cutover done; write freeze {report.freeze_seconds or 0:.2f}s\n" + "\n".join(
         f"  {s.step:<10} {s.seconds:8.3f}s  {s.detail or ''}" for s in report.steps))
 

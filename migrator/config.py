@@ -71,6 +71,24 @@ class CutoverSettings:
 
 
 @dataclass(frozen=True)
+class ObjectSettings:
+    """The files the rows point to (`[objects]`): how to list them, where the two stores are, how to copy them."""
+
+    query: str | None = None
+    """SQL run on each side listing one object per row: `key` and `location` (relative to the store root), optionally
+    `size`, `sha256` (bytea or hex) and DICOM identifiers `sop_instance_uid`, `series_instance_uid`,
+    `study_instance_uid`, `patient_id`."""
+    source_root: str | None = None
+    target_root: str | None = None
+    workers: int = 4
+    """Files copied or checked at once."""
+    max_rate: float | None = None
+    """Copy throttle in MB/s over all workers; None: unthrottled."""
+    poll_interval: float = 10.0
+    """Seconds between passes of `objects sync --follow`."""
+
+
+@dataclass(frozen=True)
 class Config:
     source_dsn: str
     target_dsn: str
@@ -79,6 +97,7 @@ class Config:
     sync: SyncSettings = SyncSettings()
     cutover: CutoverSettings = CutoverSettings()
     path: Path | None = None
+    objects: ObjectSettings = ObjectSettings()
 
 
 def _section(data: dict[str, Any], name: str) -> dict[str, Any]:
@@ -120,6 +139,7 @@ def from_dict(data: dict[str, Any], *, path: Path | None = None, env: dict[str, 
         sync=_build(SyncSettings, _section(data, "sync"), "sync"),
         cutover=_build(CutoverSettings, _section(data, "cutover"), "cutover"),
         path=path,
+        objects=_build(ObjectSettings, _section(data, "objects"), "objects"),
     )
 
 

@@ -27,26 +27,29 @@ import contextlib
 import json
 import queue
 import threading
+import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
 
-from migrator import catalog, db, log
+from migrator import catalog, db, log, state
 from migrator.catalog import Table
-from migrator.config import Config, redact
+from migrator.config import CAPTURE_SCHEMA, Config, redact
 from migrator.errors import MigratorError
 
 MAX_LISTED = 100
 """Differences listed per table; the rest are only counted."""
+LIVE_WAIT = 120.0
+"""How long a live verify waits for sync to pass the first pass's snapshot before it reports rows still in flight."""
 _PROGRESS_EVERY = 50_000
 _BATCH = 10_000
 _PREFETCH = 2
 
-Status = Literal["identical", "different", "error"]
+Status = Literal["identical", "in_flight", "different", "error"]
 Kind = Literal["missing", "extra", "different"]
 _KIND_TEXT = {"missing": "missing on target", "extra": "extra on target", "different": "different"}
 
@@ -94,10 +97,26 @@ class TableParity:
     """All differences found; at most MAX_LISTED of them are in `differences`."""
     differences: tuple[RowDifference, ...] = ()
     error: str | None = None
+    ranges: int = 0
+    """Key ranges digested in the first pass."""
+    ranges_different: int = 0
+    """Of those, ranges whose digests differed (then split again and listed by key)."""
+    passes: int = 0
+    """Digest passes over the table: the first, plus one per bisection."""
+    in_flight: int = 0
+    """Rows (or distinct rows) that differed only because the source changed them after the target's sync position:
+    verify ran while sync was following. Not differences."""
+    rechecked: bool = False
+    """The differing ranges were read again once sync had passed the first pass's source snapshot."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "ranges": self.ranges,
+            "ranges_different": self.ranges_different,
+            "passes": self.passes,
+            "in_flight": self.in_flight,
+            "rechecked": self.rechecked,
             "status": self.status,
             "key_columns": list(self.key_columns),
             "source_rows": self.source_rows,
@@ -122,10 +141,11 @@ class ParityReport:
 
     @property
     def exit_code(self) -> int:
-        """0 identical; 1 rows differ; 2 some table could not be verified (which outweighs differences found)."""
+        """0 identical (rows in flight aside); 1 rows differ; 2 some table could not be verified (which outweighs
+        differences found)."""
         if any(t.status == "error" for t in self.tables):
             return 2
-        return 0 if self.identical else 1
+        return 1 if any(t.status == "different" for t in self.tables) else 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -141,24 +161,28 @@ class ParityReport:
         width = max((len(t.name) for t in self.tables), default=0)
         for t in self.tables:
             lines.extend(_render_table(t, width))
-        counts = {s: sum(1 for t in self.tables if t.status == s) for s in ("identical", "different", "error")}
+        counts = {s: sum(1 for t in self.tables if t.status == s)
+                  for s in ("identical", "in_flight", "different", "error")}
+        in_flight = f"{counts['in_flight']} in flight, " if counts["in_flight"] else ""
         lines.append(
-            f"{len(self.tables)} table(s): {counts['identical']} identical, {counts['different']} different, "
-            f"{counts['error']} not verified"
+            f"{len(self.tables)} table(s): {counts['identical']} identical, {in_flight}{counts['different']} "
+            f"different, {counts['error']} not verified"
         )
         return "\n".join(lines)
 
 
 def _render_table(t: TableParity, width: int) -> list[str]:
-    head = {"identical": "identical", "different": "DIFFERENT", "error": "ERROR"}[t.status]
+    head = {"identical": "identical", "in_flight": "in flight", "different": "DIFFERENT", "error": "ERROR"}[t.status]
     if t.status == "error":
         return [f"  {head:<9}  {t.name:<{width}}  {t.error}"]
     rows = f"{t.source_rows:,} rows" if t.source_rows == t.target_rows else (
         f"{t.source_rows:,} rows on source, {t.target_rows:,} on target"
     )
-    if t.status == "identical":
-        return [f"  {head:<9}  {t.name:<{width}}  {rows}"]
-    lines = [f"  {head:<9}  {t.name:<{width}}  {rows}; {t.difference_count:,} difference(s)"]
+    ranges = f"; {t.ranges_different:,} of {t.ranges:,} key ranges differed" if t.ranges_different else ""
+    flight = f"; {t.in_flight:,} row(s) in flight (changed on the source, not yet applied)" if t.in_flight else ""
+    if t.status in ("identical", "in_flight"):
+        return [f"  {head:<9}  {t.name:<{width}}  {rows}{flight}"]
+    lines = [f"  {head:<9}  {t.name:<{width}}  {rows}; {t.difference_count:,} difference(s){ranges}{flight}"]
     for d in t.differences:
         if d.row_md5 is not None:
             ident = f"row md5 {d.row_md5}: {d.source_count} on source, {d.target_count} on target"
@@ -179,16 +203,21 @@ def _show_key(value: str) -> str:
 
 
 def verify(cfg: Config, *, tables: list[str] | None = None, show_values: bool = False,
-           progress: Callable[[str, int], None] | None = None) -> ParityReport:
+           progress: Callable[[str, int], None] | None = None, live_wait: float = LIVE_WAIT) -> ParityReport:
     """Compare every row of the migrating tables (or of `tables`, "schema.table" names) on source and target.
 
+    While sync is following (the target has an applied position and the source a delta log), rows that differ only
+    because of changes not yet applied are counted as in flight, and their ranges are read again once sync has
+    passed the first pass's snapshot (waiting at most `live_wait` seconds).
     `progress(table, rows)` is called now and then from the worker threads with the rows compared so far.
     Raises ConnectionFailed if either database cannot be reached; any other failure is reported per table.
     """
     with db.session(cfg.source_dsn, role="source") as conn:
         source_tables = catalog.list_tables(conn, cfg.tables)
+        live = _has_delta_log(conn)
     with db.session(cfg.target_dsn, role="target") as conn:
         target_tables = {(t.schema, t.name): t for t in catalog.list_tables(conn, cfg.tables)}
+        live = live and state.exists(conn) and state.position(conn) is not None
 
     results: list[TableParity | None] = []
     jobs: queue.SimpleQueue[tuple[int, Table, Table | None]] = queue.SimpleQueue()
@@ -206,10 +235,14 @@ def verify(cfg: Config, *, tables: list[str] | None = None, show_values: bool = 
     )
 
     workers = max(1, min(cfg.copy.workers, len(chosen)))
+    rechecks: list[_Recheck] = []
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verify") as pool:
-        futures = [pool.submit(_work, cfg, jobs, results, show_values, progress) for _ in range(workers)]
+        futures = [pool.submit(_work, cfg, jobs, results, show_values, progress, live, rechecks)
+                   for _ in range(workers)]
         for f in futures:
             f.result()
+    if rechecks:
+        _second_pass(cfg, rechecks, results, show_values, live_wait)
     done = tuple(r for r in results if r is not None)
     assert len(done) == len(results)
     return ParityReport(db.describe_dsn(cfg.source_dsn), db.describe_dsn(cfg.target_dsn), done, show_values)
@@ -241,6 +274,31 @@ class _Pair:
             for conn in self._conns:
                 conn.rollback()
 
+    def window(self) -> _Window:
+        """Open both snapshots for a live comparison: the target's first, with the sync position it holds, then the
+        source's, which therefore contains every change the target holds.
+
+        The changes between the two are read from the source's delta log in the source snapshot. Sync deletes
+        applied events from the log; should it apply a newer batch (and maybe trim) between the two snapshots, the
+        window is opened again, so no event of the window is missing from the log the source snapshot sees.
+        """
+        source, target = self.open()
+        with db.session(self._cfg.target_dsn, role="target", autocommit=True,
+                        application_name="migrator-verify") as monitor:
+            for attempt in range(_WINDOW_TRIES):
+                if attempt:
+                    self.end_table()
+                applied = state.position(target)
+                with source.cursor() as cur:
+                    row = cur.execute("SELECT pg_current_snapshot()::text").fetchone()
+                if applied is None or row is None:
+                    raise MigratorError("the target lost its sync position while verify ran")
+                now = state.position(monitor)
+                if now is not None and now.applied_snapshot == applied.applied_snapshot:
+                    break
+        assert applied is not None and row is not None
+        return _Window(applied.applied_snapshot, str(row[0]))
+
     def close(self) -> None:
         if self._conns is not None:
             for conn in self._conns:
@@ -250,7 +308,7 @@ class _Pair:
 
 def _work(cfg: Config, jobs: queue.SimpleQueue[tuple[int, Table, Table | None]],
           results: list[TableParity | None], show_values: bool,
-          progress: Callable[[str, int], None] | None) -> None:
+          progress: Callable[[str, int], None] | None, live: bool, rechecks: list[_Recheck]) -> None:
     pair = _Pair(cfg)
     try:
         while True:
@@ -261,8 +319,13 @@ def _work(cfg: Config, jobs: queue.SimpleQueue[tuple[int, Table, Table | None]],
             logger = log.get(phase="verify", table=table.display)
             try:
                 source_conn, target_conn = pair.open()
-                result = _verify_table(source_conn, target_conn, table, target, show_values, progress)
+                window = pair.window() if live and target is not None else None
+                result, recheck = _verify_table(source_conn, target_conn, table, target, show_values, progress,
+                                                window)
                 pair.end_table()
+                if recheck is not None:
+                    recheck.index = index
+                    rechecks.append(recheck)
             except (psycopg.Error, MigratorError) as exc:
                 # After a failure mid-stream the sessions' state is unknown: start the next table on fresh ones.
                 pair.close()
@@ -272,7 +335,7 @@ def _work(cfg: Config, jobs: queue.SimpleQueue[tuple[int, Table, Table | None]],
             else:
                 logger.info(
                     "table verified", status=result.status, source_rows=result.source_rows,
-                    target_rows=result.target_rows, differences=result.difference_count,
+                    target_rows=result.target_rows, differences=result.difference_count, in_flight=result.in_flight,
                 )
             results[index] = result
     finally:
@@ -299,6 +362,11 @@ class _KeyColumn:
         col = sql.Identifier(self.name)
         return col if self.mode != "text" else sql.SQL("convert_to({}::text, 'UTF8')").format(col)
 
+    def expression_of(self, record: sql.Composable) -> sql.Composable:
+        """The same value taken from a record of the table's row type (a row image of the delta log)."""
+        col = sql.SQL("{}.{}").format(record, sql.Identifier(self.name))
+        return col if self.mode != "text" else sql.SQL("convert_to({}::text, 'UTF8')").format(col)
+
     def text(self, value: Any) -> str:
         return value.decode("utf-8", "replace") if self.mode == "text" else str(value)
 
@@ -321,60 +389,365 @@ def _key_columns(source: Table, target: Table) -> tuple[_KeyColumn, ...]:
     return tuple(result)
 
 
-def _row_text(table: Table) -> sql.Composed:
-    return sql.SQL("ROW({})::text").format(sql.SQL(", ").join(sql.Identifier(c.name) for c in table.columns))
+def _row_text(table: Table, record: sql.Composable | None = None) -> sql.Composed:
+    def column(name: str) -> sql.Composable:
+        return sql.Identifier(name) if record is None else sql.SQL("{}.{}").format(record, sql.Identifier(name))
+
+    return sql.SQL("ROW({})::text").format(sql.SQL(", ").join(column(c.name) for c in table.columns))
 
 
 def _verify_table(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connection[Any], table: Table,
-                  target: Table | None, show_values: bool,
-                  progress: Callable[[str, int], None] | None) -> TableParity:
+                  target: Table | None, show_values: bool, progress: Callable[[str, int], None] | None,
+                  window: _Window | None = None) -> tuple[TableParity, _Recheck | None]:
     if target is None:
         return TableParity(table.display, "error", key_columns=table.key,
-                           error=f"{table.display} does not exist on the target")
+                           error=f"{table.display} does not exist on the target"), None
     lacking = [c.name for c in table.columns if c.name not in {tc.name for tc in target.columns}]
     if lacking:
         return TableParity(table.display, "error", key_columns=table.key,
-                           error=f"the target table lacks column(s) {', '.join(lacking)}")
-    row = _row_text(table)
-    if table.key:
-        keys = _key_columns(table, target)
-        key_list = sql.SQL(", ").join(k.expression for k in keys)
-        query = sql.SQL("SELECT {keys}, decode(md5({row}), 'hex') FROM ONLY {table} ORDER BY {keys}").format(
-            keys=key_list, row=row, table=table.ident,
-        )
-        width, weighted = len(keys), False
-    else:
-        query = sql.SQL(
-            "SELECT decode(md5({row}), 'hex') AS h, count(*) FROM ONLY {table} GROUP BY 1 ORDER BY 1"
-        ).format(row=row, table=table.ident)
-        width, weighted = 1, True
+                           error=f"the target table lacks column(s) {', '.join(lacking)}"), None
+    plan = _Plan(table, target)
+    narrowed = _narrow(source_conn, target_conn, plan)
+    if progress is not None:
+        progress(table.display, narrowed.source_rows)
+    found = _Found()
+    if narrowed.differing:
+        found = _leaf(source_conn, target_conn, plan, narrowed, _in_flight(source_conn, plan, window))
+    result = _result(source_conn, target_conn, plan, narrowed, found, show_values)
+    recheck = None
+    if found.in_flight and window is not None:
+        recheck = _Recheck(plan, narrowed, window.snapshot)
+    return result, recheck
 
-    report = None if progress is None else (lambda rows: progress(table.display, rows))
-    source = _Stream(source_conn, query, width, weighted, "source", report)
-    target_stream = _Stream(target_conn, query, width, weighted, "target")
-    listed: list[tuple[Any, Any, Any]] = []
-    count = 0
-    with contextlib.closing(source), contextlib.closing(target_stream):
-        for difference in _merge(source, target_stream):
-            count += 1
-            if len(listed) < MAX_LISTED:
-                listed.append(difference)
-    if report is not None:
-        report(source.rows)
 
+def _result(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connection[Any], plan: _Plan,
+            narrowed: _Narrowed, found: _Found, show_values: bool, rechecked: bool = False) -> TableParity:
+    table, count, listed = plan.table, found.count, found.listed
     if table.key:
-        differences = [_keyed_difference(keys, *d) for d in listed]
+        differences = [_keyed_difference(plan.keys, *d) for d in listed]
         if show_values and differences:
             differences = _with_keyed_values(source_conn, target_conn, table, differences)
     else:
         differences = [_multiset_difference(*d) for d in listed]
         if show_values and differences:
             differences = _with_multiset_values(source_conn, target_conn, table, differences)
+    status: Status = "different" if count else "in_flight" if found.in_flight else "identical"
     return TableParity(
-        table.display, "identical" if count == 0 else "different", key_columns=table.key,
-        source_rows=source.rows, target_rows=target_stream.rows, difference_count=count,
-        differences=tuple(differences),
+        table.display, status, key_columns=table.key,
+        source_rows=narrowed.source_rows, target_rows=narrowed.target_rows, difference_count=count,
+        differences=tuple(differences), ranges=narrowed.ranges, ranges_different=narrowed.ranges_different,
+        passes=narrowed.passes, in_flight=found.in_flight, rechecked=rechecked,
     )
+
+
+# --- narrowing by key ranges --------------------------------------------------------------------------------------
+#
+# Each side computes, per key range, the number of rows and two sums: of the first and of the last 64 bits of each
+# row's md5 (as signed integers, summed exactly as numeric). Equal multisets of rows give equal sums whatever the
+# order the server reads them in, so no sort is needed; one changed, missing or extra row changes the range's 128-bit
+# sum by a value an accident cannot cancel. Ranges are cut at boundaries sampled from the source (the range key is
+# the first key column, ordered as the merge orders it; without a key, the row's md5 itself), so that one pass
+# groups the whole table at once (`width_bucket` over the sorted boundaries).
+
+RANGE_ROWS = 2_000
+"""Rows per range aimed at in the first pass."""
+MAX_RANGES = 4_096
+LEAF_ROWS = 20_000
+"""A differing range with at most this many rows (on the larger side) is listed by key rather than split again."""
+SPLIT = 16
+"""Sub-ranges a larger differing range is split into."""
+_SAMPLE_ROWS = 200_000
+"""Rows the first boundaries are sampled from (TABLESAMPLE SYSTEM): enough for even ranges, far less than a scan."""
+_MAX_PASSES = 6
+
+Digest = tuple[int, Any, Any]
+
+
+class _Plan:
+    """The SQL of one table's comparison: its range key, row digest, leaf streams."""
+
+    def __init__(self, table: Table, target: Table) -> None:
+        self.table = table
+        self.row = _row_text(table)
+        if table.key:
+            self.keys = _key_columns(table, target)
+            first = self.keys[0]
+            self.range_key: sql.Composable = first.expression
+            self.range_type = sql.SQL({"integer": "bigint", "uuid": "uuid", "text": "bytea"}[first.mode])
+        else:
+            self.keys = ()
+            self.range_key = sql.SQL("decode(md5({}), 'hex')").format(self.row)
+            self.range_type = sql.SQL("bytea")
+
+    def _rows(self, sample: float | None = None) -> sql.Composed:
+        """The table as (rk, h): range key and row md5 (hex); optionally a block sample."""
+        how = sql.SQL("") if sample is None else sql.SQL(" TABLESAMPLE SYSTEM ({})").format(sql.Literal(sample))
+        if self.table.key:
+            return sql.SQL("SELECT {rk} AS rk, md5({row}) AS h FROM ONLY {t}{how}").format(
+                rk=self.range_key, row=self.row, t=self.table.ident, how=how)
+        return sql.SQL("SELECT decode(r.h, 'hex') AS rk, r.h FROM (SELECT md5({row}) AS h FROM ONLY {t}{how}) AS r"
+                       ).format(row=self.row, t=self.table.ident, how=how)
+
+    def bucket(self, param: str) -> sql.Composed:
+        return sql.SQL("width_bucket(rk, {}::{}[])").format(sql.Placeholder(param), self.range_type)
+
+    def within(self) -> sql.Composed:
+        """Rows of the ranges still differing: `b` the boundaries they were cut at, `d` the ranges."""
+        return sql.SQL("WHERE {} = ANY(%(d)s::int[])").format(self.bucket("b"))
+
+    def digests(self, narrowed: bool) -> sql.Composed:
+        return sql.SQL(
+            "SELECT {bucket}, count(*), sum(('x' || left(h, 16))::bit(64)::bigint), "
+            "sum(('x' || right(h, 16))::bit(64)::bigint) FROM ({rows}) AS s {where} GROUP BY 1"
+        ).format(bucket=self.bucket("nb"), rows=self._rows(), where=self.within() if narrowed else sql.SQL(""))
+
+    def sample_boundaries(self, sample: float | None) -> sql.Composed:
+        return sql.SQL("SELECT percentile_disc(%(f)s::float8[]) WITHIN GROUP (ORDER BY rk) FROM ({}) AS s").format(
+            self._rows(sample))
+
+    def split_boundaries(self) -> sql.Composed:
+        return sql.SQL(
+            "SELECT percentile_disc(%(f)s::float8[]) WITHIN GROUP (ORDER BY rk) FROM ({}) AS s {} GROUP BY {}"
+        ).format(self._rows(), self.within(), self.bucket("b"))
+
+    def leaf(self, narrowed: bool) -> tuple[sql.Composed, int, bool]:
+        """The leaf stream's query, key width and whether values are counts (no key)."""
+        if self.keys:
+            key_list = sql.SQL(", ").join(k.expression for k in self.keys)
+            where: sql.Composable = sql.SQL("")
+            if narrowed:
+                where = sql.SQL(" WHERE {} = ANY(%(d)s::int[])").format(
+                    sql.SQL("width_bucket({}, %(b)s::{}[])").format(self.range_key, self.range_type))
+            return sql.SQL("SELECT {keys}, decode(md5({row}), 'hex') FROM ONLY {t}{where} ORDER BY {keys}").format(
+                keys=key_list, row=self.row, t=self.table.ident, where=where), len(self.keys), False
+        where = sql.SQL("")
+        if narrowed:
+            where = sql.SQL(" WHERE width_bucket(h, %(b)s::bytea[]) = ANY(%(d)s::int[])")
+        return sql.SQL("SELECT h, count(*) FROM (SELECT decode(md5({row}), 'hex') AS h FROM ONLY {t}) AS r{where} "
+                       "GROUP BY 1 ORDER BY 1").format(row=self.row, t=self.table.ident, where=where), 1, True
+
+
+@dataclass
+class _Narrowed:
+    """Where the differences are: `differing` ranges of the sorted `boundaries` (all ranges when `everywhere`)."""
+
+    boundaries: list[Any]
+    differing: list[int]
+    source_rows: int
+    target_rows: int
+    ranges: int
+    ranges_different: int
+    passes: int
+    everywhere: bool = False
+
+
+def _both(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connection[Any], query: sql.Composed,
+          params: dict[str, Any]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """Run one query on both sides at once (each on its own session) and return both results."""
+
+    def run(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+        with conn.cursor() as cur:
+            return cur.execute(query, params).fetchall()
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-target") as pool:
+        on_target = pool.submit(run, target_conn)
+        on_source = run(source_conn)
+        return on_source, on_target.result()
+
+
+def _count(conn: psycopg.Connection[Any], table: Table) -> int:
+    with conn.cursor() as cur:
+        row = cur.execute(sql.SQL("SELECT count(*) FROM ONLY {}").format(table.ident)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _first_boundaries(source_conn: psycopg.Connection[Any], plan: _Plan) -> list[Any]:
+    rows = plan.table.est_rows if plan.table.est_rows > 0 else _count(source_conn, plan.table)
+    ranges = max(1, min(MAX_RANGES, rows // RANGE_ROWS))
+    if ranges == 1:
+        return []
+    sample = None if rows <= _SAMPLE_ROWS else max(0.01, min(100.0, 100.0 * _SAMPLE_ROWS / rows))
+    with source_conn.cursor() as cur:
+        found = cur.execute(plan.sample_boundaries(sample), {"f": [i / ranges for i in range(1, ranges)]}).fetchone()
+    assert found is not None
+    return sorted({v for v in found[0] or () if v is not None})
+
+
+def _digests(rows: list[tuple[Any, ...]]) -> dict[int, Digest]:
+    return {int(b): (int(n), s1, s2) for b, n, s1, s2 in rows}
+
+
+def _narrow(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connection[Any], plan: _Plan) -> _Narrowed:
+    """Digest every range on both sides, then split the ranges that differ until each is small enough to list."""
+    boundaries = _first_boundaries(source_conn, plan)
+    src, tgt = (_digests(r) for r in _both(source_conn, target_conn, plan.digests(False), {"nb": boundaries}))
+    result = _Narrowed(boundaries, _differing(src, tgt), sum(d[0] for d in src.values()),
+                       sum(d[0] for d in tgt.values()), len(boundaries) + 1, 0, 1)
+    result.ranges_different = len(result.differing)
+    while result.differing and result.passes < _MAX_PASSES:
+        sizes = {b: max(src.get(b, (0,))[0], tgt.get(b, (0,))[0]) for b in result.differing}
+        if sum(sizes.values()) * 2 > max(result.source_rows, result.target_rows):
+            result.everywhere = len(result.differing) == len(boundaries) + 1
+            break  # differences everywhere: listing the rows is cheaper than splitting
+        big = [b for b, n in sizes.items() if n > LEAF_ROWS]
+        if not big:
+            break
+        params = {"b": result.boundaries, "d": big, "f": [i / SPLIT for i in range(1, SPLIT)]}
+        with source_conn.cursor() as cur:
+            cuts = {v for (values,) in cur.execute(plan.split_boundaries(), params) for v in values or ()}
+        finer = sorted(set(result.boundaries) | {v for v in cuts if v is not None})
+        if len(finer) == len(result.boundaries):
+            break  # the range key cannot tell these rows apart (a composite key's first column): list them
+        # Only the ranges that differ are read again, grouped by the finer cut; ranges that were small stay as
+        # they are and are listed with the rest.
+        params = {"b": result.boundaries, "d": result.differing, "nb": finer}
+        src, tgt = (_digests(r) for r in _both(source_conn, target_conn, plan.digests(True), params))
+        result.boundaries, result.differing = finer, _differing(src, tgt)
+        result.passes += 1
+    return result
+
+
+def _differing(source: dict[int, Digest], target: dict[int, Digest]) -> list[int]:
+    return sorted(b for b in source.keys() | target.keys() if source.get(b) != target.get(b))
+
+
+@dataclass
+class _Found:
+    """What the leaf merge found: differences (the first MAX_LISTED listed) and rows in flight."""
+
+    count: int = 0
+    listed: list[tuple[Any, Any, Any]] = field(default_factory=list)
+    in_flight: int = 0
+
+
+def _leaf(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connection[Any], plan: _Plan,
+          narrowed: _Narrowed, in_flight: _InFlight | None = None) -> _Found:
+    """Stream (key, row md5) of the differing ranges from both sides and merge them: every differing row, by key.
+
+    A row whose key (without a key: whose row hash) a change in the live window touched is in flight, not different.
+    """
+    query, width, weighted = plan.leaf(not narrowed.everywhere)
+    params = {"b": narrowed.boundaries, "d": narrowed.differing}
+    source = _Stream(source_conn, query, width, weighted, "source", params=params)
+    target_stream = _Stream(target_conn, query, width, weighted, "target", params=params)
+    found = _Found()
+    with contextlib.closing(source), contextlib.closing(target_stream):
+        for difference in _merge(source, target_stream):
+            if in_flight is not None and (in_flight.everything or difference[0] in in_flight.keys):
+                found.in_flight += 1
+                continue
+            found.count += 1
+            if len(found.listed) < MAX_LISTED:
+                found.listed.append(difference)
+    return found
+
+
+# --- verifying while sync follows ---------------------------------------------------------------------------------
+#
+# The target holds exactly the source's state at its applied position A (data and position commit together). The
+# target snapshot is opened first and reads A; the source snapshot S, opened next, contains A. A row that no change
+# in S but not in A touched is the same on the source at A and at S, so if the target differs from S there, the
+# difference is real. A row such a change touched is in flight: its range is read again once sync has applied
+# everything S contains, under a new window.
+
+_WINDOW_TRIES = 20
+
+
+@dataclass(frozen=True)
+class _Window:
+    applied: str
+    """The sync position (a source snapshot) the target snapshot holds."""
+    snapshot: str
+    """The source snapshot the comparison reads."""
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    keys: frozenset[tuple[Any, ...]]
+    everything: bool = False
+    """A TRUNCATE in the window: every row of the table is in flight."""
+
+
+@dataclass
+class _Recheck:
+    plan: _Plan
+    narrowed: _Narrowed
+    snapshot: str
+    index: int = -1
+
+
+def _has_delta_log(conn: psycopg.Connection[Any]) -> bool:
+    with conn.cursor() as cur:
+        row = cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{CAPTURE_SCHEMA}.delta_log",)).fetchone()
+    conn.rollback()
+    return bool(row and row[0])
+
+
+def _in_flight(source_conn: psycopg.Connection[Any], plan: _Plan, window: _Window | None) -> _InFlight | None:
+    """Keys (or row hashes) that changes committed in the window touched, from the delta log in the source snapshot."""
+    if window is None:
+        return None
+    log_table = sql.SQL("{}.delta_log").format(sql.Identifier(CAPTURE_SCHEMA))
+    where = sql.SQL(
+        "e.rel = %(rel)s::oid AND e.txid >= pg_snapshot_xmin(%(a)s::pg_snapshot) "
+        "AND NOT pg_visible_in_snapshot(e.txid, %(a)s::pg_snapshot) "
+        "AND pg_visible_in_snapshot(e.txid, %(s)s::pg_snapshot)"
+    )
+    params = {"rel": plan.table.oid, "a": window.applied, "s": window.snapshot}
+    with source_conn.cursor() as cur:
+        truncated = cur.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {} AS e WHERE {} AND e.op = 'T')").format(
+            log_table, where), params).fetchone()
+        if truncated and truncated[0]:
+            return _InFlight(frozenset(), everything=True)
+        images = sql.SQL(
+            "SELECT e.old_row::{t} AS r FROM {log} AS e WHERE {w} AND e.old_row IS NOT NULL UNION ALL "
+            "SELECT e.new_row::{t} FROM {log} AS e WHERE {w} AND e.new_row IS NOT NULL"
+        ).format(t=plan.table.ident, log=log_table, w=where)
+        if plan.keys:
+            keys = sql.SQL(", ").join(k.expression_of(sql.SQL("(x.r)")) for k in plan.keys)
+        else:
+            keys = sql.SQL("decode(md5({}), 'hex')").format(_row_text(plan.table, sql.SQL("(x.r)")))
+        rows = cur.execute(sql.SQL("SELECT DISTINCT {} FROM ({}) AS x").format(keys, images), params).fetchall()
+    return _InFlight(frozenset(tuple(r) for r in rows))
+
+
+def _second_pass(cfg: Config, rechecks: list[_Recheck], results: list[TableParity | None], show_values: bool,
+                 live_wait: float) -> None:
+    """Once sync has applied everything the first pass's source snapshots contained, read the ranges with rows in
+    flight again under a new window; what still differs and is not in flight again is a difference."""
+    from migrator.replay import Snapshot
+
+    logger = log.get(phase="verify")
+    wanted = [Snapshot.parse(r.snapshot) for r in rechecks]
+    deadline = time.monotonic() + live_wait
+    with db.session(cfg.target_dsn, role="target", autocommit=True, application_name="migrator-verify") as conn:
+        while True:
+            pos = state.position(conn)
+            applied = Snapshot.parse(pos.applied_snapshot) if pos is not None else None
+            if applied is not None and all(applied.includes(w) for w in wanted):
+                break
+            if time.monotonic() >= deadline:
+                logger.warning("sync has not passed the first pass; rows stay in flight", waited=live_wait)
+                return
+            time.sleep(0.2)
+    pair = _Pair(cfg)
+    try:
+        for r in rechecks:
+            try:
+                source_conn, target_conn = pair.open()
+                window = pair.window()
+                found = _leaf(source_conn, target_conn, r.plan, r.narrowed,
+                              _in_flight(source_conn, r.plan, window))
+                results[r.index] = _result(source_conn, target_conn, r.plan, r.narrowed, found, show_values,
+                                           rechecked=True)
+                pair.end_table()
+            except (psycopg.Error, MigratorError) as exc:
+                pair.close()
+                results[r.index] = TableParity(r.plan.table.display, "error", key_columns=r.plan.table.key,
+                                               error=_message(exc))
+    finally:
+        pair.close()
 
 
 class _Stream:
@@ -387,8 +760,8 @@ class _Stream:
     """
 
     def __init__(self, conn: psycopg.Connection[Any], query: sql.Composed, width: int, weighted: bool, side: str,
-                 progress: Callable[[int], None] | None = None) -> None:
-        self._conn, self._query = conn, query
+                 progress: Callable[[int], None] | None = None, params: dict[str, Any] | None = None) -> None:
+        self._conn, self._query, self._params = conn, query, params
         self._width, self._weighted, self._side = width, weighted, side
         self._progress = progress
         self._rows: Generator[tuple[tuple[Any, ...], Any], None, None] | None = None
@@ -442,7 +815,7 @@ class _Stream:
                 # Every row is read: plan for the whole result, not for the first rows as a cursor otherwise would.
                 cur.execute("SET LOCAL cursor_tuple_fraction = 1.0")
             with self._conn.cursor(name=f"migrator_verify_{self._side}", binary=True) as cur:
-                cur.execute(self._query)
+                cur.execute(self._query, self._params)
                 while not stop.is_set() and (batch := cur.fetchmany(_BATCH)):
                     batches.put(batch)
             batches.put(None)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
+import threading
+import time
 import uuid
 from typing import Any
 
@@ -10,7 +14,7 @@ import psycopg
 import pytest
 
 from migrator import parity
-from migrator.config import Config, from_dict
+from migrator.config import Config, SyncSettings, from_dict
 from migrator.errors import ConnectionFailed, MigratorError
 from migrator.parity import ParityReport
 from tests.helpers import fetch, run_sql
@@ -352,3 +356,170 @@ def test_a_stream_out_of_key_order_stops_the_comparison(source_dsn: str) -> None
         rows = parity._Stream(conn, query, 1, False, "source")
         with pytest.raises(MigratorError, match="out of key order"):
             list(rows)
+
+
+# --- narrowing by key ranges --------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranges of a few hundred rows and leaves of 50, so that bisection runs on tables a test can build quickly."""
+    monkeypatch.setattr(parity, "RANGE_ROWS", 4000)
+    monkeypatch.setattr(parity, "LEAF_ROWS", 50)
+
+
+@pytest.mark.parametrize("key", ["bigint", "text", "uuid"])
+def test_one_changed_row_is_narrowed_by_bisection_to_its_key(
+    source_dsn: str, target_dsn: str, cfg: Config, small_ranges: None, key: str
+) -> None:
+    value = {"bigint": "g", "text": "'1.2.840.' || g", "uuid": "md5(g::text)::uuid"}[key]
+    both(source_dsn, target_dsn,
+         f"CREATE TABLE public.instance (uid {key} PRIMARY KEY, path text, size bigint)",
+         f"INSERT INTO public.instance SELECT {value}, '/store/' || g, g * 7 FROM generate_series(1, 60000) g",
+         "ANALYZE public.instance")
+    run_sql(target_dsn, f"UPDATE public.instance SET size = -1 WHERE uid = (SELECT {value} FROM (SELECT 4242 g) s)")
+    ((uid,),) = fetch(source_dsn, f"SELECT ({value})::text FROM (SELECT 4242 g) s")
+
+    result = table(parity.verify(cfg), "public.instance")
+
+    assert result.differences == (parity.RowDifference("different", (uid,)),)
+    assert (result.source_rows, result.target_rows, result.difference_count) == (60000, 60000, 1)
+    assert result.ranges >= 10 and result.ranges_different == 1
+    assert result.passes >= 2, "the differing range was split again"
+
+
+def test_scattered_differences_in_many_ranges_are_all_found(
+    source_dsn: str, target_dsn: str, cfg: Config, small_ranges: None
+) -> None:
+    both(source_dsn, target_dsn, PATIENTS.format(n=60000), "ANALYZE public.patient")
+    run_sql(target_dsn, "UPDATE public.patient SET note = 'x' WHERE id IN (1, 17000, 59999)",
+            "DELETE FROM public.patient WHERE id = 30000", "INSERT INTO public.patient VALUES (70000, 'M', NULL, 1)")
+
+    result = table(parity.verify(cfg), "public.patient")
+
+    assert [(d.kind, d.key) for d in result.differences] == [
+        ("different", ("1",)), ("different", ("17000",)), ("missing", ("30000",)), ("different", ("59999",)),
+        ("extra", ("70000",)),
+    ]
+
+
+def test_a_key_less_table_with_duplicates_is_narrowed_as_a_multiset(
+    source_dsn: str, target_dsn: str, cfg: Config, small_ranges: None
+) -> None:
+    both(source_dsn, target_dsn, "CREATE TABLE public.audit (at int, what text)",
+         "INSERT INTO public.audit SELECT g / 2, 'event' FROM generate_series(1, 60000) g", "ANALYZE public.audit")
+    run_sql(target_dsn, "DELETE FROM public.audit WHERE ctid = (SELECT ctid FROM public.audit WHERE at = 777 LIMIT 1)")
+    ((row_md5,),) = fetch(source_dsn, "SELECT md5(ROW(777, 'event')::text)")
+
+    result = table(parity.verify(cfg), "public.audit")
+
+    assert result.differences == (
+        parity.RowDifference("missing", (), row_md5=row_md5, source_count=2, target_count=1),
+    )
+    assert result.ranges > 1 and result.passes >= 2
+
+
+def test_a_composite_key_whose_first_column_cannot_split_is_listed_by_key(
+    source_dsn: str, target_dsn: str, cfg: Config, small_ranges: None
+) -> None:
+    both(source_dsn, target_dsn, "CREATE TABLE public.slot (site int, n int, v text, PRIMARY KEY (site, n))",
+         "INSERT INTO public.slot SELECT g % 3, g, 'v' FROM generate_series(1, 30000) g", "ANALYZE public.slot")
+    run_sql(target_dsn, "UPDATE public.slot SET v = 'w' WHERE n = 12345")
+
+    result = table(parity.verify(cfg), "public.slot")
+
+    assert [d.key for d in result.differences] == [("0", "12345")]
+
+
+# --- verifying while sync follows ---------------------------------------------------------------------------------
+
+class _Writer(threading.Thread):
+    """An application session: short transactions of updates, inserts, deletes and key changes, until stopped."""
+
+    def __init__(self, dsn: str, rows: int, seed: int) -> None:
+        super().__init__(daemon=True)
+        self.dsn, self.rows, self.rng = dsn, rows, random.Random(seed)
+        self.halt = threading.Event()
+        self.commits = 0
+        self.errors: list[BaseException] = []
+
+    def run(self) -> None:
+        try:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                while not self.halt.is_set():
+                    with conn.transaction():
+                        for _ in range(self.rng.randint(1, 3)):
+                            self._change(conn)
+                    self.commits += 1
+                    time.sleep(0.002)
+        except BaseException as exc:  # noqa: BLE001 - checked by the test
+            self.errors.append(exc)
+
+    def _change(self, conn: psycopg.Connection[Any]) -> None:
+        r, i = self.rng.random(), self.rng.randint(1, self.rows)
+        if r < 0.5:
+            conn.execute("UPDATE public.item SET val = val + 1, note = md5(random()::text) WHERE id = %s", (i,))
+        elif r < 0.65:
+            conn.execute("INSERT INTO public.item (val, note) VALUES (0, 'new')")
+        elif r < 0.75:
+            conn.execute("DELETE FROM public.item WHERE id = %s", (i,))
+        elif r < 0.8:
+            conn.execute("UPDATE public.item SET id = -id WHERE id = %s AND id > 0", (i,))
+        elif r < 0.9:
+            conn.execute("INSERT INTO public.tally SELECT %s, 'dup' FROM generate_series(1, 2)", (i % 50,))
+        else:
+            conn.execute("DELETE FROM public.tally WHERE ctid = (SELECT ctid FROM public.tally WHERE a = %s LIMIT 1)",
+                         (i % 50,))
+
+
+@pytest.mark.slow
+def test_verify_while_sync_follows_a_workload_reports_no_false_differences(
+    source_dsn: str, target_dsn: str, cfg: Config, small_ranges: None
+) -> None:
+    from migrator import capture, copy, replay
+
+    run_sql(
+        source_dsn,
+        "CREATE TABLE public.item (id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, val int, note text)",
+        "INSERT INTO public.item (id, val, note) OVERRIDING SYSTEM VALUE "
+        "SELECT g, g % 100, md5(g::text) FROM generate_series(1, 30000) g",
+        "SELECT setval(pg_get_serial_sequence('public.item', 'id'), 30000)",
+        "CREATE TABLE public.tally (a int, b text)",
+        "INSERT INTO public.tally SELECT g % 50, 'dup' FROM generate_series(1, 20000) g",
+        "CREATE TABLE public.still (id int PRIMARY KEY, v text)",
+        "INSERT INTO public.still SELECT g, 'v' FROM generate_series(1, 20000) g",
+        "ANALYZE",
+    )
+    live = dataclasses.replace(cfg, sync=SyncSettings(poll_interval=0.2))
+    capture.prepare(live)
+    copy.run(live)
+    run_sql(target_dsn, "UPDATE public.still SET v = 'damaged' WHERE id = 777")  # a real difference
+    writers = [_Writer(source_dsn, 30000, seed) for seed in (1, 2)]
+    stop = threading.Event()
+    follower = threading.Thread(target=lambda: replay.sync(live, follow=True, stop=stop), daemon=True)
+    reports = []
+    try:
+        for w in writers:
+            w.start()
+        follower.start()
+        time.sleep(1.0)
+        for _ in range(3):
+            reports.append(parity.verify(live, live_wait=60))
+    finally:
+        stop.set()
+        for w in writers:
+            w.halt.set()
+            w.join(timeout=30)
+        follower.join(timeout=60)
+    assert not [e for w in writers for e in w.errors]
+    assert sum(w.commits for w in writers) > 200, "the workload must be busy while verify reads"
+
+    for report in reports:
+        statuses = {t.name: (t.status, t.difference_count) for t in report.tables}
+        assert statuses["public.still"] == ("different", 1), report.render_text()
+        assert table(report, "public.still").differences == (parity.RowDifference("different", ("777",)),)
+        for name in ("public.item", "public.tally"):
+            assert statuses[name][0] in ("identical", "in_flight"), report.render_text()
+        assert report.exit_code == 1
+    print([(t.name, t.in_flight, t.rechecked) for r in reports for t in r.tables])
+    assert any(t.ranges_different for r in reports for t in r.tables if t.name != "public.still"), \
+        "some ranges should have differed while changes were in flight"
