@@ -1,6 +1,6 @@
 """Capture cost on the legacy write path: pgbench with and without migrator's capture triggers, alternating.
 
-    .venv/bin/python bench/capture.py [--seconds 10] [--rounds 3] [--clients 4]
+    .venv/bin/python -m bench.capture [--seconds 10] [--rounds 3] [--clients 4]
 
 Builds a PACS-like table set (study, series, instance with text UIDs, jsonb, bytea; 100k instances), then runs
 pgbench custom scripts: single-row insert transactions, 10-row insert transactions (one study arriving: a study, a

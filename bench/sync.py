@@ -1,11 +1,11 @@
 """Replay throughput: `migrator sync --until-caught-up` on ~1 M mixed events, next to a plain executemany upsert.
 
-    .venv/bin/python bench/sync.py [--events 1000000] [--scale 0.05]
+    .venv/bin/python -m bench.sync [--events 1000000] [--scale 0.05]
 
 Builds a PACS-like source, prepares and copies it, clones the target (CREATE DATABASE ... TEMPLATE) for the
 baseline, then fills the delta log with inserts, updates and deletes of `instance` rows in transactions of 1000
-events. The baseline reads the same events and applies them one statement per event with executemany
-(INSERT ... ON CONFLICT DO UPDATE / DELETE) into the clone; migrator applies them with `sync --until-caught-up` in
+events. The baseline reads the same events with the rows' current state and applies them one statement per event
+with executemany (INSERT ... ON CONFLICT DO UPDATE / DELETE) into the clone; migrator applies them with `sync --until-caught-up` in
 a subprocess. Both targets are checked equal to the source afterwards. Prints events/s and the ratio.
 """
 
@@ -57,32 +57,29 @@ def make_events(dsn: str, total: int, per_txn: int = 1000) -> int:
 
 
 def baseline(source_dsn: str, target_dsn: str) -> tuple[float, int]:
-    """One statement per event, executemany, in event order: the naive replay."""
+    """One statement per event, executemany: the naive replay (an upsert of the row's current state, or a delete)."""
     cols = ["sop_uid", "series_uid", "instance_number", "file_path", "file_size", "sha256", "received_at",
             "transfer_syntax"]
-    upsert = (f"INSERT INTO public.instance ({', '.join(cols)}) SELECT {', '.join('(r).' + c for c in cols)} "
-              f"FROM (SELECT %s::public.instance AS r) s ON CONFLICT (sop_uid) DO UPDATE SET "
-              + ", ".join(f"{c} = excluded.{c}" for c in cols[1:]))
-    delete = "DELETE FROM public.instance WHERE sop_uid = (%s::public.instance).sop_uid"
+    upsert = (f"INSERT INTO public.instance ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))}) "
+              f"ON CONFLICT (sop_uid) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in cols[1:]))
+    delete = "DELETE FROM public.instance WHERE sop_uid = %s"
     t0 = time.perf_counter()
     n = 0
     with db.session(source_dsn, role="source") as src, db.session(target_dsn, role="target") as tgt:
         tgt.execute("SET session_replication_role = replica")
         with src.cursor(name="events") as cur:
             cur.itersize = 10000
-            cur.execute("SELECT op, old_row, new_row FROM _migrator.delta_log ORDER BY event_id")
+            cur.execute(f"SELECT e.key[1], i.sop_uid IS NOT NULL, {', '.join('i.' + c for c in cols)} "
+                        "FROM _migrator.delta_log e LEFT JOIN public.instance i ON i.sop_uid = e.key[1] "
+                        "WHERE e.rel = 'public.instance'::regclass")
             while rows := cur.fetchmany(10000):
-                ups = []
-                for op, old, new in rows:
-                    if op == "D":
-                        if ups:
-                            tgt.cursor().executemany(upsert, ups)
-                            ups = []
-                        tgt.execute(delete, (old,))
-                    else:
-                        ups.append((new,))
-                if ups:
-                    tgt.cursor().executemany(upsert, ups)
+                ups = [r[2:] for r in rows if r[1]]
+                dels = [(r[0],) for r in rows if not r[1]]
+                with tgt.cursor() as tc:
+                    if ups:
+                        tc.executemany(upsert, ups)
+                    if dels:
+                        tc.executemany(delete, dels)
                 n += len(rows)
         tgt.commit()
     return time.perf_counter() - t0, n

@@ -20,7 +20,7 @@ from psycopg import sql
 
 from migrator import catalog, db, schema, state
 from migrator.catalog import Table
-from migrator.config import CAPTURE_SCHEMA, Config
+from migrator.config import CAPTURE_SCHEMA, Config, TableFilter
 from migrator.errors import Blocked, MigratorError, NotReady
 from migrator.log import get
 
@@ -74,8 +74,73 @@ def installed_tables(conn: psycopg.Connection[Any]) -> dict[int, tuple[str, str,
         return {r[0]: (r[1], r[2], r[3]) for r in cur.fetchall()}
 
 
+# Key types whose text form depends on session settings: their functions pin the settings (as capture() does).
+_SETTINGS_SENSITIVE = ("date", "time", "timestamp", "interval", "double precision", "real", "float", "money",
+                       "bytea", "numeric[]")
+_PINNED = sql.SQL("""SET "DateStyle" = 'ISO, YMD' SET "IntervalStyle" = 'postgres' SET "TimeZone" = 'UTC'
+SET extra_float_digits = 3 SET bytea_output = 'hex' SET lc_monetary = 'C'""")
+STATEMENT_TRIGGERS = (("_migrator_capture_ins", "INSERT", "NEW TABLE AS new_rows"),
+                      ("_migrator_capture_upd", "UPDATE", "OLD TABLE AS old_rows NEW TABLE AS new_rows"),
+                      ("_migrator_capture_del", "DELETE", "OLD TABLE AS old_rows"))
+
+
+def _template(name: str, **parts: sql.Composable) -> sql.Composed:
+    """A SQL file of triggers/ with its {placeholders} filled; its comment lines are left out."""
+    body = "\n".join(line for line in trigger_sql(name).splitlines() if not line.startswith("--"))
+    return sql.SQL(body).format(**parts)  # type: ignore[arg-type]
+
+
+def key_function(t: Table) -> sql.Composed:
+    return sql.SQL("{}.{}").format(sql.Identifier(CAPTURE_SCHEMA), sql.Identifier(f"keys_{t.oid}"))
+
+
+def _key_function_sql(t: Table) -> sql.Composed:
+    def key(ref: str) -> sql.Composed:
+        return sql.SQL("ARRAY[{}]").format(sql.SQL(", ").join(
+            sql.SQL("{}.{}::text").format(sql.SQL(ref), sql.Identifier(k)) for k in t.key))
+
+    types = {c.name: c.type for c in t.columns}
+    sensitive = any(types[k].startswith(_SETTINGS_SENSITIVE) for k in t.key)
+    return _template("capture_keys.sql", function=key_function(t), settings=_PINNED if sensitive else sql.SQL(""),
+                     new_row_key=key("NEW"), old_row_key=key("OLD"), n_key=key("n"))
+
+
+def _create_triggers(cur: psycopg.Cursor[Any], t: Table) -> None:
+    generic = sql.SQL("{}.capture()").format(sql.Identifier(CAPTURE_SCHEMA))
+    names = [TRUNCATE_TRIGGER]
+    if not t.key:
+        # No key: full row images, one event per row.
+        cur.execute(sql.SQL("CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} FOR EACH ROW "
+                            "EXECUTE FUNCTION {}").format(sql.Identifier(ROW_TRIGGER), t.ident, generic))
+        names.append(ROW_TRIGGER)
+    else:
+        cur.execute(_key_function_sql(t))
+        fn = sql.SQL("{}()").format(key_function(t))
+        if t.in_hierarchy:
+            cur.execute(sql.SQL("CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} FOR EACH ROW "
+                                "EXECUTE FUNCTION {}").format(sql.Identifier(ROW_TRIGGER), t.ident, fn))
+            names.append(ROW_TRIGGER)
+        else:
+            for name, event, referencing in STATEMENT_TRIGGERS:
+                cur.execute(sql.SQL("CREATE TRIGGER {} AFTER {} ON {} REFERENCING {} FOR EACH STATEMENT "
+                                    "EXECUTE FUNCTION {}").format(sql.Identifier(name), sql.SQL(event), t.ident,
+                                                                  sql.SQL(referencing), fn))
+                names.append(name)
+    cur.execute(sql.SQL("CREATE TRIGGER {} AFTER TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}")
+                .format(sql.Identifier(TRUNCATE_TRIGGER), t.ident, generic))
+    # ALWAYS: capture even sessions running with session_replication_role = replica.
+    cur.execute(sql.SQL("ALTER TABLE {} {}").format(t.ident, sql.SQL(", ").join(
+        sql.SQL("ENABLE ALWAYS TRIGGER {}").format(sql.Identifier(n)) for n in names)))
+
+
+def _drop_triggers(cur: psycopg.Cursor[Any], t: Table) -> None:
+    for name in (ROW_TRIGGER, TRUNCATE_TRIGGER, *(n for n, _, _ in STATEMENT_TRIGGERS)):
+        cur.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), t.ident))
+
+
 def install(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: float = 2.0) -> int:
-    """Create the capture schema and function, then the triggers on every table not yet captured."""
+    """Create the capture schema and function, then the triggers on every table not yet captured (or whose
+    definition changed since it was: its triggers and key function are made again)."""
     log = get(phase="prepare")
     with conn.transaction(), conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(hashtext('migrator.capture'))")
@@ -83,25 +148,21 @@ def install(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: fl
     done = installed_tables(conn)
     created = 0
     for t in tables:
-        if t.oid in done:
+        if t.oid in done and done[t.oid][2] == t.fingerprint:
             continue
 
         def create(cur: psycopg.Cursor[Any], t: Table = t) -> None:
-            fn = sql.SQL("{}.capture()").format(sql.Identifier(CAPTURE_SCHEMA))
-            cur.execute(sql.SQL("CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} "
-                                "FOR EACH ROW EXECUTE FUNCTION {}").format(sql.Identifier(ROW_TRIGGER), t.ident, fn))
-            cur.execute(sql.SQL("CREATE TRIGGER {} AFTER TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}")
-                        .format(sql.Identifier(TRUNCATE_TRIGGER), t.ident, fn))
-            # ALWAYS: capture even sessions running with session_replication_role = replica.
-            cur.execute(sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}, ENABLE ALWAYS TRIGGER {}")
-                        .format(t.ident, sql.Identifier(ROW_TRIGGER), sql.Identifier(TRUNCATE_TRIGGER)))
+            _drop_triggers(cur, t)
+            _create_triggers(cur, t)
             cur.execute(sql.SQL("INSERT INTO {}.captured_table (rel, schema_name, table_name, fingerprint) "
-                                "VALUES (%s, %s, %s, %s)").format(sql.Identifier(CAPTURE_SCHEMA)),
+                                "VALUES (%s, %s, %s, %s) ON CONFLICT (rel) DO UPDATE SET schema_name = "
+                                "excluded.schema_name, table_name = excluded.table_name, "
+                                "fingerprint = excluded.fingerprint").format(sql.Identifier(CAPTURE_SCHEMA)),
                         (t.oid, t.schema, t.name, t.fingerprint))
 
         _with_lock_retries(conn, f"table {t.display}", create, lock_timeout)
         created += 1
-        log.info("capture.installed", table=t.display)
+        log.info("capture.installed", table=t.display, key=bool(t.key), statement_level=bool(t.key) and not t.in_hierarchy)
     return created
 
 
@@ -181,11 +242,17 @@ def prepare(cfg: Config) -> PrepareResult:
     return PrepareResult([t.display for t in tables], created_schema, installed)
 
 
+def _trigger_functions(cur: psycopg.Cursor[Any]) -> list[sql.Composed]:
+    cur.execute("SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+                "WHERE n.nspname = %s AND p.prorettype = 'trigger'::regtype ORDER BY 1", (CAPTURE_SCHEMA,))
+    return [sql.SQL("{}.{}").format(sql.Identifier(CAPTURE_SCHEMA), sql.Identifier(r[0])) for r in cur.fetchall()]
+
+
 def freeze(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: float) -> None:
     """Reject every write to the captured tables from now on, once no writer is in flight.
 
     SHARE locks on all captured tables wait (at most lock_timeout) for transactions writing them to end; with the
-    locks held the capture function is replaced by the freeze function; the commit releases the locks and writers
+    locks held every capture function is replaced by the freeze body; the commit releases the locks and writers
     queued behind them then fail. Every change committed before is in the delta log.
     """
     with conn.transaction(), conn.cursor() as cur:
@@ -196,13 +263,21 @@ def freeze(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: flo
         if tables:
             cur.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(sql.SQL(", ").join(t.ident for t in tables)))
         cur.execute("SET LOCAL statement_timeout = 0")
-        cur.execute(sql.SQL(trigger_sql("freeze.sql")))  # type: ignore[arg-type]
+        for fn in _trigger_functions(cur):
+            cur.execute(_template("freeze.sql", function=fn))
+        cur.execute(sql.SQL("INSERT INTO {}.freeze_state (id, frozen, reason) VALUES (1, true, 'cutover') "
+                            "ON CONFLICT (id) DO UPDATE SET frozen = true, since = now(), reason = excluded.reason")
+                    .format(sql.Identifier(CAPTURE_SCHEMA)))
 
 
 def release(conn: psycopg.Connection[Any]) -> None:
     """Make the legacy database writable again, with capture on (the freeze undone)."""
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(sql.SQL(trigger_sql("capture.sql")))  # type: ignore[arg-type]
+        registered = installed_tables(conn)
+        for t in catalog.list_tables(conn, TableFilter()):
+            if t.oid in registered and t.key:
+                cur.execute(_key_function_sql(t))
         cur.execute(sql.SQL("UPDATE {}.freeze_state SET frozen = false, since = now(), reason = 'released'")
                     .format(sql.Identifier(CAPTURE_SCHEMA)))
 

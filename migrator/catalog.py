@@ -39,6 +39,8 @@ class Table:
     partition_of: str | None
     est_rows: int
     bytes: int
+    in_hierarchy: bool = False
+    """A partition, or a parent or child in table inheritance: a statement may address it through another table."""
 
     @property
     def ident(self) -> sql.Composed:
@@ -66,6 +68,8 @@ _TABLES = """
 SELECT c.oid::bigint AS oid, n.nspname AS schema, c.relname AS name,
        coalesce(c.reltuples, -1)::bigint AS est_rows,
        pg_total_relation_size(c.oid) AS bytes,
+       (c.relispartition OR c.relhassubclass
+        OR EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid)) AS in_hierarchy,
        (SELECT pn.nspname || '.' || pc.relname FROM pg_inherits i JOIN pg_class pc ON pc.oid = i.inhparent
           JOIN pg_namespace pn ON pn.oid = pc.relnamespace WHERE i.inhrelid = c.oid AND c.relispartition) AS partition_of
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -122,7 +126,7 @@ def list_tables(conn: psycopg.Connection[Any], tables: TableFilter) -> list[Tabl
             Table(
                 oid=r["oid"], schema=r["schema"], name=r["name"], columns=tuple(columns.get(r["oid"], ())),
                 key=key, key_source=label, partition_of=r["partition_of"],
-                est_rows=max(int(r["est_rows"]), 0), bytes=int(r["bytes"]),
+                est_rows=max(int(r["est_rows"]), 0), bytes=int(r["bytes"]), in_hierarchy=bool(r["in_hierarchy"]),
             )
         )
     return result

@@ -700,14 +700,21 @@ def _in_flight(source_conn: psycopg.Connection[Any], plan: _Plan, window: _Windo
             log_table, where), params).fetchone()
         if truncated and truncated[0]:
             return _InFlight(frozenset(), everything=True)
+        if plan.keys:
+            # A table with a key logs the keys its changes touched (text forms, in key order).
+            types = {c.name: c.type for c in plan.table.columns}
+            touched = sql.SQL("SELECT {} FROM {} AS e WHERE {} AND e.key IS NOT NULL").format(
+                sql.SQL(", ").join(sql.SQL("e.key[{}]::{} AS {}").format(
+                    sql.Literal(i + 1), sql.SQL(types[name]), sql.Identifier(name))
+                    for i, name in enumerate(plan.table.key)), log_table, where)
+            keys = sql.SQL(", ").join(k.expression_of(sql.SQL("x")) for k in plan.keys)
+            rows = cur.execute(sql.SQL("SELECT DISTINCT {} FROM ({}) AS x").format(keys, touched), params).fetchall()
+            return _InFlight(frozenset(tuple(r) for r in rows))
         images = sql.SQL(
             "SELECT e.old_row::{t} AS r FROM {log} AS e WHERE {w} AND e.old_row IS NOT NULL UNION ALL "
             "SELECT e.new_row::{t} FROM {log} AS e WHERE {w} AND e.new_row IS NOT NULL"
         ).format(t=plan.table.ident, log=log_table, w=where)
-        if plan.keys:
-            keys = sql.SQL(", ").join(k.expression_of(sql.SQL("(x.r)")) for k in plan.keys)
-        else:
-            keys = sql.SQL("decode(md5({}), 'hex')").format(_row_text(plan.table, sql.SQL("(x.r)")))
+        keys = sql.SQL("decode(md5({}), 'hex')").format(_row_text(plan.table, sql.SQL("(x.r)")))
         rows = cur.execute(sql.SQL("SELECT DISTINCT {} FROM ({}) AS x").format(keys, images), params).fetchall()
     return _InFlight(frozenset(tuple(r) for r in rows))
 

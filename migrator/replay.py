@@ -1,18 +1,18 @@
-"""Sync: replay the delta log onto the target, exactly once, in an order that reproduces the source.
+"""Sync: replay the delta log onto the target, exactly once, so that the target reproduces the source.
 
 Batches are cut by snapshots, as PgQ and Londiste do. The target records the source snapshot whose committed
 changes it holds (`applied`). A batch takes a new snapshot `cur` on the source and carries every event whose
-transaction is visible in `cur` but not in `applied`, in event-id order; its changes and the new position commit in
-one target transaction. Visibility, not event ids, decides membership, so a transaction that began before the copy
-and commits after newer events were applied is still applied, once. Two changes to one row can only be committed in
-the order their events were written (the second waits for the first's row lock), so event-id order within a batch
-and batch order reproduce the source for every row.
+transaction is visible in `cur` but not in `applied`; its changes and the new position commit in one target
+transaction. Visibility, not event order, decides membership, so a transaction that began before the copy and
+commits after newer events were applied is still applied, once.
 
-Each table's changes in a batch are applied set-based, as the net count of each distinct row image (every event
-removes its old image and adds its new one); a TRUNCATE resets the table first. In a table with a key, the keys of
-removed images lose their rows and the added images are inserted. Tables without a key are multisets: the net count
-of each distinct row image is added or removed. The copy boundary is kept per table: an event whose transaction
-the table's copy snapshot already contains is skipped.
+A table with a key logs only the keys its changes touched (triggers/capture_keys.sql). The batch replaces the
+target's rows for those keys with the rows the source holds for them in `cur` — read in the batch's own
+repeatable-read transaction and streamed by binary COPY — so the target becomes the source as of `cur` for every
+key touched, whatever the order and number of changes in between (primary-key updates, delete and re-insert,
+cascades, deferrable keys). A table without a key logs row images and is a multiset: the net count of each distinct
+image is added or removed; for it the copy boundary is kept per table (an event its copy snapshot already contains
+is skipped). A TRUNCATE in the batch empties the table and copies it again from `cur`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from migrator.errors import ConnectionFailed, NotReady, ReplayError, SchemaChang
 from migrator.log import get
 
 BATCH_TABLE = "_migrator_batch"
+KEYS_TABLE = "_migrator_keys"
 
 
 @dataclass(frozen=True)
@@ -113,41 +114,45 @@ def pending(source: psycopg.Connection[Any], applied: str | None) -> Lag:
 
 
 class _Applier:
-    """Writes one batch into the target: loads the events into a temporary table and applies them per table."""
+    """Writes one batch into the target, table by table, reading what it needs from the source's batch snapshot.
+
+    A table with a key: the keys its changes touched come from the delta log; the target loses its rows for those
+    keys, and receives the rows the source holds for them in the batch snapshot (binary COPY, bit for bit). A table
+    without a key: the net count of each row image is added or removed. A TRUNCATE in the batch: the table is
+    emptied and copied again from the batch snapshot.
+    """
 
     def __init__(self, target: psycopg.Connection[Any], tables: dict[int, Table]) -> None:
         self.target = target
         self.tables = tables
         with target.cursor() as cur:
-            cur.execute(sql.SQL(
-                "CREATE TEMP TABLE IF NOT EXISTS {} (event_id bigint NOT NULL, rel oid NOT NULL, op \"char\" NOT NULL, "
-                "old_row text, new_row text) ON COMMIT DELETE ROWS").format(sql.Identifier(BATCH_TABLE)))
-            cur.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (rel, event_id)").format(
-                sql.Identifier(BATCH_TABLE + "_rel"), sql.Identifier(BATCH_TABLE)))
+            cur.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (key text[]) ON COMMIT DELETE ROWS")
+                        .format(sql.Identifier(KEYS_TABLE)))
+            cur.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (op \"char\" NOT NULL, old_row text, new_row text) "
+                                "ON COMMIT DELETE ROWS").format(sql.Identifier(BATCH_TABLE)))
         target.commit()
 
-    def apply(self, cur: psycopg.Cursor[Any], n_events: int) -> None:
-        batch = sql.Identifier(BATCH_TABLE)
-        if n_events > 5000:
-            cur.execute(sql.SQL("ANALYZE {}").format(batch))
-        cur.execute(sql.SQL("SELECT rel::bigint, max(event_id) FILTER (WHERE op = 'T') FROM {} GROUP BY rel")
-                    .format(batch))
-        changed = cur.fetchall()
-        firing = schema.firing_in_replica(cur)
-        for rel, last_truncate in changed:
+    def apply(self, scur: psycopg.Cursor[Any], tcur: psycopg.Cursor[Any], window: sql.Composable,
+              changed: list[tuple[int, int, bool]], boundaries: dict[int, str]) -> None:
+        firing = schema.firing_in_replica(tcur)
+        for rel, _, truncated in changed:
             table = self.tables.get(rel)
             if table is None:
                 raise SchemaChanged(f"the delta log holds changes of a table that is not captured (oid {rel})")
             log = get(phase="sync", table=table.display)
+            in_table = sql.SQL("{} AND e.rel = {}").format(window, sql.Literal(rel))
             try:
-                with schema.silenced(cur, table.ident, firing.get((table.schema, table.name), [])):
-                    if last_truncate is not None:
-                        self._truncate(cur, table)
-                    after = last_truncate or 0
-                    if table.key:
-                        self._apply_keyed(cur, table, rel, after)
+                with schema.silenced(tcur, table.ident, firing.get((table.schema, table.name), [])):
+                    if truncated:
+                        self._recopy(scur, tcur, table)
+                    elif table.key:
+                        self._apply_keyed(scur, tcur, table, in_table)
                     else:
-                        self._apply_multiset(cur, table, rel, after)
+                        boundary = boundaries.get(rel)
+                        if boundary is not None:
+                            in_table = sql.SQL("{} AND NOT pg_visible_in_snapshot(e.txid, {}::pg_snapshot)").format(
+                                in_table, sql.Literal(boundary))
+                        self._apply_multiset(scur, tcur, table, in_table)
             except psycopg.OperationalError:
                 raise  # a lost connection is retried by sync(), not a refused change
             except psycopg.Error as exc:
@@ -160,62 +165,73 @@ class _Applier:
                     + (f", column {diag.column_name}" if diag.column_name else "")
                 ) from exc
 
-    def _truncate(self, cur: psycopg.Cursor[Any], table: Table) -> None:
+    @staticmethod
+    def _stream(scur: psycopg.Cursor[Any], tcur: psycopg.Cursor[Any], out: sql.Composed,
+                into: sql.Composed) -> int:
+        with scur.copy(out) as src, tcur.copy(into) as dst:
+            for block in src:
+                dst.write(block)
+        return tcur.rowcount
+
+    def _recopy(self, scur: psycopg.Cursor[Any], tcur: psycopg.Cursor[Any], table: Table) -> None:
         try:
             with self.target.transaction():
-                cur.execute(sql.SQL("TRUNCATE ONLY {}").format(table.ident))
+                tcur.execute(sql.SQL("TRUNCATE ONLY {}").format(table.ident))
         except psycopg.errors.FeatureNotSupported:
             # Referenced by a foreign key: with triggers off (replica role) a DELETE empties it just the same.
-            cur.execute(sql.SQL("DELETE FROM ONLY {}").format(table.ident))
+            tcur.execute(sql.SQL("DELETE FROM ONLY {}").format(table.ident))
+        cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.writable_columns)
+        self._stream(scur, tcur,
+                     sql.SQL("COPY (SELECT {} FROM ONLY {}) TO STDOUT (FORMAT binary)").format(cols, table.ident),
+                     sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(table.ident, cols))
 
-    def _apply_keyed(self, cur: psycopg.Cursor[Any], table: Table, rel: int, after: int) -> None:
-        batch = sql.Identifier(BATCH_TABLE)
-        rowtype = table.ident
+    def _apply_keyed(self, scur: psycopg.Cursor[Any], tcur: psycopg.Cursor[Any], table: Table,
+                     in_table: sql.Composable) -> None:
+        types = {c.name: c.type for c in table.columns}
         keys = [sql.Identifier(k) for k in table.key]
-        # Every event removes its old image (U, D) and adds its new one (I, U); netted per distinct image, the keys
-        # of removed images lose their rows and the added images are the rows there after the batch. Not "the last
-        # event per key": under a deferrable key two rows may hold one key for a while, and the row that last left
-        # a key need not be the one left there at commit.
-        cur.execute(sql.SQL("""
-            CREATE TEMP TABLE _migrator_last ON COMMIT DROP AS
-            SELECT {img_keys}, _m_img, _m_net > 0 AS _m_present FROM (
-                SELECT r::{rt} AS _m_img, net AS _m_net FROM (
-                    SELECT r, sum(c) AS net FROM (
-                        SELECT old_row AS r, -1 AS c FROM {batch}
-                         WHERE rel = %(rel)s AND event_id > %(after)s AND op IN ('U', 'D')
-                        UNION ALL
-                        SELECT new_row, 1 FROM {batch}
-                         WHERE rel = %(rel)s AND event_id > %(after)s AND op IN ('I', 'U')
-                    ) d GROUP BY r HAVING sum(c) <> 0
-                ) n
-            ) i
-        """).format(
-            rt=rowtype, batch=batch,
-            img_keys=sql.SQL(", ").join(sql.SQL("(_m_img).{} AS {}").format(k, k) for k in keys),
-        ), {"rel": rel, "after": after})
-        match = sql.SQL(" AND ").join(sql.SQL("t.{k} = l.{k}").format(k=k) for k in keys)
-        cur.execute(sql.SQL("DELETE FROM ONLY {} AS t USING _migrator_last AS l WHERE {}").format(table.ident, match))
-        cols = [sql.Identifier(c.name) for c in table.writable_columns]
-        cur.execute(sql.SQL("INSERT INTO {} ({}) {} SELECT {} FROM _migrator_last AS l WHERE l._m_present").format(
-            table.ident, sql.SQL(", ").join(cols),
-            sql.SQL("OVERRIDING SYSTEM VALUE") if table.has_identity_always else sql.SQL(""),
-            sql.SQL(", ").join(sql.SQL("(l._m_img).{}").format(c) for c in cols),
-        ))
-        cur.execute("DROP TABLE _migrator_last")
+        parsed = sql.SQL(", ").join(
+            sql.SQL("key[{}]::{} AS {}").format(sql.Literal(i + 1), sql.SQL(types[k]), sql.Identifier(k))
+            for i, k in enumerate(table.key))
+        log_table = sql.SQL("{}.delta_log").format(sql.Identifier(CAPTURE_SCHEMA))
+        keys_table = sql.Identifier(KEYS_TABLE)
+        # 1. The keys touched: their rows on the target go.
+        self._stream(scur, tcur,
+                     sql.SQL("COPY (SELECT DISTINCT e.key FROM {} AS e WHERE {}) TO STDOUT (FORMAT binary)")
+                     .format(log_table, in_table),
+                     sql.SQL("COPY {} (key) FROM STDIN (FORMAT binary)").format(keys_table))
+        tcur.execute(sql.SQL("DELETE FROM ONLY {} AS t USING (SELECT {} FROM {}) AS k WHERE {}").format(
+            table.ident, parsed, keys_table,
+            sql.SQL(" AND ").join(sql.SQL("t.{k} = k.{k}").format(k=k) for k in keys)))
+        tcur.execute(sql.SQL("DELETE FROM {}").format(keys_table))
+        # 2. The rows the source holds for those keys in the batch snapshot come in their place.
+        cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.writable_columns)
+        self._stream(scur, tcur,
+                     sql.SQL("COPY (SELECT {cols} FROM ONLY {t} WHERE ({keys}) IN "
+                             "(SELECT {parsed} FROM {log} AS e WHERE {w})) TO STDOUT (FORMAT binary)").format(
+                         cols=cols, t=table.ident, keys=sql.SQL(", ").join(keys),
+                         parsed=sql.SQL(", ").join(
+                             sql.SQL("e.key[{}]::{}").format(sql.Literal(i + 1), sql.SQL(types[k]))
+                             for i, k in enumerate(table.key)),
+                         log=log_table, w=in_table),
+                     sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(table.ident, cols))
 
-    def _apply_multiset(self, cur: psycopg.Cursor[Any], table: Table, rel: int, after: int) -> None:
+    def _apply_multiset(self, scur: psycopg.Cursor[Any], tcur: psycopg.Cursor[Any], table: Table,
+                        in_table: sql.Composable) -> None:
         batch = sql.Identifier(BATCH_TABLE)
+        self._stream(scur, tcur,
+                     sql.SQL("COPY (SELECT e.op, e.old_row, e.new_row FROM {}.delta_log AS e WHERE {}) "
+                             "TO STDOUT (FORMAT binary)").format(sql.Identifier(CAPTURE_SCHEMA), in_table),
+                     sql.SQL("COPY {} FROM STDIN (FORMAT binary)").format(batch))
         # The net count of each distinct row image; row images are the rows' text forms under pinned settings.
-        cur.execute(sql.SQL("""
+        tcur.execute(sql.SQL("""
             CREATE TEMP TABLE _migrator_net ON COMMIT DROP AS
             SELECT r, sum(c)::bigint AS net FROM (
-                SELECT old_row AS r, -1 AS c FROM {batch}
-                 WHERE rel = %(rel)s AND event_id > %(after)s AND op IN ('U', 'D')
+                SELECT old_row AS r, -1 AS c FROM {batch} WHERE op IN ('U', 'D')
                 UNION ALL
-                SELECT new_row, 1 FROM {batch} WHERE rel = %(rel)s AND event_id > %(after)s AND op IN ('I', 'U')
+                SELECT new_row, 1 FROM {batch} WHERE op IN ('I', 'U')
             ) d GROUP BY r HAVING sum(c) <> 0
-        """).format(batch=batch), {"rel": rel, "after": after})
-        cur.execute(sql.SQL("""
+        """).format(batch=batch))
+        tcur.execute(sql.SQL("""
             DELETE FROM ONLY {t} WHERE ctid = ANY (ARRAY(
                 SELECT x.ctid FROM (
                     SELECT t2.ctid, n.net, row_number() OVER (PARTITION BY n.r) AS rn
@@ -223,7 +239,7 @@ class _Applier:
                 ) x WHERE x.rn <= -x.net))
         """).format(t=table.ident))
         cols = [sql.Identifier(c.name) for c in table.writable_columns]
-        cur.execute(sql.SQL(
+        tcur.execute(sql.SQL(
             "INSERT INTO {} ({}) {} SELECT {} FROM (SELECT r::{} AS img, net FROM _migrator_net WHERE net > 0) AS l "
             "CROSS JOIN LATERAL generate_series(1, l.net)"
         ).format(
@@ -231,7 +247,8 @@ class _Applier:
             sql.SQL("OVERRIDING SYSTEM VALUE") if table.has_identity_always else sql.SQL(""),
             sql.SQL(", ").join(sql.SQL("(l.img).{}").format(c) for c in cols), table.ident,
         ))
-        cur.execute("DROP TABLE _migrator_net")
+        tcur.execute("DROP TABLE _migrator_net")
+        tcur.execute(sql.SQL("DELETE FROM {}").format(batch))
 
 
 def check_schema(source: psycopg.Connection[Any], cfg: Config,
@@ -283,13 +300,11 @@ class Syncer:
             except psycopg.Error:
                 pass
 
-    def _boundaries(self, applied: Snapshot) -> tuple[list[int], list[str]]:
-        rels, snaps = [], []
-        for s in self.states:
-            if s.copy_snapshot and not applied.surely_contains(Snapshot.parse(s.copy_snapshot)):
-                rels.append(s.source_oid)
-                snaps.append(s.copy_snapshot)
-        return rels, snaps
+    def _boundaries(self, applied: Snapshot) -> dict[int, str]:
+        """Copy snapshots that may still contain changes of this batch, per table (used for tables without a key:
+        a table with a key reads its rows from the batch snapshot, which contains its copy snapshot)."""
+        return {s.source_oid: s.copy_snapshot for s in self.states
+                if s.copy_snapshot and not applied.surely_contains(Snapshot.parse(s.copy_snapshot))}
 
     def batch(self) -> BatchInfo:
         """Apply one batch: everything committed on the source since the applied position."""
@@ -316,30 +331,18 @@ class Syncer:
                     # back to `cur_snap` would make the next batch apply those changes a second time.
                     tgt.rollback()
                     return BatchInfo(0, time.monotonic() - started, applied.text, None)
-                rels, snaps = self._boundaries(applied)
-                boundary: sql.Composable = sql.SQL("")
-                if rels:
-                    boundary = sql.SQL(
-                        " AND NOT EXISTS (SELECT 1 FROM unnest({}::oid[], {}::pg_snapshot[]) AS b(rel, snap) "
-                        "WHERE b.rel = e.rel AND pg_visible_in_snapshot(e.txid, b.snap))"
-                    ).format(sql.Literal(rels), sql.Literal(snaps))
-                query = sql.SQL(
-                    "COPY (SELECT e.event_id, e.rel, e.op, e.old_row, e.new_row FROM {}.delta_log AS e "
-                    "WHERE e.txid >= pg_snapshot_xmin({prev}::pg_snapshot) "
-                    "AND e.txid < pg_snapshot_xmax({cur}::pg_snapshot) "
+                window = sql.SQL(
+                    "e.txid >= pg_snapshot_xmin({prev}::pg_snapshot) AND e.txid < pg_snapshot_xmax({cur}::pg_snapshot) "
                     "AND pg_visible_in_snapshot(e.txid, {cur}::pg_snapshot) "
-                    "AND NOT pg_visible_in_snapshot(e.txid, {prev}::pg_snapshot){boundary} "
-                    "ORDER BY e.event_id) TO STDOUT (FORMAT binary)"
-                ).format(sql.Identifier(CAPTURE_SCHEMA), prev=sql.Literal(applied.text),
-                         cur=sql.Literal(cur_snap.text), boundary=boundary)
-                load = sql.SQL("COPY {} FROM STDIN (FORMAT binary)").format(sql.Identifier(BATCH_TABLE))
-                with src.cursor() as scur, scur.copy(query) as out, tcur.copy(load) as into:
-                    for block in out:
-                        into.write(block)
-                n_events = tcur.rowcount
-                loaded = time.monotonic()
-                if n_events:
-                    self.applier.apply(tcur, n_events)
+                    "AND NOT pg_visible_in_snapshot(e.txid, {prev}::pg_snapshot)"
+                ).format(prev=sql.Literal(applied.text), cur=sql.Literal(cur_snap.text))
+                with src.cursor() as scur:
+                    scur.execute(sql.SQL("SELECT e.rel::bigint, count(*), bool_or(e.op = 'T') FROM {}.delta_log AS e "
+                                         "WHERE {} GROUP BY e.rel").format(sql.Identifier(CAPTURE_SCHEMA), window))
+                    changed = [(int(r[0]), int(r[1]), bool(r[2])) for r in scur.fetchall()]
+                    n_events = sum(n for _, n, _ in changed)
+                    if changed:
+                        self.applier.apply(scur, tcur, window, changed, self._boundaries(applied))
                 if n_events or cur_snap.text != applied.text:
                     state.advance_position(tgt, applied.text, cur_snap.text, n_events)
             tgt.commit()
@@ -351,7 +354,6 @@ class Syncer:
         seconds = time.monotonic() - started
         if n_events:
             self.log.info("sync.batch", events=n_events, seconds=round(seconds, 3),
-                          load_seconds=round(loaded - started, 3),
                           rate=round(n_events / seconds) if seconds else None)
         self._housekeeping(cur_snap)
         return BatchInfo(n_events, seconds, cur_snap.text, None)

@@ -163,11 +163,13 @@ def test_cleanup_removes_every_trace_from_the_legacy_database(
     copy.run(cfg)
     run_sql(source_dsn, "INSERT INTO public.study VALUES (101, '1.2.101', 'x')", "TRUNCATE public.audit")
     replay.sync(cfg)
-    assert traces(source_dsn) == {"schema": 1, "triggers": 6, "functions": 1}
+    # Keyed tables: three statement-level key triggers and a TRUNCATE trigger, and a key function each; the keyless
+    # audit table: a row trigger and a TRUNCATE trigger on the shared capture() function.
+    assert traces(source_dsn) == {"schema": 1, "triggers": 10, "functions": 3}
 
     result = capture.cleanup(cfg)
 
-    assert result.triggers_removed == 6
+    assert result.triggers_removed == 10
     assert traces(source_dsn) == {"schema": 0, "triggers": 0, "functions": 0}
     assert catalog_counts(source_dsn) == before
     # The application writes as before, and nothing is recorded any more; cleanup again is harmless.
@@ -189,7 +191,7 @@ def test_cleanup_after_cutover_refuses_unless_the_freeze_is_released(
     assert "--release-freeze" in info.value.hint
     with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
         run_sql(source_dsn, "INSERT INTO public.study VALUES (500, 'x', 'x')")
-    assert traces(source_dsn)["triggers"] == 6
+    assert traces(source_dsn)["triggers"] == 10
 
     capture.cleanup(cfg, release_freeze=True)
 

@@ -5,25 +5,27 @@
 -- triggers that call _migrator.capture() are created by `migrator prepare` and removed by `migrator cleanup`,
 -- after which `DROP SCHEMA _migrator CASCADE` leaves no trace.
 --
--- Every INSERT, UPDATE, DELETE and TRUNCATE on a captured table writes one row into _migrator.delta_log in the
--- writer's own transaction, so the event commits or rolls back with the change. `txid` is the writer's 64-bit
--- top-level transaction id: the replay decides which events a snapshot already contains by transaction
--- visibility (pg_visible_in_snapshot), never by event id, so a transaction that commits late is never skipped.
--- Row images are the row's text form written under fixed output settings (the SET clauses below), so that they
--- parse back to the same bits on the target whatever the writer's own DateStyle or extra_float_digits.
--- The settings must match migrator/db.py PINNED_SETTINGS.
+-- Every INSERT, UPDATE, DELETE and TRUNCATE on a captured table writes into _migrator.delta_log in the writer's
+-- own transaction, so the event commits or rolls back with the change. `txid` is the writer's 64-bit top-level
+-- transaction id: the replay decides which events a snapshot already contains by transaction visibility
+-- (pg_visible_in_snapshot), so a transaction that commits late is never skipped.
+-- Tables with a key log only the keys a statement touched (capture_keys.sql, one function per table); replay
+-- reads those rows' state from the source in its batch snapshot. Tables without a key log full row images with
+-- _migrator.capture() below: their text form under fixed output settings (the SET clauses), so that they parse
+-- back to the same bits on the target whatever the writer's own DateStyle or extra_float_digits.
+-- The settings must match migrator/db.py PINNED_SETTINGS. _migrator.capture() also logs TRUNCATE for every table.
 
 CREATE SCHEMA IF NOT EXISTS _migrator;
 COMMENT ON SCHEMA _migrator IS 'migrator delta capture; remove with `migrator cleanup`';
 
 CREATE TABLE IF NOT EXISTS _migrator.delta_log (
-    event_id   bigint GENERATED ALWAYS AS IDENTITY,
-    txid       xid8        NOT NULL DEFAULT pg_current_xact_id(),
+    txid        xid8        NOT NULL DEFAULT pg_current_xact_id(),
     captured_at timestamptz NOT NULL DEFAULT now(),
-    rel        oid         NOT NULL,
-    op         "char"      NOT NULL,   -- I insert, U update, D delete, T truncate
-    old_row    text,                   -- the row before (U, D)
-    new_row    text                    -- the row after (I, U)
+    rel         oid         NOT NULL,
+    op          "char"      NOT NULL,   -- I insert, U update, D delete, T truncate
+    key         text[],                 -- tables with a key: the key of a row the change touched
+    old_row     text,                   -- tables without a key: the row before (U, D)
+    new_row     text                    -- tables without a key: the row after (I, U)
 );
 CREATE INDEX IF NOT EXISTS delta_log_txid ON _migrator.delta_log (txid);
 

@@ -1,12 +1,13 @@
--- migrator freeze: replaces _migrator.capture() in the LEGACY database at cutover, so that every captured table
--- rejects writes from every client (the application's background writers too) until `migrator release` or
--- `migrator rollback` puts the capture body back (triggers/capture.sql).
+-- migrator freeze: the body that replaces each of migrator's trigger functions in the LEGACY database at cutover
+-- (_migrator.capture() and every per-table _migrator."keys_<oid>"()), so that every captured table rejects
+-- writes from every client (the application's background writers too) until `migrator release` or a rollback
+-- installs the capture bodies again. {function} is filled in by migrator/capture.py.
 --
--- Expects: triggers/capture.sql installed. Replacing the function body takes no lock on the application's
--- tables; cutover first takes SHARE locks on them (bounded by lock_timeout) so that no writer is in flight when
--- this commits. The freeze survives migrator exiting: it is a committed catalog change, not a held lock.
+-- Expects: triggers/capture.sql installed. Replacing function bodies takes no lock on the application's tables;
+-- cutover first takes SHARE locks on them (bounded by lock_timeout) so that no writer is in flight when this
+-- commits. The freeze survives migrator exiting: it is a committed catalog change, not a held lock.
 
-CREATE OR REPLACE FUNCTION _migrator.capture() RETURNS trigger
+CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
 LANGUAGE plpgsql
 AS $freeze$
 BEGIN
@@ -15,6 +16,3 @@ BEGIN
               HINT = 'The migration moved this database to its new server. Connect there, or ask the migration team.';
 END
 $freeze$;
-
-INSERT INTO _migrator.freeze_state (id, frozen, reason) VALUES (1, true, 'cutover')
-ON CONFLICT (id) DO UPDATE SET frozen = true, since = now(), reason = excluded.reason;

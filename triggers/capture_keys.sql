@@ -1,0 +1,37 @@
+-- migrator key capture: the trigger function of ONE captured table that has a key, installed into the LEGACY
+-- database by `migrator prepare` (migrator/capture.py fills in the placeholders in braces with quoted names).
+--
+-- Expects: triggers/capture.sql installed. For an ordinary table it runs as three statement-level triggers with
+-- transition tables (AFTER INSERT / UPDATE / DELETE ... REFERENCING ... FOR EACH STATEMENT): one call and one
+-- INSERT per statement, however many rows it touched. Partitions and inheritance parents and children use it
+-- as a row-level trigger instead, because a statement addressed to a parent does not fire a child's statement
+-- triggers. It logs only the key of each row touched (old and new key of an UPDATE); replay reads the row itself
+-- from the source in the snapshot of its batch. {settings} pins output settings when a key column's text form
+-- depends on them (dates, times, floats, bytea, money); for integer, text and uuid keys it is empty.
+
+CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
+LANGUAGE plpgsql
+{settings}
+AS $keys$
+BEGIN
+    IF TG_LEVEL = 'ROW' THEN
+        IF TG_OP = 'INSERT' THEN
+            INSERT INTO _migrator.delta_log (rel, op, key) VALUES (TG_RELID, 'I', {new_row_key});
+        ELSIF TG_OP = 'DELETE' THEN
+            INSERT INTO _migrator.delta_log (rel, op, key) VALUES (TG_RELID, 'D', {old_row_key});
+        ELSIF {old_row_key} = {new_row_key} THEN
+            INSERT INTO _migrator.delta_log (rel, op, key) VALUES (TG_RELID, 'U', {new_row_key});
+        ELSE
+            INSERT INTO _migrator.delta_log (rel, op, key) VALUES (TG_RELID, 'U', {old_row_key}), (TG_RELID, 'U', {new_row_key});
+        END IF;
+    ELSIF TG_OP = 'INSERT' THEN
+        INSERT INTO _migrator.delta_log (rel, op, key) SELECT TG_RELID, 'I', {n_key} FROM new_rows AS n;
+    ELSIF TG_OP = 'UPDATE' THEN
+        INSERT INTO _migrator.delta_log (rel, op, key)
+        SELECT TG_RELID, 'U', k FROM (SELECT {n_key} AS k FROM old_rows AS n UNION SELECT {n_key} FROM new_rows AS n) AS u;
+    ELSE
+        INSERT INTO _migrator.delta_log (rel, op, key) SELECT TG_RELID, 'D', {n_key} FROM old_rows AS n;
+    END IF;
+    RETURN NULL;
+END
+$keys$;
