@@ -157,13 +157,59 @@ class _Applier:
                 raise  # a lost connection is retried by sync(), not a refused change
             except psycopg.Error as exc:
                 diag = exc.diag
+                key = self._failing_key(scur, table, in_table) if table.key and not truncated else None
                 log.error("sync.apply_failed", sqlstate=diag.sqlstate, constraint=diag.constraint_name,
-                          column=diag.column_name)
+                          column=diag.column_name, key=key)
                 raise ReplayError(
                     f"the target refused changes to {table.display}: SQLSTATE {diag.sqlstate}"
                     + (f", constraint {diag.constraint_name}" if diag.constraint_name else "")
                     + (f", column {diag.column_name}" if diag.column_name else "")
+                    + (f", first refused row {key}" if key else "")
+                    + "; the changes stay pending"
                 ) from exc
+
+    def _failing_key(self, scur: psycopg.Cursor[Any], table: Table, in_table: sql.Composable,
+                     limit: int = 10_000) -> str | None:
+        """The key of the first touched row the target refuses, found row by row in a throwaway transaction.
+
+        Only the key is returned (it identifies the row; the values are never shown). The batch's target
+        transaction is already lost; the source transaction and its snapshot are still open.
+        """
+        self.target.rollback()
+        types = {c.name: c.type for c in table.columns}
+        keys = [sql.Identifier(k) for k in table.key]
+        cols = [sql.Identifier(c.name) for c in table.writable_columns]
+        query = sql.SQL("SELECT {keytext}, t::text FROM ONLY {t} AS t WHERE ({keys}) IN "
+                        "(SELECT {parsed} FROM {log} AS e WHERE {w}) LIMIT {limit}").format(
+            keytext=sql.SQL(", ").join(sql.SQL("t.{}::text").format(k) for k in keys), t=table.ident,
+            keys=sql.SQL(", ").join(keys), limit=sql.Literal(limit),
+            parsed=sql.SQL(", ").join(sql.SQL("e.key[{}]::{}").format(sql.Literal(i + 1), sql.SQL(types[k]))
+                                      for i, k in enumerate(table.key)),
+            log=sql.SQL("{}.delta_log").format(sql.Identifier(CAPTURE_SCHEMA)), w=in_table)
+        insert = sql.SQL("INSERT INTO {} ({}) {} SELECT {} FROM (SELECT %s::{} AS r) AS s").format(
+            table.ident, sql.SQL(", ").join(cols),
+            sql.SQL("OVERRIDING SYSTEM VALUE") if table.has_identity_always else sql.SQL(""),
+            sql.SQL(", ").join(sql.SQL("(s.r).{}").format(c) for c in cols), table.ident)
+        delete = sql.SQL("DELETE FROM ONLY {} WHERE {}").format(
+            table.ident, sql.SQL(" AND ").join(sql.SQL("{} = %s::{}").format(k, sql.SQL(types[n]))
+                                               for k, n in zip(keys, table.key, strict=True)))
+        try:
+            with scur.connection.cursor(name="migrator_diagnose") as rows, self.target.cursor() as tcur:
+                tcur.execute("SET LOCAL session_replication_role = replica")
+                rows.execute(query)
+                for row in rows:
+                    key_values, image = row[:-1], row[-1]
+                    try:
+                        with self.target.transaction():
+                            tcur.execute(delete, key_values)
+                            tcur.execute(insert, (image,))
+                    except psycopg.OperationalError:
+                        raise
+                    except psycopg.Error:
+                        return "(" + ", ".join(f"{k}={v}" for k, v in zip(table.key, key_values, strict=True)) + ")"
+        finally:
+            self.target.rollback()
+        return None
 
     @staticmethod
     def _stream(scur: psycopg.Cursor[Any], tcur: psycopg.Cursor[Any], out: sql.Composed,
