@@ -113,20 +113,41 @@ def prepare(obj: Ctx, yes: bool, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--workers", type=int, default=None, help="Parallel table copies (default: CPU count).")
+@click.option("--workers", type=int, default=None, help="Worker processes (default: [copy] workers, CPU count).")
 @click.option("--tables", "only", multiple=True, metavar="SCHEMA.TABLE", help="Copy these tables again.")
+@click.option("--max-rate", type=float, default=None, metavar="MB/S", help="Read throttle over all workers.")
+@click.option("--worker", "as_worker", is_flag=True,
+              help="Join a running copy (from any host) and copy chunks until none is left.")
+@click.option("--wait", type=float, default=60.0, show_default=True, metavar="SECONDS",
+              help="With --worker: how long to wait for a copy to start.")
+@click.option("--pause", "control", flag_value="pause", help="Ask a running copy to stop reading the source.")
+@click.option("--resume", "control", flag_value="resume", help="Let a paused copy go on.")
 @json_option
 @click.pass_obj
-def copy(obj: Ctx, workers: int | None, only: tuple[str, ...], as_json: bool) -> None:
-    """Bulk copy from one consistent snapshot; re-run to resume after a failure."""
+def copy(obj: Ctx, workers: int | None, only: tuple[str, ...], max_rate: float | None, as_worker: bool,
+         wait: float, control: str | None, as_json: bool) -> None:
+    """Bulk copy in key-range chunks from one consistent snapshot; re-run to resume after a failure."""
     from migrator import copy as copy_mod
     from migrator.console import CopyProgress
 
+    if control == "pause":
+        copy_mod.pause(obj.cfg)
+        _emit({"paused": True}, as_json, lambda: "copy paused: workers stop reading within seconds")
+        return
+    if control == "resume":
+        copy_mod.resume(obj.cfg)
+        _emit({"paused": False}, as_json, lambda: "copy resumed")
+        return
+    if as_worker:
+        chunks = copy_mod.work(obj.cfg, wait=wait)
+        _emit({"chunks": chunks}, as_json, lambda: f"worker done: copied {chunks} chunks")
+        return
     with CopyProgress(enabled=not as_json and sys.stderr.isatty()) as progress:
-        result = copy_mod.run(obj.cfg, workers=workers, progress=progress.update, only=list(only) or None)
+        result = copy_mod.run(obj.cfg, workers=workers, progress=progress.update, only=list(only) or None,
+                              max_rate=max_rate)
     _emit(result, as_json, lambda: (
         f"copied {len(result.copied)} tables ({result.rows} rows, {result.bytes / 1e6:.1f} MB) in "
-        f"{result.seconds:.1f}s; {len(result.skipped)} already copied"))
+        f"{result.seconds:.1f}s (post-data {result.post_data_seconds:.1f}s); {len(result.skipped)} already copied"))
 
 
 @main.command()
@@ -233,20 +254,52 @@ def status(obj: Ctx, as_json: bool) -> None:
 
 @main.command()
 @yes_option
+@click.option("--override", "overrides", multiple=True, metavar="ITEM",
+              help="Accept a failing go/no-go item (lag, verify, sessions, target, sequences, pooler); repeatable.")
+@click.option("--hold", "hold_", is_flag=True, help="Postpone: a cutover waits at the go/no-go point; then exit.")
+@click.option("--release-hold", is_flag=True, help="Let a held cutover go on; then exit.")
+@click.option("--check", is_flag=True, help="Only print the go/no-go checklist; exit 0 go, 1 no-go. Changes nothing.")
 @json_option
 @click.pass_obj
-def cutover(obj: Ctx, yes: bool, as_json: bool) -> None:
-    """Freeze writes, drain, verify, carry sequences, switch clients, report the freeze window."""
+def cutover(obj: Ctx, yes: bool, overrides: tuple[str, ...], hold_: bool, release_hold: bool, check: bool,
+            as_json: bool) -> None:
+    """Go/no-go, then pause the pooler, freeze, drain, verify, carry sequences, switch clients, resume; report the
+    client-visible pause and the freeze window."""
     from migrator import cutover as cutover_mod
+    from migrator import gonogo
+    from migrator.errors import NoGo
 
-    _confirm(yes, "This freezes writes on the legacy database and moves clients to the target")
-    report = cutover_mod.run(obj.cfg, on_step=None if as_json else lambda s, st: click.echo(f"  {s}: {st}", err=True))
-    if report.already_done:
-        _emit(report, as_json, lambda: "nothing to do: the cutover is done and the legacy database is frozen "
-                                       "(`migrator release --yes` would make it writable again)")
+    if sum((hold_, release_hold, check)) > 1:
+        raise click.UsageError("--hold, --release-hold and --check exclude each other")
+    if check:
+        checklist = gonogo.run(obj.cfg, overrides=overrides)
+        _emit({"go": checklist.go, "checklist": checklist.to_list()}, as_json,
+              lambda: f"go/no-go: {'GO' if checklist.go else 'NO GO'}\n{checklist.render_text()}")
+        sys.exit(0 if checklist.go else 1)
+    if hold_:
+        cutover_mod.hold(obj.cfg)
+        _emit({"hold": True}, as_json, lambda: "held: a cutover waits at the go/no-go point until "
+                                               "`migrator cutover --release-hold`")
         return
-    _emit(report, as_json, lambda: f"cutover done; write freeze {report.freeze_seconds or 0:.2f}s\n" + "\n".join(
-        f"  {s.step:<10} {s.seconds:8.3f}s  {s.detail or ''}" for s in report.steps))
+    if release_hold:
+        was = cutover_mod.release_hold(obj.cfg)
+        _emit({"hold": False, "was_held": was}, as_json,
+              lambda: "hold released: a waiting cutover goes on" if was else "there was no hold")
+        return
+    _confirm(yes, "This freezes writes on the legacy database and moves clients to the target")
+
+    def show_checklist(checklist: Any) -> None:
+        if not as_json:
+            click.echo("go/no-go:\n" + checklist.render_text(), err=True)
+
+    try:
+        report = cutover_mod.run(obj.cfg, overrides=overrides, on_checklist=show_checklist,
+                                 on_step=None if as_json else lambda s, st: click.echo(f"  {s}: {st}", err=True))
+    except NoGo as exc:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "no_go": str(exc), "checklist": exc.checklist}, indent=2))
+        raise
+    _emit(report, as_json, report.render_text)
 
 
 @main.command()

@@ -49,6 +49,10 @@ class TableFilter:
 @dataclass(frozen=True)
 class CopySettings:
     workers: int = field(default_factory=lambda: os.cpu_count() or 2)
+    chunk_mb: float = 64.0
+    """Tables with a key larger than twice this are split into key ranges of about this size."""
+    max_rate: float | None = None
+    """Read throttle in MB/s over all copy workers (the coordinator's and those that joined); None: unthrottled."""
 
 
 @dataclass(frozen=True)
@@ -62,12 +66,42 @@ class SyncSettings:
 
 @dataclass(frozen=True)
 class CutoverSettings:
+    """How clients move: through PgBouncer (`pgbouncer_admin_dsn` and friends) or by `switch_command`."""
+
     switch_command: str | None = None
+    """Run to move clients at sites without a pooler; a non-zero exit fails the cutover."""
     freeze_lock_timeout: float = 10.0
     """How long the freeze may wait for writers in flight before it gives up and leaves the source writable."""
     verify: str = "counts"
     """Parity check inside the freeze window: "none", "counts" or "full"."""
     max_lag_seconds: float = 30.0
+    """Go/no-go: the oldest change not yet applied must be younger than this."""
+    max_session_seconds: float = 60.0
+    """Go/no-go: no transaction on the source (running or idle in transaction) may be older than this."""
+    pgbouncer_admin_dsn: str | None = None
+    """PgBouncer's admin console, e.g. postgresql://pgbouncer@127.0.0.1:6432/pgbouncer (the user in admin_users)."""
+    pooler_databases: tuple[str, ...] = ()
+    """The pooler's database names the clients connect to; each is paused, pointed at the target and resumed."""
+    pgbouncer_ini: str | None = None
+    """The file holding those names' [databases] entries (pgbouncer.ini itself or a file it %includes); rewritten
+    atomically so that RELOAD points them at the target."""
+    pooler_target: str | None = None
+    """The connect string the entries get for the target (host=... port=... dbname=...); default: host, port and
+    dbname of [target] dsn. Other keys of an entry (user, pool_size, ...) are kept."""
+    pause_timeout: float = 10.0
+    """How long PAUSE may wait for transactions in flight through the pooler before the cutover resumes and stops."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pooler_databases, str):
+            object.__setattr__(self, "pooler_databases", (self.pooler_databases,))
+        else:
+            object.__setattr__(self, "pooler_databases", tuple(self.pooler_databases))
+        if self.pgbouncer_admin_dsn and not (self.pooler_databases and self.pgbouncer_ini):
+            raise ConfigError("[cutover] pgbouncer_admin_dsn needs pooler_databases and pgbouncer_ini")
+
+    @property
+    def uses_pooler(self) -> bool:
+        return bool(self.pgbouncer_admin_dsn)
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,11 @@ def render_status(st: Status) -> str:
         c = st.copy
         console.print(f"copy: {c['copied']}/{c['tables']} tables, {c['rows']} rows, {c['bytes'] / 1e6:.1f} MB; "
                       f"started {_age(c['started_at'])}, finished {_age(c['finished_at'])}")
+        if c.get("chunks"):
+            console.print(f"  chunks {c['chunks_copied']}/{c['chunks']} (≈{c['estimated_bytes'] / 1e6:.0f} MB on the "
+                          f"source){'; running' if c['running'] else ''}{'; PAUSED' if c['paused'] else ''}")
+            for w in c["workers"]:
+                console.print(f"  worker {w['worker']}: {w['chunk'] or 'idle'} {w['bytes'] / 1e6:.1f} MB")
     if st.sync:
         s = st.sync
         lag = s.get("lag_seconds")

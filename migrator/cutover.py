@@ -1,8 +1,16 @@
-"""Cutover: freeze writes on the legacy database, drain the last changes, verify, carry sequences, switch clients.
+"""Cutover: move the clients to the target in one short window, or stop and leave everything as it was.
 
-Either it completes, leaving the legacy database frozen (it rejects writes from every client until `migrator
-release` or a rollback, even after migrator exits), or it stops and makes the legacy database writable again. Every
-step is timed and recorded in the control schema; the report gives the write-freeze window in seconds.
+With a pooler ([cutover] pgbouncer_admin_dsn) the clients never reconnect:
+
+    catch_up → preflight (go/no-go, hold) → pause (PgBouncer PAUSE, bounded) → freeze (the legacy database rejects
+    writes from clients not behind the pooler) → drain → verify (counts, every event applied) → sequences → switch
+    (the pooler's [databases] entries rewritten to the target, RELOAD) → resume (RESUME)
+
+Clients see one slow query: the pause, from PAUSE to RESUME, reported in seconds. Without a pooler the switch is
+`switch_command` and there is no pause/resume. Either the cutover completes, leaving the legacy database frozen (it
+rejects writes until `migrator release`, even after migrator exits), or it stops: the pooler's entries are put back
+and reloaded, the legacy database is writable again, and RESUME is sent, in that order, so that a client let through
+never meets a frozen database. Every step is timed and recorded in the control schema.
 """
 
 from __future__ import annotations
@@ -10,19 +18,24 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from migrator import capture, catalog, db, parity, replay, state
+from migrator import capture, catalog, db, gonogo, parity, pooler, replay, state
 from migrator.config import Config, redact
-from migrator.errors import Blocked, CutoverFailed, MigratorError, NotReady
+from migrator.errors import Blocked, ConnectionFailed, CutoverFailed, MigratorError, NoGo, NotReady
 from migrator.log import get
 
 STEPS = ("catch_up", "preflight", "freeze", "drain", "verify", "sequences", "switch")
+"""The steps without a pooler (`switch_command`)."""
+POOLER_STEPS = ("catch_up", "preflight", "pause", "freeze", "drain", "verify", "sequences", "switch", "resume")
+"""The steps through PgBouncer."""
+HOLD_POLL = 1.0
 
 
 @dataclass
@@ -36,8 +49,12 @@ class StepTiming:
 class CutoverReport:
     attempt: int
     ok: bool
+    mode: str = "switch_command"
     freeze_seconds: float | None = None
+    pause_seconds: float | None = None
+    """Client-visible pause through the pooler: PAUSE sent until RESUME returned (None without a pooler)."""
     steps: list[StepTiming] = field(default_factory=list)
+    checklist: list[dict[str, Any]] = field(default_factory=list)
     events_drained: int = 0
     sequences_set: int = 0
     failed_step: str | None = None
@@ -46,10 +63,20 @@ class CutoverReport:
     """The cutover had already completed; nothing was done (the legacy database stays frozen)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"attempt": self.attempt, "ok": self.ok, "freeze_seconds": self.freeze_seconds,
-                "events_drained": self.events_drained, "sequences_set": self.sequences_set,
-                "failed_step": self.failed_step, "error": self.error, "already_done": self.already_done,
+        return {"attempt": self.attempt, "ok": self.ok, "mode": self.mode, "freeze_seconds": self.freeze_seconds,
+                "pause_seconds": self.pause_seconds, "events_drained": self.events_drained,
+                "sequences_set": self.sequences_set, "failed_step": self.failed_step, "error": self.error,
+                "already_done": self.already_done, "checklist": self.checklist,
                 "steps": [{"step": s.step, "seconds": round(s.seconds, 3), "detail": s.detail} for s in self.steps]}
+
+    def render_text(self) -> str:
+        if self.already_done:
+            return ("nothing to do: the cutover is done and the legacy database is frozen "
+                    "(`migrator release --yes` would make it writable again)")
+        head = f"cutover done; write freeze {self.freeze_seconds or 0:.2f}s"
+        if self.pause_seconds is not None:
+            head += f"; clients paused {self.pause_seconds:.2f}s"
+        return head + "\n" + "\n".join(f"  {s.step:<10} {s.seconds:8.3f}s  {s.detail or ''}" for s in self.steps)
 
 
 def _counts(cfg: Config, tables: list[catalog.Table]) -> list[str]:
@@ -67,8 +94,10 @@ def _counts(cfg: Config, tables: list[catalog.Table]) -> list[str]:
 
 
 def _sequences(cfg: Config, source: psycopg.Connection[Any]) -> int:
-    """Set every target sequence at least to the source's position, so the first insert after cutover is free."""
+    """Set every target sequence at least to the source's position, so the first insert after cutover is free;
+    read them back and refuse if one is still behind."""
     seqs = catalog.list_sequences(source, cfg.tables)
+    behind = []
     with db.session(cfg.target_dsn, role="target") as target, target.cursor() as cur:
         for seq in seqs:
             if seq.last_value is None:
@@ -82,10 +111,19 @@ def _sequences(cfg: Config, source: psycopg.Connection[Any]) -> int:
             cur.execute("SELECT setval(%s::regclass, %s, %s)",
                         (seq.ident.as_string(target), seq.last_value, seq.is_called))
         target.commit()
+        for seq in seqs:
+            if seq.last_value is None:
+                continue
+            row = cur.execute(sql.SQL("SELECT last_value, is_called FROM {}").format(seq.ident)).fetchone()
+            if row is None or (row[0], row[1]) < (seq.last_value, seq.is_called):
+                behind.append(seq.display)
+        target.rollback()
+    if behind:
+        raise MigratorError(f"sequences still behind the source on the target: {', '.join(behind[:10])}")
     return len(seqs)
 
 
-def _switch(cfg: Config) -> str | None:
+def _switch_command(cfg: Config) -> str:
     cmd = cfg.cutover.switch_command
     if not cmd:
         return "no switch_command configured"
@@ -97,9 +135,100 @@ def _switch(cfg: Config) -> str | None:
     return "switch_command exited 0"
 
 
-def run(cfg: Config, *, on_step: Callable[[str, str], None] | None = None) -> CutoverReport:
-    """Run the cutover. Returns the report; raises CutoverFailed (legacy writable again) when a step fails."""
+class _Pool:
+    """The pooler side of one cutover: what it paused and rewrote, so that every exit can undo exactly that."""
+
+    def __init__(self, cfg: Config) -> None:
+        c = cfg.cutover
+        assert c.pgbouncer_admin_dsn and c.pgbouncer_ini
+        self.admin_dsn = c.pgbouncer_admin_dsn
+        self.names = list(c.pooler_databases)
+        self.ini = c.pgbouncer_ini
+        self.where = pooler.target_location(cfg.target_dsn, c.pooler_target)
+        self.admin: pooler.Admin | None = None
+        self.paused: list[str] = []
+        self.former_text: str | None = None
+        self.pause_started: float | None = None
+        self.pause_seconds: float | None = None
+
+    def pause(self, timeout: float) -> str:
+        self.admin = pooler.Admin(self.admin_dsn)
+        self.pause_started = time.monotonic()
+        deadline = self.pause_started + timeout
+        for name in self.names:
+            # Marked first: a PAUSE cut short by an interrupt may still have paused it.
+            self.paused.append(name)
+            self.admin.pause(name, max(deadline - time.monotonic(), 0.1))
+        return f"paused {', '.join(self.names)} in {time.monotonic() - self.pause_started:.3f}s"
+
+    def entries(self) -> dict[str, state.PoolerEntry]:
+        legacy = pooler.read_entries(self.ini, self.names)
+        return {n: state.PoolerEntry(n, self.ini, e, pooler.repoint(e, self.where), "target")
+                for n, e in legacy.items()}
+
+    def point(self, entries: dict[str, str]) -> None:
+        assert self.admin is not None
+        former = pooler.rewrite_entries(self.ini, entries)
+        if self.former_text is None:
+            self.former_text = former
+        self.admin.reload()
+
+    def restore(self) -> str:
+        """Put the [databases] file back as it was and RELOAD, when this cutover rewrote it. Never raises."""
+        if self.former_text is None:
+            return ""
+        try:
+            pooler.write_text(Path(self.ini), self.former_text)
+            self.former_text = None
+            with pooler.Admin(self.admin_dsn) as a:
+                a.reload()
+            return "the pooler points at the legacy database again"
+        except (MigratorError, OSError, psycopg.Error) as exc:
+            return (f"RESTORING THE POOLER'S ENTRIES FAILED ({redact(str(exc).strip())}): put back {self.ini} and "
+                    "RELOAD by hand")
+
+    def resume(self) -> str:
+        """RESUME every database this cutover paused (each on a fresh admin connection). Never raises."""
+        if not self.paused:
+            return ""
+        failed = []
+        for name in list(self.paused):
+            try:
+                with pooler.Admin(self.admin_dsn) as a:
+                    a.resume(name)
+                self.paused.remove(name)
+            except MigratorError:
+                failed.append(name)
+        if self.pause_started is not None:
+            self.pause_seconds = time.monotonic() - self.pause_started
+        if failed:
+            return f"RESUME FAILED for {', '.join(failed)}: run `RESUME <db>` on the PgBouncer admin console NOW"
+        return "the pooler was resumed"
+
+    def close(self) -> None:
+        if self.admin is not None:
+            self.admin.close()
+
+
+def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, str], None] | None = None,
+        on_checklist: Callable[[gonogo.Checklist], None] | None = None) -> CutoverReport:
+    """Run the cutover. Returns the report; raises NoGo when the go/no-go checklist refuses (nothing touched),
+    CutoverFailed when a later step fails (pooler resumed on the legacy database, legacy writable again)."""
     log = get(phase="cutover")
+    overrides = tuple(overrides)
+    unknown = set(overrides) - set(gonogo.ITEMS)
+    if unknown:
+        raise Blocked(f"unknown go/no-go item(s): {', '.join(sorted(unknown))}; items: {', '.join(gonogo.ITEMS)}")
+    try:
+        db.connect(cfg.target_dsn, role="target", connect_timeout=5).close()
+    except ConnectionFailed as exc:
+        # The attempt cannot be recorded (the control schema lives on the target), but the operator still gets
+        # the checklist, with the target item failing, and nothing is touched.
+        checklist = gonogo.run(cfg, overrides=overrides)
+        if on_checklist:
+            on_checklist(checklist)
+        raise NoGo(f"go/no-go refused: {', '.join(checklist.failing) or 'target'}; nothing was paused or frozen "
+                   "(not recorded: the target holds the control schema)", checklist=checklist.render_text()) from exc
     with db.session(cfg.target_dsn, role="target", autocommit=True) as target, \
             db.session(cfg.source_dsn, role="source") as source:
         m = state.migration(target)
@@ -109,16 +238,19 @@ def run(cfg: Config, *, on_step: Callable[[str, str], None] | None = None) -> Cu
             log.info("cutover.nothing_to_do")
             return CutoverReport(attempt=0, ok=True, already_done=True)
         report = CutoverReport(attempt=state.start_attempt(target), ok=False)
+        pool = _Pool(cfg) if cfg.cutover.uses_pooler else None
+        report.mode = "pgbouncer" if pool else "switch_command"
         frozen = False
+        moved = False
         freeze_started = 0.0
         current = ""
 
         def step(name: str, fn: Callable[[], str | None]) -> None:
             nonlocal current
             current = name
+            state.step_started(target, report.attempt, name)
             if on_step:
                 on_step(name, "running")
-            state.step_started(target, report.attempt, name)
             t0 = time.monotonic()
             detail = fn()
             report.steps.append(StepTiming(name, time.monotonic() - t0, detail))
@@ -134,14 +266,37 @@ def run(cfg: Config, *, on_step: Callable[[str, str], None] | None = None) -> Cu
                 return f"{r.events} events applied"
 
             def preflight() -> str:
-                lag = replay.lag(cfg)
-                if lag.oldest_pending_seconds is not None and lag.oldest_pending_seconds > cfg.cutover.max_lag_seconds:
-                    raise Blocked(f"sync lag {lag.oldest_pending_seconds:.1f}s exceeds {cfg.cutover.max_lag_seconds}s")
                 nonlocal tables
+                held = 0.0
+                while True:
+                    checklist = gonogo.run(cfg, overrides=overrides)
+                    report.checklist = checklist.to_list()
+                    state.record_attempt_pooler(target, report.attempt, checklist=report.checklist)
+                    if on_checklist:
+                        on_checklist(checklist)
+                    if not checklist.go:
+                        raise NoGo(f"go/no-go refused: {', '.join(checklist.failing)}; nothing was paused or frozen",
+                                   checklist=checklist.render_text())
+                    if state.flag(target, state.HOLD_FLAG) is None:
+                        break
+                    # Held by the operator: wait, then catch up again and re-check, since time has passed.
+                    log.info("cutover.held")
+                    if on_step:
+                        on_step("preflight", "held (`migrator cutover --release-hold` lets it go on)")
+                    t0 = time.monotonic()
+                    while state.flag(target, state.HOLD_FLAG) is not None:
+                        time.sleep(HOLD_POLL)
+                    held += time.monotonic() - t0
+                    replay.sync(cfg)
                 source.autocommit = True
                 tables = catalog.list_tables(source, cfg.tables)
                 source.autocommit = False
-                return f"{lag.pending_events} events pending"
+                return "go" + (f" after a hold of {held:.1f}s" if held else "") + "".join(
+                    f"; {c['item']} {c['state']}" for c in report.checklist if c["state"] != "pass")
+
+            def pause() -> str:
+                assert pool is not None
+                return pool.pause(cfg.cutover.pause_timeout)
 
             def freeze() -> str:
                 nonlocal frozen, freeze_started
@@ -164,61 +319,124 @@ def run(cfg: Config, *, on_step: Callable[[str, str], None] | None = None) -> Cu
                 return f"{r.events} events applied"
 
             def verify() -> str:
+                left = replay.lag(cfg)
+                if left.pending_events:
+                    raise MigratorError(f"{left.pending_events} events not applied on the target")
                 mode = cfg.cutover.verify
                 if mode == "none":
-                    return "skipped"
+                    return "every event applied; rows not compared"
                 if mode == "full":
                     rep = parity.verify(cfg)
                     if not rep.identical:
                         raise MigratorError("parity check found differences; run `migrator verify` for the keys")
-                    return "rows identical"
+                    return "every event applied; rows identical"
                 differ = _counts(cfg, tables)
                 if differ:
                     raise MigratorError(f"row counts differ: {', '.join(differ[:10])}")
-                return f"counts equal in {len(tables)} tables"
+                return f"every event applied; counts equal in {len(tables)} tables"
 
             def sequences() -> str:
                 report.sequences_set = _sequences(cfg, source)
                 source.rollback()
-                return f"{report.sequences_set} sequences"
+                return f"{report.sequences_set} sequences at or past the source's"
+
+            def switch() -> str:
+                nonlocal moved
+                if pool is None:
+                    detail = _switch_command(cfg)
+                    moved = True
+                    return detail
+                entries = pool.entries()
+                for e in entries.values():  # recorded before the file changes, for a rollback days later
+                    state.save_pooler_entry(target, report.attempt, e)
+                pool.point({n: e.target_entry for n, e in entries.items()})
+                return f"{', '.join(entries)} -> {db.describe_dsn(cfg.target_dsn)}; reloaded"
+
+            def resume() -> str:
+                nonlocal moved
+                assert pool is not None
+                said = pool.resume()
+                if pool.paused:
+                    raise MigratorError(said)
+                moved = True
+                pool.former_text = None
+                state.set_pointing(target, pool.names, "target")
+                return f"clients paused {pool.pause_seconds or 0:.3f}s"
 
             step("catch_up", catch_up)
             step("preflight", preflight)
+            if pool is not None:
+                step("pause", pause)
             step("freeze", freeze)
             step("drain", drain)
             step("verify", verify)
             step("sequences", sequences)
-            step("switch", lambda: _switch(cfg))
-            report.freeze_seconds = time.monotonic() - freeze_started
-            report.ok = True
-            state.mark(target, "cutover_at")
-            state.finish_attempt(target, report.attempt, "done", freeze_seconds=report.freeze_seconds)
-            log.info("cutover.done", freeze_seconds=round(report.freeze_seconds, 3))
-            return report
+            step("switch", switch)
+            if pool is not None:
+                step("resume", resume)
         except BaseException as exc:
+            if moved:  # clients are on the target: undoing the freeze now would split them; say so, keep it
+                log.error("cutover.after_move_failed", error=str(exc))
+                raise
             report.failed_step = current
             report.error = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            released = ""
+            undone = []
+            if pool is not None:
+                undone.append(pool.restore())  # entries back first, RESUME only after the release below
             if frozen:
                 try:
                     source.rollback()
                     capture.release(source)
                     state.mark(target, "frozen", False)
-                    released = "; the legacy database is writable again"
+                    undone.append("the legacy database is writable again")
                 except psycopg.Error as rel_exc:  # the freeze holds: say so loudly, never claim otherwise
-                    released = (f"; RELEASING THE FREEZE FAILED ({rel_exc.__class__.__name__}): run "
-                                "`migrator release --yes` once the source is reachable")
+                    undone.append(f"RELEASING THE FREEZE FAILED ({rel_exc.__class__.__name__}): run "
+                                  "`migrator release --yes` once the source is reachable")
+            if pool is not None:
+                undone.append(pool.resume())
+                report.pause_seconds = pool.pause_seconds
+                pool.close()
             try:
                 state.step_finished(target, report.attempt, current, "failed", report.error)
                 state.finish_attempt(target, report.attempt, "failed", failed_step=current, error=report.error)
+                state.record_attempt_pooler(target, report.attempt, pause_seconds=report.pause_seconds)
             except psycopg.Error:
                 pass
-            log.error("cutover.failed", step=current, error=report.error)
-            if isinstance(exc, KeyboardInterrupt):
+            log.error("cutover.failed", step=current, error=report.error, pause_seconds=report.pause_seconds)
+            if isinstance(exc, KeyboardInterrupt | NoGo):
                 raise
-            raise CutoverFailed(f"cutover stopped at step {current}: {report.error}{released}",
+            said = "; ".join(u for u in undone if u)
+            raise CutoverFailed(f"cutover stopped at step {current}: {report.error}{'; ' + said if said else ''}",
                                 hint="Fix the cause and run `migrator cutover` again; `migrator status` shows the "
                                      "recorded steps.") from exc
+        report.freeze_seconds = time.monotonic() - freeze_started
+        report.ok = True
+        if pool is not None:
+            report.pause_seconds = pool.pause_seconds
+            pool.close()
+        state.mark(target, "cutover_at")
+        state.finish_attempt(target, report.attempt, "done", freeze_seconds=report.freeze_seconds)
+        state.record_attempt_pooler(target, report.attempt, pause_seconds=report.pause_seconds)
+        log.info("cutover.done", freeze_seconds=round(report.freeze_seconds, 3),
+                 pause_seconds=None if report.pause_seconds is None else round(report.pause_seconds, 3))
+        return report
+
+
+def hold(cfg: Config, reason: str = "held by the operator") -> None:
+    """Postpone: a cutover (running or to come) waits at the go/no-go point until `release_hold`."""
+    with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
+        if not state.exists(target):
+            raise NotReady("the migration is not prepared; there is no cutover to hold")
+        state.set_flag(target, state.HOLD_FLAG, reason)
+
+
+def release_hold(cfg: Config) -> bool:
+    """Clear the hold; returns whether one was set."""
+    with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
+        if not state.exists(target) or state.flag(target, state.HOLD_FLAG) is None:
+            return False
+        state.clear_flag(target, state.HOLD_FLAG)
+        return True
 
 
 def release(cfg: Config) -> None:

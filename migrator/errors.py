@@ -73,3 +73,21 @@ class ToolMissing(MigratorError):
     """An external PostgreSQL client tool (pg_dump, pg_restore) is missing."""
 
     default_hint = "Install the PostgreSQL client of the source's major version or newer (e.g. apt-get install postgresql-client-15)."
+
+
+class NoGo(Blocked):
+    """The go/no-go checklist refused the cutover before anything was paused or frozen."""
+
+    default_hint = ("Fix the failing items and run `migrator cutover` again, or accept one knowingly with "
+                    "`--override ITEM`.")
+
+    def __init__(self, message: str, *, checklist: str = "", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.checklist = checklist
+
+
+class PoolerError(MigratorError):
+    """PgBouncer's admin console refused a command, timed out, or its [databases] file could not be rewritten."""
+
+    default_hint = ("Check [cutover] pgbouncer_admin_dsn (a user in admin_users), pooler_databases and "
+                    "pgbouncer_ini; `SHOW DATABASES` on the admin console shows what the pooler serves.")

@@ -11,6 +11,7 @@ except triggers enabled ALWAYS or REPLICA: `silenced` turns those off for one tr
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -72,8 +73,12 @@ def _filtered_list(pg_restore: str, dump: Path, env: dict[str, str]) -> Path:
     return out
 
 
-def load_section(source_dsn: str, target_dsn: str, section: str) -> None:
-    """Dump one section of the source's schema and restore it into the target in a single transaction."""
+def load_section(source_dsn: str, target_dsn: str, section: str, *, jobs: int = 1) -> None:
+    """Dump one section of the source's schema and restore it into the target in a single transaction.
+
+    With `jobs` > 1 the items are restored in parallel (`pg_restore -j`), each committing on its own; a run after
+    a killed one finds some already created, and only "already exists" errors are tolerated.
+    """
     log = get(phase="schema", section=section)
     pg_dump, pg_restore = _tool("pg_dump"), _tool("pg_restore")
     src, src_env = _libpq_env(source_dsn)
@@ -84,9 +89,27 @@ def load_section(source_dsn: str, target_dsn: str, section: str) -> None:
               f"--exclude-schema={CAPTURE_SCHEMA}", "--no-owner", "--no-privileges",
               f"--file={dump}", f"--dbname={src}"], src_env, "pg_dump of the source schema")
         listing = _filtered_list(pg_restore, dump, src_env)
-        _run([pg_restore, "--single-transaction", "--exit-on-error", "--no-owner", "--no-privileges",
-              f"--use-list={listing}", f"--dbname={tgt}", str(dump)], tgt_env, f"pg_restore of {section}")
+        if jobs <= 1:
+            _run([pg_restore, "--single-transaction", "--exit-on-error", "--no-owner", "--no-privileges",
+                  f"--use-list={listing}", f"--dbname={tgt}", str(dump)], tgt_env, f"pg_restore of {section}")
+        else:
+            proc = subprocess.run([pg_restore, f"--jobs={jobs}", "--no-owner", "--no-privileges",
+                                   f"--use-list={listing}", f"--dbname={tgt}", str(dump)],
+                                  env=tgt_env, capture_output=True, text=True)
+            errors = [line for line in proc.stderr.splitlines() if "ERROR:" in line]
+            fatal = [e for e in errors if not _ALREADY_THERE.search(e)]
+            if proc.returncode != 0 and (fatal or not errors):
+                raise MigratorError(
+                    f"pg_restore of {section} failed: {redact(chr(10).join(fatal) or proc.stderr.strip())[-2000:]}",
+                    hint="Fix the cause named above (objects the target lacks, such as roles or extensions) and run "
+                         "the command again.",
+                )
+            if errors:
+                log.info("schema.items_already_there", items=len(errors))
     log.info("schema.loaded")
+
+
+_ALREADY_THERE = re.compile(r"already exists|multiple primary keys for table")
 
 
 Triggers = dict[tuple[str, str], list[tuple[str, bool]]]

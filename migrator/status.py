@@ -51,6 +51,7 @@ def read(cfg: Config) -> Status:
         st.copy = {"tables": len(tables), "copied": len(copied), "rows": sum(t.rows_copied or 0 for t in copied),
                    "bytes": sum(t.bytes_copied or 0 for t in copied), "started_at": m.copy_started_at,
                    "finished_at": m.copy_finished_at, "snapshot": m.copy_snapshot}
+        st.copy.update(_copy_progress(target))
         pos = state.position(target)
         st.cutover = [{k: v for k, v in a.items() if k != "steps"} | {"steps": a["steps"]}
                       for a in state.attempts(target)]
@@ -75,3 +76,23 @@ def read(cfg: Config) -> Status:
     except (psycopg.Error, Exception) as exc:  # status must show what it can even when the source is down
         st.warnings.append(f"source not readable: {str(exc).splitlines()[0]}")
     return st
+
+
+def _copy_progress(target: psycopg.Connection[Any]) -> dict[str, Any]:
+    """Chunks done and in flight, from the control schema, while a copy runs (on any number of hosts)."""
+    chunks = state.chunks(target)
+    if not chunks:
+        return {}
+    done = [c for c in chunks if c.status == "copied"]
+    workers = state.copy_workers(target)
+    run = state.copy_run(target)
+    in_flight = sum(int(w["bytes_done"]) for w in workers)
+    total = sum(c.est_bytes for c in chunks)
+    return {"chunks": len(chunks), "chunks_copied": len(done),
+            "rows": sum(c.rows_copied or 0 for c in done) + sum(int(w["rows_done"]) for w in workers),
+            "bytes": sum(c.bytes_copied or 0 for c in done) + in_flight,
+            "estimated_bytes": total,
+            "running": run is not None and run.finished_at is None and run.snapshot_id is not None,
+            "paused": state.flag(target, "copy_paused") is not None,
+            "workers": [{"worker": w["worker"], "chunk": f"{w['schema_name']}.{w['table_name']}#{w['chunk_no']}"
+                         if w["table_name"] else None, "bytes": int(w["bytes_done"])} for w in workers]}

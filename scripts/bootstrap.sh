@@ -34,6 +34,19 @@ for tool in pg_dump pg_restore; do
   command -v "$tool" >/dev/null 2>&1 || say "warning: $tool not on PATH (install postgresql-client)"
 done
 
+# PgBouncer: the cutover tests and bench/cutover.py start one of their own (tests skip without it).
+if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing pgbouncer (apt-get)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null
+    # Only the binary is wanted: the package's own service is not needed on a test machine.
+    if command -v systemctl >/dev/null 2>&1; then systemctl disable --now pgbouncer >/dev/null 2>&1 || true; fi
+  else
+    say "warning: pgbouncer not installed; the PgBouncer cutover tests will be skipped (apt-get install pgbouncer)"
+  fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
   say "creating .venv"
   python3 -m venv .venv 2>/dev/null || {
