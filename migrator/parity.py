@@ -245,7 +245,21 @@ def verify(cfg: Config, *, tables: list[str] | None = None, show_values: bool = 
         _second_pass(cfg, rechecks, results, show_values, live_wait)
     done = tuple(r for r in results if r is not None)
     assert len(done) == len(results)
-    return ParityReport(db.describe_dsn(cfg.source_dsn), db.describe_dsn(cfg.target_dsn), done, show_values)
+    report = ParityReport(db.describe_dsn(cfg.source_dsn), db.describe_dsn(cfg.target_dsn), done, show_values)
+    if tables is None and report.exit_code != 2:
+        _record(cfg, report)
+    return report
+
+
+def _record(cfg: Config, report: ParityReport) -> None:
+    """Remember a whole-database verify for the cutover's go/no-go checklist (when the control schema exists)."""
+    try:
+        with db.session(cfg.target_dsn, role="target") as conn:
+            if state.exists(conn):
+                state.record_verify(conn, report.identical, sum(t.difference_count for t in report.tables))
+                conn.commit()
+    except psycopg.Error as exc:
+        log.get(phase="verify").warning("verify.not_recorded", error=str(exc).splitlines()[0])
 
 
 class _Pair:
