@@ -106,12 +106,12 @@ def _progress(target_dsn: str) -> int:
 
 
 def test_pause_is_honoured_within_seconds(make_config: Any, source_dsn: str, target_dsn: str, tmp_path: Path) -> None:
-    run_sql(source_dsn, STUDY.format(rows=40_000), "VACUUM ANALYZE")
+    run_sql(source_dsn, STUDY.format(rows=80_000), "VACUUM ANALYZE")
     cfg = chunked(make_config)
     capture.prepare(cfg)
     procs = Processes(config_file(tmp_path, source_dsn, target_dsn))
     try:
-        proc = procs.start("copy", "--max-rate", "2", "--json")
+        proc = procs.start("copy", "--max-rate", "1", "--json")
         wait_for(lambda: _progress(target_dsn) > 500_000, 60, "the copy to make progress")
         procs.run("copy", "--pause")
         time.sleep(2.5)  # obeyed within a second or two: the next progress check
