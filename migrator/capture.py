@@ -1,15 +1,20 @@
-"""Capture on the legacy database: install it (prepare), freeze and release it (cutover), remove it (cleanup).
+"""Capture on the legacy database: install it (prepare), rotate its log (sync), freeze and release it (cutover),
+remove it (cleanup).
 
 The only module that writes to the legacy database. Everything it creates lives in the `_migrator` schema, except
-the two triggers per captured table (`_migrator_capture` for rows, `_migrator_capture_truncate` for TRUNCATE),
-which call `_migrator.capture()`. Freezing replaces that function's body with one that rejects the write
-(triggers/freeze.sql): a committed catalog change that holds after migrator exits, taken without rewriting any
-table. Trigger DDL needs a short SHARE ROW EXCLUSIVE lock per table; it is taken with lock_timeout and retried,
-so prepare and cleanup never queue the clinical workload behind them for long.
+the triggers on the captured tables, which call `_migrator.capture()` (row images, TRUNCATE) or the table's own
+`_migrator.keys_<oid>()`. Those trigger functions insert into the current child of the delta log, whose name is
+written into their bodies; rotating the log replaces the bodies to name the next child, and truncates a child
+once nothing can still write to it and the target holds all it recorded (when, replay decides). Freezing replaces
+every body with one that rejects the write (triggers/freeze.sql): a committed catalog change that holds after
+migrator exits, taken without rewriting any table. Trigger DDL needs a short SHARE ROW EXCLUSIVE lock per table; it
+is taken with lock_timeout and retried, so prepare and cleanup never queue the clinical workload behind them for
+long. Replacing function bodies takes no lock the application's sessions wait for.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -27,6 +32,8 @@ from migrator.log import get
 ROW_TRIGGER = "_migrator_capture"
 TRUNCATE_TRIGGER = "_migrator_capture_truncate"
 LOCK_RETRIES = 20
+# Held (transaction-scoped) by whatever writes the trigger functions' bodies: prepare, rotation, freeze, release.
+FUNCTIONS_LOCK = sql.SQL("SELECT pg_advisory_xact_lock(hashtext('migrator.capture'))")
 
 
 def trigger_sql(name: str) -> str:
@@ -94,7 +101,12 @@ def key_function(t: Table) -> sql.Composed:
     return sql.SQL("{}.{}").format(sql.Identifier(CAPTURE_SCHEMA), sql.Identifier(f"keys_{t.oid}"))
 
 
-def _key_function_sql(t: Table) -> sql.Composed:
+def log_child(child: int) -> sql.Composed:
+    """The child of `_migrator.delta_log` numbered `child`."""
+    return sql.SQL("{}.{}").format(sql.Identifier(CAPTURE_SCHEMA), sql.Identifier(f"delta_log_{child}"))
+
+
+def _key_function_sql(t: Table, child: int) -> sql.Composed:
     def key(ref: str) -> sql.Composed:
         return sql.SQL("ARRAY[{}]").format(sql.SQL(", ").join(
             sql.SQL("{}.{}::text").format(sql.SQL(ref), sql.Identifier(k)) for k in t.key))
@@ -102,7 +114,27 @@ def _key_function_sql(t: Table) -> sql.Composed:
     types = {c.name: c.type for c in t.columns}
     sensitive = any(types[k].startswith(_SETTINGS_SENSITIVE) for k in t.key)
     return _template("capture_keys.sql", function=key_function(t), settings=_PINNED if sensitive else sql.SQL(""),
-                     new_row_key=key("NEW"), old_row_key=key("OLD"), n_key=key("n"))
+                     new_row_key=key("NEW"), old_row_key=key("OLD"), n_key=key("n"), log=log_child(child))
+
+
+def _current_child(cur: psycopg.Cursor[Any]) -> int:
+    cur.execute(sql.SQL("SELECT child FROM {}.delta_log_child WHERE state = 'current'")
+                .format(sql.Identifier(CAPTURE_SCHEMA)))
+    row = cur.fetchone()
+    if row is None:
+        raise MigratorError("the delta log on the legacy database has no current child",
+                            hint="Run `migrator prepare` again, which repairs the capture schema.")
+    return int(row[0])
+
+
+def _create_functions(cur: psycopg.Cursor[Any], child: int) -> None:
+    """(Re)write every capture function so that it inserts into `child`: capture() and the key function of each
+    captured table with a key. Called with FUNCTIONS_LOCK held."""
+    cur.execute(_template("capture_rows.sql", log=log_child(child)))
+    registered = installed_tables(cur.connection)
+    for t in catalog.list_tables(cur.connection, TableFilter()):
+        if t.oid in registered and t.key:
+            cur.execute(_key_function_sql(t, child))
 
 
 def _create_triggers(cur: psycopg.Cursor[Any], t: Table) -> None:
@@ -114,7 +146,7 @@ def _create_triggers(cur: psycopg.Cursor[Any], t: Table) -> None:
                             "EXECUTE FUNCTION {}").format(sql.Identifier(ROW_TRIGGER), t.ident, generic))
         names.append(ROW_TRIGGER)
     else:
-        cur.execute(_key_function_sql(t))
+        cur.execute(_key_function_sql(t, _current_child(cur)))
         fn = sql.SQL("{}()").format(key_function(t))
         if t.in_hierarchy:
             cur.execute(sql.SQL("CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} FOR EACH ROW "
@@ -143,8 +175,9 @@ def install(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: fl
     definition changed since it was: its triggers and key function are made again)."""
     log = get(phase="prepare")
     with conn.transaction(), conn.cursor() as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(hashtext('migrator.capture'))")
+        cur.execute(FUNCTIONS_LOCK)
         cur.execute(sql.SQL(trigger_sql("capture.sql")))  # type: ignore[arg-type]
+        cur.execute(_template("capture_rows.sql", log=log_child(_current_child(cur))))
     done = installed_tables(conn)
     created = 0
     for t in tables:
@@ -152,6 +185,7 @@ def install(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: fl
             continue
 
         def create(cur: psycopg.Cursor[Any], t: Table = t) -> None:
+            cur.execute(FUNCTIONS_LOCK)  # the current child stays current until the key function names it
             _drop_triggers(cur, t)
             _create_triggers(cur, t)
             cur.execute(sql.SQL("INSERT INTO {}.captured_table (rel, schema_name, table_name, fingerprint) "
@@ -260,6 +294,7 @@ def freeze(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: flo
         # lock_timeout bounds each table's lock; statement_timeout bounds the whole LOCK over all of them.
         cur.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(bound))
         cur.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(bound))
+        cur.execute(FUNCTIONS_LOCK)  # a rotation in progress finishes first, and sees the freeze after
         if tables:
             cur.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(sql.SQL(", ").join(t.ident for t in tables)))
         cur.execute("SET LOCAL statement_timeout = 0")
@@ -273,11 +308,9 @@ def freeze(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: flo
 def release(conn: psycopg.Connection[Any]) -> None:
     """Make the legacy database writable again, with capture on (the freeze undone)."""
     with conn.transaction(), conn.cursor() as cur:
+        cur.execute(FUNCTIONS_LOCK)
         cur.execute(sql.SQL(trigger_sql("capture.sql")))  # type: ignore[arg-type]
-        registered = installed_tables(conn)
-        for t in catalog.list_tables(conn, TableFilter()):
-            if t.oid in registered and t.key:
-                cur.execute(_key_function_sql(t))
+        _create_functions(cur, _current_child(cur))
         cur.execute(sql.SQL("UPDATE {}.freeze_state SET frozen = false, since = now(), reason = 'released'")
                     .format(sql.Identifier(CAPTURE_SCHEMA)))
 
@@ -291,6 +324,138 @@ def is_frozen(conn: psycopg.Connection[Any]) -> bool:
         cur.execute(sql.SQL("SELECT frozen FROM {}.freeze_state WHERE id = 1").format(sql.Identifier(CAPTURE_SCHEMA)))
         row = cur.fetchone()
     return bool(row and row[0])
+
+
+# --- the rotating delta log ----------------------------------------------------------------------------------------
+#
+# Three children take turns: one current (written), one draining (switched away from, its last writers finishing,
+# its events not all applied yet), one empty (truncated, next in line). Replay decides when to switch and when a
+# draining child may go; the functions below do it in short transactions bounded by lock_timeout and
+# statement_timeout, and give up (returning None) rather than wait for the clinical workload.
+
+
+@dataclass(frozen=True)
+class LogChild:
+    """One child of the delta log as the legacy database describes it."""
+
+    child: int
+    state: str
+    """"current", "draining" or "empty"."""
+    since: dt.datetime
+    age_seconds: float
+    """Seconds since it entered its state (for the current child: since writers switched to it)."""
+    switch_snapshot: str | None
+    """Draining: pg_current_snapshot() right after writers switched away (None if that process died just then)."""
+    rows: int
+    """Live rows, from the statistics collector: an estimate that trails by a second or so."""
+    bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"child": self.child, "state": self.state, "since": self.since, "switch_snapshot": self.switch_snapshot,
+                "rows": self.rows, "bytes": self.bytes}
+
+
+def log_children(conn: psycopg.Connection[Any]) -> list[LogChild]:
+    """The delta log's children in turn order; empty when the database is not prepared."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{CAPTURE_SCHEMA}.delta_log_child",))
+        row = cur.fetchone()
+        if not row or not row[0]:
+            return []
+        cur.execute(sql.SQL(
+            "SELECT l.child, l.state, l.since, extract(epoch FROM now() - l.since)::float8, l.switch_snapshot::text, "
+            "pg_stat_get_live_tuples(c.oid), pg_total_relation_size(c.oid) "
+            "FROM {}.delta_log_child AS l CROSS JOIN LATERAL "
+            "(SELECT to_regclass(format('%%I.%%I', %s::text, 'delta_log_' || l.child))::oid AS oid) AS c "
+            "ORDER BY l.child").format(sql.Identifier(CAPTURE_SCHEMA)), (CAPTURE_SCHEMA,))
+        return [LogChild(int(r[0]), r[1], r[2], max(float(r[3]), 0.0), r[4], max(int(r[5] or 0), 0), int(r[6] or 0))
+                for r in cur.fetchall()]
+
+
+def _bounded(cur: psycopg.Cursor[Any], lock_timeout: float, statement_timeout: float) -> None:
+    for name, seconds in (("lock_timeout", lock_timeout), ("statement_timeout", statement_timeout)):
+        cur.execute(sql.SQL("SET LOCAL {} = {}").format(sql.Identifier(name),
+                                                         sql.Literal(f"{max(int(seconds * 1000), 1)}ms")))
+
+
+def switch_log(conn: psycopg.Connection[Any], current: int, *, lock_timeout: float,
+               statement_timeout: float) -> int | None:
+    """Make writers insert into the child after `current`: every capture function is written again naming it.
+
+    Returns the new current child; None when nothing was done: `current` is no longer current (another sync
+    switched), the next child still drains, the database is frozen, or prepare, release or a freeze is writing the
+    functions just now. A writer that resolved the old body keeps inserting into the old child until its
+    transaction ends; the snapshot recorded right after the commit bounds those writers (see truncate_log_child).
+    """
+    with conn.transaction(), conn.cursor() as cur:
+        _bounded(cur, lock_timeout, statement_timeout)
+        cur.execute("SELECT pg_try_advisory_xact_lock(hashtext('migrator.capture'))")
+        row = cur.fetchone()
+        if not row or not row[0] or is_frozen(conn):
+            return None
+        cur.execute(sql.SQL("SELECT child, state FROM {}.delta_log_child ORDER BY child FOR UPDATE")
+                    .format(sql.Identifier(CAPTURE_SCHEMA)))
+        children = [(int(r[0]), str(r[1])) for r in cur.fetchall()]
+        turn = [c for c, _ in children]
+        states = dict(children)
+        if states.get(current) != "current":
+            return None
+        following = turn[(turn.index(current) + 1) % len(turn)]
+        if states[following] != "empty":
+            return None
+        _create_functions(cur, following)
+        cur.execute(sql.SQL("UPDATE {}.delta_log_child SET state = CASE child WHEN %(old)s THEN 'draining' "
+                            "ELSE 'current' END, since = now(), switch_snapshot = NULL "
+                            "WHERE child IN (%(old)s, %(new)s)").format(sql.Identifier(CAPTURE_SCHEMA)),
+                    {"old": current, "new": following})
+    record_switch_snapshot(conn, current)
+    return following
+
+
+def record_switch_snapshot(conn: psycopg.Connection[Any], child: int) -> None:
+    """Record, for a draining child, a snapshot taken after the switch away from it committed.
+
+    Every transaction that can still insert into the child (it resolved the old function body) was running when
+    the switch committed, so its transaction id is below this snapshot's xmax. Taken later than that (a sync that
+    died between the switch and this), it only delays the truncate.
+    """
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(sql.SQL("UPDATE {}.delta_log_child SET switch_snapshot = pg_current_snapshot() "
+                            "WHERE child = %s AND state = 'draining' AND switch_snapshot IS NULL")
+                    .format(sql.Identifier(CAPTURE_SCHEMA)), (child,))
+
+
+def truncate_log_child(conn: psycopg.Connection[Any], child: int, applied_xmin: int, *, lock_timeout: float,
+                       statement_timeout: float) -> int | None:
+    """TRUNCATE a draining child whose events the target holds; returns the bytes freed, None when not done.
+
+    The caller has checked that the target's applied snapshot has every transaction below the child's switch
+    snapshot's xmax finished (xmin past them). Here the child is locked ACCESS EXCLUSIVE — granted at once unless a
+    straggler still writes to it, and given up after lock_timeout: only stragglers and readers of the log queue
+    behind it, never a writer of the current child — and, as the last word, nothing in it may belong to a
+    transaction at or after `applied_xmin` (not surely finished and applied): a writer that held its locks across
+    the switch without processing the catalog change can insert into the old child later than the snapshot says.
+    """
+    with conn.transaction(), conn.cursor() as cur:
+        _bounded(cur, lock_timeout, statement_timeout)
+        cur.execute(sql.SQL("SELECT state FROM {}.delta_log_child WHERE child = %s FOR UPDATE")
+                    .format(sql.Identifier(CAPTURE_SCHEMA)), (child,))
+        row = cur.fetchone()
+        if not row or row[0] != "draining":
+            return None
+        table = log_child(child)
+        cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table))
+        cur.execute(sql.SQL("SELECT EXISTS (SELECT FROM {} WHERE txid >= %s::text::xid8), "
+                            "pg_total_relation_size(%s::regclass)").format(table),
+                    (str(applied_xmin), table.as_string(conn)))
+        row = cur.fetchone()
+        assert row is not None
+        if row[0]:
+            return None
+        cur.execute(sql.SQL("TRUNCATE {}").format(table))
+        cur.execute(sql.SQL("UPDATE {}.delta_log_child SET state = 'empty', since = now(), switch_snapshot = NULL "
+                            "WHERE child = %s").format(sql.Identifier(CAPTURE_SCHEMA)), (child,))
+        return int(row[1])
 
 
 @dataclass(frozen=True)

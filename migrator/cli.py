@@ -321,11 +321,29 @@ def release(obj: Ctx, yes: bool) -> None:
 @click.pass_obj
 def cleanup(obj: Ctx, yes: bool, release_freeze: bool, as_json: bool) -> None:
     """Remove the capture triggers and the _migrator schema from the legacy database."""
-    from migrator import capture
+    from migrator import capture, rollback
 
-    _confirm(yes, "This removes capture from the legacy database; changes after it are no longer recorded")
+    _confirm(yes, "This removes capture from the legacy database (and from the target: the rollback window ends); "
+                  "changes after it are no longer recorded")
     result = capture.cleanup(obj.cfg, release_freeze=release_freeze)
-    _emit(result, as_json, lambda: f"removed {result.triggers_removed} triggers and the _migrator schema")
+    on_target = rollback.disarm(obj.cfg)
+    _emit({**result.to_dict(), "target_triggers_removed": on_target}, as_json,
+          lambda: f"removed {result.triggers_removed} triggers and the _migrator schema"
+                  + (f"; {on_target} triggers on the target (the rollback window is over)" if on_target else ""))
+
+
+@main.command(name="rollback")
+@yes_option
+@json_option
+@click.pass_obj
+def rollback_(obj: Ctx, yes: bool, as_json: bool) -> None:
+    """After a cutover: replay every change written on the target onto the legacy database, then move clients back
+    (pause the pooler, freeze the target, drain, verify, sequences, release the legacy database, switch, resume)."""
+    from migrator import rollback
+
+    _confirm(yes, "This freezes the target and moves clients back to the legacy database")
+    report = rollback.run(obj.cfg, on_step=None if as_json else lambda s, st: click.echo(f"  {s}: {st}", err=True))
+    _emit(report, as_json, report.render_text)
 
 
 @main.command()

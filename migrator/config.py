@@ -62,6 +62,16 @@ class SyncSettings:
     statement_timeout: float = 60.0
     """Bound on each statement sync runs on the legacy database, seconds."""
     lock_timeout: float = 5.0
+    rotate_seconds: float = 300.0
+    """Writers move to the next child of the delta log once the current one is this old (seconds) ..."""
+    rotate_rows: int = 1_000_000
+    """... or holds about this many events; a child is truncated once the target holds all it recorded."""
+    housekeeping_interval: float = 10.0
+    """Seconds between sync's rotations and truncations of the delta log (each a few short statements)."""
+    warn_log_mb: float = 1024.0
+    """`status` warns when the delta log on the legacy database is larger than this (MB)."""
+    warn_stalled_seconds: float = 300.0
+    """`status` warns when changes are pending and sync has not moved its position for this long (seconds)."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,9 @@ class CutoverSettings:
 
     switch_command: str | None = None
     """Run to move clients at sites without a pooler; a non-zero exit fails the cutover."""
+    rollback_command: str | None = None
+    """Run by `migrator rollback` to move clients back to the legacy database at sites without a pooler (environment:
+    MIGRATOR_SOURCE, MIGRATOR_TARGET, MIGRATOR_DIRECTION=rollback); a non-zero exit stops the rollback."""
     freeze_lock_timeout: float = 10.0
     """How long the freeze may wait for writers in flight before it gives up and leaves the source writable."""
     verify: str = "counts"

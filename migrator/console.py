@@ -78,6 +78,10 @@ def render_status(st: Status) -> str:
         lag = s.get("lag_seconds")
         console.print(f"sync: {s.get('events_applied', 0)} events applied in {s.get('batches', 0)} batches; "
                       f"pending {s.get('pending_events', '?')}, lag {lag if lag is None else f'{lag:.1f}s'}")
+        if s.get("delta_log"):
+            d = s["delta_log"]
+            console.print(f"  delta log on the legacy database: ≈{d['rows']} events, {d['bytes'] / 1e6:.1f} MB; "
+                          + ", ".join(f"child {c['child']} {c['state']}" for c in d["children"]))
     if st.tables:
         t = Table("table", "status", "rows", "MB", "key")
         for row in st.tables:

@@ -3,8 +3,9 @@
 With a pooler ([cutover] pgbouncer_admin_dsn) the clients never reconnect:
 
     catch_up → preflight (go/no-go, hold) → pause (PgBouncer PAUSE, bounded) → freeze (the legacy database rejects
-    writes from clients not behind the pooler) → drain → verify (counts, every event applied) → sequences → switch
-    (the pooler's [databases] entries rewritten to the target, RELOAD) → resume (RESUME)
+    writes from clients not behind the pooler) → drain → verify (counts, every event applied) → sequences →
+    arm_rollback (capture installed on the target, see migrator/rollback.py) → switch (the pooler's [databases]
+    entries rewritten to the target, RELOAD) → resume (RESUME)
 
 Clients see one slow query: the pause, from PAUSE to RESUME, reported in seconds. Without a pooler the switch is
 `switch_command` and there is no pause/resume. Either the cutover completes, leaving the legacy database frozen (it
@@ -26,14 +27,15 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from migrator import capture, catalog, db, gonogo, parity, pooler, replay, state
+from migrator import capture, catalog, db, gonogo, parity, pooler, replay, rollback, state
 from migrator.config import Config, redact
 from migrator.errors import Blocked, ConnectionFailed, CutoverFailed, MigratorError, NoGo, NotReady
 from migrator.log import get
 
-STEPS = ("catch_up", "preflight", "freeze", "drain", "verify", "sequences", "switch")
+STEPS = ("catch_up", "preflight", "freeze", "drain", "verify", "sequences", "arm_rollback", "switch")
 """The steps without a pooler (`switch_command`)."""
-POOLER_STEPS = ("catch_up", "preflight", "pause", "freeze", "drain", "verify", "sequences", "switch", "resume")
+POOLER_STEPS = ("catch_up", "preflight", "pause", "freeze", "drain", "verify", "sequences", "arm_rollback", "switch",
+                "resume")
 """The steps through PgBouncer."""
 HOLD_POLL = 1.0
 
@@ -241,6 +243,7 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
         pool = _Pool(cfg) if cfg.cutover.uses_pooler else None
         report.mode = "pgbouncer" if pool else "switch_command"
         frozen = False
+        armed = False
         moved = False
         freeze_started = 0.0
         current = ""
@@ -340,6 +343,11 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
                 source.rollback()
                 return f"{report.sequences_set} sequences at or past the source's"
 
+            def arm_rollback() -> str:
+                nonlocal armed
+                armed = True  # marked first: a failure half way still leaves triggers to remove
+                return rollback.arm(cfg)
+
             def switch() -> str:
                 nonlocal moved
                 if pool is None:
@@ -371,6 +379,7 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
             step("drain", drain)
             step("verify", verify)
             step("sequences", sequences)
+            step("arm_rollback", arm_rollback)
             step("switch", switch)
             if pool is not None:
                 step("resume", resume)
@@ -383,6 +392,12 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
             undone = []
             if pool is not None:
                 undone.append(pool.restore())  # entries back first, RESUME only after the release below
+            if armed:
+                try:
+                    rollback.disarm(cfg)
+                except (MigratorError, psycopg.Error) as dis_exc:
+                    undone.append(f"removing capture from the target failed ({dis_exc.__class__.__name__}): "
+                                  "`migrator cleanup` removes it")
             if frozen:
                 try:
                     source.rollback()

@@ -292,9 +292,11 @@ class _Pair:
         """Open both snapshots for a live comparison: the target's first, with the sync position it holds, then the
         source's, which therefore contains every change the target holds.
 
-        The changes between the two are read from the source's delta log in the source snapshot. Sync deletes
-        applied events from the log; should it apply a newer batch (and maybe trim) between the two snapshots, the
-        window is opened again, so no event of the window is missing from the log the source snapshot sees.
+        The changes between the two are read from the source's delta log in the source snapshot. Sync truncates
+        children of the log whose events the target holds; TRUNCATE is not MVCC-safe, so the source transaction
+        locks the log (ACCESS SHARE, before its snapshot) and no truncate happens while it reads. Should sync apply
+        a newer batch (and maybe truncate) between the two snapshots, the window is opened again, so no event of the
+        window is missing from the log the source snapshot sees.
         """
         source, target = self.open()
         with db.session(self._cfg.target_dsn, role="target", autocommit=True,
@@ -304,6 +306,8 @@ class _Pair:
                     self.end_table()
                 applied = state.position(target)
                 with source.cursor() as cur:
+                    cur.execute(sql.SQL("LOCK TABLE {}.delta_log IN ACCESS SHARE MODE")
+                                .format(sql.Identifier(CAPTURE_SCHEMA)))
                     row = cur.execute("SELECT pg_current_snapshot()::text").fetchone()
                 if applied is None or row is None:
                     raise MigratorError("the target lost its sync position while verify ran")
@@ -699,7 +703,8 @@ def _has_delta_log(conn: psycopg.Connection[Any]) -> bool:
 
 
 def _in_flight(source_conn: psycopg.Connection[Any], plan: _Plan, window: _Window | None) -> _InFlight | None:
-    """Keys (or row hashes) that changes committed in the window touched, from the delta log in the source snapshot."""
+    """Keys (or row hashes) that changes committed in the window touched, from the delta log in the source snapshot
+    (locked since before that snapshot was taken: see _Pair.window)."""
     if window is None:
         return None
     log_table = sql.SQL("{}.delta_log").format(sql.Identifier(CAPTURE_SCHEMA))

@@ -13,6 +13,11 @@ key touched, whatever the order and number of changes in between (primary-key up
 cascades, deferrable keys). A table without a key logs row images and is a multiset: the net count of each distinct
 image is added or removed; for it the copy boundary is kept per table (an event its copy snapshot already contains
 is skipped). A TRUNCATE in the batch empties the table and copies it again from `cur`.
+
+Housekeeping after a batch rotates the log on the source (the mechanics are capture.py's): it decides when writers
+move to the next child of the log, and when a child that is no longer written may be truncated — once the applied
+position has every transaction that was running at the switch finished, so none can still add to it unapplied.
+Applied events are never deleted row by row, so weeks of sync leave no dead rows on the legacy server.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from migrator import catalog, db, schema, state
+from migrator import capture, catalog, db, schema, state
 from migrator.catalog import Table
 from migrator.config import CAPTURE_SCHEMA, Config
 from migrator.errors import ConnectionFailed, NotReady, ReplayError, SchemaChanged
@@ -338,6 +343,7 @@ class Syncer:
         self.target.commit()
         self.applier = _Applier(self.target, {})
         self.last_housekeeping = 0.0
+        self.rotation_note: str | None = None
 
     def close(self) -> None:
         for conn in (self.source, self.target):
@@ -404,21 +410,57 @@ class Syncer:
         self._housekeeping(cur_snap)
         return BatchInfo(n_events, seconds, cur_snap.text, None)
 
-    def _housekeeping(self, applied: Snapshot, every: float = 10.0) -> None:
-        """Delete events the target holds from the legacy database's delta log (short, bounded statements)."""
-        if time.monotonic() - self.last_housekeeping < every:
+    def _housekeeping(self, applied: Snapshot) -> None:
+        """Rotate the legacy database's delta log: truncate the children whose events the target holds, and move
+        writers on to the next child when the current one is old or large enough.
+
+        `applied` is the position just committed. A draining child may go once every transaction below the xmax of
+        the snapshot taken after the switch has finished, i.e. the applied snapshot's xmin is past them: those are
+        all the transactions that can still have resolved the old function body, and being below the xmin of the
+        applied snapshot, the committed ones among them are on the target. A few short statements every
+        `housekeeping_interval` seconds, each bounded; on contention they give up until the next time.
+        """
+        s = self.cfg.sync
+        if time.monotonic() - self.last_housekeeping < s.housekeeping_interval:
             return
         self.last_housekeeping = time.monotonic()
-        with self.source.cursor() as cur:
-            cur.execute(sql.SQL("SET statement_timeout = {}").format(
-                sql.Literal(f"{int(self.cfg.sync.statement_timeout * 1000)}ms")))
-            cur.execute(sql.SQL("DELETE FROM {}.delta_log WHERE txid < pg_snapshot_xmax(%(s)s::pg_snapshot) "
-                                "AND pg_visible_in_snapshot(txid, %(s)s::pg_snapshot)")
-                        .format(sql.Identifier(CAPTURE_SCHEMA)), {"s": applied.text})
-            deleted = cur.rowcount
-        self.source.commit()
-        if deleted:
-            self.log.info("sync.log_trimmed", events=deleted)
+        bounds = {"lock_timeout": s.lock_timeout, "statement_timeout": s.statement_timeout}
+        notes = []
+        try:
+            children = capture.log_children(self.source)
+            self.source.rollback()
+            for c in children:
+                if c.state != "draining":
+                    continue
+                if c.switch_snapshot is None:
+                    capture.record_switch_snapshot(self.source, c.child)
+                    notes.append(f"child {c.child}: switch snapshot recorded late")
+                elif not applied.surely_contains(Snapshot.parse(c.switch_snapshot)):
+                    notes.append(f"child {c.child} drains: transactions running at its switch are not all applied")
+                else:
+                    freed = capture.truncate_log_child(self.source, c.child, applied.xmin, **bounds)
+                    if freed is None:
+                        notes.append(f"child {c.child} holds events not yet applied")
+                    else:
+                        self.log.info("sync.log_truncated", child=c.child, bytes=freed)
+            current = next((c for c in children if c.state == "current"), None)
+            if current is not None and (current.age_seconds >= s.rotate_seconds or current.rows >= s.rotate_rows):
+                switched = capture.switch_log(self.source, current.child, **bounds)
+                if switched is not None:
+                    self.log.info("sync.log_rotated", old=current.child, new=switched, rows=current.rows,
+                                  bytes=current.bytes, age=round(current.age_seconds, 1))
+                else:
+                    notes.append(f"child {current.child} stays current: the next child still drains, or the "
+                                 "legacy database is frozen")
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
+            # Someone holds the log (verify, another sync) or the function lock: the next round tries again.
+            self.source.rollback()
+            notes.append(f"deferred: {str(exc).splitlines()[0]}")
+        note = "; ".join(notes) or None
+        if note != self.rotation_note:
+            if note:
+                self.log.info("sync.log_rotation_waits", why=note)
+            self.rotation_note = note
 
     def lag(self) -> Lag:
         pos = state.position(self.target)

@@ -66,6 +66,7 @@ def read(cfg: Config) -> Status:
         if pos is not None:
             st.sync = {"applied_snapshot": pos.applied_snapshot, "events_applied": pos.events_applied,
                        "batches": pos.batches, "updated_at": pos.updated_at}
+        now = target.execute("SELECT now()").fetchone()
     try:
         with db.session(cfg.source_dsn, role="source", autocommit=True) as source:
             st.frozen = capture.is_frozen(source)
@@ -73,9 +74,33 @@ def read(cfg: Config) -> Status:
             st.sync.update(pending_events=lag.pending_events, lag_seconds=lag.oldest_pending_seconds)
             if lag.oldest_pending_seconds and lag.oldest_pending_seconds > 60 and m.copy_finished_at is not None:
                 st.warnings.append(f"sync is {lag.oldest_pending_seconds:.0f}s behind: is `migrator sync --follow` running?")
+            children = capture.log_children(source)
+            st.sync["delta_log"] = {"rows": sum(c.rows for c in children), "bytes": sum(c.bytes for c in children),
+                                    "children": [c.to_dict() for c in children]}
+            st.warnings += _log_warnings(cfg, children, lag, pos, now[0] if now else None)
     except (psycopg.Error, Exception) as exc:  # status must show what it can even when the source is down
         st.warnings.append(f"source not readable: {str(exc).splitlines()[0]}")
     return st
+
+
+def _log_warnings(cfg: Config, children: list[capture.LogChild], lag: replay.Lag, pos: state.Position | None,
+                  now: dt.datetime | None) -> list[str]:
+    """The delta log grows on the legacy server, or sync stopped moving while changes wait."""
+    warnings = []
+    size = sum(c.bytes for c in children)
+    if size > cfg.sync.warn_log_mb * 1e6:
+        draining = [c for c in children if c.state == "draining"]
+        why = (f"child {draining[0].child} has drained for {draining[0].age_seconds:.0f}s: a long transaction on the "
+               "source, or sync not applying, keeps it" if draining else "no child drains: is sync running?")
+        warnings.append(f"the delta log holds {size / 1e6:.0f} MB on the legacy database "
+                        f"(bound [sync] warn_log_mb = {cfg.sync.warn_log_mb:g}); {why}")
+    if pos is not None and now is not None and lag.pending_events:
+        idle = (now - pos.updated_at).total_seconds()
+        if idle > cfg.sync.warn_stalled_seconds:
+            warnings.append(f"sync has not advanced for {idle:.0f}s with {lag.pending_events} events pending "
+                            f"(bound [sync] warn_stalled_seconds = {cfg.sync.warn_stalled_seconds:g}): "
+                            "is `migrator sync --follow` running, or stopped on an error?")
+    return warnings
 
 
 def _copy_progress(target: psycopg.Connection[Any]) -> dict[str, Any]:

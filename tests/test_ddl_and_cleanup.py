@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from migrator import capture, copy, cutover, replay
+from migrator import capture, copy, cutover, replay, rollback
 from migrator.config import Config
 from migrator.errors import NotReady, SchemaChanged
 from tests.helpers import fetch, run_sql
@@ -217,6 +217,10 @@ def test_target_never_receives_engine_objects(make_config: Any, source_dsn: str,
     replay.sync(cfg)
     assert cutover.run(cfg).ok
 
+    # The rollback window: from cutover until cleanup, capture on the target records what clients write there.
+    assert traces(target_dsn)["schema"] == 1
+    assert fetch(target_dsn, "SELECT note FROM public.study WHERE id = 101") == [("touched",)]
+    capture.cleanup(cfg, release_freeze=True)
+    rollback.disarm(cfg)
     assert traces(target_dsn) == {"schema": 0, "triggers": 0, "functions": 0}
     assert fetch(target_dsn, "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal") == [("study_touch",)]
-    assert fetch(target_dsn, "SELECT note FROM public.study WHERE id = 101") == [("touched",)]

@@ -1,19 +1,21 @@
--- migrator capture: the delta log and the trigger function, installed into the LEGACY (source) database.
+-- migrator capture: the schema, the delta log and the registries, installed into the LEGACY (source) database.
 --
 -- Expects: PostgreSQL 13 or newer (xid8, pg_current_xact_id, pg_visible_in_snapshot); a role that may create a
 -- schema and triggers on the captured tables. Creates only objects inside the schema "_migrator"; the per-table
--- triggers that call _migrator.capture() are created by `migrator prepare` and removed by `migrator cleanup`,
--- after which `DROP SCHEMA _migrator CASCADE` leaves no trace.
+-- triggers and the trigger functions (capture_rows.sql, capture_keys.sql) are created by `migrator prepare` and
+-- removed by `migrator cleanup`, after which `DROP SCHEMA _migrator CASCADE` leaves no trace. Re-runnable.
 --
--- Every INSERT, UPDATE, DELETE and TRUNCATE on a captured table writes into _migrator.delta_log in the writer's
--- own transaction, so the event commits or rolls back with the change. `txid` is the writer's 64-bit top-level
+-- Every INSERT, UPDATE, DELETE and TRUNCATE on a captured table writes into the delta log in the writer's own
+-- transaction, so the event commits or rolls back with the change. `txid` is the writer's 64-bit top-level
 -- transaction id: the replay decides which events a snapshot already contains by transaction visibility
 -- (pg_visible_in_snapshot), so a transaction that commits late is never skipped.
--- Tables with a key log only the keys a statement touched (capture_keys.sql, one function per table); replay
--- reads those rows' state from the source in its batch snapshot. Tables without a key log full row images with
--- _migrator.capture() below: their text form under fixed output settings (the SET clauses), so that they parse
--- back to the same bits on the target whatever the writer's own DateStyle or extra_float_digits.
--- The settings must match migrator/db.py PINNED_SETTINGS. _migrator.capture() also logs TRUNCATE for every table.
+--
+-- The log rotates, as PgQ's does: _migrator.delta_log is the parent that readers query and never holds a row; the
+-- trigger functions insert into one of its three children directly (the child's name is written into their
+-- bodies). Sync moves the writers to the next child by replacing the function bodies, and TRUNCATEs a child once
+-- every transaction that could have written to it has finished and is applied on the target, so weeks of sync
+-- leave no dead rows and no bloat behind. _migrator.delta_log_child records which child is current and when each
+-- child stopped being written.
 
 CREATE SCHEMA IF NOT EXISTS _migrator;
 COMMENT ON SCHEMA _migrator IS 'migrator delta capture; remove with `migrator cleanup`';
@@ -25,9 +27,30 @@ CREATE TABLE IF NOT EXISTS _migrator.delta_log (
     op          "char"      NOT NULL,   -- I insert, U update, D delete, T truncate
     key         text[],                 -- tables with a key: the key of a row the change touched
     old_row     text,                   -- tables without a key: the row before (U, D)
-    new_row     text                    -- tables without a key: the row after (I, U)
+    new_row     text,                   -- tables without a key: the row after (I, U)
+    CONSTRAINT delta_log_rows_in_children CHECK (false) NO INHERIT
 );
-CREATE INDEX IF NOT EXISTS delta_log_txid ON _migrator.delta_log (txid);
+-- The children inherit the columns and their defaults; each has its own index on txid, which serves the batch
+-- query (txid >= xmin of the applied snapshot) and the check before a truncate.
+CREATE TABLE IF NOT EXISTS _migrator.delta_log_0 () INHERITS (_migrator.delta_log);
+CREATE TABLE IF NOT EXISTS _migrator.delta_log_1 () INHERITS (_migrator.delta_log);
+CREATE TABLE IF NOT EXISTS _migrator.delta_log_2 () INHERITS (_migrator.delta_log);
+CREATE INDEX IF NOT EXISTS delta_log_0_txid ON _migrator.delta_log_0 (txid);
+CREATE INDEX IF NOT EXISTS delta_log_1_txid ON _migrator.delta_log_1 (txid);
+CREATE INDEX IF NOT EXISTS delta_log_2_txid ON _migrator.delta_log_2 (txid);
+
+-- One row per child: 'current' (the trigger functions write to it), 'draining' (switched away from; transactions
+-- that began before the switch may still write to it) or 'empty' (truncated, ready to become current).
+-- switch_snapshot: pg_current_snapshot() taken right after the switch away from the child committed; the child may
+-- be truncated once the target's applied snapshot has every transaction below its xmax finished.
+CREATE TABLE IF NOT EXISTS _migrator.delta_log_child (
+    child           int PRIMARY KEY CHECK (child BETWEEN 0 AND 2),
+    state           text NOT NULL CHECK (state IN ('current', 'draining', 'empty')),
+    since           timestamptz NOT NULL DEFAULT now(),
+    switch_snapshot pg_snapshot
+);
+INSERT INTO _migrator.delta_log_child (child, state) VALUES (0, 'current'), (1, 'empty'), (2, 'empty')
+    ON CONFLICT (child) DO NOTHING;
 
 -- The tables whose changes are captured, as prepared. sync compares them with the catalog to detect DDL.
 CREATE TABLE IF NOT EXISTS _migrator.captured_table (
@@ -45,26 +68,3 @@ CREATE TABLE IF NOT EXISTS _migrator.freeze_state (
     since     timestamptz NOT NULL DEFAULT now(),
     reason    text
 );
-
-CREATE OR REPLACE FUNCTION _migrator.capture() RETURNS trigger
-LANGUAGE plpgsql
-SET "DateStyle" = 'ISO, YMD'
-SET "IntervalStyle" = 'postgres'
-SET "TimeZone" = 'UTC'
-SET extra_float_digits = 3
-SET bytea_output = 'hex'
-SET lc_monetary = 'C'
-AS $capture$
-BEGIN
-    IF TG_OP = 'INSERT' THEN
-        INSERT INTO _migrator.delta_log (rel, op, new_row) VALUES (TG_RELID, 'I', NEW::text);
-    ELSIF TG_OP = 'UPDATE' THEN
-        INSERT INTO _migrator.delta_log (rel, op, old_row, new_row) VALUES (TG_RELID, 'U', OLD::text, NEW::text);
-    ELSIF TG_OP = 'DELETE' THEN
-        INSERT INTO _migrator.delta_log (rel, op, old_row) VALUES (TG_RELID, 'D', OLD::text);
-    ELSE
-        INSERT INTO _migrator.delta_log (rel, op) VALUES (TG_RELID, 'T');
-    END IF;
-    RETURN NULL;
-END
-$capture$;

@@ -1,5 +1,6 @@
 -- migrator key capture: the trigger function of ONE captured table that has a key, installed into the LEGACY
--- database by `migrator prepare` (migrator/capture.py fills in the placeholders in braces with quoted names).
+-- database by `migrator prepare` and made again whenever sync rotates the delta log (migrator/capture.py fills in
+-- the placeholders in braces with quoted names; {log} is the child of _migrator.delta_log that is current).
 --
 -- Expects: triggers/capture.sql installed. For an ordinary table it runs as three statement-level triggers with
 -- transition tables (AFTER INSERT / UPDATE / DELETE ... REFERENCING ... FOR EACH STATEMENT): one call and one
@@ -16,21 +17,21 @@ AS $keys$
 BEGIN
     IF TG_LEVEL = 'ROW' THEN
         IF TG_OP = 'INSERT' THEN
-            INSERT INTO _migrator.delta_log (rel, op, key) VALUES (TG_RELID, 'I', {new_row_key});
+            INSERT INTO {log} (rel, op, key) VALUES (TG_RELID, 'I', {new_row_key});
         ELSIF TG_OP = 'DELETE' THEN
-            INSERT INTO _migrator.delta_log (rel, op, key) VALUES (TG_RELID, 'D', {old_row_key});
+            INSERT INTO {log} (rel, op, key) VALUES (TG_RELID, 'D', {old_row_key});
         ELSIF {old_row_key} = {new_row_key} THEN
-            INSERT INTO _migrator.delta_log (rel, op, key) VALUES (TG_RELID, 'U', {new_row_key});
+            INSERT INTO {log} (rel, op, key) VALUES (TG_RELID, 'U', {new_row_key});
         ELSE
-            INSERT INTO _migrator.delta_log (rel, op, key) VALUES (TG_RELID, 'U', {old_row_key}), (TG_RELID, 'U', {new_row_key});
+            INSERT INTO {log} (rel, op, key) VALUES (TG_RELID, 'U', {old_row_key}), (TG_RELID, 'U', {new_row_key});
         END IF;
     ELSIF TG_OP = 'INSERT' THEN
-        INSERT INTO _migrator.delta_log (rel, op, key) SELECT TG_RELID, 'I', {n_key} FROM new_rows AS n;
+        INSERT INTO {log} (rel, op, key) SELECT TG_RELID, 'I', {n_key} FROM new_rows AS n;
     ELSIF TG_OP = 'UPDATE' THEN
-        INSERT INTO _migrator.delta_log (rel, op, key)
+        INSERT INTO {log} (rel, op, key)
         SELECT TG_RELID, 'U', k FROM (SELECT {n_key} AS k FROM old_rows AS n UNION SELECT {n_key} FROM new_rows AS n) AS u;
     ELSE
-        INSERT INTO _migrator.delta_log (rel, op, key) SELECT TG_RELID, 'D', {n_key} FROM old_rows AS n;
+        INSERT INTO {log} (rel, op, key) SELECT TG_RELID, 'D', {n_key} FROM old_rows AS n;
     END IF;
     RETURN NULL;
 END

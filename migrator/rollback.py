@@ -1,0 +1,495 @@
+"""Rollback: move the clients back to the legacy database after a cutover, losing nothing they wrote on the target.
+
+The cutover arms the rollback (`arm`) once the target holds everything and before clients move: it installs the same
+capture on the target (triggers/capture.sql and a key function per table, enabled ALWAYS), and records in the legacy
+database the target snapshot of that moment (triggers/rollback.sql). From then on every change written on the target
+is in the target's delta log. `run` replays that log onto the legacy database with the forward algorithm, roles
+swapped: batches cut by target snapshots, each applied by replay's applier in one legacy transaction that also
+advances the recorded position. With a pooler the clients never reconnect:
+
+    preflight → catch_up (reverse batches while clients still write) → pause (PgBouncer PAUSE) → freeze (the target
+    rejects writes) → drain → verify (counts) → sequences (legacy at least at the target's) → release (the legacy
+    database takes writes again) → switch (the pooler's entries back to the legacy ones, RELOAD) → resume → disarm
+    (capture removed from the target)
+
+Without a pooler the switch is `[cutover] rollback_command`. The frozen capture triggers of the legacy database do
+not stop the reverse replay: like the application's ALWAYS triggers during sync, they are disabled inside the replay
+transaction and enabled again before it commits, so no other session ever sees them off, and no client can open
+that door (no session setting lets a write through the freeze). Either the rollback completes, or it stops before
+clients move and leaves them on the target: pooler entries restored, legacy frozen again, target writable, RESUME.
+`migrator cleanup` ends the rollback window (`disarm`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from migrator import capture, catalog, db, parity, replay, state
+from migrator.catalog import Table
+from migrator.config import CAPTURE_SCHEMA, Config, redact
+from migrator.errors import Blocked, CutoverFailed, MigratorError, NotReady, SchemaChanged
+from migrator.log import get
+
+STEPS = ("preflight", "catch_up", "freeze", "drain", "verify", "sequences", "release", "switch", "disarm")
+"""The steps without a pooler (`rollback_command`)."""
+POOLER_STEPS = ("preflight", "catch_up", "pause", "freeze", "drain", "verify", "sequences", "release", "switch",
+                "resume", "disarm")
+"""The steps through PgBouncer."""
+CATCH_UP_BATCHES = 20
+
+
+def _position_table() -> sql.Composed:
+    return sql.SQL("{}.rollback_position").format(sql.Identifier(CAPTURE_SCHEMA))
+
+
+# --- arming (at cutover) and disarming (cleanup, or a finished rollback) ------------------------------------------
+
+def arm(cfg: Config) -> str:
+    """Capture every change written on the target from now on, and record where the reverse replay starts.
+
+    Called by the cutover after the drain and before clients move: nobody writes the target, so every later change
+    is a transaction the recorded snapshot does not contain.
+    """
+    with db.session(cfg.target_dsn, role="target", autocommit=True) as target, \
+            db.session(cfg.source_dsn, role="source", autocommit=True) as legacy:
+        tables = catalog.list_tables(target, cfg.tables)
+        installed = capture.install(target, tables, lock_timeout=cfg.sync.lock_timeout)
+        row = target.execute("SELECT pg_current_snapshot()::text").fetchone()
+        assert row is not None
+        with legacy.transaction(), legacy.cursor() as cur:
+            cur.execute(sql.SQL(capture.trigger_sql("rollback.sql")))  # type: ignore[arg-type]
+            cur.execute(sql.SQL("INSERT INTO {} (id, target_snapshot) VALUES (1, %s) ON CONFLICT (id) DO UPDATE "
+                                "SET target_snapshot = excluded.target_snapshot, armed_at = now(), "
+                                "events_applied = 0, updated_at = now()").format(_position_table()), (row[0],))
+    get(phase="cutover").info("rollback.armed", tables=len(tables), triggers_installed=installed)
+    return f"capture on {len(tables)} target tables from snapshot {row[0]}"
+
+
+def _has_capture(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", (CAPTURE_SCHEMA,)).fetchone()
+    return bool(row and row[0])
+
+
+def disarm(cfg: Config) -> int:
+    """Remove capture from the target (its triggers and `_migrator` schema) and the legacy side's position; returns
+    the number of triggers removed. Writes on the target are no longer recorded afterwards."""
+    removed = 0
+    with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
+        if _has_capture(target):
+            rows = target.execute(
+                "SELECT n.nspname, c.relname, t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_proc p ON p.oid = t.tgfoid "
+                "JOIN pg_namespace pn ON pn.oid = p.pronamespace WHERE pn.nspname = %s AND NOT t.tgisinternal",
+                (CAPTURE_SCHEMA,)).fetchall()
+            target.autocommit = False
+            for schema_name, table_name, trigger in rows:
+                ident = sql.SQL("{}.{}").format(sql.Identifier(schema_name), sql.Identifier(table_name))
+
+                def drop(cur: psycopg.Cursor[Any], ident: sql.Composable = ident, trigger: str = trigger) -> None:
+                    cur.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(trigger), ident))
+
+                capture._with_lock_retries(target, f"target table {schema_name}.{table_name}", drop,
+                                           cfg.sync.lock_timeout)
+                removed += 1
+            with target.transaction():
+                target.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(CAPTURE_SCHEMA)))
+    with db.session(cfg.source_dsn, role="source", autocommit=True) as legacy:
+        if _has_capture(legacy):
+            legacy.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(_position_table()))
+    get(phase="rollback").info("rollback.disarmed", triggers=removed)
+    return removed
+
+
+def _armed_at(legacy: psycopg.Connection[Any]) -> str | None:
+    row = legacy.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{CAPTURE_SCHEMA}.rollback_position",)).fetchone()
+    if not row or not row[0]:
+        return None
+    row = legacy.execute(sql.SQL("SELECT target_snapshot FROM {} WHERE id = 1").format(_position_table())).fetchone()
+    return row[0] if row else None
+
+
+# --- the reverse replay -------------------------------------------------------------------------------------------
+
+class _Reverse:
+    """Replays the target's delta log onto the legacy database: replay's applier with the roles swapped."""
+
+    def __init__(self, cfg: Config, tables: dict[int, Table]) -> None:
+        self.cfg = cfg
+        self.tables = tables
+        self.reader = db.connect(cfg.target_dsn, role="target")
+        self.reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        self.reader.read_only = True
+        self.legacy = db.connect(cfg.source_dsn, role="source")
+        self.applier = replay._Applier(self.legacy, tables)
+
+    def close(self) -> None:
+        for conn in (self.reader, self.legacy):
+            try:
+                conn.close()
+            except psycopg.Error:
+                pass
+
+    def batch(self) -> int:
+        """Apply everything committed on the target since the recorded position; returns the events applied."""
+        reader, legacy = self.reader, self.legacy
+        try:
+            with reader.cursor() as scur, legacy.cursor() as lcur:
+                scur.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(
+                    sql.Literal(f"{int(self.cfg.sync.statement_timeout * 1000)}ms")))
+                row = scur.execute("SELECT pg_current_snapshot()::text").fetchone()
+                assert row is not None
+                cur_snap = replay.Snapshot.parse(row[0])
+                lcur.execute("SET LOCAL session_replication_role = replica")
+                row = lcur.execute(sql.SQL("SELECT target_snapshot FROM {} WHERE id = 1 FOR UPDATE")
+                                   .format(_position_table())).fetchone()
+                if row is None:
+                    raise NotReady("the rollback position vanished from the legacy database (cleanup ran?)")
+                applied = replay.Snapshot.parse(row[0])
+                if not cur_snap.includes(applied):
+                    legacy.rollback()  # another rollback run applied a newer snapshot meanwhile
+                    return 0
+                window = sql.SQL(
+                    "e.txid >= pg_snapshot_xmin({prev}::pg_snapshot) AND e.txid < pg_snapshot_xmax({cur}::pg_snapshot) "
+                    "AND pg_visible_in_snapshot(e.txid, {cur}::pg_snapshot) "
+                    "AND NOT pg_visible_in_snapshot(e.txid, {prev}::pg_snapshot)"
+                ).format(prev=sql.Literal(applied.text), cur=sql.Literal(cur_snap.text))
+                scur.execute(sql.SQL("SELECT e.rel::bigint, count(*), bool_or(e.op = 'T') FROM {}.delta_log AS e "
+                                     "WHERE {} GROUP BY e.rel").format(sql.Identifier(CAPTURE_SCHEMA), window))
+                changed = [(int(r[0]), int(r[1]), bool(r[2])) for r in scur.fetchall()]
+                events = sum(n for _, n, _ in changed)
+                if changed:
+                    # Tables without a key have no copy boundary here: the position was taken with nothing in flight.
+                    self.applier.apply(scur, lcur, window, changed, {})
+                lcur.execute(sql.SQL("UPDATE {} SET target_snapshot = %s, events_applied = events_applied + %s, "
+                                     "updated_at = now() WHERE id = 1").format(_position_table()),
+                             (cur_snap.text, events))
+            legacy.commit()
+        except BaseException:
+            legacy.rollback()
+            raise
+        finally:
+            reader.rollback()
+        if events:
+            get(phase="rollback").info("rollback.batch", events=events)
+        return events
+
+    def pending(self) -> int:
+        """Events committed on the target that the legacy database does not hold yet."""
+        row = self.legacy.execute(sql.SQL("SELECT target_snapshot FROM {} WHERE id = 1")
+                                  .format(_position_table())).fetchone()
+        self.legacy.rollback()
+        assert row is not None
+        try:
+            return replay.pending(self.reader, row[0]).pending_events
+        finally:
+            self.reader.rollback()
+
+
+def _target_tables(cfg: Config, target: psycopg.Connection[Any], legacy: psycopg.Connection[Any]) -> dict[int, Table]:
+    """The captured target tables by oid; SchemaChanged when DDL changed one since cutover or the legacy side differs."""
+    tables = catalog.list_tables(target, cfg.tables)
+    captured = capture.installed_tables(target)
+    changed = [t.display for t in tables if t.oid not in captured or captured[t.oid][2] != t.fingerprint]
+    if changed:
+        raise SchemaChanged(f"DDL on the target since cutover: {', '.join(changed[:20])}",
+                            hint="Undo the schema change on the target (or apply it to the legacy database and run "
+                                 "`migrator cleanup` to end the rollback window); rollback replays rows only.")
+    try:
+        capture.check_target_columns(legacy, tables)
+    except MigratorError as exc:
+        raise SchemaChanged(f"the legacy database's tables differ from the target's: {exc}") from exc
+    return {t.oid: t for t in tables}
+
+
+def _counts(legacy: psycopg.Connection[Any], target: psycopg.Connection[Any], tables: list[Table]) -> list[str]:
+    differ = []
+    for table in tables:
+        q = sql.SQL("SELECT count(*) FROM ONLY {}").format(table.ident)
+        if legacy.execute(q).fetchone() != target.execute(q).fetchone():
+            differ.append(table.display)
+    return differ
+
+
+def _sequences(cfg: Config, legacy: psycopg.Connection[Any], target: psycopg.Connection[Any]) -> int:
+    """Every legacy sequence at least at the target's position, so the first insert after the rollback is free."""
+    seqs = catalog.list_sequences(target, cfg.tables)
+    behind = []
+    for seq in seqs:
+        if seq.last_value is None:
+            continue
+        row = legacy.execute(sql.SQL("SELECT last_value, is_called FROM {}").format(seq.ident)).fetchone()
+        if row is not None and (row[0], row[1]) >= (seq.last_value, seq.is_called):
+            continue
+        legacy.execute("SELECT setval(%s::regclass, %s, %s)",
+                       (seq.ident.as_string(legacy), seq.last_value, seq.is_called))
+        row = legacy.execute(sql.SQL("SELECT last_value, is_called FROM {}").format(seq.ident)).fetchone()
+        if row is None or (row[0], row[1]) < (seq.last_value, seq.is_called):
+            behind.append(seq.display)
+    if behind:
+        raise MigratorError(f"sequences still behind the target on the legacy database: {', '.join(behind[:10])}")
+    return len(seqs)
+
+
+def _rollback_command(cfg: Config) -> str:
+    cmd = cfg.cutover.rollback_command
+    if not cmd:
+        return "no rollback_command configured"
+    env = dict(os.environ, MIGRATOR_TARGET=db.describe_dsn(cfg.target_dsn),
+               MIGRATOR_SOURCE=db.describe_dsn(cfg.source_dsn), MIGRATOR_DIRECTION="rollback")
+    proc = subprocess.run(cmd, shell=True, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise MigratorError(f"rollback_command exited {proc.returncode}: {redact(proc.stderr.strip())[-500:]}")
+    return "rollback_command exited 0"
+
+
+# --- the rollback -------------------------------------------------------------------------------------------------
+
+@dataclass
+class RollbackReport:
+    attempt: int
+    ok: bool
+    mode: str = "rollback_command"
+    pause_seconds: float | None = None
+    """Client-visible pause through the pooler: PAUSE sent until RESUME returned (None without a pooler)."""
+    events_replayed: int = 0
+    sequences_set: int = 0
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    failed_step: str | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"attempt": self.attempt, "ok": self.ok, "mode": self.mode, "pause_seconds": self.pause_seconds,
+                "events_replayed": self.events_replayed, "sequences_set": self.sequences_set,
+                "failed_step": self.failed_step, "error": self.error, "steps": self.steps}
+
+    def render_text(self) -> str:
+        head = f"rollback done: {self.events_replayed} events written on the target replayed onto the legacy database"
+        if self.pause_seconds is not None:
+            head += f"; clients paused {self.pause_seconds:.2f}s"
+        return head + "\n" + "\n".join(f"  {s['step']:<10} {s['seconds']:8.3f}s  {s['detail'] or ''}"
+                                       for s in self.steps)
+
+
+def run(cfg: Config, *, on_step: Callable[[str, str], None] | None = None) -> RollbackReport:
+    """Roll back a completed cutover. Returns the report; raises NotReady when there is nothing to roll back (nothing
+    touched), CutoverFailed when a step fails before clients move (they stay on the target, which takes writes)."""
+    # The pooler side of a switch (pause, rewrite and RELOAD, restore, resume); imported here because the cutover
+    # imports this module to arm the rollback.
+    from migrator.cutover import _Pool
+
+    log = get(phase="rollback")
+    with db.session(cfg.target_dsn, role="target", autocommit=True) as target, \
+            db.session(cfg.source_dsn, role="source", autocommit=True) as legacy:
+        m = state.migration(target)
+        if m is None or m.cutover_at is None:
+            raise NotReady("there is no completed cutover to roll back",
+                           hint="`migrator status` shows the recorded cutover attempts.")
+        if _armed_at(legacy) is None or not _has_capture(target):
+            raise NotReady("the rollback is not armed: the target's changes since cutover were not captured",
+                           hint="Only a cutover that armed the rollback (and no `migrator cleanup` since) can be "
+                                "rolled back without losing the target's writes.")
+        report = RollbackReport(attempt=state.start_attempt(target), ok=False)
+        state.record_attempt_pooler(target, report.attempt, kind="rollback")
+        pool = _Pool(cfg) if cfg.cutover.uses_pooler else None
+        report.mode = "pgbouncer" if pool else "rollback_command"
+        reverse: _Reverse | None = None
+        tables: dict[int, Table] = {}
+        target_frozen = legacy_released = moved = False
+        current = ""
+
+        def step(name: str, fn: Callable[[], str]) -> None:
+            nonlocal current
+            current = name
+            state.step_started(target, report.attempt, name)
+            if on_step:
+                on_step(name, "running")
+            t0 = time.monotonic()
+            detail = fn()
+            report.steps.append({"step": name, "seconds": round(time.monotonic() - t0, 3), "detail": detail})
+            state.step_finished(target, report.attempt, name, "done", detail)
+            log.info("rollback.step", step=name, seconds=round(time.monotonic() - t0, 3))
+            if on_step:
+                on_step(name, "done")
+
+        try:
+            def preflight() -> str:
+                nonlocal tables, reverse
+                tables = _target_tables(cfg, target, legacy)
+                if not capture.is_frozen(legacy):
+                    raise Blocked("the legacy database is not frozen: it may have taken writes since cutover, and "
+                                  "replaying the target's changes over them could lose some",
+                                  hint="Compare both sides with `migrator verify` and decide by hand.")
+                if pool is not None:
+                    missing = set(pool.names) - set(state.pooler_entries(target))
+                    if missing:
+                        raise Blocked(f"no recorded legacy pooler entry for {', '.join(sorted(missing))}")
+                reverse = _Reverse(cfg, tables)
+                return f"{len(tables)} tables; legacy frozen; rollback armed"
+
+            def catch_up() -> str:
+                assert reverse is not None
+                n = 0
+                for _ in range(CATCH_UP_BATCHES):
+                    t0 = time.monotonic()
+                    events = reverse.batch()
+                    n += events
+                    if events == 0 or time.monotonic() - t0 < cfg.sync.poll_interval:
+                        break
+                report.events_replayed += n
+                return f"{n} events replayed while clients still wrote to the target"
+
+            def pause() -> str:
+                assert pool is not None
+                return pool.pause(cfg.cutover.pause_timeout)
+
+            def freeze() -> str:
+                nonlocal target_frozen
+                try:
+                    capture.freeze(target, list(tables.values()), cfg.cutover.freeze_lock_timeout)
+                except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
+                    raise Blocked(f"writers still in flight on the target after {cfg.cutover.freeze_lock_timeout}s; "
+                                  "the target was not frozen") from exc
+                target_frozen = True
+                return f"{len(tables)} target tables frozen"
+
+            def drain() -> str:
+                assert reverse is not None
+                n = 0
+                while (events := reverse.batch()) != 0:
+                    n += events
+                report.events_replayed += n
+                left = reverse.pending()
+                if left:
+                    raise MigratorError(f"{left} target events still pending after the drain")
+                return f"{n} events replayed"
+
+            def verify() -> str:
+                if cfg.cutover.verify == "none":
+                    return "every event replayed; rows not compared"
+                if cfg.cutover.verify == "full":
+                    if not parity.verify(cfg).identical:
+                        raise MigratorError("parity check found differences; run `migrator verify` for the keys")
+                    return "every event replayed; rows identical"
+                differ = _counts(legacy, target, list(tables.values()))
+                if differ:
+                    raise MigratorError(f"row counts differ: {', '.join(differ[:10])}")
+                return f"every event replayed; counts equal in {len(tables)} tables"
+
+            def sequences() -> str:
+                report.sequences_set = _sequences(cfg, legacy, target)
+                return f"{report.sequences_set} legacy sequences at or past the target's"
+
+            def release() -> str:
+                nonlocal legacy_released
+                capture.release(legacy)
+                legacy_released = True
+                return "the legacy database takes writes again (capture on)"
+
+            def switch() -> str:
+                nonlocal moved
+                if pool is None:
+                    detail = _rollback_command(cfg)
+                    moved = True
+                    return detail
+                entries = state.pooler_entries(target)
+                pool.point({n: entries[n].legacy_entry for n in pool.names})
+                return f"{', '.join(pool.names)} -> the legacy entries; reloaded"
+
+            def resume() -> str:
+                nonlocal moved
+                assert pool is not None
+                said = pool.resume()
+                if pool.paused:
+                    raise MigratorError(said)
+                moved = True
+                pool.former_text = None
+                state.set_pointing(target, pool.names, "legacy")
+                return f"clients paused {pool.pause_seconds or 0:.3f}s"
+
+            step("preflight", preflight)
+            step("catch_up", catch_up)
+            if pool is not None:
+                step("pause", pause)
+            step("freeze", freeze)
+            step("drain", drain)
+            step("verify", verify)
+            step("sequences", sequences)
+            step("release", release)
+            step("switch", switch)
+            if pool is not None:
+                step("resume", resume)
+        except BaseException as exc:
+            if reverse is not None:
+                reverse.close()
+            if moved:
+                log.error("rollback.after_move_failed", error=str(exc))
+                raise
+            report.failed_step = current
+            report.error = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            undone = []
+            if pool is not None:
+                undone.append(pool.restore())  # entries back to the target first, RESUME last
+            if legacy_released:
+                try:
+                    capture.freeze(legacy, catalog.list_tables(legacy, cfg.tables), cfg.cutover.freeze_lock_timeout)
+                    undone.append("the legacy database is frozen again")
+                except psycopg.Error as fr_exc:
+                    undone.append(f"REFREEZING THE LEGACY DATABASE FAILED ({fr_exc.__class__.__name__}): clients "
+                                  "not behind the pooler could write there")
+            if target_frozen:
+                try:
+                    capture.release(target)
+                    undone.append("the target takes writes again")
+                except psycopg.Error as rel_exc:
+                    undone.append(f"RELEASING THE TARGET FAILED ({rel_exc.__class__.__name__}): the target rejects "
+                                  "writes; run `migrator rollback --yes` again or release it by hand")
+            if pool is not None:
+                undone.append(pool.resume())
+                report.pause_seconds = pool.pause_seconds
+                pool.close()
+            try:
+                if current:
+                    state.step_finished(target, report.attempt, current, "failed", report.error)
+                state.finish_attempt(target, report.attempt, "failed", failed_step=current or None,
+                                     error=report.error)
+                state.record_attempt_pooler(target, report.attempt, kind="rollback",
+                                            pause_seconds=report.pause_seconds)
+            except psycopg.Error:
+                pass
+            log.error("rollback.failed", step=current, error=report.error)
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            said = "; ".join(u for u in undone if u)
+            raise CutoverFailed(f"rollback stopped at step {current}: {report.error}{'; ' + said if said else ''}",
+                                hint="Clients stay on the target. Fix the cause and run `migrator rollback` again; "
+                                     "`migrator status` shows the recorded steps.") from exc
+        if reverse is not None:
+            reverse.close()
+        if pool is not None:
+            report.pause_seconds = pool.pause_seconds
+            pool.close()
+        state.mark(target, "frozen", False)
+        state.clear(target, "cutover_at")
+        state.finish_attempt(target, report.attempt, "done")
+        state.record_attempt_pooler(target, report.attempt, kind="rollback", pause_seconds=report.pause_seconds)
+
+        def disarm_step() -> str:
+            # Clients are on the legacy database: a failure here leaves only the target's capture behind.
+            try:
+                return f"{disarm(cfg)} target triggers removed"
+            except (MigratorError, psycopg.Error) as exc:
+                return f"target capture left in place ({exc.__class__.__name__}); `migrator cleanup` removes it"
+
+        step("disarm", disarm_step)
+        log.info("rollback.done", events=report.events_replayed, pause_seconds=report.pause_seconds)
+        report.ok = True
+        return report
+

@@ -1,0 +1,234 @@
+"""Rollback after a cutover, against a real server: every change written on the target in the rollback window
+(inserts, updates, deletes, a key update, rows without a key, writes from a replica-role session) reaches the legacy
+database, which takes writes again with its sequences past the target's; clients end on the legacy side (by
+rollback_command, or through a real PgBouncer with clients writing throughout and none failing); a failed step
+leaves clients on a writable target; and nothing of the engine remains on the target afterwards."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from migrator import cutover, rollback
+from migrator.config import Config
+from migrator.errors import CutoverFailed, NotReady
+from tests.helpers import fetch, run_sql
+from tests.test_cutover import READ_ONLY, cli, migrated, sqlstate_of_write, write_config
+from tests.test_pgbouncer import POOL_DB, Bouncer, Clients, bouncer, pooler_config, uids  # noqa: F401
+
+TABLES = ("public.study", "public.series", "public.audit")
+
+
+def rows(dsn: str, table: str) -> list[tuple[Any, ...]]:
+    return fetch(dsn, f"SELECT t::text FROM {table} AS t ORDER BY t::text")
+
+
+def engine_on_target(target_dsn: str) -> list[tuple[Any, ...]]:
+    """The engine's objects left on the target: its schema and any trigger calling into it."""
+    return fetch(target_dsn, "SELECT 'schema' FROM pg_namespace WHERE nspname = '_migrator' UNION ALL "
+                             "SELECT tgname::text FROM pg_trigger WHERE tgname LIKE '\\_migrator%'")
+
+
+def write_on_target(target_dsn: str) -> None:
+    """What the application does on the new server during the rollback window."""
+    run_sql(target_dsn,
+            "INSERT INTO public.study (uid, note) VALUES ('after-1', 'new'), ('after-2', 'new'), ('after-3', 'new')",
+            "INSERT INTO public.series (study_id, modality) VALUES (1, 'MR'), (2, 'US')",
+            "UPDATE public.study SET note = 'changed on target' WHERE id BETWEEN 10 AND 20",
+            "DELETE FROM public.series WHERE study_id = 30",
+            "DELETE FROM public.study WHERE id = 30",
+            # a key update: the row moves to another primary key
+            "UPDATE public.study SET id = 100000 WHERE uid = 'after-2'",
+            "INSERT INTO public.audit (what) VALUES ('after'), ('after')",
+            "DELETE FROM public.audit WHERE what = 'a7'",
+            "UPDATE public.audit SET what = 'a8 changed' WHERE what = 'a8'")
+    # A session in the replica role (as replication tools run) is captured too: the triggers are ENABLE ALWAYS.
+    run_sql(target_dsn, "SET session_replication_role = replica",
+            "INSERT INTO public.study (uid, note) VALUES ('replica-role', 'new')")
+    # A transaction that rolls back leaves nothing to replay.
+    with psycopg.connect(target_dsn) as conn:
+        conn.execute("INSERT INTO public.study (uid, note) VALUES ('rolled-back', 'never')")
+        conn.rollback()
+
+
+def assert_same(source_dsn: str, target_dsn: str) -> None:
+    for table in TABLES:
+        assert rows(source_dsn, table) == rows(target_dsn, table), f"{table} differs"
+
+
+def test_rollback_replays_every_target_change_onto_the_legacy_database_and_runs_the_rollback_command(
+        make_config: Callable[..., Config], source_dsn: str, target_dsn: str, tmp_path: Path) -> None:
+    marker = tmp_path / "switched"
+    cfg = make_config(copy={"workers": 2}, cutover={
+        "switch_command": "true", "rollback_command": f"echo \"$MIGRATOR_DIRECTION\" > {marker}"})
+    migrated(cfg, source_dsn)
+    report = cutover.run(cfg)
+    assert report.ok and [s.step for s in report.steps] == list(cutover.STEPS)
+    write_on_target(target_dsn)
+    assert sqlstate_of_write(source_dsn, "INSERT INTO public.study (uid) VALUES ('x')") == READ_ONLY
+
+    result = rollback.run(cfg)
+
+    assert result.ok and [s["step"] for s in result.steps] == list(rollback.STEPS)
+    assert result.events_replayed > 0
+    assert marker.read_text().strip() == "rollback"
+    assert_same(source_dsn, target_dsn)
+    assert fetch(source_dsn, "SELECT id, note FROM public.study WHERE uid = 'after-2'") == [(100000, "new")]
+    assert fetch(source_dsn, "SELECT count(*) FROM public.study WHERE uid IN ('rolled-back', 'replica-role')") \
+        == [(1,)]
+    # The legacy database takes writes again, and its sequences are past every id handed out on the target.
+    run_sql(source_dsn, "INSERT INTO public.study (uid) VALUES ('back on legacy')",
+            "INSERT INTO public.series (study_id, modality) VALUES (1, 'XA')")
+    assert fetch(source_dsn, "SELECT id > (SELECT max(id) FROM public.study WHERE uid IN ('after-3', 'replica-role')) "
+                             "FROM public.study WHERE uid = 'back on legacy'") == [(True,)]
+    # Nothing of the engine is left on the target; the attempt is recorded as a rollback; a new cutover may follow.
+    assert engine_on_target(target_dsn) == []
+    assert fetch(source_dsn, "SELECT to_regclass('_migrator.rollback_position')") == [(None,)]
+    assert fetch(target_dsn, "SELECT kind, status FROM migrator_control.cutover_attempt ORDER BY id") == [
+        ("cutover", "done"), ("rollback", "done")]
+    assert fetch(target_dsn, "SELECT cutover_at, frozen FROM migrator_control.migration") == [(None, False)]
+    with pytest.raises(NotReady):
+        rollback.run(cfg)
+
+
+def test_a_second_cutover_after_a_rollback_carries_the_legacy_writes_again(
+        make_config: Callable[..., Config], source_dsn: str, target_dsn: str) -> None:
+    cfg = make_config(copy={"workers": 2}, cutover={"switch_command": "true"})
+    migrated(cfg, source_dsn)
+    cutover.run(cfg)
+    write_on_target(target_dsn)
+    rollback.run(cfg)
+    run_sql(source_dsn, "INSERT INTO public.study (uid, note) VALUES ('between', 'legacy again')",
+            "UPDATE public.study SET note = 'legacy edit' WHERE id = 40", "INSERT INTO public.audit (what) VALUES ('b')")
+
+    assert cutover.run(cfg).ok
+
+    assert_same(source_dsn, target_dsn)
+    assert len(engine_on_target(target_dsn)) > 1  # armed again for this cutover
+
+
+def test_a_failing_rollback_command_leaves_clients_on_a_writable_target_and_the_legacy_database_frozen(
+        make_config: Callable[..., Config], source_dsn: str, target_dsn: str, tmp_path: Path) -> None:
+    cfg = make_config(copy={"workers": 2}, cutover={"switch_command": "true", "rollback_command": "exit 7"})
+    migrated(cfg, source_dsn)
+    cutover.run(cfg)
+    write_on_target(target_dsn)
+
+    with pytest.raises(CutoverFailed, match="exited 7"):
+        rollback.run(cfg)
+
+    assert sqlstate_of_write(target_dsn, "INSERT INTO public.study (uid) VALUES ('still on target')") is None
+    run_sql(target_dsn, "TRUNCATE public.audit", "INSERT INTO public.audit (what) VALUES ('after truncate')")
+    assert sqlstate_of_write(source_dsn, "INSERT INTO public.study (uid) VALUES ('x')") == READ_ONLY
+    assert fetch(target_dsn, "SELECT kind, status, failed_step FROM migrator_control.cutover_attempt "
+                             "ORDER BY id DESC LIMIT 1") == [("rollback", "failed", "switch")]
+    # Still armed: the write above is captured, and a rollback with a working command carries it over.
+    config = write_config(tmp_path / "migration.toml", source_dsn, target_dsn, switch_command="true",
+                          rollback_command="true")
+    proc = cli(config, "rollback", "--yes", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["ok"] is True
+    assert_same(source_dsn, target_dsn)
+    assert fetch(source_dsn, "SELECT count(*) FROM public.study WHERE uid = 'still on target'") == [(1,)]
+    assert fetch(source_dsn, "SELECT what FROM public.audit") == [("after truncate",)]
+
+
+def test_cleanup_ends_the_rollback_window_and_leaves_nothing_on_the_target(
+        source_dsn: str, target_dsn: str, tmp_path: Path, make_config: Callable[..., Config]) -> None:
+    migrated(make_config(copy={"workers": 2}), source_dsn)
+    config = write_config(tmp_path / "migration.toml", source_dsn, target_dsn, switch_command="true")
+    assert cli(config, "cutover", "--yes").returncode == 0
+    assert engine_on_target(target_dsn) != []
+
+    refused = cli(config, "cleanup", "--yes")  # the legacy side is frozen: nothing is removed, the window stays
+    assert refused.returncode != 0 and engine_on_target(target_dsn) != []
+    proc = cli(config, "cleanup", "--yes", "--release-freeze")
+
+    assert proc.returncode == 0, proc.stderr
+    assert "rollback window" in proc.stdout
+    assert engine_on_target(target_dsn) == []
+    assert sqlstate_of_write(target_dsn, "INSERT INTO public.study (uid) VALUES ('free')") is None
+    gone = cli(config, "rollback", "--yes")
+    assert gone.returncode != 0 and ("no completed cutover" in gone.stderr or "not armed" in gone.stderr)
+
+
+def test_rollback_through_pgbouncer_moves_writing_clients_back_without_an_error_or_a_lost_transaction(
+        make_config: Callable[..., Config], source_dsn: str, target_dsn: str,
+        bouncer: Bouncer) -> None:  # noqa: F811 (the fixture imported from test_pgbouncer)
+    cfg = pooler_config(make_config, bouncer)
+    migrated(cfg, source_dsn)
+    assert cutover.run(cfg).ok
+    write_on_target(target_dsn)
+
+    with Clients(bouncer.client_dsn, 10) as clients:
+        time.sleep(1.0)  # clients write on the target
+        report = rollback.run(cfg)
+        time.sleep(1.0)  # and go on, now on the legacy database
+
+    assert report.ok and report.mode == "pgbouncer"
+    assert [s["step"] for s in report.steps] == list(rollback.POOLER_STEPS)
+    assert not clients.failed, clients.failed[:5]
+    assert report.pause_seconds is not None and report.pause_seconds < 5
+    on_legacy, on_target = uids(source_dsn), uids(target_dsn)
+    assert clients.uids() <= on_legacy, "a committed transaction is missing on the legacy database"
+    assert len(on_legacy - on_target) >= 10, "clients did not go on writing on the legacy database"
+    served = bouncer.databases()[POOL_DB]
+    assert served.database == bouncer.legacy_db and not served.paused
+    assert f"dbname={bouncer.legacy_db}" in bouncer.databases_ini.read_text()
+    with psycopg.connect(bouncer.client_dsn, prepare_threshold=None, autocommit=True) as conn:
+        assert conn.execute("SELECT current_database()").fetchone() == (bouncer.legacy_db,)
+    assert fetch(target_dsn, "SELECT pointing FROM migrator_control.pooler_entry") == [("legacy",)]
+    assert engine_on_target(target_dsn) == []
+    # Every row the target held when clients left is on the legacy side.
+    for table in TABLES:
+        assert set(rows(target_dsn, table)) <= set(rows(source_dsn, table)), table
+
+
+@pytest.mark.parametrize("failure", ["pause_timeout", "at_resume"])
+def test_a_failed_rollback_through_pgbouncer_leaves_clients_on_the_target_and_a_second_one_succeeds(
+        failure: str, make_config: Callable[..., Config], source_dsn: str, target_dsn: str,
+        bouncer: Bouncer) -> None:  # noqa: F811 (the fixture imported from test_pgbouncer)
+    cfg = pooler_config(make_config, bouncer, pause_timeout=1.5)
+    migrated(cfg, source_dsn)
+    assert cutover.run(cfg).ok
+    ini_after_cutover = bouncer.databases_ini.read_text()
+    write_on_target(target_dsn)
+    expected_step = {"pause_timeout": "pause", "at_resume": "resume"}[failure]
+    holder = None
+    if failure == "pause_timeout":  # a client keeps a transaction open through the pooler: PAUSE cannot complete
+        holder = psycopg.connect(bouncer.client_dsn, prepare_threshold=None)
+        holder.execute("INSERT INTO public.study (uid, note) VALUES ('held-open', 'updated')")
+
+    def inject(step: str, status: str) -> None:
+        if failure == "at_resume" and (step, status) == ("resume", "running"):
+            raise RuntimeError("injected before RESUME")
+
+    with Clients(bouncer.client_dsn, 5) as clients:
+        with pytest.raises(CutoverFailed) as info:
+            rollback.run(cfg, on_step=inject)
+        time.sleep(0.5)
+    if holder is not None:
+        holder.commit()
+        holder.close()
+
+    assert f"step {expected_step}" in str(info.value)
+    assert not clients.failed, clients.failed[:5]
+    served = bouncer.databases()[POOL_DB]
+    assert served.database == bouncer.target_db and not served.paused
+    assert bouncer.databases_ini.read_text() == ini_after_cutover
+    assert clients.uids() <= uids(target_dsn)
+    assert sqlstate_of_write(target_dsn, "INSERT INTO public.study (uid) VALUES ('target writable')") is None
+    assert sqlstate_of_write(source_dsn, "UPDATE public.study SET note = 'x' WHERE id = 1") == READ_ONLY
+    assert fetch(target_dsn, "SELECT kind, status, failed_step FROM migrator_control.cutover_attempt "
+                             "ORDER BY id DESC LIMIT 1") == [("rollback", "failed", expected_step)]
+
+    assert rollback.run(cfg).ok
+    assert clients.uids() <= uids(source_dsn)
+    assert_same(source_dsn, target_dsn)
+    assert bouncer.databases()[POOL_DB].database == bouncer.legacy_db
