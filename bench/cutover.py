@@ -1,6 +1,6 @@
 """Cutover through PgBouncer under steady client load: the client-visible pause, client latency and client errors.
 
-    .venv/bin/python bench/cutover.py [--scale 1] [--clients 20] [--tps 10] [--keep]
+    .venv/bin/python -m bench.cutover [--scale 1] [--clients 20] [--tps 10] [--keep]
 
 Builds the synthetic PACS at `--scale` (1 ≈ 1.5 M rows) as the legacy database, prepares, copies and syncs it to a
 new database, and starts a PgBouncer of its own (transaction pooling, free port) serving `pacs` -> legacy. `--clients`

@@ -1,6 +1,6 @@
 """Row parity throughput: `migrator verify` on a PACS-like database of ~1.5 M rows, next to a plain SQL md5 aggregate.
 
-    .venv/bin/python bench/verify.py [--scale 1] [--keep]
+    .venv/bin/python -m bench.verify [--scale 1] [--keep]
 
 Builds the synthetic PACS (`migrator.rehearse.pacs.build`) into a source database and clones it as the target
 (CREATE DATABASE ... TEMPLATE). The baseline, run in the same round on the same server, is what one would write by
