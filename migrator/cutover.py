@@ -16,21 +16,18 @@ never meets a frozen database. Every step is timed and recorded in the control s
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
-from migrator import capture, catalog, db, gonogo, parity, pooler, replay, rollback, state
+from migrator import capture, catalog, db, gonogo, parity, replay, rollback, state
 from migrator.config import Config, redact
 from migrator.errors import Blocked, ConnectionFailed, CutoverFailed, MigratorError, NoGo, NotReady
 from migrator.log import get
+from migrator.switch import PoolerSession, carry_sequences, count_differences, run_command
 
 STEPS = ("catch_up", "preflight", "freeze", "drain", "verify", "sequences", "arm_rollback", "switch")
 """The steps without a pooler (`switch_command`)."""
@@ -81,137 +78,6 @@ class CutoverReport:
         return head + "\n" + "\n".join(f"  {s.step:<10} {s.seconds:8.3f}s  {s.detail or ''}" for s in self.steps)
 
 
-def _counts(cfg: Config, tables: list[catalog.Table]) -> list[str]:
-    """Tables whose row counts differ between source and target."""
-    differ = []
-    with db.session(cfg.source_dsn, role="source", autocommit=True) as s, \
-            db.session(cfg.target_dsn, role="target", autocommit=True) as t:
-        for table in tables:
-            q = sql.SQL("SELECT count(*) FROM ONLY {}").format(table.ident)
-            a = s.execute(q).fetchone()
-            b = t.execute(q).fetchone()
-            if a != b:
-                differ.append(table.display)
-    return differ
-
-
-def _sequences(cfg: Config, source: psycopg.Connection[Any]) -> int:
-    """Set every target sequence at least to the source's position, so the first insert after cutover is free;
-    read them back and refuse if one is still behind."""
-    seqs = catalog.list_sequences(source, cfg.tables)
-    behind = []
-    with db.session(cfg.target_dsn, role="target") as target, target.cursor() as cur:
-        for seq in seqs:
-            if seq.last_value is None:
-                continue
-            cur.execute(sql.SQL("SELECT last_value, is_called FROM {}").format(seq.ident))
-            row = cur.fetchone()
-            assert row is not None
-            t_last, t_called = row
-            if (t_last, t_called) >= (seq.last_value, seq.is_called):
-                continue
-            cur.execute("SELECT setval(%s::regclass, %s, %s)",
-                        (seq.ident.as_string(target), seq.last_value, seq.is_called))
-        target.commit()
-        for seq in seqs:
-            if seq.last_value is None:
-                continue
-            row = cur.execute(sql.SQL("SELECT last_value, is_called FROM {}").format(seq.ident)).fetchone()
-            if row is None or (row[0], row[1]) < (seq.last_value, seq.is_called):
-                behind.append(seq.display)
-        target.rollback()
-    if behind:
-        raise MigratorError(f"sequences still behind the source on the target: {', '.join(behind[:10])}")
-    return len(seqs)
-
-
-def _switch_command(cfg: Config) -> str:
-    cmd = cfg.cutover.switch_command
-    if not cmd:
-        return "no switch_command configured"
-    env = dict(os.environ, MIGRATOR_TARGET=db.describe_dsn(cfg.target_dsn),
-               MIGRATOR_SOURCE=db.describe_dsn(cfg.source_dsn))
-    proc = subprocess.run(cmd, shell=True, env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        raise MigratorError(f"switch_command exited {proc.returncode}: {redact(proc.stderr.strip())[-500:]}")
-    return "switch_command exited 0"
-
-
-class _Pool:
-    """The pooler side of one cutover: what it paused and rewrote, so that every exit can undo exactly that."""
-
-    def __init__(self, cfg: Config) -> None:
-        c = cfg.cutover
-        assert c.pgbouncer_admin_dsn and c.pgbouncer_ini
-        self.admin_dsn = c.pgbouncer_admin_dsn
-        self.names = list(c.pooler_databases)
-        self.ini = c.pgbouncer_ini
-        self.where = pooler.target_location(cfg.target_dsn, c.pooler_target)
-        self.admin: pooler.Admin | None = None
-        self.paused: list[str] = []
-        self.former_text: str | None = None
-        self.pause_started: float | None = None
-        self.pause_seconds: float | None = None
-
-    def pause(self, timeout: float) -> str:
-        self.admin = pooler.Admin(self.admin_dsn)
-        self.pause_started = time.monotonic()
-        deadline = self.pause_started + timeout
-        for name in self.names:
-            # Marked first: a PAUSE cut short by an interrupt may still have paused it.
-            self.paused.append(name)
-            self.admin.pause(name, max(deadline - time.monotonic(), 0.1))
-        return f"paused {', '.join(self.names)} in {time.monotonic() - self.pause_started:.3f}s"
-
-    def entries(self) -> dict[str, state.PoolerEntry]:
-        legacy = pooler.read_entries(self.ini, self.names)
-        return {n: state.PoolerEntry(n, self.ini, e, pooler.repoint(e, self.where), "target")
-                for n, e in legacy.items()}
-
-    def point(self, entries: dict[str, str]) -> None:
-        assert self.admin is not None
-        former = pooler.rewrite_entries(self.ini, entries)
-        if self.former_text is None:
-            self.former_text = former
-        self.admin.reload()
-
-    def restore(self) -> str:
-        """Put the [databases] file back as it was and RELOAD, when this cutover rewrote it. Never raises."""
-        if self.former_text is None:
-            return ""
-        try:
-            pooler.write_text(Path(self.ini), self.former_text)
-            self.former_text = None
-            with pooler.Admin(self.admin_dsn) as a:
-                a.reload()
-            return "the pooler points at the legacy database again"
-        except (MigratorError, OSError, psycopg.Error) as exc:
-            return (f"RESTORING THE POOLER'S ENTRIES FAILED ({redact(str(exc).strip())}): put back {self.ini} and "
-                    "RELOAD by hand")
-
-    def resume(self) -> str:
-        """RESUME every database this cutover paused (each on a fresh admin connection). Never raises."""
-        if not self.paused:
-            return ""
-        failed = []
-        for name in list(self.paused):
-            try:
-                with pooler.Admin(self.admin_dsn) as a:
-                    a.resume(name)
-                self.paused.remove(name)
-            except MigratorError:
-                failed.append(name)
-        if self.pause_started is not None:
-            self.pause_seconds = time.monotonic() - self.pause_started
-        if failed:
-            return f"RESUME FAILED for {', '.join(failed)}: run `RESUME <db>` on the PgBouncer admin console NOW"
-        return "the pooler was resumed"
-
-    def close(self) -> None:
-        if self.admin is not None:
-            self.admin.close()
-
-
 def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, str], None] | None = None,
         on_checklist: Callable[[gonogo.Checklist], None] | None = None) -> CutoverReport:
     """Run the cutover. Returns the report; raises NoGo when the go/no-go checklist refuses (nothing touched),
@@ -240,7 +106,7 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
             log.info("cutover.nothing_to_do")
             return CutoverReport(attempt=0, ok=True, already_done=True)
         report = CutoverReport(attempt=state.start_attempt(target), ok=False)
-        pool = _Pool(cfg) if cfg.cutover.uses_pooler else None
+        pool = PoolerSession(cfg) if cfg.cutover.uses_pooler else None
         report.mode = "pgbouncer" if pool else "switch_command"
         frozen = False
         armed = False
@@ -333,13 +199,21 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
                     if not rep.identical:
                         raise MigratorError("parity check found differences; run `migrator verify` for the keys")
                     return "every event applied; rows identical"
-                differ = _counts(cfg, tables)
+                with db.session(cfg.source_dsn, role="source", autocommit=True) as s, \
+                        db.session(cfg.target_dsn, role="target", autocommit=True) as t:
+                    differ = count_differences(s, t, tables)
                 if differ:
                     raise MigratorError(f"row counts differ: {', '.join(differ[:10])}")
                 return f"every event applied; counts equal in {len(tables)} tables"
 
             def sequences() -> str:
-                report.sequences_set = _sequences(cfg, source)
+                seqs = catalog.list_sequences(source, cfg.tables)
+                with db.session(cfg.target_dsn, role="target") as t:
+                    behind = carry_sequences(seqs, t)
+                    t.commit()
+                if behind:
+                    raise MigratorError(f"sequences still behind the source on the target: {', '.join(behind[:10])}")
+                report.sequences_set = len(seqs)
                 source.rollback()
                 return f"{report.sequences_set} sequences at or past the source's"
 
@@ -351,7 +225,7 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
             def switch() -> str:
                 nonlocal moved
                 if pool is None:
-                    detail = _switch_command(cfg)
+                    detail = run_command(cfg, cfg.cutover.switch_command, "switch_command")
                     moved = True
                     return detail
                 entries = pool.entries()

@@ -22,8 +22,6 @@ clients move and leaves them on the target: pooler entries restored, legacy froz
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +35,7 @@ from migrator.catalog import Table
 from migrator.config import CAPTURE_SCHEMA, Config, redact
 from migrator.errors import Blocked, CutoverFailed, MigratorError, NotReady, SchemaChanged
 from migrator.log import get
+from migrator.switch import PoolerSession, carry_sequences, count_differences, run_command
 
 STEPS = ("preflight", "catch_up", "freeze", "drain", "verify", "sequences", "release", "switch", "disarm")
 """The steps without a pooler (`rollback_command`)."""
@@ -209,47 +208,6 @@ def _target_tables(cfg: Config, target: psycopg.Connection[Any], legacy: psycopg
     return {t.oid: t for t in tables}
 
 
-def _counts(legacy: psycopg.Connection[Any], target: psycopg.Connection[Any], tables: list[Table]) -> list[str]:
-    differ = []
-    for table in tables:
-        q = sql.SQL("SELECT count(*) FROM ONLY {}").format(table.ident)
-        if legacy.execute(q).fetchone() != target.execute(q).fetchone():
-            differ.append(table.display)
-    return differ
-
-
-def _sequences(cfg: Config, legacy: psycopg.Connection[Any], target: psycopg.Connection[Any]) -> int:
-    """Every legacy sequence at least at the target's position, so the first insert after the rollback is free."""
-    seqs = catalog.list_sequences(target, cfg.tables)
-    behind = []
-    for seq in seqs:
-        if seq.last_value is None:
-            continue
-        row = legacy.execute(sql.SQL("SELECT last_value, is_called FROM {}").format(seq.ident)).fetchone()
-        if row is not None and (row[0], row[1]) >= (seq.last_value, seq.is_called):
-            continue
-        legacy.execute("SELECT setval(%s::regclass, %s, %s)",
-                       (seq.ident.as_string(legacy), seq.last_value, seq.is_called))
-        row = legacy.execute(sql.SQL("SELECT last_value, is_called FROM {}").format(seq.ident)).fetchone()
-        if row is None or (row[0], row[1]) < (seq.last_value, seq.is_called):
-            behind.append(seq.display)
-    if behind:
-        raise MigratorError(f"sequences still behind the target on the legacy database: {', '.join(behind[:10])}")
-    return len(seqs)
-
-
-def _rollback_command(cfg: Config) -> str:
-    cmd = cfg.cutover.rollback_command
-    if not cmd:
-        return "no rollback_command configured"
-    env = dict(os.environ, MIGRATOR_TARGET=db.describe_dsn(cfg.target_dsn),
-               MIGRATOR_SOURCE=db.describe_dsn(cfg.source_dsn), MIGRATOR_DIRECTION="rollback")
-    proc = subprocess.run(cmd, shell=True, env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        raise MigratorError(f"rollback_command exited {proc.returncode}: {redact(proc.stderr.strip())[-500:]}")
-    return "rollback_command exited 0"
-
-
 # --- the rollback -------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -281,10 +239,6 @@ class RollbackReport:
 def run(cfg: Config, *, on_step: Callable[[str, str], None] | None = None) -> RollbackReport:
     """Roll back a completed cutover. Returns the report; raises NotReady when there is nothing to roll back (nothing
     touched), CutoverFailed when a step fails before clients move (they stay on the target, which takes writes)."""
-    # The pooler side of a switch (pause, rewrite and RELOAD, restore, resume); imported here because the cutover
-    # imports this module to arm the rollback.
-    from migrator.cutover import _Pool
-
     log = get(phase="rollback")
     with db.session(cfg.target_dsn, role="target", autocommit=True) as target, \
             db.session(cfg.source_dsn, role="source", autocommit=True) as legacy:
@@ -298,7 +252,7 @@ def run(cfg: Config, *, on_step: Callable[[str, str], None] | None = None) -> Ro
                                 "rolled back without losing the target's writes.")
         report = RollbackReport(attempt=state.start_attempt(target), ok=False)
         state.record_attempt_pooler(target, report.attempt, kind="rollback")
-        pool = _Pool(cfg) if cfg.cutover.uses_pooler else None
+        pool = PoolerSession(cfg) if cfg.cutover.uses_pooler else None
         report.mode = "pgbouncer" if pool else "rollback_command"
         reverse: _Reverse | None = None
         tables: dict[int, Table] = {}
@@ -378,13 +332,19 @@ def run(cfg: Config, *, on_step: Callable[[str, str], None] | None = None) -> Ro
                     if not parity.verify(cfg).identical:
                         raise MigratorError("parity check found differences; run `migrator verify` for the keys")
                     return "every event replayed; rows identical"
-                differ = _counts(legacy, target, list(tables.values()))
+                differ = count_differences(legacy, target, list(tables.values()))
                 if differ:
                     raise MigratorError(f"row counts differ: {', '.join(differ[:10])}")
                 return f"every event replayed; counts equal in {len(tables)} tables"
 
             def sequences() -> str:
-                report.sequences_set = _sequences(cfg, legacy, target)
+                # Every legacy sequence at least at the target's position: the first insert after the rollback is free.
+                seqs = catalog.list_sequences(target, cfg.tables)
+                behind = carry_sequences(seqs, legacy)
+                if behind:
+                    raise MigratorError(
+                        f"sequences still behind the target on the legacy database: {', '.join(behind[:10])}")
+                report.sequences_set = len(seqs)
                 return f"{report.sequences_set} legacy sequences at or past the target's"
 
             def release() -> str:
@@ -396,7 +356,8 @@ def run(cfg: Config, *, on_step: Callable[[str, str], None] | None = None) -> Ro
             def switch() -> str:
                 nonlocal moved
                 if pool is None:
-                    detail = _rollback_command(cfg)
+                    detail = run_command(cfg, cfg.cutover.rollback_command, "rollback_command",
+                                                MIGRATOR_DIRECTION="rollback")
                     moved = True
                     return detail
                 entries = state.pooler_entries(target)
