@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 import psycopg
@@ -186,9 +186,13 @@ def sync(obj: Ctx, mode: str, check_lag: float | None, as_json: bool) -> None:
 @click.option("--tables", multiple=True, metavar="SCHEMA.TABLE", help="Verify only these tables.")
 @click.option("--objects", "with_objects", is_flag=True, help="Also prove the files of [objects] in the target store.")
 @click.option("--show-values", is_flag=True, help="Show the differing rows' values (patient data!).")
+@click.option("--buckets", type=click.Choice(["auto", "ranges", "hashes"]), default="auto", show_default=True,
+              help="How rows are grouped: key ranges read through the key's index, or key-hash buckets read by "
+                   "sequential scans (for a cold legacy server); auto chooses per table.")
 @json_option
 @click.pass_obj
-def verify(obj: Ctx, tables: tuple[str, ...], with_objects: bool, show_values: bool, as_json: bool) -> None:
+def verify(obj: Ctx, tables: tuple[str, ...], with_objects: bool, show_values: bool, buckets: str,
+           as_json: bool) -> None:
     """Row parity (and, with --objects, the files): exit 0 identical, 1 differences (listed by key), 2 could not
     verify."""
     from migrator import parity
@@ -199,7 +203,7 @@ def verify(obj: Ctx, tables: tuple[str, ...], with_objects: bool, show_values: b
         click.echo(f"\r  {what}: {done:,} ", err=True, nl=False)
 
     report = parity.verify(obj.cfg, tables=list(tables) or None, show_values=show_values,
-                           progress=show if live else None)
+                           progress=show if live else None, buckets=cast(parity.Buckets, buckets))
     if live:
         click.echo("", err=True)
     if not with_objects:

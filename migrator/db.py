@@ -24,7 +24,10 @@ PINNED_SETTINGS: dict[str, str] = {
     "extra_float_digits": "3",
     "bytea_output": "hex",
     "lc_monetary": "C",
+    "client_encoding": "UTF8",
 }
+"""`client_encoding` is pinned too: text then crosses the wire as UTF-8 from either side, whatever each server's own
+encoding, so that binary COPY and verify's binary row forms carry the same bytes for the same text."""
 
 
 def connect(dsn: str, *, role: str, autocommit: bool = False, application_name: str | None = None,

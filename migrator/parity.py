@@ -1,16 +1,22 @@
 """Row parity between the legacy (source) and the new (target) database: `migrator verify`.
 
-For every migrating table both servers send one short record per row through a server-side cursor, in the same
-order, and Python merges the two streams, so memory stays bounded whatever the size of the table:
+Per table, both servers digest buckets of rows at the same time (key ranges, or buckets of a key hash; see "narrowing"
+below), buckets whose digests differ are split again, and once they are small the two sides stream one short record
+per row of just those buckets through server-side cursors, merged by Python in the same order, so memory stays
+bounded whatever the size of the table:
 
-* a table with a key sends `(key, md5 of the row text)` ordered by key; a key on one side only is a row missing on, or
+* a table with a key sends `(key, md5 of the row form)` ordered by key; a key on one side only is a row missing on, or
   extra on, the target, and a key whose hashes differ is a row that differs;
-* a table without a key sends `(md5 of the row text, count)` grouped and ordered by hash, and is compared as a
+* a table without a key sends `(md5 of the row form, count)` grouped and ordered by hash, and is compared as a
   multiset, so that duplicate rows count.
 
-The row text is `ROW(<source columns>)::text` under the pinned output settings of `migrator.db`, identical on both
-sides for equal values (float -0, NaN and infinities, bytea, jsonb included). It is built from the source's column
-list, so a target whose columns are in another order, or which has columns of its own, still compares what migrated.
+The row form (`_row_form`) is `record_send(ROW(<source columns>))`: every column in its binary send form, which is
+exact (float -0, NaN and infinities, numeric scale, timestamps to the microsecond) and does not depend on any output
+setting. Columns whose binary form carries a type OID or is not portable between servers (types that are not built
+in: enums, domains, composites, extension types and arrays of them; OID aliases such as regclass; columns typed
+differently on the two sides) enter in their text form instead, under the pinned output settings of `migrator.db`.
+It is built from the source's column list, so a target whose columns are in another order, or which has columns of
+its own, still compares what migrated.
 
 A merge is only correct if both streams arrive in an order Python can reproduce. Integer and uuid keys are ordered by
 their typed value (Python ints and UUIDs order the same way, and the primary key index can serve the scan); every
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import queue
 import threading
 import time
@@ -50,6 +57,7 @@ _BATCH = 10_000
 _PREFETCH = 2
 
 Status = Literal["identical", "in_flight", "different", "error"]
+Buckets = Literal["auto", "ranges", "hashes"]
 Kind = Literal["missing", "extra", "different"]
 _KIND_TEXT = {"missing": "missing on target", "extra": "extra on target", "different": "different"}
 
@@ -203,21 +211,26 @@ def _show_key(value: str) -> str:
 
 
 def verify(cfg: Config, *, tables: list[str] | None = None, show_values: bool = False,
-           progress: Callable[[str, int], None] | None = None, live_wait: float = LIVE_WAIT) -> ParityReport:
+           progress: Callable[[str, int], None] | None = None, live_wait: float = LIVE_WAIT,
+           buckets: Buckets = "auto") -> ParityReport:
     """Compare every row of the migrating tables (or of `tables`, "schema.table" names) on source and target.
 
     While sync is following (the target has an applied position and the source a delta log), rows that differ only
     because of changes not yet applied are counted as in flight, and their ranges are read again once sync has
     passed the first pass's snapshot (waiting at most `live_wait` seconds).
     `progress(table, rows)` is called now and then from the worker threads with the rows compared so far.
+    `buckets`: "auto" chooses key ranges or key-hash buckets per table (see "narrowing"); "hashes" reads every table
+    by sequential scans (for a cold legacy server); "ranges" uses key ranges wherever the collations allow.
     Raises ConnectionFailed if either database cannot be reached; any other failure is reported per table.
     """
     with db.session(cfg.source_dsn, role="source") as conn:
         source_tables = catalog.list_tables(conn, cfg.tables)
         live = _has_delta_log(conn)
+        source_encoding = _encoding(conn)
     with db.session(cfg.target_dsn, role="target") as conn:
         target_tables = {(t.schema, t.name): t for t in catalog.list_tables(conn, cfg.tables)}
         live = live and state.exists(conn) and state.position(conn) is not None
+        same_encoding = _encoding(conn) == source_encoding
 
     results: list[TableParity | None] = []
     jobs: queue.SimpleQueue[tuple[int, Table, Table | None]] = queue.SimpleQueue()
@@ -226,9 +239,11 @@ def verify(cfg: Config, *, tables: list[str] | None = None, show_values: bool = 
     else:
         by_name = {t.display: t for t in source_tables}
         chosen = [by_name[name] for name in dict.fromkeys(tables) if name in by_name]
-    for t in chosen:
-        jobs.put((len(results), t, target_tables.get((t.schema, t.name))))
-        results.append(None)
+    results.extend(None for _ in chosen)
+    # Largest tables first, so that the last table to finish is a small one and the workers end together.
+    for index in sorted(range(len(chosen)), key=lambda i: -chosen[i].bytes):
+        t = chosen[index]
+        jobs.put((index, t, target_tables.get((t.schema, t.name))))
     unknown = [name for name in dict.fromkeys(tables or []) if name not in {t.display for t in chosen}]
     results.extend(
         TableParity(name, "error", error=f"{name} is not a migrating table of the source") for name in unknown
@@ -237,7 +252,8 @@ def verify(cfg: Config, *, tables: list[str] | None = None, show_values: bool = 
     workers = max(1, min(cfg.copy.workers, len(chosen)))
     rechecks: list[_Recheck] = []
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verify") as pool:
-        futures = [pool.submit(_work, cfg, jobs, results, show_values, progress, live, rechecks)
+        futures = [pool.submit(_work, cfg, jobs, results, show_values, progress, live, rechecks,
+                               _Options(same_encoding, buckets))
                    for _ in range(workers)]
         for f in futures:
             f.result()
@@ -249,6 +265,13 @@ def verify(cfg: Config, *, tables: list[str] | None = None, show_values: bool = 
     if tables is None and report.exit_code != 2:
         _record(cfg, report)
     return report
+
+
+def _encoding(conn: psycopg.Connection[Any]) -> str:
+    with conn.cursor() as cur:
+        row = cur.execute("SHOW server_encoding").fetchone()
+    conn.rollback()
+    return str(row[0]) if row else ""
 
 
 def _record(cfg: Config, report: ParityReport) -> None:
@@ -326,7 +349,8 @@ class _Pair:
 
 def _work(cfg: Config, jobs: queue.SimpleQueue[tuple[int, Table, Table | None]],
           results: list[TableParity | None], show_values: bool,
-          progress: Callable[[str, int], None] | None, live: bool, rechecks: list[_Recheck]) -> None:
+          progress: Callable[[str, int], None] | None, live: bool, rechecks: list[_Recheck],
+          options: _Options) -> None:
     pair = _Pair(cfg)
     try:
         while True:
@@ -339,7 +363,7 @@ def _work(cfg: Config, jobs: queue.SimpleQueue[tuple[int, Table, Table | None]],
                 source_conn, target_conn = pair.open()
                 window = pair.window() if live and target is not None else None
                 result, recheck = _verify_table(source_conn, target_conn, table, target, show_values, progress,
-                                                window)
+                                                window, options)
                 pair.end_table()
                 if recheck is not None:
                     recheck.index = index
@@ -358,6 +382,13 @@ def _work(cfg: Config, jobs: queue.SimpleQueue[tuple[int, Table, Table | None]],
             results[index] = result
     finally:
         pair.close()
+
+
+@dataclass(frozen=True)
+class _Options:
+    same_encoding: bool = True
+    """The two servers' encodings are the same (key text can be hashed as each stores it)."""
+    buckets: Buckets = "auto"
 
 
 def _message(exc: BaseException) -> str:
@@ -416,7 +447,8 @@ def _row_text(table: Table, record: sql.Composable | None = None) -> sql.Compose
 
 def _verify_table(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connection[Any], table: Table,
                   target: Table | None, show_values: bool, progress: Callable[[str, int], None] | None,
-                  window: _Window | None = None) -> tuple[TableParity, _Recheck | None]:
+                  window: _Window | None = None, options: _Options | None = None,
+                  ) -> tuple[TableParity, _Recheck | None]:
     if target is None:
         return TableParity(table.display, "error", key_columns=table.key,
                            error=f"{table.display} does not exist on the target"), None
@@ -424,7 +456,10 @@ def _verify_table(source_conn: psycopg.Connection[Any], target_conn: psycopg.Con
     if lacking:
         return TableParity(table.display, "error", key_columns=table.key,
                            error=f"the target table lacks column(s) {', '.join(lacking)}"), None
-    plan = _Plan(table, target)
+    options = options or _Options()
+    friendly = options.buckets == "ranges" or (options.buckets == "auto" and _index_friendly(source_conn, table))
+    plan = _Plan(table, target, _column_facts(source_conn, table), _column_facts(target_conn, target),
+                 options.same_encoding, friendly)
     narrowed = _narrow(source_conn, target_conn, plan)
     if progress is not None:
         progress(table.display, narrowed.source_rows)
@@ -448,7 +483,7 @@ def _result(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connectio
     else:
         differences = [_multiset_difference(*d) for d in listed]
         if show_values and differences:
-            differences = _with_multiset_values(source_conn, target_conn, table, differences)
+            differences = _with_multiset_values(source_conn, target_conn, plan, differences)
     status: Status = "different" if count else "in_flight" if found.in_flight else "identical"
     return TableParity(
         table.display, status, key_columns=table.key,
@@ -458,99 +493,385 @@ def _result(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connectio
     )
 
 
-# --- narrowing by key ranges --------------------------------------------------------------------------------------
+# --- narrowing -----------------------------------------------------------------------------------------------------
 #
-# Each side computes, per key range, the number of rows and two sums: of the first and of the last 64 bits of each
-# row's md5 (as signed integers, summed exactly as numeric). Equal multisets of rows give equal sums whatever the
-# order the server reads them in, so no sort is needed; one changed, missing or extra row changes the range's 128-bit
-# sum by a value an accident cannot cancel. Ranges are cut at boundaries sampled from the source (the range key is
-# the first key column, ordered as the merge orders it; without a key, the row's md5 itself), so that one pass
-# groups the whole table at once (`width_bucket` over the sorted boundaries).
+# A table's rows are split into buckets that both sides compute alike, each side digests every bucket in one
+# statement, and the buckets that differ are split again until they are small enough to list by key.
+#
+# Each row is digested in its canonical form (`_row_form`): the binary send form of every column (what binary COPY
+# moved), or the text form for columns of types that are not built in. Two kinds of bucket:
+#
+# * Key ranges (tables with a key whose first column sorts alike on both sides): ranges are cut at boundaries sampled
+#   from the source's key and read through the key's index, one range at a time; a range's digest is the count of its
+#   rows and the SHA-256 of its rows' forms concatenated in key order (a form over 1 kB is replaced by its own
+#   SHA-256). One hash call per range rather than per row is what makes this the fast path.
+# * Key-hash buckets (tables without a key, and keys whose collations differ between the sides, where a range would
+#   hold different rows on each side): the bucket is the top bits of a 64-bit hash of the key (without a key: of the
+#   row's md5). A bucket's digest is its count and two sums of its rows' md5s, each md5 folded to 64 bits by
+#   `hashtextextended` with its own seed and summed exactly, so the order the server reads rows in does not matter
+#   and one sequential scan digests the whole table. The subquery producing the md5 is fenced with OFFSET 0: without
+#   the fence the planner inlines it and computes md5 once per sum (measured: twice the cost).
+#
+# Either way a changed, missing or extra row changes its bucket's count or digest; an accident would have to produce a
+# SHA-256 collision, or cancel two independent 64-bit sums at once, to hide it.
 
 RANGE_ROWS = 2_000
-"""Rows per range aimed at in the first pass."""
+"""Rows per bucket aimed at in the first pass."""
 MAX_RANGES = 4_096
+"""At most this many buckets in the first pass."""
 LEAF_ROWS = 20_000
-"""A differing range with at most this many rows (on the larger side) is listed by key rather than split again."""
-SPLIT = 16
-"""Sub-ranges a larger differing range is split into."""
-_SAMPLE_ROWS = 200_000
-"""Rows the first boundaries are sampled from (TABLESAMPLE SYSTEM): enough for even ranges, far less than a scan."""
+"""A differing bucket with at most this many rows (on the larger side) is listed by key rather than split again."""
+SPLIT_BITS = 4
+"""A larger differing bucket is split into 2^SPLIT_BITS."""
+_SAMPLE_ROWS = 50_000
+"""Rows the first range boundaries are sampled from (TABLESAMPLE SYSTEM): enough for even ranges, far less than a
+scan."""
+_WIDE_FORM = 1024
+"""A row form longer than this enters its range's digest as its SHA-256, so that a range's concatenation stays small."""
 _MAX_PASSES = 6
 
-Digest = tuple[int, Any, Any]
+Digest = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class _ColumnFacts:
+    type: str
+    portable: bool
+    """The binary send form is the same on any server: a built-in type with a send function, not an OID alias."""
+    collation: str | None
+    """The column's effective collation (None: the type has none)."""
+
+
+_FACTS = """
+SELECT a.attname, format_type(a.atttypid, a.atttypmod),
+       a.atttypid < 16384 AND t.typsend <> 0 AND t.typname !~ '^reg'
+           AND (t.typelem = 0 OR (t.typelem < 16384 AND e.typname !~ '^reg')),
+       CASE WHEN a.attcollation = 0 THEN NULL
+            WHEN c.collname = 'default' THEN (SELECT 'default ' || datcollate FROM pg_database
+                                              WHERE datname = current_database())
+            ELSE c.collname || ' ' || coalesce(c.collcollate, '') END
+FROM pg_attribute AS a JOIN pg_type AS t ON t.oid = a.atttypid LEFT JOIN pg_type AS e ON e.oid = t.typelem
+     LEFT JOIN pg_collation AS c ON c.oid = a.attcollation
+WHERE a.attrelid = %s::oid AND a.attnum > 0 AND NOT a.attisdropped
+"""
+
+
+def _column_facts(conn: psycopg.Connection[Any], table: Table) -> dict[str, _ColumnFacts]:
+    with conn.cursor() as cur:
+        return {name: _ColumnFacts(type_, bool(portable), collation)
+                for name, type_, portable, collation in cur.execute(_FACTS, (table.oid,))}
+
+
+_FRIENDLY = """
+SELECT coalesce((SELECT abs(correlation) FROM pg_stats WHERE schemaname = %(s)s AND tablename = %(t)s
+                 AND attname = %(k)s ORDER BY inherited LIMIT 1), 0) >= %(corr)s
+       OR pg_relation_size(%(oid)s::oid) * 4 <= (SELECT setting::bigint * 8192 FROM pg_settings
+                                                 WHERE name = 'effective_cache_size')
+"""
+_CORRELATED = 0.9
+
+
+def _index_friendly(conn: psycopg.Connection[Any], table: Table) -> bool:
+    """Whether reading the source table one key range at a time through its index is cheap: the heap follows the key
+    (planner statistics), or the table is small next to the server's cache (a quarter of effective_cache_size).
+    Otherwise key ranges would read the heap in random order, and a sequential scan (key-hash buckets) is used."""
+    if not table.key:
+        return False
+    with conn.cursor() as cur:
+        row = cur.execute(_FRIENDLY, {"s": table.schema, "t": table.name, "k": table.key[0], "oid": table.oid,
+                                      "corr": _CORRELATED}).fetchone()
+    return bool(row and row[0])
+
+
+def _row_form(table: Table, binary: frozenset[str], record: sql.Composable | None = None) -> sql.Composed:
+    """The row's canonical form (bytea): `record_send` of its columns, those not in `binary` as text."""
+    def column(name: str) -> sql.Composable:
+        col = sql.Identifier(name) if record is None else sql.SQL("{}.{}").format(record, sql.Identifier(name))
+        return col if name in binary else sql.SQL("{}::text").format(col)
+
+    return sql.SQL("record_send(ROW({}))").format(sql.SQL(", ").join(column(c.name) for c in table.columns))
 
 
 class _Plan:
-    """The SQL of one table's comparison: its range key, row digest, leaf streams."""
+    """How one table is compared: its row form, key columns and kind of bucket."""
 
-    def __init__(self, table: Table, target: Table) -> None:
+    def __init__(self, table: Table, target: Table, source_facts: dict[str, _ColumnFacts] | None = None,
+                 target_facts: dict[str, _ColumnFacts] | None = None, same_encoding: bool = True,
+                 index_friendly: bool = True) -> None:
         self.table = table
-        self.row = _row_text(table)
-        if table.key:
-            self.keys = _key_columns(table, target)
-            first = self.keys[0]
-            self.range_key: sql.Composable = first.expression
-            self.range_type = sql.SQL({"integer": "bigint", "uuid": "uuid", "text": "bytea"}[first.mode])
-        else:
-            self.keys = ()
-            self.range_key = sql.SQL("decode(md5({}), 'hex')").format(self.row)
-            self.range_type = sql.SQL("bytea")
+        sf, tf = source_facts or {}, target_facts or {}
+        self.binary = frozenset(
+            c.name for c in table.columns
+            if c.name in sf and c.name in tf and sf[c.name].portable and tf[c.name].portable
+            and sf[c.name].type == tf[c.name].type
+        )
+        self.form = _row_form(table, self.binary)
+        self.keys = _key_columns(table, target) if table.key else ()
+        self.collatable = frozenset(k.name for k in self.keys if sf.get(k.name, _NO_FACTS).collation is not None)
+        first = table.key[0] if table.key else None
+        self.ranged = index_friendly and first is not None and first in sf and first in tf and (
+            sf[first].collation == tf[first].collation and (same_encoding or sf[first].collation is None))
+        self.range_type = sf[first].type if self.ranged and first is not None else ""
+        self.key_hash = _key_hash(self.keys, same_encoding) if self.keys else None
 
-    def _rows(self, sample: float | None = None) -> sql.Composed:
-        """The table as (rk, h): range key and row md5 (hex); optionally a block sample."""
-        how = sql.SQL("") if sample is None else sql.SQL(" TABLESAMPLE SYSTEM ({})").format(sql.Literal(sample))
-        if self.table.key:
-            return sql.SQL("SELECT {rk} AS rk, md5({row}) AS h FROM ONLY {t}{how}").format(
-                rk=self.range_key, row=self.row, t=self.table.ident, how=how)
-        return sql.SQL("SELECT decode(r.h, 'hex') AS rk, r.h FROM (SELECT md5({row}) AS h FROM ONLY {t}{how}) AS r"
-                       ).format(row=self.row, t=self.table.ident, how=how)
+    def scope(self) -> _Scope:
+        return _Ranges(self) if self.ranged else _Hashes(self)
 
-    def bucket(self, param: str) -> sql.Composed:
-        return sql.SQL("width_bucket(rk, {}::{}[])").format(sql.Placeholder(param), self.range_type)
+    def leaf_all(self) -> tuple[sql.Composed, dict[str, Any]]:
+        """Every row, as the leaf merge reads it."""
+        return self.leaf_rows(sql.SQL("true")), {}
 
-    def within(self) -> sql.Composed:
-        """Rows of the ranges still differing: `b` the boundaries they were cut at, `d` the ranges."""
-        return sql.SQL("WHERE {} = ANY(%(d)s::int[])").format(self.bucket("b"))
-
-    def digests(self, narrowed: bool) -> sql.Composed:
-        return sql.SQL(
-            "SELECT {bucket}, count(*), sum(('x' || left(h, 16))::bit(64)::bigint), "
-            "sum(('x' || right(h, 16))::bit(64)::bigint) FROM ({rows}) AS s {where} GROUP BY 1"
-        ).format(bucket=self.bucket("nb"), rows=self._rows(), where=self.within() if narrowed else sql.SQL(""))
-
-    def sample_boundaries(self, sample: float | None) -> sql.Composed:
-        return sql.SQL("SELECT percentile_disc(%(f)s::float8[]) WITHIN GROUP (ORDER BY rk) FROM ({}) AS s").format(
-            self._rows(sample))
-
-    def split_boundaries(self) -> sql.Composed:
-        return sql.SQL(
-            "SELECT percentile_disc(%(f)s::float8[]) WITHIN GROUP (ORDER BY rk) FROM ({}) AS s {} GROUP BY {}"
-        ).format(self._rows(), self.within(), self.bucket("b"))
-
-    def leaf(self, narrowed: bool) -> tuple[sql.Composed, int, bool]:
-        """The leaf stream's query, key width and whether values are counts (no key)."""
+    def leaf_rows(self, where: sql.Composable) -> sql.Composed:
+        """(key columns as the merge orders them, row md5) of the rows `where` selects, ordered by key; without a key
+        (row md5, copies) ordered by md5."""
         if self.keys:
-            key_list = sql.SQL(", ").join(k.expression for k in self.keys)
-            where: sql.Composable = sql.SQL("")
-            if narrowed:
-                where = sql.SQL(" WHERE {} = ANY(%(d)s::int[])").format(
-                    sql.SQL("width_bucket({}, %(b)s::{}[])").format(self.range_key, self.range_type))
-            return sql.SQL("SELECT {keys}, decode(md5({row}), 'hex') FROM ONLY {t}{where} ORDER BY {keys}").format(
-                keys=key_list, row=self.row, t=self.table.ident, where=where), len(self.keys), False
-        where = sql.SQL("")
-        if narrowed:
-            where = sql.SQL(" WHERE width_bucket(h, %(b)s::bytea[]) = ANY(%(d)s::int[])")
-        return sql.SQL("SELECT h, count(*) FROM (SELECT decode(md5({row}), 'hex') AS h FROM ONLY {t}) AS r{where} "
-                       "GROUP BY 1 ORDER BY 1").format(row=self.row, t=self.table.ident, where=where), 1, True
+            names = [sql.Identifier(f"k{i}") for i in range(len(self.keys))]
+            return sql.SQL(
+                "SELECT {names}, q.h FROM (SELECT {keys}, decode(md5({form}), 'hex') AS h FROM ONLY {t} "
+                "WHERE {where}) AS q ORDER BY {names}"
+            ).format(names=sql.SQL(", ").join(sql.SQL("q.{}").format(n) for n in names),
+                     keys=sql.SQL(", ").join(sql.SQL("{} AS {}").format(k.expression, n)
+                                             for k, n in zip(self.keys, names, strict=True)),
+                     form=self.form, t=self.table.ident, where=where)
+        return sql.SQL("SELECT decode(md5({form}), 'hex') AS h, count(*) FROM ONLY {t} WHERE {where} GROUP BY 1 "
+                       "ORDER BY 1").format(form=self.form, t=self.table.ident, where=where)
+
+
+_NO_FACTS = _ColumnFacts("", False, None)
+
+
+def _key_hash(keys: Sequence[_KeyColumn], same_encoding: bool) -> sql.Composable:
+    """A 64-bit hash of the key that both servers compute alike: of an integer key's value, of a uuid, otherwise of
+    the key's text form (under the pinned settings), taken as UTF-8 when the two servers' encodings differ."""
+    if len(keys) == 1 and keys[0].mode == "integer":
+        return sql.SQL("hashint8extended({}::int8, 0)").format(sql.Identifier(keys[0].name))
+    if len(keys) == 1 and keys[0].mode == "uuid":
+        return sql.SQL("uuid_hash_extended({}, 0)").format(sql.Identifier(keys[0].name))
+    if len(keys) == 1:
+        text: sql.Composable = sql.SQL("{}::text").format(sql.Identifier(keys[0].name))
+    else:
+        text = sql.SQL("ROW({})::text").format(sql.SQL(", ").join(sql.Identifier(k.name) for k in keys))
+    if not same_encoding:
+        text = sql.SQL("encode(convert_to({}, 'UTF8'), 'hex')").format(text)
+    return sql.SQL("hashtextextended({} COLLATE \"C\", 0)").format(text)
+
+
+class _Scope:
+    """The buckets of one table at the current pass: what to digest, how to split, which rows to list."""
+
+    buckets: int
+    """Buckets digested in the current pass."""
+
+    def start(self, source_conn: psycopg.Connection[Any]) -> None:
+        raise NotImplementedError
+
+    def digests(self) -> tuple[sql.Composed, dict[str, Any]]:
+        """Per bucket of the current pass: (bucket id, count, digest...)."""
+        raise NotImplementedError
+
+    def split(self, source_conn: psycopg.Connection[Any], differing: list[Any], sizes: dict[Any, int]) -> bool:
+        """Make the next pass digest the rows of the `differing` buckets in finer buckets; False if it cannot."""
+        raise NotImplementedError
+
+    def leaf(self, differing: list[Any]) -> tuple[sql.Composed, dict[str, Any]]:
+        """The leaf stream over the rows of the `differing` buckets of the current pass."""
+        raise NotImplementedError
+
+
+def _first_count(source_conn: psycopg.Connection[Any], table: Table) -> int:
+    if table.est_rows > 0:
+        return table.est_rows
+    with source_conn.cursor() as cur:
+        row = cur.execute(sql.SQL("SELECT count(*) FROM ONLY {}").format(table.ident)).fetchone()
+    return int(row[0]) if row else 0
+
+
+class _Hashes(_Scope):
+    """Key-hash buckets: the top `bits` bits of a 64-bit hash; a pass may be restricted to the rows of some buckets
+    of the previous pass."""
+
+    def __init__(self, plan: _Plan) -> None:
+        self.plan = plan
+        self.bits = 1
+        self.within: tuple[int, list[int]] | None = None
+        """(bits, buckets) the rows of this pass are restricted to."""
+
+    @property
+    def buckets(self) -> int:  # type: ignore[override]
+        return 2 ** self.bits
+
+    def start(self, source_conn: psycopg.Connection[Any]) -> None:
+        ranges = max(2, min(MAX_RANGES, _first_count(source_conn, self.plan.table) // RANGE_ROWS))
+        self.bits = max(1, math.ceil(math.log2(ranges)))
+
+    def _hashed(self, within: tuple[int, list[int]] | None) -> tuple[sql.Composed, dict[str, Any]]:
+        """The rows as (kh, h): the 64-bit bucket hash and the row md5 (hex), of the buckets `within` only."""
+        plan = self.plan
+        params: dict[str, Any] = {}
+        where: sql.Composable = sql.SQL("")
+        kh = plan.key_hash if plan.key_hash is not None else sql.SQL("hashtextextended(r.h, 2)")
+        if within is not None:
+            where = sql.SQL(" WHERE ({} >> %(ws)s) = ANY(%(wd)s::int8[])").format(kh)
+            params = {"ws": 64 - within[0], "wd": within[1]}
+        if plan.key_hash is not None:
+            return sql.SQL("SELECT {kh} AS kh, md5({form}) AS h FROM ONLY {t}{where} OFFSET 0").format(
+                kh=kh, form=plan.form, t=plan.table.ident, where=where), params
+        return sql.SQL("SELECT {kh} AS kh, r.h FROM (SELECT md5({form}) AS h FROM ONLY {t} OFFSET 0) AS r{where} "
+                       "OFFSET 0").format(kh=kh, form=plan.form, t=plan.table.ident, where=where), params
+
+    def digests(self) -> tuple[sql.Composed, dict[str, Any]]:
+        rows, params = self._hashed(self.within)
+        return sql.SQL(
+            "SELECT s.kh >> %(s)s, count(*), sum(hashtextextended(s.h, 0)), sum(hashtextextended(s.h, 1)) "
+            "FROM ({}) AS s GROUP BY 1"
+        ).format(rows), {**params, "s": 64 - self.bits}
+
+    def split(self, source_conn: psycopg.Connection[Any], differing: list[Any], sizes: dict[Any, int]) -> bool:
+        self.within = (self.bits, differing)
+        self.bits += SPLIT_BITS
+        return True
+
+    def leaf(self, differing: list[Any]) -> tuple[sql.Composed, dict[str, Any]]:
+        plan = self.plan
+        if plan.key_hash is not None:
+            where = sql.SQL("({} >> %(ws)s) = ANY(%(wd)s::int8[])").format(plan.key_hash)
+            return plan.leaf_rows(where), {"ws": 64 - self.bits, "wd": differing}
+        return sql.SQL(
+            "SELECT decode(r.h, 'hex'), count(*) FROM (SELECT md5({form}) AS h FROM ONLY {t} OFFSET 0) AS r "
+            "WHERE (hashtextextended(r.h, 2) >> %(ws)s) = ANY(%(wd)s::int8[]) GROUP BY 1 ORDER BY 1"
+        ).format(form=plan.form, t=plan.table.ident), {"ws": 64 - self.bits, "wd": differing}
+
+
+Bound = str | None
+
+
+class _Ranges(_Scope):
+    """Key ranges [lo, hi) of the first key column (None: open), cut at values sampled from the source and read
+    through the key's index one range at a time."""
+
+    def __init__(self, plan: _Plan) -> None:
+        self.plan = plan
+        self.ranges: list[tuple[Bound, Bound]] = [(None, None)]
+        self.column = sql.Identifier(plan.table.key[0])
+        self.type = sql.SQL(plan.range_type)
+
+    @property
+    def buckets(self) -> int:  # type: ignore[override]
+        return len(self.ranges)
+
+    def start(self, source_conn: psycopg.Connection[Any]) -> None:
+        rows = _first_count(source_conn, self.plan.table)
+        ranges = max(1, min(MAX_RANGES, rows // RANGE_ROWS))
+        if ranges == 1:
+            return
+        sample = sql.SQL("") if rows <= _SAMPLE_ROWS else sql.SQL(" TABLESAMPLE SYSTEM ({})").format(
+            sql.Literal(max(0.01, min(100.0, 100.0 * _SAMPLE_ROWS / rows))))
+        query = sql.SQL("SELECT (percentile_disc(%(f)s::float8[]) WITHIN GROUP (ORDER BY {k}))::text[] "
+                        "FROM ONLY {t}{sample}").format(k=self.column, t=self.plan.table.ident, sample=sample)
+        with source_conn.cursor() as cur:
+            found = cur.execute(query, {"f": [i / ranges for i in range(1, ranges)]}).fetchone()
+        cuts = _distinct_in_order(found[0] if found else None)
+        self.ranges = list(zip([None, *cuts], [*cuts, None], strict=True))
+
+    def _per_range(self, inner: Callable[[sql.Composable], sql.Composable],
+                   which: list[int]) -> tuple[sql.Composed, dict[str, Any]]:
+        """UNION ALL over the ranges `which` of (range index, inner(range predicate)'s columns)."""
+        parts: list[sql.Composable] = []
+        params: dict[str, Any] = {}
+        bounded = [i for i in which if self.ranges[i][0] is not None and self.ranges[i][1] is not None]
+        if bounded:
+            params.update(lo=[self.ranges[i][0] for i in bounded], hi=[self.ranges[i][1] for i in bounded],
+                          ix=bounded)
+            parts.append(sql.SQL(
+                "SELECT r.i, s.* FROM unnest(%(lo)s::text[]::{ty}[], %(hi)s::text[]::{ty}[], %(ix)s::int[]) "
+                "AS r(lo, hi, i) CROSS JOIN LATERAL ({inner}) AS s"
+            ).format(ty=self.type, inner=inner(sql.SQL("{k} >= r.lo AND {k} < r.hi").format(k=self.column))))
+        for i in which:
+            lo, hi = self.ranges[i]
+            if lo is not None and hi is not None:
+                continue
+            conditions: list[sql.Composable] = []
+            if lo is not None:
+                params[f"lo{i}"] = lo
+                conditions.append(sql.SQL("{} >= {}::text::{}").format(self.column, sql.Placeholder(f"lo{i}"),
+                                                                       self.type))
+            if hi is not None:
+                params[f"hi{i}"] = hi
+                conditions.append(sql.SQL("{} < {}::text::{}").format(self.column, sql.Placeholder(f"hi{i}"),
+                                                                      self.type))
+            where = sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("true")
+            parts.append(sql.SQL("SELECT {}::int, s.* FROM ({}) AS s").format(sql.Literal(i), inner(where)))
+        return sql.SQL(" UNION ALL ").join(parts), params
+
+    def digests(self) -> tuple[sql.Composed, dict[str, Any]]:
+        plan = self.plan
+        order = [sql.Identifier(f"o{i}") for i in range(len(plan.table.key))]
+
+        def inner(where: sql.Composable) -> sql.Composable:
+            return sql.SQL(
+                "SELECT count(*) AS n, sha256(string_agg(CASE WHEN length(q.f) > {wide} THEN sha256(q.f) "
+                "ELSE q.f END, ''::bytea ORDER BY {order})) AS d "
+                "FROM (SELECT {keys}, {form} AS f FROM ONLY {t} WHERE {where} OFFSET 0) AS q"
+            ).format(
+                wide=sql.Literal(_WIDE_FORM), form=plan.form, t=plan.table.ident, where=where,
+                order=sql.SQL(", ").join(
+                    sql.SQL("q.{} COLLATE \"C\"" if name in plan.collatable else "q.{}").format(o)
+                    for name, o in zip(plan.table.key, order, strict=True)),
+                keys=sql.SQL(", ").join(sql.SQL("{} AS {}").format(sql.Identifier(name), o)
+                                        for name, o in zip(plan.table.key, order, strict=True)))
+
+        return self._per_range(inner, list(range(len(self.ranges))))
+
+    def split(self, source_conn: psycopg.Connection[Any], differing: list[Any], sizes: dict[Any, int]) -> bool:
+        big = [i for i in differing if sizes[i] > LEAF_ROWS]
+        query, params = self._per_range(
+            lambda where: sql.SQL(
+                "SELECT (percentile_disc(%(f)s::float8[]) WITHIN GROUP (ORDER BY {k}))::text[] "
+                "FROM ONLY {t} WHERE {where}").format(k=self.column, t=self.plan.table.ident, where=where), big)
+        params["f"] = [i / 2 ** SPLIT_BITS for i in range(1, 2 ** SPLIT_BITS)]
+        with source_conn.cursor() as cur:
+            cuts = {int(i): values for i, values in cur.execute(query, params)}
+        finer: list[tuple[Bound, Bound]] = []
+        for i in differing:
+            lo, hi = self.ranges[i]
+            inside = [v for v in _distinct_in_order(cuts.get(i)) if v != lo]
+            finer.extend(zip([lo, *inside], [*inside, hi], strict=True))
+        if len(finer) == len(differing):
+            return False  # the first key column cannot tell these rows apart (a composite key): list them
+        self.ranges = finer
+        return True
+
+    def leaf(self, differing: list[Any]) -> tuple[sql.Composed, dict[str, Any]]:
+        plan = self.plan
+        names = [sql.Identifier(f"k{i}") for i in range(len(plan.keys))]
+
+        def inner(where: sql.Composable) -> sql.Composable:
+            return sql.SQL("SELECT {keys}, decode(md5({form}), 'hex') AS h FROM ONLY {t} WHERE {where}").format(
+                keys=sql.SQL(", ").join(sql.SQL("{} AS {}").format(k.expression, n)
+                                        for k, n in zip(plan.keys, names, strict=True)),
+                form=plan.form, t=plan.table.ident, where=where)
+
+        rows, params = self._per_range(inner, differing)
+        cols = sql.SQL(", ").join(sql.SQL("u.{}").format(n) for n in names)
+        return sql.SQL("SELECT {cols}, u.h FROM ({rows}) AS u ORDER BY {cols}").format(cols=cols, rows=rows), params
+
+
+def _distinct_in_order(values: Sequence[str | None] | None) -> list[str]:
+    """Sampled cut points in the order the server sorted them, repeats and NULLs dropped."""
+    result: list[str] = []
+    for v in values or ():
+        if v is not None and (not result or v != result[-1]):
+            result.append(v)
+    return result
 
 
 @dataclass
 class _Narrowed:
-    """Where the differences are: `differing` ranges of the sorted `boundaries` (all ranges when `everywhere`)."""
+    """Where the differences are: the `differing` buckets of `scope`'s current pass (the whole table when
+    `everywhere`)."""
 
-    boundaries: list[Any]
-    differing: list[int]
+    scope: _Scope
+    differing: list[Any]
     source_rows: int
     target_rows: int
     ranges: int
@@ -573,55 +894,31 @@ def _both(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connection[
         return on_source, on_target.result()
 
 
-def _count(conn: psycopg.Connection[Any], table: Table) -> int:
-    with conn.cursor() as cur:
-        row = cur.execute(sql.SQL("SELECT count(*) FROM ONLY {}").format(table.ident)).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-def _first_boundaries(source_conn: psycopg.Connection[Any], plan: _Plan) -> list[Any]:
-    rows = plan.table.est_rows if plan.table.est_rows > 0 else _count(source_conn, plan.table)
-    ranges = max(1, min(MAX_RANGES, rows // RANGE_ROWS))
-    if ranges == 1:
-        return []
-    sample = None if rows <= _SAMPLE_ROWS else max(0.01, min(100.0, 100.0 * _SAMPLE_ROWS / rows))
-    with source_conn.cursor() as cur:
-        found = cur.execute(plan.sample_boundaries(sample), {"f": [i / ranges for i in range(1, ranges)]}).fetchone()
-    assert found is not None
-    return sorted({v for v in found[0] or () if v is not None})
-
-
-def _digests(rows: list[tuple[Any, ...]]) -> dict[int, Digest]:
-    return {int(b): (int(n), s1, s2) for b, n, s1, s2 in rows}
+def _digests(rows: list[tuple[Any, ...]]) -> dict[Any, Digest]:
+    return {b: (int(n), *rest) for b, n, *rest in rows}
 
 
 def _narrow(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connection[Any], plan: _Plan) -> _Narrowed:
-    """Digest every range on both sides, then split the ranges that differ until each is small enough to list."""
-    boundaries = _first_boundaries(source_conn, plan)
-    src, tgt = (_digests(r) for r in _both(source_conn, target_conn, plan.digests(False), {"nb": boundaries}))
-    result = _Narrowed(boundaries, _differing(src, tgt), sum(d[0] for d in src.values()),
-                       sum(d[0] for d in tgt.values()), len(boundaries) + 1, 0, 1)
+    """Digest every bucket on both sides, then split the buckets that differ until each is small enough to list."""
+    scope = plan.scope()
+    scope.start(source_conn)
+    src, tgt = (_digests(r) for r in _both(source_conn, target_conn, *scope.digests()))
+    result = _Narrowed(scope, _differing(src, tgt), sum(d[0] for d in src.values()),
+                       sum(d[0] for d in tgt.values()), scope.buckets, 0, 1)
     result.ranges_different = len(result.differing)
     while result.differing and result.passes < _MAX_PASSES:
         sizes = {b: max(src.get(b, (0,))[0], tgt.get(b, (0,))[0]) for b in result.differing}
         if sum(sizes.values()) * 2 > max(result.source_rows, result.target_rows):
-            result.everywhere = len(result.differing) == len(boundaries) + 1
-            break  # differences everywhere: listing the rows is cheaper than splitting
-        big = [b for b, n in sizes.items() if n > LEAF_ROWS]
-        if not big:
+            # Differences everywhere: listing the rows is cheaper than splitting.
+            result.everywhere = len(result.differing) == result.ranges
             break
-        params = {"b": result.boundaries, "d": big, "f": [i / SPLIT for i in range(1, SPLIT)]}
-        with source_conn.cursor() as cur:
-            cuts = {v for (values,) in cur.execute(plan.split_boundaries(), params) for v in values or ()}
-        finer = sorted(set(result.boundaries) | {v for v in cuts if v is not None})
-        if len(finer) == len(result.boundaries):
-            break  # the range key cannot tell these rows apart (a composite key's first column): list them
-        # Only the ranges that differ are read again, grouped by the finer cut; ranges that were small stay as
-        # they are and are listed with the rest.
-        params = {"b": result.boundaries, "d": result.differing, "nb": finer}
-        src, tgt = (_digests(r) for r in _both(source_conn, target_conn, plan.digests(True), params))
-        result.boundaries, result.differing = finer, _differing(src, tgt)
+        if not any(n > LEAF_ROWS for n in sizes.values()):
+            break
+        # Only the buckets that differ are read again, each split finer.
+        if not scope.split(source_conn, result.differing, sizes):
+            break
+        src, tgt = (_digests(r) for r in _both(source_conn, target_conn, *scope.digests()))
+        result.differing = _differing(src, tgt)
         result.passes += 1
     return result
 
@@ -645,8 +942,8 @@ def _leaf(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connection[
 
     A row whose key (without a key: whose row hash) a change in the live window touched is in flight, not different.
     """
-    query, width, weighted = plan.leaf(not narrowed.everywhere)
-    params = {"b": narrowed.boundaries, "d": narrowed.differing}
+    query, params = plan.leaf_all() if narrowed.everywhere else narrowed.scope.leaf(narrowed.differing)
+    width, weighted = max(1, len(plan.keys)), not plan.keys
     source = _Stream(source_conn, query, width, weighted, "source", params=params)
     target_stream = _Stream(target_conn, query, width, weighted, "target", params=params)
     found = _Found()
@@ -733,7 +1030,7 @@ def _in_flight(source_conn: psycopg.Connection[Any], plan: _Plan, window: _Windo
             "SELECT e.old_row::{t} AS r FROM {log} AS e WHERE {w} AND e.old_row IS NOT NULL UNION ALL "
             "SELECT e.new_row::{t} FROM {log} AS e WHERE {w} AND e.new_row IS NOT NULL"
         ).format(t=plan.table.ident, log=log_table, w=where)
-        keys = sql.SQL("decode(md5({}), 'hex')").format(_row_text(plan.table, sql.SQL("(x.r)")))
+        keys = sql.SQL("decode(md5({}), 'hex')").format(_row_form(plan.table, plan.binary, sql.SQL("(x.r)")))
         rows = cur.execute(sql.SQL("SELECT DISTINCT {} FROM ({}) AS x").format(keys, images), params).fetchall()
     return _InFlight(frozenset(tuple(r) for r in rows))
 
@@ -905,12 +1202,12 @@ def _with_keyed_values(source_conn: psycopg.Connection[Any], target_conn: psycop
 
 
 def _with_multiset_values(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connection[Any],
-                          table: Table, differences: list[RowDifference]) -> list[RowDifference]:
+                          plan: _Plan, differences: list[RowDifference]) -> list[RowDifference]:
     """Fetch the row text behind each listed row hash (operator asked): one scan per side."""
     query = sql.SQL(
-        "SELECT DISTINCT ON (h) h, r FROM (SELECT md5(r) AS h, r FROM (SELECT {row} AS r FROM ONLY {table}) AS rows)"
-        " AS hashed WHERE h = ANY(%s)"
-    ).format(row=_row_text(table), table=table.ident)
+        "SELECT DISTINCT ON (h) h, r FROM (SELECT md5({form}) AS h, {row} AS r FROM ONLY {table}) AS hashed "
+        "WHERE h = ANY(%s)"
+    ).format(form=plan.form, row=_row_text(plan.table), table=plan.table.ident)
 
     def rows(conn: psycopg.Connection[Any], side: str) -> dict[str, str]:
         wanted = [d.row_md5 for d in differences if getattr(d, f"{side}_count")]
