@@ -413,6 +413,9 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
             if unknown:
                 raise MigratorError(f"not a captured table: {', '.join(unknown)}")
             names = [(states[n].schema_name, states[n].table_name) for n in only]
+            # Under sync's position lock: a batch in progress commits first, and every later batch sees the tables
+            # pending and stops until this copy has finished them.
+            state.lock_position(target)
             state.reset_tables(target, names)
             state.reset_chunks(target, names)
             target.commit()

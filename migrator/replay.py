@@ -375,6 +375,15 @@ class Syncer:
             with tgt.cursor() as tcur:
                 tcur.execute("SET LOCAL session_replication_role = replica")
                 state.lock_position(tgt)
+                # `copy --tables` sends tables back to pending under this same lock: a table being copied again
+                # must not receive changes meanwhile (the copy empties it and fills it from a newer snapshot).
+                self.states = state.tables(tgt)
+                recopying = [s.display for s in self.states if s.status != "copied"]
+                if recopying:
+                    tgt.rollback()
+                    raise NotReady(f"{', '.join(recopying)}: to be copied again (after `migrator copy --tables` or "
+                                   "`prepare`); sync stopped without applying anything",
+                                   hint="Run `migrator copy` until it reports done, then `migrator sync` again.")
                 pos = state.position(tgt)
                 assert pos is not None
                 applied = Snapshot.parse(pos.applied_snapshot)

@@ -227,3 +227,35 @@ def test_copy_killed_mid_table_resumes_chunks_and_meets_the_delta_log(
           f"{[(t['table'], t['chunks']) for t in resumed['tables']]}; final sync {final.events} events")
     assert writer.moves > 20 and final.caught_up
     assert_same_rows(source_dsn, target_dsn)
+
+
+def test_copy_tables_while_sync_follows_stops_sync_until_the_table_is_copied_again(
+    make_config: Any, source_dsn: str, target_dsn: str, tmp_path: Path
+) -> None:
+    run_sql(source_dsn, STUDY.format(rows=20_000), "VACUUM ANALYZE")
+    cfg = chunked(make_config)
+    capture.prepare(cfg)
+    copy.run(cfg)
+    replay.sync(cfg)
+    procs = Processes(config_file(tmp_path, source_dsn, target_dsn))
+    try:
+        follower = procs.start("sync", "--follow")
+        run_sql(source_dsn, "UPDATE public.study SET n = -n WHERE n % 97 = 0")
+        wait_for(lambda: fetch(target_dsn, "SELECT count(*) FROM public.study WHERE n < 0")[0][0] > 0, 30,
+                 "sync --follow to apply a change")
+        # The re-copy resets the table and then waits, paused, before copying a chunk of it.
+        procs.run("copy", "--pause")
+        recopy = procs.start("copy", "--tables", "public.study")
+        wait_for(lambda: fetch(target_dsn, sql.SQL("SELECT status FROM {}.table_state WHERE table_name = 'study'")
+                               .format(sql.Identifier(CONTROL_SCHEMA)).as_string(None))[0][0] != "copied", 30,
+                 "the re-copy to send the table back")
+        run_sql(source_dsn, "UPDATE public.study SET note = 'after' WHERE n % 89 = 0",
+                "DELETE FROM public.study WHERE n % 83 = 0")
+        assert follower.wait(timeout=30) != 0, "sync must not apply changes to a table being copied again"
+        assert "to be copied again" in procs.output(follower)
+        procs.run("copy", "--resume")
+        assert recopy.wait(timeout=120) == 0, procs.output(recopy)
+        procs.run("sync")
+    finally:
+        procs.kill_all()
+    assert_same_rows(source_dsn, target_dsn)
