@@ -144,7 +144,7 @@ def copy(obj: Ctx, workers: int | None, only: tuple[str, ...], max_rate: float |
         return
     with CopyProgress(enabled=not as_json and sys.stderr.isatty()) as progress:
         result = copy_mod.run(obj.cfg, workers=workers, progress=progress.update, only=list(only) or None,
-                              max_rate=max_rate)
+                              max_rate=max_rate, overall=progress.overall)
     _emit(result, as_json, lambda: (
         f"copied {len(result.copied)} tables ({result.rows} rows, {result.bytes / 1e6:.1f} MB) in "
         f"{result.seconds:.1f}s (post-data {result.post_data_seconds:.1f}s); {len(result.skipped)} already copied"))

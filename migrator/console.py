@@ -14,6 +14,7 @@ from rich.progress import (
     Progress,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
     TransferSpeedColumn,
 )
 from rich.table import Table
@@ -31,7 +32,7 @@ class CopyProgress:
         self._tasks: dict[str, Any] = {}
         self._progress = Progress(
             TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            TextColumn("{task.fields[rows]} rows"), TimeElapsedColumn(),
+            TextColumn("{task.fields[rows]} rows"), TimeElapsedColumn(), TimeRemainingColumn(),
             console=Console(stderr=True), transient=False,
         ) if enabled else None
 
@@ -44,6 +45,16 @@ class CopyProgress:
         if self._progress:
             self._progress.stop()
 
+    def overall(self, done: int, total: int) -> None:
+        """The whole run, in the chunks' estimated bytes: its bar carries the time left."""
+        if not self._progress:
+            return
+        with self._lock:
+            task = self._tasks.get(_OVERALL)
+            if task is None:
+                task = self._tasks[_OVERALL] = self._progress.add_task(_OVERALL, total=total, rows="…")
+            self._progress.update(task, completed=done, total=total)
+
     def update(self, table: str, rows: int, nbytes: int) -> None:
         if not self._progress:
             return
@@ -54,6 +65,9 @@ class CopyProgress:
             self._progress.update(task, completed=nbytes, rows=rows if rows >= 0 else "…")
             if rows >= 0:
                 self._progress.update(task, total=nbytes)
+
+
+_OVERALL = "all tables (estimated)"
 
 
 def _age(v: Any) -> str:

@@ -88,6 +88,10 @@ class CopyResult:
 
 Progress = Callable[[str, int, int], None]
 """progress(table, rows_so_far, bytes_so_far); rows is -1 while a table is still loading."""
+Overall = Callable[[int, int], None]
+"""overall(done, total): estimated source bytes of the run's chunks copied so far (in-flight ones in part), of all."""
+_LOG_PROGRESS_EVERY = 10.0
+"""Seconds between the coordinator's `copy.progress` log events (percentage done, estimated time left)."""
 
 
 # --- planning -----------------------------------------------------------------------------------------------------
@@ -391,7 +395,7 @@ def resume(cfg: Config) -> None:
 # --- the coordinator ----------------------------------------------------------------------------------------------
 
 def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = None,
-        only: list[str] | None = None, max_rate: float | None = None) -> CopyResult:
+        only: list[str] | None = None, max_rate: float | None = None, overall: Overall | None = None) -> CopyResult:
     """Copy every chunk not yet copied; then post-data and ANALYZE. Re-runnable: finished chunks are kept.
 
     `only` re-copies the named tables (schema.table) even if copied already, each under a new boundary.
@@ -468,7 +472,7 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
                  chunks=sum(1 for c in state.chunks(target) if c.status == "pending"))
         target.rollback()
         try:
-            failed = _supervise(cfg, target, workers, coordinator, progress)
+            failed = _supervise(cfg, target, workers, coordinator, progress, overall)
         finally:
             state.finish_copy_run(target)
             target.commit()
@@ -520,9 +524,10 @@ def _empty(target: psycopg.Connection[Any], table: Table) -> None:
 
 
 def _supervise(cfg: Config, target: psycopg.Connection[Any], workers: int, coordinator: str,
-               progress: Progress | None) -> int:
+               progress: Progress | None, overall: Overall | None = None) -> int:
     """Run local worker processes until every chunk is copied (workers of other hosts may help); heartbeat and
     progress meanwhile. Returns how many local workers failed."""
+    eta = _Eta()
     ctx = multiprocessing.get_context("spawn")
     json_logs = not os.isatty(2)
     procs: dict[str, Any] = {}
@@ -553,10 +558,15 @@ def _supervise(cfg: Config, target: psycopg.Connection[Any], workers: int, coord
             elif not procs and failed:
                 break
             state.copy_heartbeat(target)
+            active = state.copy_workers(target)
             if progress:
-                for w in state.copy_workers(target):
+                for w in active:
                     if w["table_name"]:
                         progress(f"{w['schema_name']}.{w['table_name']}#{w['chunk_no']}", -1, int(w["bytes_done"]))
+            done, total = _estimated_done(chunks, active)
+            if overall:
+                overall(done, total)
+            eta.log(done, total)
             target.commit()
             time.sleep(0.3)
     finally:
@@ -564,6 +574,38 @@ def _supervise(cfg: Config, target: psycopg.Connection[Any], workers: int, coord
             proc.join()
         target.rollback()
     return failed
+
+
+def _estimated_done(chunks: list[state.Chunk], active: list[dict[str, Any]]) -> tuple[int, int]:
+    """(done, total) in the chunks' estimated source bytes: copied chunks whole, chunks in flight by the bytes loaded
+    so far (at most their estimate)."""
+    estimate = {(c.schema_name, c.table_name, c.chunk_no): c.est_bytes for c in chunks}
+    done = sum(c.est_bytes for c in chunks if c.status == "copied")
+    done += sum(min(int(w["bytes_done"]), estimate.get((w["schema_name"], w["table_name"], w["chunk_no"]), 0))
+                for w in active if w["table_name"])
+    return done, sum(estimate.values())
+
+
+class _Eta:
+    """The `copy.progress` log event now and then: share done and time left at the rate since the coordinator
+    started (what a non-terminal operator, or a log shipper, sees)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.first: int | None = None
+        self.next = self.started + _LOG_PROGRESS_EVERY
+
+    def log(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = done  # chunks a previous run copied do not count towards this run's rate
+        if now < self.next or total <= 0:
+            return
+        self.next = now + _LOG_PROGRESS_EVERY
+        rate = (done - self.first) / (now - self.started)
+        left = round((total - done) / rate) if rate > 0 else None
+        get(phase="copy").info("copy.progress", done_pct=round(100 * done / total, 1), eta_seconds=left,
+                               mb_per_second=round(rate / 1e6, 1))
 
 
 def _analyze(cfg: Config, tables: list[Table], jobs: int) -> None:

@@ -259,3 +259,22 @@ def test_copy_tables_while_sync_follows_stops_sync_until_the_table_is_copied_aga
     finally:
         procs.kill_all()
     assert_same_rows(source_dsn, target_dsn)
+
+
+def test_progress_estimates_share_done_and_time_left(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    def chunk(no: int, est: int, status: str) -> state.Chunk:
+        return state.Chunk("public", "study", no, None, None, est, status, None, None, None, None, None, None)
+
+    chunks = [chunk(0, 100, "copied"), chunk(1, 100, "copying"), chunk(2, 200, "pending")]
+    active = [{"schema_name": "public", "table_name": "study", "chunk_no": 1, "bytes_done": 150},
+              {"schema_name": None, "table_name": None, "chunk_no": None, "bytes_done": 0}]
+    assert copy._estimated_done(chunks, active) == (200, 400), "a chunk in flight counts at most its estimate"
+
+    clock = iter([1000.0, 1011.0])
+    monkeypatch.setattr(copy.time, "monotonic", lambda: next(clock))
+    eta = copy._Eta()  # started at 1000 s
+    eta.first = 100  # copied by an earlier run: not part of this run's rate
+    eta.log(200, 400)  # 11 s later: 100 bytes in 11 s, 200 left
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if "copy.progress" in line]
+    assert [(e["done_pct"], e["eta_seconds"]) for e in events] == [(50.0, 22)]
