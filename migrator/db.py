@@ -24,10 +24,11 @@ PINNED_SETTINGS: dict[str, str] = {
     "extra_float_digits": "3",
     "bytea_output": "hex",
     "lc_monetary": "C",
-    "client_encoding": "UTF8",
 }
-"""`client_encoding` is pinned too: text then crosses the wire as UTF-8 from either side, whatever each server's own
-encoding, so that binary COPY and verify's binary row forms carry the same bytes for the same text."""
+CLIENT_ENCODING = "UTF8"
+"""Pinned too, as a connection parameter (which a DSN's client_encoding or PGCLIENTENCODING cannot override): text
+then crosses the wire as UTF-8 from either side, whatever each server's own encoding, so that binary COPY and
+verify's binary row forms carry the same bytes for the same text."""
 
 
 def connect(dsn: str, *, role: str, autocommit: bool = False, application_name: str | None = None,
@@ -40,7 +41,7 @@ def connect(dsn: str, *, role: str, autocommit: bool = False, application_name: 
             autocommit=autocommit,
             application_name=application_name or f"migrator-{role}",
             options=options,
-            **kwargs,
+            **{**kwargs, "client_encoding": CLIENT_ENCODING},
         )
     except psycopg.Error as exc:
         raise ConnectionFailed(f"cannot connect to the {role} database: {redact(str(exc)).strip()}") from exc

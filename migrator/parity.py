@@ -12,9 +12,10 @@ bounded whatever the size of the table:
 
 The row form (`_row_form`) is `record_send(ROW(<source columns>))`: every column in its binary send form, which is
 exact (float -0, NaN and infinities, numeric scale, timestamps to the microsecond) and does not depend on any output
-setting. Columns whose binary form carries a type OID or is not portable between servers (types that are not built
-in: enums, domains, composites, extension types and arrays of them; OID aliases such as regclass; columns typed
-differently on the two sides) enter in their text form instead, under the pinned output settings of `migrator.db`.
+setting. Columns whose binary form carries a type OID or is not portable between servers (types not built in at a
+fixed OID: enums, domains, composites, extension types; arrays, whose send form also records whether a null bitmap
+is stored, which depends on the value's history; OID aliases such as regclass; columns typed differently on the two
+sides) enter in their text form instead, under the pinned output settings of `migrator.db`.
 It is built from the source's column list, so a target whose columns are in another order, or which has columns of
 its own, still compares what migrated.
 
@@ -518,7 +519,10 @@ def _result(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connectio
 RANGE_ROWS = 2_000
 """Rows per bucket aimed at in the first pass."""
 MAX_RANGES = 4_096
-"""At most this many buckets in the first pass."""
+"""At most this many key-hash buckets in the first pass."""
+MAX_KEY_RANGES = 65_536
+"""At most this many key ranges in the first pass: a range's digest aggregates its rows' forms in memory (at most
+1 kB each), so the ranges of a billion-row table stay within some tens of MB."""
 LEAF_ROWS = 20_000
 """A differing bucket with at most this many rows (on the larger side) is listed by key rather than split again."""
 SPLIT_BITS = 4
@@ -537,29 +541,41 @@ Digest = tuple[Any, ...]
 class _ColumnFacts:
     type: str
     portable: bool
-    """The binary send form is the same on any server: a built-in type with a send function, not an OID alias."""
+    """The binary send form is the same on any server: a type built in at a fixed OID (below 10000) with a send
+    function, not an array (array_send writes a null-bitmap flag that depends on the value's history, not on its
+    elements), not an OID alias."""
+    array: bool
     collation: str | None
-    """The column's effective collation (None: the type has none)."""
+    """The column's effective collation: name, provider, locale and recorded version (None: the type has none).
+    Two columns sort alike when these agree."""
+    collation_name: tuple[str, str] | None
+    """(schema, name) of that collation, for a COLLATE clause."""
 
 
 _FACTS = """
 SELECT a.attname, format_type(a.atttypid, a.atttypmod),
-       a.atttypid < 16384 AND t.typsend <> 0 AND t.typname !~ '^reg'
-           AND (t.typelem = 0 OR (t.typelem < 16384 AND e.typname !~ '^reg')),
+       a.atttypid < 10000 AND t.typsend <> 0 AND t.typname !~ '^reg' AND t.typcategory <> 'A',
+       t.typcategory = 'A',
        CASE WHEN a.attcollation = 0 THEN NULL
-            WHEN c.collname = 'default' THEN (SELECT 'default ' || datcollate FROM pg_database
-                                              WHERE datname = current_database())
-            ELSE c.collname || ' ' || coalesce(c.collcollate, '') END
-FROM pg_attribute AS a JOIN pg_type AS t ON t.oid = a.atttypid LEFT JOIN pg_type AS e ON e.oid = t.typelem
-     LEFT JOIN pg_collation AS c ON c.oid = a.attcollation
+            WHEN c.collname = 'default' THEN (
+                SELECT concat_ws(' ', 'default', j ->> 'datlocprovider', j ->> 'datcollate', j ->> 'daticulocale',
+                                 j ->> 'datlocale', j ->> 'datcollversion')
+                FROM pg_database AS d, to_jsonb(d) AS j WHERE d.datname = current_database())
+            ELSE concat_ws(' ', c.collname, j ->> 'collprovider', j ->> 'collcollate', j ->> 'colliculocale',
+                           j ->> 'colllocale', j ->> 'collversion') END,
+       n.nspname, c.collname
+FROM pg_attribute AS a JOIN pg_type AS t ON t.oid = a.atttypid
+     LEFT JOIN pg_collation AS c ON c.oid = a.attcollation LEFT JOIN pg_namespace AS n ON n.oid = c.collnamespace
+     LEFT JOIN LATERAL to_jsonb(c) AS j ON true
 WHERE a.attrelid = %s::oid AND a.attnum > 0 AND NOT a.attisdropped
 """
 
 
 def _column_facts(conn: psycopg.Connection[Any], table: Table) -> dict[str, _ColumnFacts]:
     with conn.cursor() as cur:
-        return {name: _ColumnFacts(type_, bool(portable), collation)
-                for name, type_, portable, collation in cur.execute(_FACTS, (table.oid,))}
+        return {name: _ColumnFacts(type_, bool(portable), bool(array), collation,
+                                   (nsp, coll) if collation is not None else None)
+                for name, type_, portable, array, collation, nsp, coll in cur.execute(_FACTS, (table.oid,))}
 
 
 _FRIENDLY = """
@@ -609,9 +625,14 @@ class _Plan:
         self.keys = _key_columns(table, target) if table.key else ()
         self.collatable = frozenset(k.name for k in self.keys if sf.get(k.name, _NO_FACTS).collation is not None)
         first = table.key[0] if table.key else None
-        self.ranged = index_friendly and first is not None and first in sf and first in tf and (
-            sf[first].collation == tf[first].collation and (same_encoding or sf[first].collation is None))
+        # Key ranges need the key to sort alike on both sides: the same types, the same collation (and, for text,
+        # the same encoding); an array key is left to hashing.
+        self.ranged = index_friendly and first is not None and all(
+            name in sf and name in tf and sf[name].type == tf[name].type and sf[name].collation == tf[name].collation
+            for name in table.key
+        ) and not sf[first].array and (same_encoding or sf[first].collation is None)
         self.range_type = sf[first].type if self.ranged and first is not None else ""
+        self.target_collation = tf[first].collation_name if self.ranged and first is not None else None
         self.key_hash = _key_hash(self.keys, same_encoding) if self.keys else None
 
     def scope(self) -> _Scope:
@@ -637,7 +658,7 @@ class _Plan:
                        "ORDER BY 1").format(form=self.form, t=self.table.ident, where=where)
 
 
-_NO_FACTS = _ColumnFacts("", False, None)
+_NO_FACTS = _ColumnFacts("", False, False, None, None)
 
 
 def _key_hash(keys: Sequence[_KeyColumn], same_encoding: bool) -> sql.Composable:
@@ -662,7 +683,8 @@ class _Scope:
     buckets: int
     """Buckets digested in the current pass."""
 
-    def start(self, source_conn: psycopg.Connection[Any]) -> None:
+    def start(self, source_conn: psycopg.Connection[Any], target_conn: psycopg.Connection[Any]) -> bool:
+        """Set up the first pass; False if this kind of bucket does not suit the table after all."""
         raise NotImplementedError
 
     def digests(self) -> tuple[sql.Composed, dict[str, Any]]:
@@ -700,9 +722,10 @@ class _Hashes(_Scope):
     def buckets(self) -> int:  # type: ignore[override]
         return 2 ** self.bits
 
-    def start(self, source_conn: psycopg.Connection[Any]) -> None:
+    def start(self, source_conn: psycopg.Connection[Any], target_conn: psycopg.Connection[Any]) -> bool:
         ranges = max(2, min(MAX_RANGES, _first_count(source_conn, self.plan.table) // RANGE_ROWS))
         self.bits = max(1, math.ceil(math.log2(ranges)))
+        return True
 
     def _hashed(self, within: tuple[int, list[int]] | None) -> tuple[sql.Composed, dict[str, Any]]:
         """The rows as (kh, h): the 64-bit bucket hash and the row md5 (hex), of the buckets `within` only."""
@@ -759,11 +782,11 @@ class _Ranges(_Scope):
     def buckets(self) -> int:  # type: ignore[override]
         return len(self.ranges)
 
-    def start(self, source_conn: psycopg.Connection[Any]) -> None:
+    def start(self, source_conn: psycopg.Connection[Any], target_conn: psycopg.Connection[Any]) -> bool:
         rows = _first_count(source_conn, self.plan.table)
-        ranges = max(1, min(MAX_RANGES, rows // RANGE_ROWS))
+        ranges = max(1, min(MAX_KEY_RANGES, rows // RANGE_ROWS))
         if ranges == 1:
-            return
+            return True
         sample = sql.SQL("") if rows <= _SAMPLE_ROWS else sql.SQL(" TABLESAMPLE SYSTEM ({})").format(
             sql.Literal(max(0.01, min(100.0, 100.0 * _SAMPLE_ROWS / rows))))
         query = sql.SQL("SELECT (percentile_disc(%(f)s::float8[]) WITHIN GROUP (ORDER BY {k}))::text[] "
@@ -771,7 +794,28 @@ class _Ranges(_Scope):
         with source_conn.cursor() as cur:
             found = cur.execute(query, {"f": [i / ranges for i in range(1, ranges)]}).fetchone()
         cuts = _distinct_in_order(found[0] if found else None)
+        if (len(cuts) + 1) * 4 < ranges:
+            # The first key column has too few distinct values (a composite key's site or region): ranges would
+            # each hold a large share of the table, and a range's digest is one value in memory.
+            return False
+        if not self._sorted_on(target_conn, cuts):
+            return False  # the target sorts the key otherwise (an undeclared collation difference): hash instead
         self.ranges = list(zip([None, *cuts], [*cuts, None], strict=True))
+        return True
+
+    def _sorted_on(self, conn: psycopg.Connection[Any], cuts: list[str]) -> bool:
+        """Whether `conn`'s server sorts the cut points (sorted on the source) the same way: otherwise a range
+        would hold other rows there, and ranges could overlap."""
+        if len(cuts) < 2:
+            return True
+        a: sql.Composable = sql.SQL("x.a")
+        if self.plan.target_collation is not None:
+            a = sql.SQL("x.a COLLATE {}").format(sql.Identifier(*self.plan.target_collation))
+        query = sql.SQL("SELECT coalesce(bool_and({a} < x.b), true) FROM unnest(%(a)s::text[]::{ty}[], "
+                        "%(b)s::text[]::{ty}[]) AS x(a, b)").format(a=a, ty=self.type)
+        with conn.cursor() as cur:
+            row = cur.execute(query, {"a": cuts[:-1], "b": cuts[1:]}).fetchone()
+        return bool(row and row[0])
 
     def _per_range(self, inner: Callable[[sql.Composable], sql.Composable],
                    which: list[int]) -> tuple[sql.Composed, dict[str, Any]]:
@@ -901,7 +945,9 @@ def _digests(rows: list[tuple[Any, ...]]) -> dict[Any, Digest]:
 def _narrow(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connection[Any], plan: _Plan) -> _Narrowed:
     """Digest every bucket on both sides, then split the buckets that differ until each is small enough to list."""
     scope = plan.scope()
-    scope.start(source_conn)
+    if not scope.start(source_conn, target_conn):
+        scope = _Hashes(plan)
+        scope.start(source_conn, target_conn)
     src, tgt = (_digests(r) for r in _both(source_conn, target_conn, *scope.digests()))
     result = _Narrowed(scope, _differing(src, tgt), sum(d[0] for d in src.values()),
                        sum(d[0] for d in tgt.values()), scope.buckets, 0, 1)

@@ -448,6 +448,91 @@ def test_columns_of_user_defined_types_compare_by_value_whatever_their_oids(
     assert [(d.kind, d.key) for d in result.differences] == [("different", ("1234",))]
 
 
+def _binary_copy(source_dsn: str, target_dsn: str, name: str) -> None:
+    with psycopg.connect(source_dsn) as s, psycopg.connect(target_dsn) as t:
+        with s.cursor().copy(f"COPY {name} TO STDOUT (FORMAT binary)") as out, \
+                t.cursor().copy(f"COPY {name} FROM STDIN (FORMAT binary)") as into:
+            for data in out:
+                into.write(data)
+
+
+@pytest.mark.parametrize("buckets", ["ranges", "hashes"])
+def test_an_array_that_lost_its_nulls_compares_equal_to_its_copy(
+    source_dsn: str, target_dsn: str, cfg: Config, buckets: parity.Buckets
+) -> None:
+    # arr[2] = 2 leaves a null bitmap without a NULL in it on the source; binary COPY rebuilds the array without one,
+    # and array_send tells the two apart: arrays must enter the digest by value (text), not by their send form.
+    both(source_dsn, target_dsn, "CREATE TABLE public.a (id int PRIMARY KEY, arr int[])")
+    run_sql(source_dsn, "INSERT INTO public.a VALUES (1, '{1,NULL,3}'), (2, '{4,5}')",
+            "UPDATE public.a SET arr[2] = 2 WHERE id = 1")
+    _binary_copy(source_dsn, target_dsn, "public.a")
+    assert fetch(source_dsn, "SELECT array_send(arr) FROM public.a WHERE id = 1") != \
+        fetch(target_dsn, "SELECT array_send(arr) FROM public.a WHERE id = 1")
+
+    assert table(parity.verify(cfg, buckets=buckets), "public.a").status == "identical"
+
+
+@pytest.mark.parametrize("buckets", ["auto", "ranges", "hashes"])
+def test_a_key_column_typed_otherwise_on_the_target_compares_by_value(
+    source_dsn: str, target_dsn: str, cfg: Config, buckets: parity.Buckets
+) -> None:
+    run_sql(source_dsn, "CREATE TABLE public.c (a int, b text, v int, PRIMARY KEY (a, b))",
+            "INSERT INTO public.c SELECT g % 3, md5(g::text)::uuid::text, g FROM generate_series(1, 9000) g")
+    run_sql(target_dsn, "CREATE TABLE public.c (a int, b uuid, v int, PRIMARY KEY (a, b))",
+            "INSERT INTO public.c SELECT g % 3, md5(g::text)::uuid, g FROM generate_series(1, 9000) g",
+            "UPDATE public.c SET v = -1 WHERE v = 4242")
+
+    result = table(parity.verify(cfg, buckets=buckets), "public.c")
+
+    assert [(d.kind, d.key) for d in result.differences] == [
+        ("different", ("0", str(uuid.UUID(fetch(source_dsn, "SELECT md5('4242')")[0][0]))))]
+
+
+def test_a_target_sorting_text_otherwise_under_the_same_collation_name_is_compared_by_hash(
+    source_dsn: str, admin_dsn: str, make_config: Any
+) -> None:
+    # The target's default collation is ICU Swedish while its datcollate reads like the source's: key ranges cut on
+    # the source would overlap there. Rows must still be counted once and compared exactly.
+    name = f"mt_icu_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'sv' LOCALE 'C.UTF-8'")
+    try:
+        target_dsn = psycopg.conninfo.make_conninfo(admin_dsn, dbname=name)
+        cfg = dataclasses.replace(make_config(), target_dsn=target_dsn)
+        both(source_dsn, target_dsn,
+             "CREATE TABLE public.k (code text PRIMARY KEY, v int)",
+             "INSERT INTO public.k SELECT chr(65 + g % 26) || chr(97 + (g / 26) % 26) || g, g "
+             "FROM generate_series(1, 20000) g UNION ALL SELECT chr(97 + g % 26) || chr(65 + (g / 26) % 26) || g, g "
+             "FROM generate_series(1, 20000) g",
+             "ANALYZE public.k")
+        run_sql(target_dsn, "UPDATE public.k SET v = -v WHERE code = 'Ab26'")
+
+        result = table(parity.verify(cfg, buckets="ranges"), "public.k")
+
+        assert (result.source_rows, result.target_rows) == (40000, 40000)
+        assert [(d.kind, d.key) for d in result.differences] == [("different", ("Ab26",))]
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_a_partition_whose_key_starts_with_its_list_value_is_still_split_finely(
+    source_dsn: str, target_dsn: str, cfg: Config, small_ranges: None
+) -> None:
+    # Every row of the partition has the same first key column: key ranges would hold the whole table in one digest.
+    both(source_dsn, target_dsn,
+         "CREATE TABLE public.ev (region text, id bigint, body text, PRIMARY KEY (region, id)) PARTITION BY LIST (region)",
+         "CREATE TABLE public.ev_eu PARTITION OF public.ev FOR VALUES IN ('eu')",
+         "INSERT INTO public.ev SELECT 'eu', g, repeat('x', 50) FROM generate_series(1, 60000) g",
+         "ANALYZE public.ev_eu")
+    run_sql(target_dsn, "UPDATE public.ev SET body = 'y' WHERE id = 31337")
+
+    result = table(parity.verify(cfg), "public.ev_eu")
+
+    assert result.ranges >= 8 and result.ranges_different == 1
+    assert [(d.kind, d.key) for d in result.differences] == [("different", ("eu", "31337"))]
+
+
 def test_a_composite_key_whose_first_column_cannot_split_is_listed_by_key(
     source_dsn: str, target_dsn: str, cfg: Config, small_ranges: None
 ) -> None:
@@ -553,3 +638,21 @@ def test_verify_while_sync_follows_a_workload_reports_no_false_differences(
     print([(t.name, t.in_flight, t.rechecked) for r in reports for t in r.tables])
     assert any(t.ranges_different for r in reports for t in r.tables if t.name != "public.still"), \
         "some ranges should have differed while changes were in flight"
+
+
+def test_a_dsn_or_environment_client_encoding_cannot_unpin_utf8(
+    source_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Binary row forms and binary COPY carry text in the client encoding: both sides must send UTF-8.
+    from migrator import db
+
+    monkeypatch.setenv("PGCLIENTENCODING", "LATIN1")
+    with db.session(psycopg.conninfo.make_conninfo(source_dsn, client_encoding="LATIN1"), role="source") as conn:
+        assert fetch_one(conn, "SHOW client_encoding") == "UTF8"
+        assert fetch_one(conn, "SELECT textsend('é')") == "é".encode()
+
+
+def fetch_one(conn: psycopg.Connection[Any], query: str) -> Any:
+    row = conn.execute(query).fetchone()
+    assert row is not None
+    return row[0]
