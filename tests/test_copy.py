@@ -261,8 +261,7 @@ def test_copy_tables_while_sync_follows_stops_sync_until_the_table_is_copied_aga
     assert_same_rows(source_dsn, target_dsn)
 
 
-def test_progress_estimates_share_done_and_time_left(monkeypatch: pytest.MonkeyPatch,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_progress_estimates_share_done_and_time_left(monkeypatch: pytest.MonkeyPatch) -> None:
     def chunk(no: int, est: int, status: str) -> state.Chunk:
         return state.Chunk("public", "study", no, None, None, est, status, None, None, None, None, None, None)
 
@@ -271,10 +270,16 @@ def test_progress_estimates_share_done_and_time_left(monkeypatch: pytest.MonkeyP
               {"schema_name": None, "table_name": None, "chunk_no": None, "bytes_done": 0}]
     assert copy._estimated_done(chunks, active) == (200, 400), "a chunk in flight counts at most its estimate"
 
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    class Logger:
+        def info(self, event: str, **fields: Any) -> None:
+            events.append((event, fields))
+
     clock = iter([1000.0, 1011.0])
     monkeypatch.setattr(copy.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(copy, "get", lambda **context: Logger())
     eta = copy._Eta()  # started at 1000 s
     eta.first = 100  # copied by an earlier run: not part of this run's rate
     eta.log(200, 400)  # 11 s later: 100 bytes in 11 s, 200 left
-    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if "copy.progress" in line]
-    assert [(e["done_pct"], e["eta_seconds"]) for e in events] == [(50.0, 22)]
+    assert [(e, f["done_pct"], f["eta_seconds"]) for e, f in events] == [("copy.progress", 50.0, 22)]
