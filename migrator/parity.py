@@ -487,6 +487,14 @@ def _result(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connectio
         if show_values and differences:
             differences = _with_multiset_values(source_conn, target_conn, plan, differences)
     status: Status = "different" if count else "in_flight" if found.in_flight else "identical"
+    if status == "identical" and narrowed.source_rows != narrowed.target_rows:
+        # Never identical with counts that differ: the differing rows escaped the listing (which would be a bug).
+        return TableParity(
+            table.display, "error", key_columns=table.key, source_rows=narrowed.source_rows,
+            target_rows=narrowed.target_rows,
+            error=f"{narrowed.source_rows:,} rows on the source, {narrowed.target_rows:,} on the target, but no row "
+                  "could be named; verify this table again with --buckets hashes",
+        )
     return TableParity(
         table.display, status, key_columns=table.key,
         source_rows=narrowed.source_rows, target_rows=narrowed.target_rows, difference_count=count,
@@ -547,10 +555,20 @@ class _ColumnFacts:
     elements), not an OID alias."""
     array: bool
     collation: str | None
-    """The column's effective collation: name, provider, locale and recorded version (None: the type has none).
-    Two columns sort alike when these agree."""
+    """The column's effective collation: name, provider (libc before PostgreSQL 15) and locale (None: the type has
+    none)."""
+    collation_version: str | None
+    """The collation's recorded version (None: not recorded, as before PostgreSQL 15 for the default collation)."""
     collation_name: tuple[str, str] | None
     """(schema, name) of that collation, for a COLLATE clause."""
+    not_null: bool
+
+    def sorts_like(self, other: _ColumnFacts) -> bool:
+        """Same type and collation; versions too where both servers recorded one. What the versions cannot tell
+        (an old server that records none) the cut-point check and, past it, the leaf merge make safe."""
+        return self.type == other.type and self.collation == other.collation and (
+            self.collation_version is None or other.collation_version is None
+            or self.collation_version == other.collation_version)
 
 
 _FACTS = """
@@ -559,12 +577,16 @@ SELECT a.attname, format_type(a.atttypid, a.atttypmod),
        t.typcategory = 'A',
        CASE WHEN a.attcollation = 0 THEN NULL
             WHEN c.collname = 'default' THEN (
-                SELECT concat_ws(' ', 'default', j ->> 'datlocprovider', j ->> 'datcollate', j ->> 'daticulocale',
-                                 j ->> 'datlocale', j ->> 'datcollversion')
+                SELECT concat_ws(' ', 'default', coalesce(j ->> 'datlocprovider', 'c'), j ->> 'datcollate',
+                                 j ->> 'daticulocale', j ->> 'datlocale')
                 FROM pg_database AS d, to_jsonb(d) AS j WHERE d.datname = current_database())
             ELSE concat_ws(' ', c.collname, j ->> 'collprovider', j ->> 'collcollate', j ->> 'colliculocale',
-                           j ->> 'colllocale', j ->> 'collversion') END,
-       n.nspname, c.collname
+                           j ->> 'colllocale') END,
+       CASE WHEN a.attcollation = 0 THEN NULL
+            WHEN c.collname = 'default' THEN (
+                SELECT to_jsonb(d) ->> 'datcollversion' FROM pg_database AS d WHERE d.datname = current_database())
+            ELSE j ->> 'collversion' END,
+       n.nspname, c.collname, a.attnotnull
 FROM pg_attribute AS a JOIN pg_type AS t ON t.oid = a.atttypid
      LEFT JOIN pg_collation AS c ON c.oid = a.attcollation LEFT JOIN pg_namespace AS n ON n.oid = c.collnamespace
      LEFT JOIN LATERAL to_jsonb(c) AS j ON true
@@ -574,9 +596,10 @@ WHERE a.attrelid = %s::oid AND a.attnum > 0 AND NOT a.attisdropped
 
 def _column_facts(conn: psycopg.Connection[Any], table: Table) -> dict[str, _ColumnFacts]:
     with conn.cursor() as cur:
-        return {name: _ColumnFacts(type_, bool(portable), bool(array), collation,
-                                   (nsp, coll) if collation is not None else None)
-                for name, type_, portable, array, collation, nsp, coll in cur.execute(_FACTS, (table.oid,))}
+        return {name: _ColumnFacts(type_, bool(portable), bool(array), collation, version,
+                                   (nsp, coll) if collation is not None else None, bool(not_null))
+                for name, type_, portable, array, collation, version, nsp, coll, not_null
+                in cur.execute(_FACTS, (table.oid,))}
 
 
 _FRIENDLY = """
@@ -589,7 +612,9 @@ _KEY_INDEX = """
 SELECT EXISTS (
     SELECT 1 FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid JOIN pg_am AS am ON am.oid = c.relam
          JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-    WHERE i.indrelid = %s::oid AND i.indisvalid AND am.amname = 'btree' AND a.attname = %s)
+         JOIN pg_opclass AS oc ON oc.oid = i.indclass[0]
+    WHERE i.indrelid = %s::oid AND i.indisvalid AND am.amname = 'btree' AND a.attname = %s AND i.indpred IS NULL
+          AND oc.opcdefault AND i.indcollation[0] = a.attcollation)
 """
 _CORRELATED = 0.9
 
@@ -597,7 +622,8 @@ _CORRELATED = 0.9
 def _index_friendly(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connection[Any], table: Table,
                     target: Table) -> bool:
     """Whether reading the table one key range at a time through its index is cheap: both sides have a btree index
-    leading with the key's first column, and on the source the heap follows the key (planner statistics) or the
+    leading with the key's first column that a range scan can use (whole table, default operator class, the column's
+    collation), and on the source the heap follows the key (planner statistics) or the
     table is small next to the server's cache (a quarter of effective_cache_size). Otherwise key ranges would read
     the heap in random order (or scan it once per range), and a sequential scan (key-hash buckets) is used."""
     if not table.key:
@@ -639,9 +665,10 @@ class _Plan:
         self.keys = _key_columns(table, target) if table.key else ()
         first = table.key[0] if table.key else None
         # Key ranges need the key to sort alike on both sides: the same types, the same collation (and, for text,
-        # the same encoding); an array key is left to hashing.
+        # the same encoding), and no NULL possible (a target that lost its primary key); an array key is left to
+        # hashing.
         self.ranged = index_friendly and first is not None and all(
-            name in sf and name in tf and sf[name].type == tf[name].type and sf[name].collation == tf[name].collation
+            name in sf and name in tf and sf[name].sorts_like(tf[name]) and sf[name].not_null and tf[name].not_null
             for name in table.key
         ) and not sf[first].array and (same_encoding or sf[first].collation is None)
         self.range_type = sf[first].type if self.ranged and first is not None else ""
@@ -671,23 +698,24 @@ class _Plan:
                        "ORDER BY 1").format(form=self.form, t=self.table.ident, where=where)
 
 
-_NO_FACTS = _ColumnFacts("", False, False, None, None)
+_NO_FACTS = _ColumnFacts("", False, False, None, None, None, False)
 
 
 def _key_hash(keys: Sequence[_KeyColumn], same_encoding: bool) -> sql.Composable:
     """A 64-bit hash of the key that both servers compute alike: of an integer key's value, of a uuid, otherwise of
-    the key's text form (under the pinned settings), taken as UTF-8 when the two servers' encodings differ."""
+    the key's text form (under the pinned settings), taken as UTF-8 when the two servers' encodings differ. A NULL
+    key (a target that lost its primary key) hashes to 0, so its row is still counted and digested."""
     if len(keys) == 1 and keys[0].mode == "integer":
-        return sql.SQL("hashint8extended({}::int8, 0)").format(sql.Identifier(keys[0].name))
+        return sql.SQL("coalesce(hashint8extended({}::int8, 0), 0)").format(sql.Identifier(keys[0].name))
     if len(keys) == 1 and keys[0].mode == "uuid":
-        return sql.SQL("uuid_hash_extended({}, 0)").format(sql.Identifier(keys[0].name))
+        return sql.SQL("coalesce(uuid_hash_extended({}, 0), 0)").format(sql.Identifier(keys[0].name))
     if len(keys) == 1:
         text: sql.Composable = sql.SQL("{}::text").format(sql.Identifier(keys[0].name))
     else:
         text = sql.SQL("ROW({})::text").format(sql.SQL(", ").join(sql.Identifier(k.name) for k in keys))
     if not same_encoding:
         text = sql.SQL("encode(convert_to({}, 'UTF8'), 'hex')").format(text)
-    return sql.SQL("hashtextextended({} COLLATE \"C\", 0)").format(text)
+    return sql.SQL("coalesce(hashtextextended({} COLLATE \"C\", 0), 0)").format(text)
 
 
 class _Scope:
@@ -807,11 +835,12 @@ class _Ranges(_Scope):
                         "FROM ONLY {t}{sample}").format(k=self.column, t=self.plan.table.ident, sample=sample)
         with source_conn.cursor() as cur:
             found = cur.execute(query, {"f": [i / ranges for i in range(1, ranges)]}).fetchone()
-        cuts = _distinct_in_order(found[0] if found else None)
-        if (len(cuts) + 1) * 4 < ranges:
-            # The first key column has too few distinct values (a composite key's site or region): ranges would
-            # each hold a large share of the table, and a range's digest is one value in memory.
+        raw = list(found[0] or []) if found else []
+        if _longest_run(raw) >= _HEAVY_RANGE:
+            # A value of the first key column holds several ranges' worth of rows (a composite key's site, region or
+            # tenant): its range could not be split, and its digest, one value in memory, would grow with it.
             return False
+        cuts = _distinct_in_order(raw)
         if not self._sorted_on(target_conn, cuts):
             return False  # the target sorts the key otherwise (an undeclared collation difference): hash instead
         self.ranges = list(zip([None, *cuts], [*cuts, None], strict=True))
@@ -914,6 +943,21 @@ class _Ranges(_Scope):
         rows, params = self._per_range(inner, differing)
         cols = sql.SQL(", ").join(sql.SQL("u.{}").format(n) for n in names)
         return sql.SQL("SELECT {cols}, u.h FROM ({rows}) AS u ORDER BY {cols}").format(cols=cols, rows=rows), params
+
+
+_HEAVY_RANGE = 4
+"""A first-pass range that would hold this many ranges' worth of rows makes the table use key-hash buckets."""
+
+
+def _longest_run(values: Sequence[Any]) -> int:
+    """The most consecutive equal values (sampled cut points: one repeated value is one heavy key value)."""
+    longest = run = 0
+    previous: Any = object()
+    for v in values:
+        run = run + 1 if v == previous else 1
+        previous = v
+        longest = max(longest, run)
+    return longest
 
 
 def _distinct_in_order(values: Sequence[str | None] | None) -> list[str]:
@@ -1175,6 +1219,11 @@ class _Stream:
                     raise batch
                 for record in batch:
                     key, value = record[:width], record[width]
+                    if None in key:
+                        raise MigratorError(
+                            f"the {self._side} has a row whose key is NULL, so rows cannot be told apart by key: "
+                            "restore the table's primary key (or unique index) there, then verify again"
+                        )
                     if previous is not None and not previous < key:
                         raise MigratorError(
                             f"the {self._side} sent rows out of key order; the comparison would be wrong, so it "

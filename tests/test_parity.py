@@ -533,6 +533,53 @@ def test_a_partition_whose_key_starts_with_its_list_value_is_still_split_finely(
     assert [(d.kind, d.key) for d in result.differences] == [("different", ("eu", "31337"))]
 
 
+@pytest.mark.parametrize("buckets", ["auto", "ranges", "hashes"])
+def test_a_target_that_lost_its_primary_key_and_holds_a_null_key_cannot_pass(
+    source_dsn: str, target_dsn: str, cfg: Config, buckets: parity.Buckets
+) -> None:
+    run_sql(source_dsn, "CREATE TABLE public.p (id int PRIMARY KEY, v text)",
+            "INSERT INTO public.p SELECT g, 'v' FROM generate_series(1, 30000) g", "ANALYZE public.p")
+    run_sql(target_dsn, "CREATE TABLE public.p (id int, v text)", "CREATE INDEX ON public.p (id)",
+            "INSERT INTO public.p SELECT g, 'v' FROM generate_series(1, 30000) g", "INSERT INTO public.p VALUES (NULL, 'x')",
+            "ANALYZE public.p")
+
+    report = parity.verify(cfg, buckets=buckets)
+
+    result = table(report, "public.p")
+    assert result.status == "error" and report.exit_code == 2, result
+    assert "key is NULL" in (result.error or "")
+
+
+def test_key_ranges_only_through_an_index_a_range_scan_can_use(source_dsn: str, target_dsn: str) -> None:
+    run_sql(source_dsn, "CREATE TABLE public.u (uid text PRIMARY KEY)")
+    run_sql(target_dsn, "CREATE TABLE public.u (uid text NOT NULL)", "CREATE INDEX ON public.u (uid text_pattern_ops)")
+    with psycopg.connect(source_dsn) as s, psycopg.connect(target_dsn) as t:
+        from migrator import catalog
+        from migrator.config import TableFilter
+
+        (source,) = catalog.list_tables(s, TableFilter())
+        (target,) = catalog.list_tables(t, TableFilter())
+        assert not parity._index_friendly(s, t, source, target), "a text_pattern_ops index does not serve ranges"
+        t.execute("CREATE UNIQUE INDEX ON public.u (uid)")
+        assert parity._index_friendly(s, t, source, target)
+
+
+def test_a_key_whose_first_column_is_one_tenant_for_most_rows_is_still_narrowed(
+    source_dsn: str, target_dsn: str, cfg: Config, small_ranges: None
+) -> None:
+    both(source_dsn, target_dsn,
+         "CREATE TABLE public.t (tenant int, id int, v text, PRIMARY KEY (tenant, id))",
+         "INSERT INTO public.t SELECT CASE WHEN g % 10 < 6 THEN 0 ELSE g % 10 END, g, 'v' "
+         "FROM generate_series(1, 60000) g",
+         "ANALYZE public.t")
+    run_sql(target_dsn, "UPDATE public.t SET v = 'w' WHERE id = 40000")
+
+    result = table(parity.verify(cfg), "public.t")
+
+    assert [(d.kind, d.key) for d in result.differences] == [("different", ("0", "40000"))]
+    assert result.passes >= 2, "the heavy tenant was split by key hash, not listed whole"
+
+
 def test_a_composite_key_whose_first_column_cannot_split_is_listed_by_key(
     source_dsn: str, target_dsn: str, cfg: Config, small_ranges: None
 ) -> None:
