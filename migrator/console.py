@@ -47,24 +47,23 @@ class CopyProgress:
 
     def overall(self, done: int, total: int) -> None:
         """The whole run, in the chunks' estimated bytes: its bar carries the time left."""
-        if not self._progress:
-            return
-        with self._lock:
-            task = self._tasks.get(_OVERALL)
-            if task is None:
-                task = self._tasks[_OVERALL] = self._progress.add_task(_OVERALL, total=total, rows="…")
-            self._progress.update(task, completed=done, total=total)
+        self._show(_OVERALL, completed=done, total=total)
 
     def update(self, table: str, rows: int, nbytes: int) -> None:
+        """One table (or chunk, rows -1 while it loads): bytes so far; its total once the rows are known."""
+        if rows >= 0:
+            self._show(table, completed=nbytes, total=nbytes, rows=rows)
+        else:
+            self._show(table, completed=nbytes, rows="…")
+
+    def _show(self, name: str, **fields: Any) -> None:
         if not self._progress:
             return
         with self._lock:
-            task = self._tasks.get(table)
+            task = self._tasks.get(name)
             if task is None:
-                task = self._tasks[table] = self._progress.add_task(table, total=None, rows="…")
-            self._progress.update(task, completed=nbytes, rows=rows if rows >= 0 else "…")
-            if rows >= 0:
-                self._progress.update(task, total=nbytes)
+                task = self._tasks[name] = self._progress.add_task(name, total=None, rows="…")
+            self._progress.update(task, **fields)
 
 
 _OVERALL = "all tables (estimated)"
