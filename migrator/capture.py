@@ -234,10 +234,30 @@ def _target_has_user_tables(target: psycopg.Connection[Any], tables: list[Table]
     return found
 
 
+def check_target_role(target: psycopg.Connection[Any]) -> None:
+    """Copy and sync write the target with session_replication_role = replica (the application's triggers and
+    foreign keys stay quiet there): refuse, before anything is created, a role that may not set it."""
+    with target.cursor() as cur:
+        try:
+            cur.execute("SET LOCAL session_replication_role = replica")
+        except psycopg.errors.InsufficientPrivilege:
+            target.rollback()
+            user = target.execute("SELECT current_user").fetchone()
+            target.rollback()
+            raise Blocked(
+                f"the target role {user[0] if user else '?'!r} may not set session_replication_role, which copy and "
+                "sync write the target with (it keeps the application's triggers and foreign keys quiet there)",
+                hint="Connect to the target as a superuser, or (PostgreSQL 15 or newer) have one run: "
+                     "GRANT SET ON PARAMETER session_replication_role TO <that role>;",
+            ) from None
+    target.rollback()
+
+
 def prepare(cfg: Config) -> PrepareResult:
     """Control schema and target schema on the target, capture on the source. Re-runnable."""
     log = get(phase="prepare")
     with db.session(cfg.target_dsn, role="target") as target, db.session(cfg.source_dsn, role="source") as source:
+        check_target_role(target)
         state.upgrade(target)
         state.start_migration(target, db.describe_dsn(cfg.source_dsn))
         target.commit()

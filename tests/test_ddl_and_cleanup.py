@@ -224,3 +224,38 @@ def test_target_never_receives_engine_objects(make_config: Any, source_dsn: str,
     rollback.disarm(cfg)
     assert traces(target_dsn) == {"schema": 0, "triggers": 0, "functions": 0}
     assert fetch(target_dsn, "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal") == [("study_touch",)]
+
+
+def test_prepare_refuses_a_target_role_that_may_not_silence_triggers_and_names_the_grant(
+    make_config: Any, source_dsn: str, target_dsn: str, admin_dsn: str
+) -> None:
+    import uuid
+
+    from migrator.errors import Blocked
+
+    role = f"mt_role_{uuid.uuid4().hex[:8]}"
+    dbname = psycopg.conninfo.conninfo_to_dict(target_dsn)["dbname"]
+    run_sql(admin_dsn, f'CREATE ROLE "{role}" LOGIN', f'ALTER DATABASE "{dbname}" OWNER TO "{role}"')
+    try:
+        cfg = make_config(target={"dsn": psycopg.conninfo.make_conninfo(target_dsn, user=role)})
+        run_sql(source_dsn, "CREATE TABLE public.t (id int PRIMARY KEY)")
+        with pytest.raises(Blocked, match="session_replication_role") as refused:
+            capture.prepare(cfg)
+        assert "GRANT SET ON PARAMETER session_replication_role" in (refused.value.hint or "")
+        assert fetch(target_dsn, "SELECT count(*) FROM pg_namespace WHERE nspname = 'migrator_control'") == [(0,)], \
+            "nothing is created before the check"
+
+        # With the grant, a role that owns the target database is enough for the whole migration.
+        run_sql(admin_dsn, f'GRANT SET ON PARAMETER session_replication_role TO "{role}"')
+        run_sql(source_dsn, "INSERT INTO public.t SELECT generate_series(1, 100)")
+        capture.prepare(cfg)
+        copy.run(cfg)
+        run_sql(source_dsn, "DELETE FROM public.t WHERE id <= 10", "INSERT INTO public.t VALUES (1000)")
+        replay.sync(cfg)
+        assert fetch(target_dsn, "SELECT count(*), max(id) FROM public.t") == [(91, 1000)]
+    finally:
+        run_sql(admin_dsn, f'ALTER DATABASE "{dbname}" OWNER TO postgres')
+        run_sql(target_dsn, f'REASSIGN OWNED BY "{role}" TO postgres', f'DROP OWNED BY "{role}"')
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(f'REVOKE SET ON PARAMETER session_replication_role FROM "{role}"')
+            conn.execute(f'DROP ROLE "{role}"')
