@@ -15,6 +15,7 @@ long. Replacing function bodies takes no lock the application's sessions wait fo
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -223,6 +224,21 @@ def check_target_columns(target: psycopg.Connection[Any], tables: list[Table]) -
         )
 
 
+POST_DATA_PENDING = "post_data_pending"
+"""Flag: JSON list of [schema, table] created on the target after its first post-data; copy restores their
+post-data once it has copied them."""
+
+
+def _missing_on_target(target: psycopg.Connection[Any], tables: list[Table]) -> list[Table]:
+    with target.cursor() as cur:
+        missing = []
+        for t in tables:
+            row = cur.execute("SELECT to_regclass(%s) IS NULL", (t.ident.as_string(target),)).fetchone()
+            if row and row[0]:
+                missing.append(t)
+    return missing
+
+
 def _target_has_user_tables(target: psycopg.Connection[Any], tables: list[Table]) -> list[str]:
     with target.cursor() as cur:
         found = []
@@ -288,6 +304,17 @@ def prepare(cfg: Config) -> PrepareResult:
             target.commit()
             created_schema = True
             log.info("prepare.target_schema", tables=len(tables))
+        else:
+            # A table created on the legacy database during the migration: create it on the target too (its
+            # indexes and constraints follow when copy has filled it).
+            new = [(t.schema, t.name) for t in _missing_on_target(target, tables)]
+            if new:
+                target.commit()
+                schema.load_section(cfg.source_dsn, cfg.target_dsn, "pre-data", tables=new)
+                pending = json.loads(state.flag(target, POST_DATA_PENDING) or "[]")
+                state.set_flag(target, POST_DATA_PENDING, json.dumps(sorted({*map(tuple, pending), *new})))
+                target.commit()
+                log.info("prepare.new_tables_created", tables=[f"{s}.{n}" for s, n in new])
         check_target_columns(target, tables)
         installed = install(source, tables, lock_timeout=cfg.sync.lock_timeout)
         state.register_tables(target, tables)

@@ -23,6 +23,7 @@ control schema every worker reads each second).
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
 import os
@@ -494,12 +495,21 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
         m = state.migration(target)
         assert m is not None
         target.commit()
+        t0 = time.monotonic()
+        pending_post_data = [tuple(n) for n in json.loads(state.flag(target, capture.POST_DATA_PENDING) or "[]")]
         if m.post_data_at is None:
-            t0 = time.monotonic()
             schema.load_section(cfg.source_dsn, cfg.target_dsn, "post-data", jobs=workers)
             state.mark(target, "post_data_at")
+            state.clear_flag(target, capture.POST_DATA_PENDING)
             target.commit()
-            result.post_data_seconds = time.monotonic() - t0
+        elif pending_post_data:
+            # Tables prepare created after the first post-data (new on the legacy database): now that they are
+            # filled, their indexes, constraints and triggers.
+            schema.load_section(cfg.source_dsn, cfg.target_dsn, "post-data", jobs=workers,
+                                tables=[(s, n) for s, n in pending_post_data])
+            state.clear_flag(target, capture.POST_DATA_PENDING)
+            target.commit()
+        result.post_data_seconds = time.monotonic() - t0
         t0 = time.monotonic()
         _analyze(cfg, [by_name[c.table] for c in result.copied], workers)
         result.analyze_seconds = time.monotonic() - t0

@@ -45,9 +45,10 @@ class SchemaChanged(MigratorError):
     """DDL on the legacy database changed a captured table, or added or dropped one."""
 
     default_hint = (
-        "Apply the same DDL to the target (create a new table there too), then run `migrator prepare --yes` "
-        "(records the new definitions; a changed table goes back to pending), `migrator copy` (copies it again) "
-        "and `migrator sync`."
+        "For a changed table, apply the same DDL to the target first. Then run `migrator prepare --yes` (creates a "
+        "new table on the target and captures it; records changed definitions, and a changed table goes back to "
+        "pending), `migrator copy` (copies those tables, then a new table's indexes and constraints) and "
+        "`migrator sync`."
     )
 
 

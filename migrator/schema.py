@@ -73,20 +73,24 @@ def _filtered_list(pg_restore: str, dump: Path, env: dict[str, str]) -> Path:
     return out
 
 
-def load_section(source_dsn: str, target_dsn: str, section: str, *, jobs: int = 1) -> None:
+def load_section(source_dsn: str, target_dsn: str, section: str, *, jobs: int = 1,
+                 tables: list[tuple[str, str]] | None = None) -> None:
     """Dump one section of the source's schema and restore it into the target in a single transaction.
 
     With `jobs` > 1 the items are restored in parallel (`pg_restore -j`), each committing on its own; a run after
-    a killed one finds some already created, and only "already exists" errors are tolerated.
+    a killed one finds some already created, and only "already exists" errors are tolerated. `tables` ((schema,
+    name) pairs) narrows the dump to those tables and what belongs to them (owned sequences; in post-data their
+    indexes, constraints and triggers).
     """
-    log = get(phase="schema", section=section)
+    log = get(phase="schema", section=section, tables=len(tables) if tables is not None else None)
+    only = [f"--table={_pattern(schema_name)}.{_pattern(name)}" for schema_name, name in tables or ()]
     pg_dump, pg_restore = _tool("pg_dump"), _tool("pg_restore")
     src, src_env = _libpq_env(source_dsn)
     tgt, tgt_env = _libpq_env(target_dsn)
     with tempfile.TemporaryDirectory(prefix="migrator-schema-") as tmp:
         dump = Path(tmp) / "schema.dump"
         _run([pg_dump, "--format=custom", "--schema-only", f"--section={section}",
-              f"--exclude-schema={CAPTURE_SCHEMA}", "--no-owner", "--no-privileges",
+              f"--exclude-schema={CAPTURE_SCHEMA}", "--no-owner", "--no-privileges", *only,
               f"--file={dump}", f"--dbname={src}"], src_env, "pg_dump of the source schema")
         listing = _filtered_list(pg_restore, dump, src_env)
         if jobs <= 1:
@@ -107,6 +111,12 @@ def load_section(source_dsn: str, target_dsn: str, section: str, *, jobs: int = 
             if errors:
                 log.info("schema.items_already_there", items=len(errors))
     log.info("schema.loaded")
+
+
+def _pattern(name: str) -> str:
+    """A name as a pg_dump pattern matching exactly it: double-quoted, so that case, dots and wildcard characters
+    are taken literally."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 _ALREADY_THERE = re.compile(r"already exists|multiple primary keys for table")

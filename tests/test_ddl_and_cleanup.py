@@ -103,15 +103,19 @@ def test_new_table_in_an_included_schema_stops_sync_naming_it(
         replay.sync(cfg)
     assert position(target_dsn) == before
 
-    # The hint's way out for a new table: create it on the target, prepare (captures it), copy, sync.
-    run_sql(source_dsn, "INSERT INTO public.dose_report VALUES (1, 0.5)")
-    run_sql(target_dsn, "CREATE TABLE public.dose_report (id int PRIMARY KEY, gy numeric)")
-    assert capture.prepare(cfg).triggers_installed == 1
-    assert [c.table for c in copy.run(cfg).copied] == ["public.dose_report"]
+    # The hint's way out for a new table: prepare (creates it on the target and captures it), copy, sync.
+    run_sql(source_dsn, "INSERT INTO public.dose_report VALUES (1, 0.5)",
+            "CREATE INDEX dose_report_gy ON public.dose_report (gy)",
+            # A name pg_dump would read as a pattern unless quoted exactly: a dot, a wildcard, capitals.
+            'CREATE TABLE public."Plan.V*" (id serial PRIMARY KEY, note text DEFAULT \'x\')', 'INSERT INTO public."Plan.V*" DEFAULT VALUES')
+    assert capture.prepare(cfg).triggers_installed == 2
+    assert sorted(c.table for c in copy.run(cfg).copied) == ["public.Plan.V*", "public.dose_report"]
     run_sql(source_dsn, "INSERT INTO public.dose_report VALUES (2, 1.5)")
     replay.sync(cfg)
-    for table in ("public.study", "public.dose_report"):
+    for table in ("public.study", "public.dose_report", 'public."Plan.V*"'):
         assert rows(target_dsn, table) == rows(source_dsn, table), table
+    indexes = "SELECT indexname FROM pg_indexes WHERE tablename = 'dose_report' ORDER BY 1"
+    assert fetch(target_dsn, indexes) == fetch(source_dsn, indexes) == [("dose_report_gy",), ("dose_report_pkey",)]
 
 
 def test_altered_table_is_recopied_after_the_ddl_reaches_the_target_and_sync_resumes(
