@@ -580,6 +580,18 @@ def test_a_key_whose_first_column_is_one_tenant_for_most_rows_is_still_narrowed(
     assert result.passes >= 2, "the heavy tenant was split by key hash, not listed whole"
 
 
+def test_an_array_key_is_compared_by_hash_buckets(source_dsn: str, target_dsn: str, cfg: Config,
+                                                  small_ranges: None) -> None:
+    both(source_dsn, target_dsn, "CREATE TABLE public.grid (cell int[] PRIMARY KEY, v int)",
+         "INSERT INTO public.grid SELECT ARRAY[g / 100, g % 100], g FROM generate_series(1, 20000) g",
+         "ANALYZE public.grid")
+    run_sql(target_dsn, "UPDATE public.grid SET v = -1 WHERE cell = '{42,42}'")
+
+    result = table(parity.verify(cfg), "public.grid")
+
+    assert [(d.kind, d.key) for d in result.differences] == [("different", ("{42,42}",))]
+
+
 def test_a_composite_key_whose_first_column_cannot_split_is_listed_by_key(
     source_dsn: str, target_dsn: str, cfg: Config, small_ranges: None
 ) -> None:
