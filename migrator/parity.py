@@ -73,7 +73,8 @@ class RowDifference:
     key: tuple[str, ...]
     """Text forms of the key columns; empty for a table without a key."""
     row_md5: str | None = None
-    """For a table without a key: md5 of the row text, which identifies the row without showing it."""
+    """For a table without a key: md5 of the row's canonical form (`_row_form`), which identifies the row without
+    showing it."""
     source_count: int = 1
     target_count: int = 1
     source_row: str | None = None
