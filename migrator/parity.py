@@ -488,8 +488,10 @@ def _result(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connectio
         if show_values and differences:
             differences = _with_multiset_values(source_conn, target_conn, plan, differences)
     status: Status = "different" if count else "in_flight" if found.in_flight else "identical"
-    if status == "identical" and narrowed.source_rows != narrowed.target_rows:
+    if status == "identical" and not rechecked and narrowed.source_rows != narrowed.target_rows:
         # Never identical with counts that differ: the differing rows escaped the listing (which would be a bug).
+        # A recheck (live verify's second pass) reads only the ranges that had rows in flight, in a newer snapshot;
+        # the counts are still the first pass's, taken while those rows were in flight.
         return TableParity(
             table.display, "error", key_columns=table.key, source_rows=narrowed.source_rows,
             target_rows=narrowed.target_rows,
