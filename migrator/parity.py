@@ -31,6 +31,7 @@ values, unless the operator asks for them with `show_values`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import queue
@@ -477,7 +478,10 @@ def _verify_table(source_conn: psycopg.Connection[Any], target_conn: psycopg.Con
 
 
 def _result(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connection[Any], plan: _Plan,
-            narrowed: _Narrowed, found: _Found, show_values: bool, rechecked: bool = False) -> TableParity:
+            narrowed: _Narrowed, found: _Found, show_values: bool, rechecked: bool = False,
+            changing: bool = False) -> TableParity:
+    """`changing`: the source changed this table in the (second) window, so its counts may differ by rows in flight
+    outside the ranges that were read again."""
     table, count, listed = plan.table, found.count, found.listed
     if table.key:
         differences = [_keyed_difference(plan.keys, *d) for d in listed]
@@ -488,10 +492,12 @@ def _result(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connectio
         if show_values and differences:
             differences = _with_multiset_values(source_conn, target_conn, plan, differences)
     status: Status = "different" if count else "in_flight" if found.in_flight else "identical"
-    if status == "identical" and not rechecked and narrowed.source_rows != narrowed.target_rows:
+    in_flight = found.in_flight
+    if status == "identical" and narrowed.source_rows != narrowed.target_rows and rechecked and changing:
+        # A recheck reads only the ranges that had rows in flight; rows changed again elsewhere in its window.
+        status, in_flight = "in_flight", abs(narrowed.source_rows - narrowed.target_rows)
+    elif status == "identical" and narrowed.source_rows != narrowed.target_rows:
         # Never identical with counts that differ: the differing rows escaped the listing (which would be a bug).
-        # A recheck (live verify's second pass) reads only the ranges that had rows in flight, in a newer snapshot;
-        # the counts are still the first pass's, taken while those rows were in flight.
         return TableParity(
             table.display, "error", key_columns=table.key, source_rows=narrowed.source_rows,
             target_rows=narrowed.target_rows,
@@ -502,7 +508,7 @@ def _result(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connectio
         table.display, status, key_columns=table.key,
         source_rows=narrowed.source_rows, target_rows=narrowed.target_rows, difference_count=count,
         differences=tuple(differences), ranges=narrowed.ranges, ranges_different=narrowed.ranges_different,
-        passes=narrowed.passes, in_flight=found.in_flight, rechecked=rechecked,
+        passes=narrowed.passes, in_flight=in_flight, rechecked=rechecked,
     )
 
 
@@ -1169,10 +1175,16 @@ def _second_pass(cfg: Config, rechecks: list[_Recheck], results: list[TableParit
             try:
                 source_conn, target_conn = pair.open()
                 window = pair.window()
-                found = _leaf(source_conn, target_conn, r.plan, r.narrowed,
-                              _in_flight(source_conn, r.plan, window))
-                results[r.index] = _result(source_conn, target_conn, r.plan, r.narrowed, found, show_values,
-                                           rechecked=True)
+                in_flight = _in_flight(source_conn, r.plan, window)
+                found = _leaf(source_conn, target_conn, r.plan, r.narrowed, in_flight)
+                # The table's row counts in this window, not the first pass's (taken while rows were in flight).
+                counts = sql.SQL("SELECT count(*) FROM ONLY {}").format(r.plan.table.ident)
+                on_source, on_target = _both(source_conn, target_conn, counts, {})
+                narrowed = dataclasses.replace(r.narrowed, source_rows=int(on_source[0][0]),
+                                               target_rows=int(on_target[0][0]))
+                changing = in_flight is not None and (in_flight.everything or bool(in_flight.keys))
+                results[r.index] = _result(source_conn, target_conn, r.plan, narrowed, found, show_values,
+                                           rechecked=True, changing=changing)
                 pair.end_table()
             except (psycopg.Error, MigratorError) as exc:
                 pair.close()
