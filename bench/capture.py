@@ -1,12 +1,13 @@
 """Capture cost on the legacy write path: pgbench with and without migrator's capture triggers, alternating.
 
-    .venv/bin/python -m bench.capture [--seconds 10] [--rounds 3] [--clients 4]
+    .venv/bin/python -m bench.capture [--seconds 10] [--rounds 5] [--clients 4]
 
 Builds a PACS-like table set (study, series, instance with text UIDs, jsonb, bytea; 100k instances), then runs
 pgbench custom scripts: single-row insert transactions, 10-row insert transactions (one study arriving: a study, a
 series, eight instances), single-row updates; and times one UPDATE of 100k rows. Each round runs every case once
 without capture and once with it (triggers installed by `capture.install`, the delta log emptied between runs).
-Prints median TPS and latency per case and the with/without ratios.
+Prints median TPS and latency per case, the ratio of the medians, and the spread of each round's own ratio (both
+modes of a round run back to back, so a round's ratio is the steadier figure on a noisy machine).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def bulk_update(dsn: str) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--clients", type=int, default=4)
     args = ap.parse_args()
     results: dict[tuple[str, bool], list[tuple[float, float]]] = {}
@@ -127,13 +128,16 @@ def main() -> int:
                     results.setdefault((case, on), []).append(pgbench(dsn, script, args.seconds, args.clients))
                 bulk[on].append(bulk_update(dsn))
                 print(f"round {r + 1} capture={'on' if on else 'off'} done", flush=True)
-    print(f"\n{'case':<16}{'TPS off':>10}{'TPS on':>10}{'ratio':>8}{'lat off ms':>12}{'lat on ms':>11}")
+    print(f"\n{'case':<16}{'TPS off':>10}{'TPS on':>10}{'ratio':>8}{'per-round ratios':>24}{'lat off ms':>12}{'lat on ms':>11}")
     for case in SCRIPTS:
         off = results[(case, False)]
         on_ = results[(case, True)]
         t_off, t_on = median([x[0] for x in off]), median([x[0] for x in on_])
         l_off, l_on = median([x[1] for x in off]), median([x[1] for x in on_])
-        print(f"{case:<16}{t_off:>10.0f}{t_on:>10.0f}{t_on / t_off:>8.2f}{l_off:>12.2f}{l_on:>11.2f}")
+        # Each round runs both modes back to back, so its ratio compares like with like on a noisy machine.
+        paired = sorted(b[0] / a[0] for a, b in zip(off, on_, strict=True))
+        spread = f"{paired[0]:.2f}..{paired[-1]:.2f} med {median(paired):.2f}"
+        print(f"{case:<16}{t_off:>10.0f}{t_on:>10.0f}{t_on / t_off:>8.2f}{spread:>24}{l_off:>12.2f}{l_on:>11.2f}")
     b_off, b_on = median(bulk[False]), median(bulk[True])
     print(f"{'update_100k':<16}{b_off:>9.2f}s{b_on:>9.2f}s{b_off / b_on:>8.2f}  (time ratio off/on)")
     print("targets: >= 0.90 for single-row transactions, >= 0.85 for 10-row transactions")

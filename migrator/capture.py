@@ -32,6 +32,8 @@ from migrator.log import get
 
 ROW_TRIGGER = "_migrator_capture"
 TRUNCATE_TRIGGER = "_migrator_capture_truncate"
+# On a table with a key (not in a hierarchy): fires only for rows whose key an UPDATE changed, to log the old key.
+KEY_CHANGE_TRIGGER = "_migrator_capture_key_change"
 LOCK_RETRIES = 20
 # Held (transaction-scoped) by whatever writes the trigger functions' bodies: prepare, rotation, freeze, release.
 FUNCTIONS_LOCK = sql.SQL("SELECT pg_advisory_xact_lock(hashtext('migrator.capture'))")
@@ -88,7 +90,7 @@ _SETTINGS_SENSITIVE = ("date", "time", "timestamp", "interval", "double precisio
 _PINNED = sql.SQL("""SET "DateStyle" = 'ISO, YMD' SET "IntervalStyle" = 'postgres' SET "TimeZone" = 'UTC'
 SET extra_float_digits = 3 SET bytea_output = 'hex' SET lc_monetary = 'C'""")
 STATEMENT_TRIGGERS = (("_migrator_capture_ins", "INSERT", "NEW TABLE AS new_rows"),
-                      ("_migrator_capture_upd", "UPDATE", "OLD TABLE AS old_rows NEW TABLE AS new_rows"),
+                      ("_migrator_capture_upd", "UPDATE", "NEW TABLE AS new_rows"),
                       ("_migrator_capture_del", "DELETE", "OLD TABLE AS old_rows"))
 
 
@@ -159,6 +161,13 @@ def _create_triggers(cur: psycopg.Cursor[Any], t: Table) -> None:
                                     "EXECUTE FUNCTION {}").format(sql.Identifier(name), sql.SQL(event), t.ident,
                                                                   sql.SQL(referencing), fn))
                 names.append(name)
+            # The UPDATE statement trigger logs the new keys only; an update that changes a key (rare) also fires
+            # this row trigger, which logs the old key too. The WHEN clause is evaluated without calling the
+            # function, so an ordinary update pays no row-level call.
+            cur.execute(sql.SQL("CREATE TRIGGER {} AFTER UPDATE ON {} FOR EACH ROW WHEN (({}) IS DISTINCT FROM ({})) "
+                                "EXECUTE FUNCTION {}").format(
+                sql.Identifier(KEY_CHANGE_TRIGGER), t.ident, _key_row(t, "OLD"), _key_row(t, "NEW"), fn))
+            names.append(KEY_CHANGE_TRIGGER)
     cur.execute(sql.SQL("CREATE TRIGGER {} AFTER TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}")
                 .format(sql.Identifier(TRUNCATE_TRIGGER), t.ident, generic))
     # ALWAYS: capture even sessions running with session_replication_role = replica.
@@ -166,23 +175,50 @@ def _create_triggers(cur: psycopg.Cursor[Any], t: Table) -> None:
         sql.SQL("ENABLE ALWAYS TRIGGER {}").format(sql.Identifier(n)) for n in names)))
 
 
+def _key_row(t: Table, ref: str) -> sql.Composed:
+    """The key columns of OLD or NEW as a row, for a trigger's WHEN clause (a one-column row compares as it)."""
+    cols = [sql.SQL("{}.{}").format(sql.SQL(ref), sql.Identifier(k)) for k in t.key]
+    return sql.SQL("ROW({})").format(sql.SQL(", ").join(cols)) if len(cols) > 1 else cols[0]
+
+
+def expected_triggers(t: Table) -> set[str]:
+    """The names of the capture triggers `install` creates on table `t`."""
+    if not t.key or t.in_hierarchy:
+        return {ROW_TRIGGER, TRUNCATE_TRIGGER}
+    return {TRUNCATE_TRIGGER, KEY_CHANGE_TRIGGER, *(n for n, _, _ in STATEMENT_TRIGGERS)}
+
+
 def _drop_triggers(cur: psycopg.Cursor[Any], t: Table) -> None:
-    for name in (ROW_TRIGGER, TRUNCATE_TRIGGER, *(n for n, _, _ in STATEMENT_TRIGGERS)):
+    for name in (ROW_TRIGGER, TRUNCATE_TRIGGER, KEY_CHANGE_TRIGGER, *(n for n, _, _ in STATEMENT_TRIGGERS)):
         cur.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), t.ident))
+
+
+def _present_triggers(conn: psycopg.Connection[Any]) -> dict[int, set[str]]:
+    """oid -> the names of the triggers calling a function of the capture schema on that table."""
+    rows = conn.execute(
+        "SELECT t.tgrelid::bigint, t.tgname FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid "
+        "JOIN pg_namespace pn ON pn.oid = p.pronamespace WHERE pn.nspname = %s AND NOT t.tgisinternal",
+        (CAPTURE_SCHEMA,)).fetchall()
+    present: dict[int, set[str]] = {}
+    for rel, name in rows:
+        present.setdefault(rel, set()).add(name)
+    return present
 
 
 def install(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: float = 2.0) -> int:
     """Create the capture schema and function, then the triggers on every table not yet captured (or whose
-    definition changed since it was: its triggers and key function are made again)."""
+    definition changed since it was, or whose set of capture triggers is not the one expected: its triggers and key
+    function are made again)."""
     log = get(phase="prepare")
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(FUNCTIONS_LOCK)
         cur.execute(sql.SQL(trigger_sql("capture.sql")))  # type: ignore[arg-type]
         cur.execute(_template("capture_rows.sql", log=log_child(_current_child(cur))))
     done = installed_tables(conn)
+    present = _present_triggers(conn)
     created = 0
     for t in tables:
-        if t.oid in done and done[t.oid][2] == t.fingerprint:
+        if t.oid in done and done[t.oid][2] == t.fingerprint and present.get(t.oid) == expected_triggers(t):
             continue
 
         def create(cur: psycopg.Cursor[Any], t: Table = t) -> None:

@@ -157,6 +157,21 @@ def test_altered_table_is_recopied_after_the_ddl_reaches_the_target_and_sync_res
         [("ACC-7",), ("ACC-8",), ("ACC-103",), ("ACC-104",)]
 
 
+def test_prepare_again_restores_a_capture_trigger_dropped_by_hand(
+        cfg: Config, source_dsn: str, target_dsn: str) -> None:
+    synced(cfg, source_dsn)
+    run_sql(source_dsn, f"DROP TRIGGER {capture.KEY_CHANGE_TRIGGER} ON public.study")
+
+    capture.prepare(cfg)
+
+    assert fetch(source_dsn, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.study'::regclass "
+                             "AND tgname LIKE '\\_migrator%%'") == [(5,)]
+    # The old key of a moved row is captured again: without it the target would keep the row under both keys.
+    run_sql(source_dsn, "UPDATE public.study SET id = 1001 WHERE id = 101")
+    replay.sync(cfg)
+    assert fetch(target_dsn, "SELECT id FROM public.study WHERE id IN (101, 1001)") == [(1001,)]
+
+
 # --- cleanup ------------------------------------------------------------------------------------------------------
 
 def test_cleanup_removes_every_trace_from_the_legacy_database(
@@ -167,13 +182,13 @@ def test_cleanup_removes_every_trace_from_the_legacy_database(
     copy.run(cfg)
     run_sql(source_dsn, "INSERT INTO public.study VALUES (101, '1.2.101', 'x')", "TRUNCATE public.audit")
     replay.sync(cfg)
-    # Keyed tables: three statement-level key triggers and a TRUNCATE trigger, and a key function each; the keyless
-    # audit table: a row trigger and a TRUNCATE trigger on the shared capture() function.
-    assert traces(source_dsn) == {"schema": 1, "triggers": 10, "functions": 3}
+    # Keyed tables: three statement-level key triggers, the key-change row trigger and a TRUNCATE trigger, and a key
+    # function each; the keyless audit table: a row trigger and a TRUNCATE trigger on the shared capture() function.
+    assert traces(source_dsn) == {"schema": 1, "triggers": 12, "functions": 3}
 
     result = capture.cleanup(cfg)
 
-    assert result.triggers_removed == 10
+    assert result.triggers_removed == 12
     assert traces(source_dsn) == {"schema": 0, "triggers": 0, "functions": 0}
     assert catalog_counts(source_dsn) == before
     # The application writes as before, and nothing is recorded any more; cleanup again is harmless.
@@ -195,7 +210,7 @@ def test_cleanup_after_cutover_refuses_unless_the_freeze_is_released(
     assert "--release-freeze" in info.value.hint
     with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
         run_sql(source_dsn, "INSERT INTO public.study VALUES (500, 'x', 'x')")
-    assert traces(source_dsn)["triggers"] == 10
+    assert traces(source_dsn)["triggers"] == 12
 
     capture.cleanup(cfg, release_freeze=True)
 

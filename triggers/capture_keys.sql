@@ -4,7 +4,9 @@
 --
 -- Expects: triggers/capture.sql installed. For an ordinary table it runs as three statement-level triggers with
 -- transition tables (AFTER INSERT / UPDATE / DELETE ... REFERENCING ... FOR EACH STATEMENT): one call and one
--- INSERT per statement, however many rows it touched. Partitions and inheritance parents and children use it
+-- INSERT per statement, however many rows it touched; the UPDATE statement trigger logs the new keys, and a
+-- row-level trigger whose WHEN clause compares the key (`_migrator_capture_key_change`) calls it for a row whose
+-- key an UPDATE changed, which logs the old key as well. Partitions and inheritance parents and children use it
 -- as a row-level trigger instead, because a statement addressed to a parent does not fire a child's statement
 -- triggers. It logs only the key of each row touched (old and new key of an UPDATE); replay reads the row itself
 -- from the source in the snapshot of its batch. {settings} pins output settings when a key column's text form
@@ -28,8 +30,8 @@ BEGIN
     ELSIF TG_OP = 'INSERT' THEN
         INSERT INTO {log} (rel, op, key) SELECT TG_RELID, 'I', {n_key} FROM new_rows AS n;
     ELSIF TG_OP = 'UPDATE' THEN
-        INSERT INTO {log} (rel, op, key)
-        SELECT TG_RELID, 'U', k FROM (SELECT {n_key} AS k FROM old_rows AS n UNION SELECT {n_key} FROM new_rows AS n) AS u;
+        -- The new keys; an update that changed a key also fired the row-level trigger above for its old key.
+        INSERT INTO {log} (rel, op, key) SELECT TG_RELID, 'U', {n_key} FROM new_rows AS n;
     ELSE
         INSERT INTO {log} (rel, op, key) SELECT TG_RELID, 'D', {n_key} FROM old_rows AS n;
     END IF;
