@@ -140,7 +140,7 @@ def _create_functions(cur: psycopg.Cursor[Any], child: int) -> None:
             cur.execute(_key_function_sql(t, child))
 
 
-def _create_triggers(cur: psycopg.Cursor[Any], t: Table) -> None:
+def _create_triggers(cur: psycopg.Cursor[Any], t: Table, enabled: bool = True) -> None:
     generic = sql.SQL("{}.capture()").format(sql.Identifier(CAPTURE_SCHEMA))
     names = [TRUNCATE_TRIGGER]
     if not t.key:
@@ -170,9 +170,33 @@ def _create_triggers(cur: psycopg.Cursor[Any], t: Table) -> None:
             names.append(KEY_CHANGE_TRIGGER)
     cur.execute(sql.SQL("CREATE TRIGGER {} AFTER TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}")
                 .format(sql.Identifier(TRUNCATE_TRIGGER), t.ident, generic))
-    # ALWAYS: capture even sessions running with session_replication_role = replica.
+    # ALWAYS: capture even sessions running with session_replication_role = replica. Disabled: staged for a
+    # rollback (`enable_triggers` turns them on inside the cutover's pause).
     cur.execute(sql.SQL("ALTER TABLE {} {}").format(t.ident, sql.SQL(", ").join(
-        sql.SQL("ENABLE ALWAYS TRIGGER {}").format(sql.Identifier(n)) for n in names)))
+        sql.SQL("{} TRIGGER {}").format(sql.SQL("ENABLE ALWAYS" if enabled else "DISABLE"), sql.Identifier(n))
+        for n in names)))
+
+
+ENABLE_BATCH = 200
+"""Tables whose triggers `enable_triggers` enables per transaction (each holds a lock per table until commit)."""
+
+
+def enable_triggers(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: float = 2.0) -> int:
+    """Enable ALWAYS every capture trigger of these tables, in a few transactions; returns how many tables had one
+    to enable. Much cheaper than `install` (no function or trigger is created), which is why the cutover stages the
+    rollback's capture disabled before its pause and only enables it inside."""
+    present = _present_triggers(conn)
+    todo = [t for t in tables if present.get(t.oid)]
+    for start in range(0, len(todo), ENABLE_BATCH):
+        batch = todo[start:start + ENABLE_BATCH]
+
+        def enable(cur: psycopg.Cursor[Any], batch: list[Table] = batch) -> None:
+            for t in batch:
+                cur.execute(sql.SQL("ALTER TABLE {} {}").format(t.ident, sql.SQL(", ").join(
+                    sql.SQL("ENABLE ALWAYS TRIGGER {}").format(sql.Identifier(n)) for n in sorted(present[t.oid]))))
+
+        _with_lock_retries(conn, f"{len(batch)} tables", enable, lock_timeout)
+    return len(todo)
 
 
 def _key_row(t: Table, ref: str) -> sql.Composed:
@@ -205,10 +229,11 @@ def _present_triggers(conn: psycopg.Connection[Any]) -> dict[int, set[str]]:
     return present
 
 
-def install(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: float = 2.0) -> int:
+def install(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: float = 2.0,
+            enabled: bool = True) -> int:
     """Create the capture schema and function, then the triggers on every table not yet captured (or whose
     definition changed since it was, or whose set of capture triggers is not the one expected: its triggers and key
-    function are made again)."""
+    function are made again). With `enabled` false the new triggers are created disabled (see `enable_triggers`)."""
     log = get(phase="prepare")
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(FUNCTIONS_LOCK)
@@ -224,7 +249,7 @@ def install(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: fl
         def create(cur: psycopg.Cursor[Any], t: Table = t) -> None:
             cur.execute(FUNCTIONS_LOCK)  # the current child stays current until the key function names it
             _drop_triggers(cur, t)
-            _create_triggers(cur, t)
+            _create_triggers(cur, t, enabled)
             cur.execute(sql.SQL("INSERT INTO {}.captured_table (rel, schema_name, table_name, fingerprint) "
                                 "VALUES (%s, %s, %s, %s) ON CONFLICT (rel) DO UPDATE SET schema_name = "
                                 "excluded.schema_name, table_name = excluded.table_name, "

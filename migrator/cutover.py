@@ -2,10 +2,11 @@
 
 With a pooler ([cutover] pgbouncer_admin_dsn) the clients never reconnect:
 
-    catch_up → preflight (go/no-go, hold) → pause (PgBouncer PAUSE, bounded) → freeze (the legacy database rejects
+    catch_up → preflight (go/no-go, hold) → stage_rollback (the rollback's capture installed on the target,
+    disabled; see migrator/rollback.py) → pause (PgBouncer PAUSE, bounded) → freeze (the legacy database rejects
     writes from clients not behind the pooler) → drain → verify (counts, every event applied) → sequences →
-    arm_rollback (capture installed on the target, see migrator/rollback.py) → switch (the pooler's [databases]
-    entries rewritten to the target, RELOAD) → resume (RESUME)
+    arm_rollback (the target's capture enabled, its snapshot recorded) → switch (the pooler's [databases] entries
+    rewritten to the target, RELOAD) → resume (RESUME)
 
 Clients see one slow query: the pause, from PAUSE to RESUME, reported in seconds. Without a pooler the switch is
 `switch_command` and there is no pause/resume. Either the cutover completes, leaving the legacy database frozen (it
@@ -29,9 +30,9 @@ from migrator.errors import Blocked, ConnectionFailed, CutoverFailed, MigratorEr
 from migrator.log import get
 from migrator.switch import PoolerSession, carry_sequences, count_differences, run_command
 
-STEPS = ("catch_up", "preflight", "freeze", "drain", "verify", "sequences", "arm_rollback", "switch")
+STEPS = ("catch_up", "preflight", "stage_rollback", "freeze", "drain", "verify", "sequences", "arm_rollback", "switch")
 """The steps without a pooler (`switch_command`)."""
-POOLER_STEPS = ("catch_up", "preflight", "pause", "freeze", "drain", "verify", "sequences", "arm_rollback", "switch",
+POOLER_STEPS = ("catch_up", "preflight", "stage_rollback", "pause", "freeze", "drain", "verify", "sequences", "arm_rollback", "switch",
                 "resume")
 """The steps through PgBouncer."""
 HOLD_POLL = 1.0
@@ -217,9 +218,14 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
                 source.rollback()
                 return f"{report.sequences_set} sequences at or past the source's"
 
-            def arm_rollback() -> str:
+            def stage_rollback() -> str:
                 nonlocal armed
                 armed = True  # marked first: a failure half way still leaves triggers to remove
+                return rollback.stage(cfg)
+
+            def arm_rollback() -> str:
+                nonlocal armed
+                armed = True
                 return rollback.arm(cfg)
 
             def switch() -> str:
@@ -247,6 +253,7 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
 
             step("catch_up", catch_up)
             step("preflight", preflight)
+            step("stage_rollback", stage_rollback)
             if pool is not None:
                 step("pause", pause)
             step("freeze", freeze)

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from migrator import cutover, rollback
+from migrator import cutover, replay, rollback
 from migrator.config import Config
 from migrator.errors import CutoverFailed, NotReady
 from tests.helpers import fetch, run_sql
@@ -137,6 +137,34 @@ def test_a_failing_rollback_command_leaves_clients_on_a_writable_target_and_the_
     assert_same(source_dsn, target_dsn)
     assert fetch(source_dsn, "SELECT count(*) FROM public.study WHERE uid = 'still on target'") == [(1,)]
     assert fetch(source_dsn, "SELECT what FROM public.audit") == [("after truncate",)]
+
+
+def target_capture_states(target_dsn: str) -> set[str]:
+    return {r[0] for r in fetch(target_dsn, "SELECT DISTINCT tgenabled::text FROM pg_trigger "
+                                            "WHERE tgname LIKE '\\_migrator%'")}
+
+
+def test_the_rollback_capture_is_staged_disabled_before_the_pause_and_only_enabled_inside_it(
+        cfg: Config, source_dsn: str, target_dsn: str) -> None:
+    migrated(cfg, source_dsn)
+
+    rollback.stage(cfg)
+
+    assert target_capture_states(target_dsn) == {"D"}
+    # Sync's drain writes the target while the staged triggers are there: they neither fire nor get in its way.
+    run_sql(source_dsn, "INSERT INTO public.study (uid, note) VALUES ('late', 'x')",
+            "UPDATE public.study SET note = 'late change' WHERE id <= 5")
+    replay.sync(cfg)
+    assert fetch(target_dsn, "SELECT count(*) FROM _migrator.delta_log") == [(0,)]
+    assert fetch(target_dsn, "SELECT count(*) FROM public.study WHERE uid = 'late'") == [(1,)]
+
+    rollback.arm(cfg)
+
+    assert target_capture_states(target_dsn) == {"A"}
+    run_sql(target_dsn, "UPDATE public.study SET note = 'on the new server' WHERE id = 7")
+    assert fetch(target_dsn, "SELECT op::text, key FROM _migrator.delta_log") == [("U", ["7"])]
+    rollback.disarm(cfg)
+    assert engine_on_target(target_dsn) == []
 
 
 def test_cleanup_ends_the_rollback_window_and_leaves_nothing_on_the_target(
