@@ -117,7 +117,9 @@ def _key_function_sql(t: Table, child: int) -> sql.Composed:
     types = {c.name: c.type for c in t.columns}
     sensitive = any(types[k].startswith(_SETTINGS_SENSITIVE) for k in t.key)
     return _template("capture_keys.sql", function=key_function(t), settings=_PINNED if sensitive else sql.SQL(""),
-                     new_row_key=key("NEW"), old_row_key=key("OLD"), n_key=key("n"), log=log_child(child))
+                     new_row_key=key("NEW"), old_row_key=key("OLD"), n_key=key("n"), log=log_child(child),
+                     key_change_trigger=sql.Literal(KEY_CHANGE_TRIGGER), old_key_row=_key_row(t, "OLD"),
+                     new_key_row=_key_row(t, "NEW"))
 
 
 def _current_child(cur: psycopg.Cursor[Any]) -> int:
@@ -161,12 +163,10 @@ def _create_triggers(cur: psycopg.Cursor[Any], t: Table, enabled: bool = True) -
                                     "EXECUTE FUNCTION {}").format(sql.Identifier(name), sql.SQL(event), t.ident,
                                                                   sql.SQL(referencing), fn))
                 names.append(name)
-            # The UPDATE statement trigger logs the new keys only; an update that changes a key (rare) also fires
-            # this row trigger, which logs the old key too. The WHEN clause is evaluated without calling the
-            # function, so an ordinary update pays no row-level call.
-            cur.execute(sql.SQL("CREATE TRIGGER {} AFTER UPDATE ON {} FOR EACH ROW WHEN (({}) IS DISTINCT FROM ({})) "
-                                "EXECUTE FUNCTION {}").format(
-                sql.Identifier(KEY_CHANGE_TRIGGER), t.ident, _key_row(t, "OLD"), _key_row(t, "NEW"), fn))
+            # The UPDATE statement trigger logs the new keys only; this row trigger logs the old key of a row whose
+            # key an update changed (the function compares; no WHEN clause, see capture_keys.sql).
+            cur.execute(sql.SQL("CREATE TRIGGER {} AFTER UPDATE ON {} FOR EACH ROW EXECUTE FUNCTION {}").format(
+                sql.Identifier(KEY_CHANGE_TRIGGER), t.ident, fn))
             names.append(KEY_CHANGE_TRIGGER)
     cur.execute(sql.SQL("CREATE TRIGGER {} AFTER TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}")
                 .format(sql.Identifier(TRUNCATE_TRIGGER), t.ident, generic))
@@ -185,7 +185,7 @@ def enable_triggers(conn: psycopg.Connection[Any], tables: list[Table], lock_tim
     """Enable ALWAYS every capture trigger of these tables, in a few transactions; returns how many tables had one
     to enable. Much cheaper than `install` (no function or trigger is created), which is why the cutover stages the
     rollback's capture disabled before its pause and only enables it inside."""
-    present = _present_triggers(conn)
+    present = present_triggers(conn)
     todo = [t for t in tables if present.get(t.oid)]
     for start in range(0, len(todo), ENABLE_BATCH):
         batch = todo[start:start + ENABLE_BATCH]
@@ -200,7 +200,7 @@ def enable_triggers(conn: psycopg.Connection[Any], tables: list[Table], lock_tim
 
 
 def _key_row(t: Table, ref: str) -> sql.Composed:
-    """The key columns of OLD or NEW as a row, for a trigger's WHEN clause (a one-column row compares as it)."""
+    """The key columns of OLD or NEW as a row, to compare (a one-column key compares as its column)."""
     cols = [sql.SQL("{}.{}").format(sql.SQL(ref), sql.Identifier(k)) for k in t.key]
     return sql.SQL("ROW({})").format(sql.SQL(", ").join(cols)) if len(cols) > 1 else cols[0]
 
@@ -217,7 +217,7 @@ def _drop_triggers(cur: psycopg.Cursor[Any], t: Table) -> None:
         cur.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), t.ident))
 
 
-def _present_triggers(conn: psycopg.Connection[Any]) -> dict[int, set[str]]:
+def present_triggers(conn: psycopg.Connection[Any]) -> dict[int, set[str]]:
     """oid -> the names of the triggers calling a function of the capture schema on that table."""
     rows = conn.execute(
         "SELECT t.tgrelid::bigint, t.tgname FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid "
@@ -240,7 +240,7 @@ def install(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: fl
         cur.execute(sql.SQL(trigger_sql("capture.sql")))  # type: ignore[arg-type]
         cur.execute(_template("capture_rows.sql", log=log_child(_current_child(cur))))
     done = installed_tables(conn)
-    present = _present_triggers(conn)
+    present = present_triggers(conn)
     created = 0
     for t in tables:
         if t.oid in done and done[t.oid][2] == t.fingerprint and present.get(t.oid) == expected_triggers(t):
@@ -339,6 +339,12 @@ def prepare(cfg: Config) -> PrepareResult:
         state.start_migration(target, db.describe_dsn(cfg.source_dsn))
         target.commit()
         source.autocommit = True
+        if is_frozen(source):
+            # Installing writes the capture functions again, which would lift the freeze from every table.
+            raise NotReady("the legacy database is frozen by a cutover; prepare would make it writable again",
+                           hint="After a completed cutover there is nothing to prepare. If the cutover is to be "
+                                "undone, use `migrator rollback`; to let clients write the legacy database again "
+                                "first, `migrator release --yes`.")
         with source.cursor() as cur:
             cur.execute("SELECT current_setting('server_version_num')::int")
             row = cur.fetchone()

@@ -2,7 +2,8 @@
 
 Read-only. Inspect, prepare, copy, sync and verify all see tables through `Table`, so they agree on which tables
 migrate, which columns are written (generated columns are not), and which columns identify a row. A table's
-`fingerprint` changes whenever DDL changes what a row looks like; sync compares fingerprints to detect DDL.
+`fingerprint` changes whenever DDL changes what a row looks like or which columns identify it (its key); sync
+compares fingerprints to detect DDL.
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ class Table:
 
     @property
     def fingerprint(self) -> str:
-        text = "|".join([self.schema, self.name] + [f"{c.name}:{c.type}:{int(c.generated)}" for c in self.columns])
+        # The key is part of it: capture and replay address rows by it, so a new or changed key is DDL to act on.
+        text = "|".join([self.schema, self.name] + [f"{c.name}:{c.type}:{int(c.generated)}" for c in self.columns]
+                        + ["key:" + ",".join(self.key)])
         return hashlib.md5(text.encode()).hexdigest()
 
 

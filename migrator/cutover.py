@@ -273,12 +273,6 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
             undone = []
             if pool is not None:
                 undone.append(pool.restore())  # entries back first, RESUME only after the release below
-            if armed:
-                try:
-                    rollback.disarm(cfg)
-                except (MigratorError, psycopg.Error) as dis_exc:
-                    undone.append(f"removing capture from the target failed ({dis_exc.__class__.__name__}): "
-                                  "`migrator cleanup` removes it")
             if frozen:
                 try:
                     source.rollback()
@@ -292,6 +286,12 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
                 undone.append(pool.resume())
                 report.pause_seconds = pool.pause_seconds
                 pool.close()
+            if armed:  # after RESUME: nobody but migrator writes the target, and the clients wait no longer
+                try:
+                    rollback.disarm(cfg)
+                except (MigratorError, psycopg.Error) as dis_exc:
+                    undone.append(f"removing capture from the target failed ({dis_exc.__class__.__name__}): "
+                                  "`migrator cleanup` removes it")
             try:
                 state.step_finished(target, report.attempt, current, "failed", report.error)
                 state.finish_attempt(target, report.attempt, "failed", failed_step=current, error=report.error)

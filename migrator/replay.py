@@ -321,6 +321,17 @@ def check_schema(source: psycopg.Connection[Any], cfg: Config,
     problems += [f"{s.display} was dropped or renamed" for s in recorded.values()]
     if problems:
         raise SchemaChanged("DDL on the legacy database: " + "; ".join(problems[:20]))
+    # A capture trigger dropped by hand, or tables captured by an earlier version of migrator whose trigger set
+    # differs: changes could go unlogged from now on. `prepare` makes the triggers again.
+    present = capture.present_triggers(source)
+    wrong = [t.display for t in tables if present.get(t.oid, set()) != capture.expected_triggers(t)]
+    if wrong:
+        raise SchemaChanged(
+            f"the capture triggers of {', '.join(wrong[:20])} on the legacy database are not the ones migrator "
+            "installs (dropped by hand, or made by an earlier version); changes to them may not be logged",
+            hint="Run `migrator prepare --yes`, which makes them again, then `migrator sync`; if a table's "
+                 "triggers were missing while it was written, `migrator verify` it and copy it again with "
+                 "`migrator copy --tables` when it differs.")
     return by_oid
 
 

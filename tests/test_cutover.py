@@ -149,6 +149,9 @@ def test_writer_in_flight_past_the_freeze_lock_timeout_stops_cutover_at_freeze_a
     assert sqlstate_of_write(source_dsn, "INSERT INTO public.study (uid) VALUES ('after')") is None
     assert fetch(source_dsn, "SELECT frozen FROM _migrator.freeze_state") in ([], [(False,)])
     assert fetch(target_dsn, "SELECT frozen, cutover_at FROM migrator_control.migration") == [(False, None)]
+    # The rollback's capture, staged and armed on the target, was removed (after the legacy side was released).
+    assert fetch(target_dsn, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE '\\_migrator%'") == [(0,)]
+    assert fetch(target_dsn, "SELECT count(*) FROM pg_namespace WHERE nspname = '_migrator'") == [(0,)]
     [(attempt, status, failed_step, _)] = attempts(target_dsn)
     assert (status, failed_step) == ("failed", "freeze")
     recorded = steps(target_dsn, attempt)

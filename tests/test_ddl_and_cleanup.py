@@ -92,6 +92,29 @@ def test_added_column_stops_sync_naming_the_table_and_leaves_the_position_unchan
     assert fetch(target_dsn, "SELECT count(*) FROM public.study WHERE id = 102") == [(0,)]
 
 
+def test_a_key_columns_type_change_goes_through_on_the_legacy_database_and_stops_sync(
+        cfg: Config, source_dsn: str, target_dsn: str) -> None:
+    # The capture triggers name no column (no WHEN clause), so the application's own migration is not refused.
+    synced(cfg, source_dsn)
+    run_sql(source_dsn, "ALTER TABLE public.study ALTER COLUMN id TYPE bigint")
+
+    with pytest.raises(SchemaChanged, match=r"public\.study was altered"):
+        replay.sync(cfg)
+
+
+def test_a_new_key_is_ddl_that_stops_sync(cfg: Config, source_dsn: str, target_dsn: str) -> None:
+    # Capture and replay address rows by the key: a table keyed by a unique index that gets a primary key is
+    # keyed differently from then on, which sync must not apply with the old key's triggers.
+    run_sql(source_dsn, *SCHEMA, "CREATE TABLE public.device (serial text NOT NULL UNIQUE, n int NOT NULL)",
+            "INSERT INTO public.device SELECT 'SN' || g, g FROM generate_series(1, 5) g")
+    capture.prepare(cfg)
+    copy.run(cfg)
+    run_sql(source_dsn, "ALTER TABLE public.device ADD PRIMARY KEY (n)")
+
+    with pytest.raises(SchemaChanged, match=r"public\.device was altered"):
+        replay.sync(cfg)
+
+
 def test_new_table_in_an_included_schema_stops_sync_naming_it(
         cfg: Config, source_dsn: str, target_dsn: str) -> None:
     synced(cfg, source_dsn)
@@ -161,6 +184,9 @@ def test_prepare_again_restores_a_capture_trigger_dropped_by_hand(
         cfg: Config, source_dsn: str, target_dsn: str) -> None:
     synced(cfg, source_dsn)
     run_sql(source_dsn, f"DROP TRIGGER {capture.KEY_CHANGE_TRIGGER} ON public.study")
+    with pytest.raises(SchemaChanged, match=r"capture triggers of public\.study") as info:
+        replay.sync(cfg)  # changes could go unlogged: sync says so rather than go on
+    assert "migrator prepare" in info.value.hint
 
     capture.prepare(cfg)
 
@@ -211,6 +237,10 @@ def test_cleanup_after_cutover_refuses_unless_the_freeze_is_released(
     with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
         run_sql(source_dsn, "INSERT INTO public.study VALUES (500, 'x', 'x')")
     assert traces(source_dsn)["triggers"] == 12
+    with pytest.raises(NotReady, match="frozen"):
+        capture.prepare(cfg)  # writing the capture functions again would lift the freeze
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        run_sql(source_dsn, "INSERT INTO public.study VALUES (500, 'x', 'x')")
 
     capture.cleanup(cfg, release_freeze=True)
 

@@ -5,8 +5,8 @@
 -- Expects: triggers/capture.sql installed. For an ordinary table it runs as three statement-level triggers with
 -- transition tables (AFTER INSERT / UPDATE / DELETE ... REFERENCING ... FOR EACH STATEMENT): one call and one
 -- INSERT per statement, however many rows it touched; the UPDATE statement trigger logs the new keys, and a
--- row-level trigger whose WHEN clause compares the key (`_migrator_capture_key_change`) calls it for a row whose
--- key an UPDATE changed, which logs the old key as well. Partitions and inheritance parents and children use it
+-- row-level UPDATE trigger (`_migrator_capture_key_change`, {key_change_trigger}) calls it for each updated row,
+-- which logs the old key of a row whose key changed and does nothing else (no query). Partitions and inheritance parents and children use it
 -- as a row-level trigger instead, because a statement addressed to a parent does not fire a child's statement
 -- triggers. It logs only the key of each row touched (old and new key of an UPDATE); replay reads the row itself
 -- from the source in the snapshot of its batch. {settings} pins output settings when a key column's text form
@@ -18,7 +18,15 @@ LANGUAGE plpgsql
 AS $keys$
 BEGIN
     IF TG_LEVEL = 'ROW' THEN
-        IF TG_OP = 'INSERT' THEN
+        IF TG_NAME = {key_change_trigger} THEN
+            -- An ordinary table's UPDATE: its statement trigger logs the new keys; a row whose key it changed needs
+            -- its old key too. Compared here (a simple expression, no query) rather than in the trigger's WHEN
+            -- clause, which would make the key columns depend on the trigger and refuse the application's
+            -- ALTER COLUMN ... TYPE on them.
+            IF {old_key_row} IS DISTINCT FROM {new_key_row} THEN
+                INSERT INTO {log} (rel, op, key) VALUES (TG_RELID, 'U', {old_row_key});
+            END IF;
+        ELSIF TG_OP = 'INSERT' THEN
             INSERT INTO {log} (rel, op, key) VALUES (TG_RELID, 'I', {new_row_key});
         ELSIF TG_OP = 'DELETE' THEN
             INSERT INTO {log} (rel, op, key) VALUES (TG_RELID, 'D', {old_row_key});
@@ -30,7 +38,7 @@ BEGIN
     ELSIF TG_OP = 'INSERT' THEN
         INSERT INTO {log} (rel, op, key) SELECT TG_RELID, 'I', {n_key} FROM new_rows AS n;
     ELSIF TG_OP = 'UPDATE' THEN
-        -- The new keys; an update that changed a key also fired the row-level trigger above for its old key.
+        -- The new keys; the row-level key-change trigger (above) adds the old key of a row whose key changed.
         INSERT INTO {log} (rel, op, key) SELECT TG_RELID, 'U', {n_key} FROM new_rows AS n;
     ELSE
         INSERT INTO {log} (rel, op, key) SELECT TG_RELID, 'D', {n_key} FROM old_rows AS n;
