@@ -38,7 +38,7 @@ def fresh(name: str, tables: int) -> str:
 
 def arm_inside_pause(conn: psycopg.Connection[object]) -> int:
     tables = catalog.list_tables(conn, TableFilter(include=("public.*",)))
-    capture.install(conn, tables)
+    capture.install(conn, tables, enabled=False)
     return capture.enable_triggers(conn, tables)
 
 

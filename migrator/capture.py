@@ -72,16 +72,17 @@ def _with_lock_retries(conn: psycopg.Connection[Any], what: str, fn: Any, lock_t
     )
 
 
-def installed_tables(conn: psycopg.Connection[Any]) -> dict[int, tuple[str, str, str]]:
-    """The captured-table registry on the source: oid -> (schema, table, fingerprint); empty when not prepared."""
+def installed_tables(conn: psycopg.Connection[Any]) -> dict[int, tuple[str, str, str, tuple[str, ...] | None]]:
+    """The captured-table registry on the source: oid -> (schema, table, fingerprint, key columns); empty when not
+    prepared."""
     with conn.cursor() as cur:
         cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{CAPTURE_SCHEMA}.captured_table",))
         row = cur.fetchone()
         if not row or not row[0]:
             return {}
-        cur.execute(sql.SQL("SELECT rel::bigint, schema_name, table_name, fingerprint FROM {}.captured_table")
-                    .format(sql.Identifier(CAPTURE_SCHEMA)))
-        return {r[0]: (r[1], r[2], r[3]) for r in cur.fetchall()}
+        cur.execute(sql.SQL("SELECT rel::bigint, schema_name, table_name, fingerprint, key_columns "
+                            "FROM {}.captured_table").format(sql.Identifier(CAPTURE_SCHEMA)))
+        return {r[0]: (r[1], r[2], r[3], None if r[4] is None else tuple(r[4])) for r in cur.fetchall()}
 
 
 # Key types whose text form depends on session settings: their functions pin the settings (as capture() does).
@@ -118,8 +119,7 @@ def _key_function_sql(t: Table, child: int) -> sql.Composed:
     sensitive = any(types[k].startswith(_SETTINGS_SENSITIVE) for k in t.key)
     return _template("capture_keys.sql", function=key_function(t), settings=_PINNED if sensitive else sql.SQL(""),
                      new_row_key=key("NEW"), old_row_key=key("OLD"), n_key=key("n"), log=log_child(child),
-                     key_change_trigger=sql.Literal(KEY_CHANGE_TRIGGER), old_key_row=_key_row(t, "OLD"),
-                     new_key_row=_key_row(t, "NEW"))
+                     key_change_trigger=sql.Literal(KEY_CHANGE_TRIGGER))
 
 
 def _current_child(cur: psycopg.Cursor[Any]) -> int:
@@ -164,9 +164,13 @@ def _create_triggers(cur: psycopg.Cursor[Any], t: Table, enabled: bool = True) -
                                                                   sql.SQL(referencing), fn))
                 names.append(name)
             # The UPDATE statement trigger logs the new keys only; this row trigger logs the old key of a row whose
-            # key an update changed (the function compares; no WHEN clause, see capture_keys.sql).
-            cur.execute(sql.SQL("CREATE TRIGGER {} AFTER UPDATE ON {} FOR EACH ROW EXECUTE FUNCTION {}").format(
-                sql.Identifier(KEY_CHANGE_TRIGGER), t.ident, fn))
+            # key an update changed. Its WHEN clause is evaluated without calling the function, so an ordinary
+            # update pays no row-level call. It makes the key columns depend on the trigger: ALTER COLUMN ... TYPE
+            # on one is refused while capture is installed (comparing inside PL/pgSQL instead would let the ALTER
+            # through and then fail every UPDATE of sessions that had cached the comparison).
+            cur.execute(sql.SQL("CREATE TRIGGER {} AFTER UPDATE ON {} FOR EACH ROW WHEN ({} IS DISTINCT FROM {}) "
+                                "EXECUTE FUNCTION {}").format(
+                sql.Identifier(KEY_CHANGE_TRIGGER), t.ident, _key_row(t, "OLD"), _key_row(t, "NEW"), fn))
             names.append(KEY_CHANGE_TRIGGER)
     cur.execute(sql.SQL("CREATE TRIGGER {} AFTER TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}")
                 .format(sql.Identifier(TRUNCATE_TRIGGER), t.ident, generic))
@@ -202,14 +206,22 @@ def enable_triggers(conn: psycopg.Connection[Any], tables: list[Table], lock_tim
 def _key_row(t: Table, ref: str) -> sql.Composed:
     """The key columns of OLD or NEW as a row, to compare (a one-column key compares as its column)."""
     cols = [sql.SQL("{}.{}").format(sql.SQL(ref), sql.Identifier(k)) for k in t.key]
-    return sql.SQL("ROW({})").format(sql.SQL(", ").join(cols)) if len(cols) > 1 else cols[0]
+    return sql.SQL("ROW({})").format(sql.SQL(", ").join(cols)) if len(cols) > 1 else sql.SQL("({})").format(cols[0])
+
+
+ROW_LEVEL_SET = frozenset({ROW_TRIGGER, TRUNCATE_TRIGGER})
+STATEMENT_LEVEL_SET = frozenset({TRUNCATE_TRIGGER, KEY_CHANGE_TRIGGER, *(n for n, _, _ in STATEMENT_TRIGGERS)})
 
 
 def expected_triggers(t: Table) -> set[str]:
     """The names of the capture triggers `install` creates on table `t`."""
-    if not t.key or t.in_hierarchy:
-        return {ROW_TRIGGER, TRUNCATE_TRIGGER}
-    return {TRUNCATE_TRIGGER, KEY_CHANGE_TRIGGER, *(n for n, _, _ in STATEMENT_TRIGGERS)}
+    return set(ROW_LEVEL_SET if not t.key or t.in_hierarchy else STATEMENT_LEVEL_SET)
+
+
+def capture_complete(t: Table, present: set[str]) -> bool:
+    """Whether these triggers capture every change of `t`: its expected set, or, for a keyed table, the row-level
+    set (which captures everything too: a table that was in an inheritance tree when prepared keeps it)."""
+    return present == expected_triggers(t) or (bool(t.key) and present == ROW_LEVEL_SET)
 
 
 def _drop_triggers(cur: psycopg.Cursor[Any], t: Table) -> None:
@@ -217,12 +229,13 @@ def _drop_triggers(cur: psycopg.Cursor[Any], t: Table) -> None:
         cur.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), t.ident))
 
 
-def present_triggers(conn: psycopg.Connection[Any]) -> dict[int, set[str]]:
-    """oid -> the names of the triggers calling a function of the capture schema on that table."""
+def present_triggers(conn: psycopg.Connection[Any], enabled_always: bool = False) -> dict[int, set[str]]:
+    """oid -> the names of the triggers calling a function of the capture schema on that table (only those enabled
+    ALWAYS, which fire for every session, with `enabled_always`)."""
     rows = conn.execute(
         "SELECT t.tgrelid::bigint, t.tgname FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid "
-        "JOIN pg_namespace pn ON pn.oid = p.pronamespace WHERE pn.nspname = %s AND NOT t.tgisinternal",
-        (CAPTURE_SCHEMA,)).fetchall()
+        "JOIN pg_namespace pn ON pn.oid = p.pronamespace WHERE pn.nspname = %s AND NOT t.tgisinternal "
+        "AND (NOT %s OR t.tgenabled = 'A')", (CAPTURE_SCHEMA, enabled_always)).fetchall()
     present: dict[int, set[str]] = {}
     for rel, name in rows:
         present.setdefault(rel, set()).add(name)
@@ -240,21 +253,23 @@ def install(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: fl
         cur.execute(sql.SQL(trigger_sql("capture.sql")))  # type: ignore[arg-type]
         cur.execute(_template("capture_rows.sql", log=log_child(_current_child(cur))))
     done = installed_tables(conn)
-    present = present_triggers(conn)
+    # Enabled: a capture trigger disabled by hand is made again. Staged (not enabled): present is enough.
+    present = present_triggers(conn, enabled_always=enabled)
     created = 0
     for t in tables:
-        if t.oid in done and done[t.oid][2] == t.fingerprint and present.get(t.oid) == expected_triggers(t):
+        if (t.oid in done and done[t.oid][2] == t.fingerprint and done[t.oid][3] == t.key
+                and present.get(t.oid) == expected_triggers(t)):
             continue
 
         def create(cur: psycopg.Cursor[Any], t: Table = t) -> None:
             cur.execute(FUNCTIONS_LOCK)  # the current child stays current until the key function names it
             _drop_triggers(cur, t)
             _create_triggers(cur, t, enabled)
-            cur.execute(sql.SQL("INSERT INTO {}.captured_table (rel, schema_name, table_name, fingerprint) "
-                                "VALUES (%s, %s, %s, %s) ON CONFLICT (rel) DO UPDATE SET schema_name = "
-                                "excluded.schema_name, table_name = excluded.table_name, "
-                                "fingerprint = excluded.fingerprint").format(sql.Identifier(CAPTURE_SCHEMA)),
-                        (t.oid, t.schema, t.name, t.fingerprint))
+            cur.execute(sql.SQL("INSERT INTO {}.captured_table (rel, schema_name, table_name, fingerprint, "
+                                "key_columns) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (rel) DO UPDATE SET "
+                                "schema_name = excluded.schema_name, table_name = excluded.table_name, "
+                                "fingerprint = excluded.fingerprint, key_columns = excluded.key_columns")
+                        .format(sql.Identifier(CAPTURE_SCHEMA)), (t.oid, t.schema, t.name, t.fingerprint, list(t.key)))
 
         _with_lock_retries(conn, f"table {t.display}", create, lock_timeout)
         created += 1
@@ -342,9 +357,8 @@ def prepare(cfg: Config) -> PrepareResult:
         if is_frozen(source):
             # Installing writes the capture functions again, which would lift the freeze from every table.
             raise NotReady("the legacy database is frozen by a cutover; prepare would make it writable again",
-                           hint="After a completed cutover there is nothing to prepare. If the cutover is to be "
-                                "undone, use `migrator rollback`; to let clients write the legacy database again "
-                                "first, `migrator release --yes`.")
+                           hint="After a completed cutover there is nothing to prepare; to undo the cutover, "
+                                "use `migrator rollback`.")
         with source.cursor() as cur:
             cur.execute("SELECT current_setting('server_version_num')::int")
             row = cur.fetchone()

@@ -2,8 +2,8 @@
 
 Read-only. Inspect, prepare, copy, sync and verify all see tables through `Table`, so they agree on which tables
 migrate, which columns are written (generated columns are not), and which columns identify a row. A table's
-`fingerprint` changes whenever DDL changes what a row looks like or which columns identify it (its key); sync
-compares fingerprints to detect DDL.
+`fingerprint` changes whenever DDL changes what a row looks like; sync compares fingerprints, and the key, to detect
+DDL.
 """
 
 from __future__ import annotations
@@ -61,9 +61,7 @@ class Table:
 
     @property
     def fingerprint(self) -> str:
-        # The key is part of it: capture and replay address rows by it, so a new or changed key is DDL to act on.
-        text = "|".join([self.schema, self.name] + [f"{c.name}:{c.type}:{int(c.generated)}" for c in self.columns]
-                        + ["key:" + ",".join(self.key)])
+        text = "|".join([self.schema, self.name] + [f"{c.name}:{c.type}:{int(c.generated)}" for c in self.columns])
         return hashlib.md5(text.encode()).hexdigest()
 
 
@@ -71,7 +69,7 @@ _TABLES = """
 SELECT c.oid::bigint AS oid, n.nspname AS schema, c.relname AS name,
        coalesce(c.reltuples, -1)::bigint AS est_rows,
        pg_total_relation_size(c.oid) AS bytes,
-       (c.relispartition OR c.relhassubclass
+       (c.relispartition OR EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = c.oid)
         OR EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid)) AS in_hierarchy,
        (SELECT pn.nspname || '.' || pc.relname FROM pg_inherits i JOIN pg_class pc ON pc.oid = i.inhparent
           JOIN pg_namespace pn ON pn.oid = pc.relnamespace WHERE i.inhrelid = c.oid AND c.relispartition) AS partition_of

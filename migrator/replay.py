@@ -317,18 +317,22 @@ def check_schema(source: psycopg.Connection[Any], cfg: Config,
             problems.append(f"{t.display} was dropped and created again")
         elif s.fingerprint != t.fingerprint:
             problems.append(f"{t.display} was altered")
+        elif tuple(s.key_columns or ()) != t.key:
+            problems.append(f"{t.display}'s key changed (from {', '.join(s.key_columns) or 'none'} to "
+                            f"{', '.join(t.key) or 'none'})")
         by_oid[t.oid] = t
     problems += [f"{s.display} was dropped or renamed" for s in recorded.values()]
     if problems:
         raise SchemaChanged("DDL on the legacy database: " + "; ".join(problems[:20]))
-    # A capture trigger dropped by hand, or tables captured by an earlier version of migrator whose trigger set
-    # differs: changes could go unlogged from now on. `prepare` makes the triggers again.
-    present = capture.present_triggers(source)
-    wrong = [t.display for t in tables if present.get(t.oid, set()) != capture.expected_triggers(t)]
+    # A capture trigger dropped or disabled by hand, or tables captured by an earlier version of migrator whose
+    # trigger set differs: changes could go unlogged from now on. `prepare` makes the triggers again.
+    present = capture.present_triggers(source, enabled_always=True)
+    wrong = [t.display for t in tables if not capture.capture_complete(t, present.get(t.oid, set()))]
     if wrong:
         raise SchemaChanged(
             f"the capture triggers of {', '.join(wrong[:20])} on the legacy database are not the ones migrator "
-            "installs (dropped by hand, or made by an earlier version); changes to them may not be logged",
+            "installs, enabled ALWAYS (dropped or disabled by hand, or made by an earlier version); changes to "
+            "them may not be logged",
             hint="Run `migrator prepare --yes`, which makes them again, then `migrator sync`; if a table's "
                  "triggers were missing while it was written, `migrator verify` it and copy it again with "
                  "`migrator copy --tables` when it differs.")

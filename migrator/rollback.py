@@ -69,13 +69,14 @@ def arm(cfg: Config) -> str:
     """Capture every change written on the target from now on, and record where the reverse replay starts.
 
     Called by the cutover after the drain and before clients move: nobody writes the target, so every later change
-    is a transaction the recorded snapshot does not contain. Enables what `stage` installed (and installs, enabled,
-    what it did not: a table staged by nobody is still captured); the snapshot is taken after that has committed.
+    is a transaction the recorded snapshot does not contain. Enables what `stage` installed (and installs what it
+    did not: a table staged by nobody is still captured); the snapshot is taken after that has committed.
     """
     with db.session(cfg.target_dsn, role="target", autocommit=True) as target, \
             db.session(cfg.source_dsn, role="source", autocommit=True) as legacy:
         tables = catalog.list_tables(target, cfg.tables)
-        installed = capture.install(target, tables, lock_timeout=cfg.sync.lock_timeout)
+        # Staged tables are skipped (present, disabled); any other is installed, disabled, and enabled with them.
+        installed = capture.install(target, tables, lock_timeout=cfg.sync.lock_timeout, enabled=False)
         enabled = capture.enable_triggers(target, tables, lock_timeout=cfg.sync.lock_timeout)
         row = target.execute("SELECT pg_current_snapshot()::text").fetchone()
         assert row is not None

@@ -92,14 +92,30 @@ def test_added_column_stops_sync_naming_the_table_and_leaves_the_position_unchan
     assert fetch(target_dsn, "SELECT count(*) FROM public.study WHERE id = 102") == [(0,)]
 
 
-def test_a_key_columns_type_change_goes_through_on_the_legacy_database_and_stops_sync(
+def test_a_key_columns_type_change_is_refused_naming_the_trigger_and_other_ddl_stops_sync(
         cfg: Config, source_dsn: str, target_dsn: str) -> None:
-    # The capture triggers name no column (no WHEN clause), so the application's own migration is not refused.
+    # The key-change trigger's WHEN clause names the key columns: changing their type is refused on the legacy
+    # database while capture is installed (a clear DDL error, rather than sessions that cached the old type failing
+    # their updates later). Other columns change as before, and sync stops naming the table.
     synced(cfg, source_dsn)
-    run_sql(source_dsn, "ALTER TABLE public.study ALTER COLUMN id TYPE bigint")
+    with pytest.raises(psycopg.errors.FeatureNotSupported, match=capture.KEY_CHANGE_TRIGGER):
+        run_sql(source_dsn, "ALTER TABLE public.study ALTER COLUMN id TYPE bigint")
+    run_sql(source_dsn, "UPDATE public.study SET note = 'still written' WHERE id = 3")
+    run_sql(source_dsn, "ALTER TABLE public.study ALTER COLUMN note TYPE varchar(200)")
 
     with pytest.raises(SchemaChanged, match=r"public\.study was altered"):
         replay.sync(cfg)
+
+
+def test_a_leftover_subclass_flag_does_not_stop_sync(cfg: Config, source_dsn: str, target_dsn: str) -> None:
+    # A temporary child sets relhassubclass on the parent, and the flag outlives the child until ANALYZE.
+    synced(cfg, source_dsn)
+    run_sql(source_dsn, "CREATE TEMP TABLE scratch () INHERITS (public.study)", "DROP TABLE scratch",
+            "UPDATE public.study SET note = 'after the temp child' WHERE id = 4")
+
+    replay.sync(cfg)
+
+    assert fetch(target_dsn, "SELECT note FROM public.study WHERE id = 4") == [("after the temp child",)]
 
 
 def test_a_new_key_is_ddl_that_stops_sync(cfg: Config, source_dsn: str, target_dsn: str) -> None:
@@ -111,7 +127,7 @@ def test_a_new_key_is_ddl_that_stops_sync(cfg: Config, source_dsn: str, target_d
     copy.run(cfg)
     run_sql(source_dsn, "ALTER TABLE public.device ADD PRIMARY KEY (n)")
 
-    with pytest.raises(SchemaChanged, match=r"public\.device was altered"):
+    with pytest.raises(SchemaChanged, match=r"public\.device's key changed \(from serial to n\)"):
         replay.sync(cfg)
 
 
@@ -188,6 +204,10 @@ def test_prepare_again_restores_a_capture_trigger_dropped_by_hand(
         replay.sync(cfg)  # changes could go unlogged: sync says so rather than go on
     assert "migrator prepare" in info.value.hint
 
+    capture.prepare(cfg)
+    run_sql(source_dsn, "ALTER TABLE public.series DISABLE TRIGGER _migrator_capture_upd")
+    with pytest.raises(SchemaChanged, match=r"capture triggers of public\.series"):
+        replay.sync(cfg)  # disabled is as bad as dropped
     capture.prepare(cfg)
 
     assert fetch(source_dsn, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.study'::regclass "

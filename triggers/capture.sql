@@ -61,6 +61,9 @@ CREATE TABLE IF NOT EXISTS _migrator.captured_table (
     installed_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- The key each table was captured by (added after the first release, hence ALTER ... IF NOT EXISTS).
+ALTER TABLE _migrator.captured_table ADD COLUMN IF NOT EXISTS key_columns text[];
+
 -- One row saying whether the database is frozen for cutover, for operators reading the legacy side.
 CREATE TABLE IF NOT EXISTS _migrator.freeze_state (
     id        int PRIMARY KEY CHECK (id = 1),

@@ -5,8 +5,8 @@
 -- Expects: triggers/capture.sql installed. For an ordinary table it runs as three statement-level triggers with
 -- transition tables (AFTER INSERT / UPDATE / DELETE ... REFERENCING ... FOR EACH STATEMENT): one call and one
 -- INSERT per statement, however many rows it touched; the UPDATE statement trigger logs the new keys, and a
--- row-level UPDATE trigger (`_migrator_capture_key_change`, {key_change_trigger}) calls it for each updated row,
--- which logs the old key of a row whose key changed and does nothing else (no query). Partitions and inheritance parents and children use it
+-- row-level UPDATE trigger (`_migrator_capture_key_change`) whose WHEN clause compares the key calls it only for a
+-- row whose key changed, to log the old key. Partitions and inheritance parents and children use it
 -- as a row-level trigger instead, because a statement addressed to a parent does not fire a child's statement
 -- triggers. It logs only the key of each row touched (old and new key of an UPDATE); replay reads the row itself
 -- from the source in the snapshot of its batch. {settings} pins output settings when a key column's text form
@@ -19,13 +19,9 @@ AS $keys$
 BEGIN
     IF TG_LEVEL = 'ROW' THEN
         IF TG_NAME = {key_change_trigger} THEN
-            -- An ordinary table's UPDATE: its statement trigger logs the new keys; a row whose key it changed needs
-            -- its old key too. Compared here (a simple expression, no query) rather than in the trigger's WHEN
-            -- clause, which would make the key columns depend on the trigger and refuse the application's
-            -- ALTER COLUMN ... TYPE on them.
-            IF {old_key_row} IS DISTINCT FROM {new_key_row} THEN
-                INSERT INTO {log} (rel, op, key) VALUES (TG_RELID, 'U', {old_row_key});
-            END IF;
+            -- An ordinary table's UPDATE of a row whose key changed (the trigger's WHEN clause compared the key):
+            -- its statement trigger logs the new key, this adds the old one.
+            INSERT INTO {log} (rel, op, key) VALUES (TG_RELID, 'U', {old_row_key});
         ELSIF TG_OP = 'INSERT' THEN
             INSERT INTO {log} (rel, op, key) VALUES (TG_RELID, 'I', {new_row_key});
         ELSIF TG_OP = 'DELETE' THEN
