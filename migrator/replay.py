@@ -11,7 +11,7 @@ target's rows for those keys with the rows the source holds for them in `cur` â€
 repeatable-read transaction and streamed by binary COPY â€” so the target becomes the source as of `cur` for every
 key touched, whatever the order and number of changes in between (primary-key updates, delete and re-insert,
 cascades, deferrable keys). A table without a key logs row images and is a multiset: the net count of each distinct
-image is added or removed; for it the copy boundary is kept per table (an event its copy snapshot already contains
+image is added or removed. For every table the copy boundary is kept (an event its copy snapshot already contains
 is skipped). A TRUNCATE in the batch empties the table and copies it again from `cur`.
 
 Housekeeping after a batch rotates the log on the source (the mechanics are capture.py's): it decides when writers
@@ -146,6 +146,12 @@ class _Applier:
                 raise SchemaChanged(f"the delta log holds changes of a table that is not captured (oid {rel})")
             log = get(phase="sync", table=table.display)
             in_table = sql.SQL("{} AND e.rel = {}").format(window, sql.Literal(rel))
+            boundary = boundaries.get(rel)
+            if boundary is not None:
+                # Events the table's copy snapshot already contains: a multiset would count them twice, and a
+                # keyed table copied again after its key changed would read their keys by the new key's columns.
+                in_table = sql.SQL("{} AND NOT pg_visible_in_snapshot(e.txid, {}::pg_snapshot)").format(
+                    in_table, sql.Literal(boundary))
             try:
                 with schema.silenced(tcur, table.ident, firing.get((table.schema, table.name), [])):
                     if truncated:
@@ -153,10 +159,6 @@ class _Applier:
                     elif table.key:
                         self._apply_keyed(scur, tcur, table, in_table)
                     else:
-                        boundary = boundaries.get(rel)
-                        if boundary is not None:
-                            in_table = sql.SQL("{} AND NOT pg_visible_in_snapshot(e.txid, {}::pg_snapshot)").format(
-                                in_table, sql.Literal(boundary))
                         self._apply_multiset(scur, tcur, table, in_table)
             except psycopg.OperationalError:
                 raise  # a lost connection is retried by sync(), not a refused change
@@ -368,8 +370,8 @@ class Syncer:
                 pass
 
     def _boundaries(self, applied: Snapshot) -> dict[int, str]:
-        """Copy snapshots that may still contain changes of this batch, per table (used for tables without a key:
-        a table with a key reads its rows from the batch snapshot, which contains its copy snapshot)."""
+        """Copy snapshots that may still contain changes of this batch, per table: their events are skipped (for a
+        table with a key only an economy, and a necessity after its key changed; for one without, correctness)."""
         return {s.source_oid: s.copy_snapshot for s in self.states
                 if s.copy_snapshot and not applied.surely_contains(Snapshot.parse(s.copy_snapshot))}
 

@@ -213,7 +213,8 @@ def _target_tables(cfg: Config, target: psycopg.Connection[Any], legacy: psycopg
     """The captured target tables by oid; SchemaChanged when DDL changed one since cutover or the legacy side differs."""
     tables = catalog.list_tables(target, cfg.tables)
     captured = capture.installed_tables(target)
-    changed = [t.display for t in tables if t.oid not in captured or captured[t.oid][2] != t.fingerprint]
+    changed = [t.display for t in tables
+               if t.oid not in captured or captured[t.oid][2] != t.fingerprint or captured[t.oid][3] != t.key]
     if changed:
         raise SchemaChanged(f"DDL on the target since cutover: {', '.join(changed[:20])}",
                             hint="Undo the schema change on the target (or apply it to the legacy database and run "

@@ -125,10 +125,25 @@ def test_a_new_key_is_ddl_that_stops_sync(cfg: Config, source_dsn: str, target_d
             "INSERT INTO public.device SELECT 'SN' || g, g FROM generate_series(1, 5) g")
     capture.prepare(cfg)
     copy.run(cfg)
-    run_sql(source_dsn, "ALTER TABLE public.device ADD PRIMARY KEY (n)")
+    # Logged by the old key (serial), not yet applied when the key changes:
+    run_sql(source_dsn, "UPDATE public.device SET n = n + 100 WHERE serial IN ('SN1', 'SN2')",
+            "INSERT INTO public.device VALUES ('SN6', 6)", "DELETE FROM public.device WHERE serial = 'SN3'",
+            "ALTER TABLE public.device ADD PRIMARY KEY (n)",
+            "UPDATE public.device SET serial = 'SN4b' WHERE n = 4")
 
     with pytest.raises(SchemaChanged, match=r"public\.device's key changed \(from serial to n\)"):
         replay.sync(cfg)
+
+    # The runbook: the same DDL on the target, prepare (the table goes back to pending), copy, sync.
+    run_sql(target_dsn, "ALTER TABLE public.device ADD PRIMARY KEY (n)")
+    capture.prepare(cfg)
+    assert fetch(target_dsn, "SELECT status FROM migrator_control.table_state WHERE table_name = 'device'") == [
+        ("pending",)]
+    copy.run(cfg)
+    run_sql(source_dsn, "UPDATE public.device SET serial = 'SN5b' WHERE n = 5")
+    replay.sync(cfg)
+    assert fetch(target_dsn, "SELECT serial, n FROM public.device ORDER BY n") == fetch(
+        source_dsn, "SELECT serial, n FROM public.device ORDER BY n")
 
 
 def test_new_table_in_an_included_schema_stops_sync_naming_it(

@@ -61,8 +61,14 @@ CREATE TABLE IF NOT EXISTS _migrator.captured_table (
     installed_at timestamptz NOT NULL DEFAULT now()
 );
 
--- The key each table was captured by (added after the first release, hence ALTER ... IF NOT EXISTS).
-ALTER TABLE _migrator.captured_table ADD COLUMN IF NOT EXISTS key_columns text[];
+-- The key each table was captured by (added after the first release; altered only when missing, so that a re-run
+-- takes no ACCESS EXCLUSIVE lock on the registry).
+DO $add$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '_migrator.captured_table'::regclass
+                   AND attname = 'key_columns' AND NOT attisdropped) THEN
+        ALTER TABLE _migrator.captured_table ADD COLUMN key_columns text[];
+    END IF;
+END $add$;
 
 -- One row saying whether the database is frozen for cutover, for operators reading the legacy side.
 CREATE TABLE IF NOT EXISTS _migrator.freeze_state (

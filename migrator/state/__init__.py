@@ -125,7 +125,7 @@ class TableState:
 
 def register_tables(conn: Conn, tables: list[Table]) -> None:
     """Record the captured tables as prepared; a table already recorded keeps its copy progress unless its
-    definition changed, in which case it goes back to pending and is copied again."""
+    definition or its key changed, in which case it goes back to pending and is copied again."""
     with conn.cursor() as cur:
         for t in tables:
             cur.execute(
@@ -134,10 +134,12 @@ def register_tables(conn: Conn, tables: list[Table]) -> None:
                     "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (schema_name, table_name) DO UPDATE "
                     "SET source_oid = excluded.source_oid, fingerprint = excluded.fingerprint, "
                     "key_columns = excluded.key_columns, "
-                    # A table whose definition changed (DDL) is copied again under a snapshot of its own.
-                    "status = CASE WHEN {t}.fingerprint = excluded.fingerprint THEN {t}.status ELSE 'pending' END, "
-                    "copy_snapshot = CASE WHEN {t}.fingerprint = excluded.fingerprint "
-                    "THEN {t}.copy_snapshot END"
+                    # A table whose definition or key changed (DDL) is copied again under a snapshot of its own:
+                    # the events logged before the change name rows by the old key (or by none).
+                    "status = CASE WHEN {t}.fingerprint = excluded.fingerprint AND {t}.key_columns = "
+                    "excluded.key_columns THEN {t}.status ELSE 'pending' END, "
+                    "copy_snapshot = CASE WHEN {t}.fingerprint = excluded.fingerprint AND {t}.key_columns = "
+                    "excluded.key_columns THEN {t}.copy_snapshot END"
                 ).format(_t("table_state"), t=_t("table_state")),
                 (t.schema, t.name, t.oid, t.fingerprint, list(t.key)),
             )
