@@ -329,7 +329,12 @@ def check_schema(source: psycopg.Connection[Any], cfg: Config,
     # A capture trigger dropped or disabled by hand, or tables captured by an earlier version of migrator whose
     # trigger set differs: changes could go unlogged from now on. `prepare` makes the triggers again.
     present = capture.present_triggers(source, enabled_always=True)
-    wrong = [t.display for t in tables if not capture.capture_complete(t, present.get(t.oid, set()))]
+    wrong = []
+    for t in tables:
+        have = present.get(t.oid, set())
+        if not capture.capture_complete(t, have):
+            wrong.append(f"{t.display} (now in an inheritance tree, which needs row-level capture)"
+                         if t.in_hierarchy and have == capture.STATEMENT_LEVEL_SET else t.display)
     if wrong:
         raise SchemaChanged(
             f"the capture triggers of {', '.join(wrong[:20])} on the legacy database are not the ones migrator "
