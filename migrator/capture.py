@@ -229,17 +229,41 @@ def _drop_triggers(cur: psycopg.Cursor[Any], t: Table) -> None:
         cur.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), t.ident))
 
 
+def _capture_triggers(conn: psycopg.Connection[Any]) -> list[tuple[int, str, str, str, bool]]:
+    """Every trigger calling a function of the capture schema: (table oid, schema, table, trigger, enabled ALWAYS)."""
+    rows = conn.execute(
+        "SELECT t.tgrelid::bigint, n.nspname, c.relname, t.tgname, t.tgenabled = 'A' FROM pg_trigger t "
+        "JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace pn ON pn.oid = p.pronamespace "
+        "WHERE pn.nspname = %s AND NOT t.tgisinternal", (CAPTURE_SCHEMA,)).fetchall()
+    return [(int(r[0]), r[1], r[2], r[3], bool(r[4])) for r in rows]
+
+
 def present_triggers(conn: psycopg.Connection[Any], enabled_always: bool = False) -> dict[int, set[str]]:
     """oid -> the names of the triggers calling a function of the capture schema on that table (only those enabled
     ALWAYS, which fire for every session, with `enabled_always`)."""
-    rows = conn.execute(
-        "SELECT t.tgrelid::bigint, t.tgname FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid "
-        "JOIN pg_namespace pn ON pn.oid = p.pronamespace WHERE pn.nspname = %s AND NOT t.tgisinternal "
-        "AND (NOT %s OR t.tgenabled = 'A')", (CAPTURE_SCHEMA, enabled_always)).fetchall()
     present: dict[int, set[str]] = {}
-    for rel, name in rows:
-        present.setdefault(rel, set()).add(name)
+    for rel, _, _, name, always in _capture_triggers(conn):
+        if always or not enabled_always:
+            present.setdefault(rel, set()).add(name)
     return present
+
+
+def remove(conn: psycopg.Connection[Any], lock_timeout: float, where: str = "") -> int:
+    """Drop every capture trigger (a short transaction each, under lock_timeout, retried) and the capture schema;
+    returns how many triggers were dropped. Used by cleanup on the legacy database and by rollback's disarm on the
+    target."""
+    triggers = _capture_triggers(conn)
+    for _, schema_name, table_name, trigger, _ in triggers:
+        ident = sql.SQL("{}.{}").format(sql.Identifier(schema_name), sql.Identifier(table_name))
+
+        def drop(cur: psycopg.Cursor[Any], ident: sql.Composable = ident, trigger: str = trigger) -> None:
+            cur.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(trigger), ident))
+
+        _with_lock_retries(conn, f"{where}table {schema_name}.{table_name}", drop, lock_timeout)
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(CAPTURE_SCHEMA)))
+    return len(triggers)
 
 
 def install(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: float = 2.0,
@@ -605,23 +629,6 @@ def cleanup(cfg: Config, *, release_freeze: bool = False) -> CleanupResult:
                 hint="If clients have moved and writes to the legacy database are acceptable again, run "
                      "`migrator cleanup --release-freeze --yes`; otherwise leave it frozen.",
             )
-        with source.cursor() as cur:
-            cur.execute(
-                "SELECT n.nspname, c.relname, t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
-                "JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_proc p ON p.oid = t.tgfoid "
-                "JOIN pg_namespace pn ON pn.oid = p.pronamespace WHERE pn.nspname = %s AND NOT t.tgisinternal",
-                (CAPTURE_SCHEMA,),
-            )
-            triggers = cur.fetchall()
-        source.autocommit = False
-        for schema_name, table_name, trigger in triggers:
-            ident = sql.SQL("{}.{}").format(sql.Identifier(schema_name), sql.Identifier(table_name))
-
-            def drop(cur: psycopg.Cursor[Any], ident: sql.Composable = ident, trigger: str = trigger) -> None:
-                cur.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(trigger), ident))
-
-            _with_lock_retries(source, f"table {schema_name}.{table_name}", drop, cfg.sync.lock_timeout)
-        with source.transaction(), source.cursor() as cur:
-            cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(CAPTURE_SCHEMA)))
-        log.info("cleanup.done", triggers=len(triggers))
-    return CleanupResult(len(triggers), True)
+        removed = remove(source, cfg.sync.lock_timeout)
+        log.info("cleanup.done", triggers=removed)
+    return CleanupResult(removed, True)

@@ -100,23 +100,7 @@ def disarm(cfg: Config) -> int:
     removed = 0
     with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
         if _has_capture(target):
-            rows = target.execute(
-                "SELECT n.nspname, c.relname, t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
-                "JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_proc p ON p.oid = t.tgfoid "
-                "JOIN pg_namespace pn ON pn.oid = p.pronamespace WHERE pn.nspname = %s AND NOT t.tgisinternal",
-                (CAPTURE_SCHEMA,)).fetchall()
-            target.autocommit = False
-            for schema_name, table_name, trigger in rows:
-                ident = sql.SQL("{}.{}").format(sql.Identifier(schema_name), sql.Identifier(table_name))
-
-                def drop(cur: psycopg.Cursor[Any], ident: sql.Composable = ident, trigger: str = trigger) -> None:
-                    cur.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(trigger), ident))
-
-                capture._with_lock_retries(target, f"target table {schema_name}.{table_name}", drop,
-                                           cfg.sync.lock_timeout)
-                removed += 1
-            with target.transaction():
-                target.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(CAPTURE_SCHEMA)))
+            removed = capture.remove(target, cfg.sync.lock_timeout, where="target ")
     with db.session(cfg.source_dsn, role="source", autocommit=True) as legacy:
         if _has_capture(legacy):
             legacy.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(_position_table()))
