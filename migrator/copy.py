@@ -269,6 +269,7 @@ class _Worker:
         """Copy chunks while any is pending (waiting for those other workers hold, in case one dies); returns how
         many this worker copied. `wait`: seconds to wait for a copy to be started when none is running."""
         done = 0
+        joined = False  # saw a copy running: once it has finished, this worker's work is over
         deadline = time.monotonic() + wait
         with db.session(self.cfg.source_dsn, role="source") as source, \
                 db.session(self.cfg.target_dsn, role="target") as target:
@@ -276,10 +277,13 @@ class _Worker:
                 self.checkpoint(None)
                 run = state.copy_run(self.control)
                 if run is None or run.finished_at is not None or run.snapshot_id is None:
+                    if joined and run is not None and run.finished_at is not None:
+                        return done
                     if time.monotonic() < deadline:
                         time.sleep(0.5)
                         continue
                     return done
+                joined = True
                 outcome = self._copy_one(source, target, run)
                 if outcome == "copied":
                     done += 1

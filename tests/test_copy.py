@@ -83,7 +83,9 @@ def test_several_worker_processes_share_the_chunks(source_dsn: str, target_dsn: 
         # Workers started first wait for the coordinator's snapshot, then claim chunks beside its own worker.
         joined = [procs.start("copy", "--worker", "--wait", "60", "--json") for _ in range(2)]
         time.sleep(1.0)
-        coordinator = procs.run("copy", "--workers", "1", "--json", timeout=120)
+        # Throttled, so that the coordinator's own worker cannot take every chunk before the joined ones poll
+        # (on a loaded machine it once did): every process gets chunks whatever the scheduling.
+        coordinator = procs.run("copy", "--workers", "1", "--max-rate", "1", "--json", timeout=120)
         for proc in joined:
             assert proc.wait(timeout=60) == 0, procs.output(proc)
     finally:
