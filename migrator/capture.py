@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -176,9 +177,14 @@ def _create_triggers(cur: psycopg.Cursor[Any], t: Table, enabled: bool = True) -
                 .format(sql.Identifier(TRUNCATE_TRIGGER), t.ident, generic))
     # ALWAYS: capture even sessions running with session_replication_role = replica. Disabled: staged for a
     # rollback (`enable_triggers` turns them on inside the cutover's pause).
-    cur.execute(sql.SQL("ALTER TABLE {} {}").format(t.ident, sql.SQL(", ").join(
+    cur.execute(_set_triggers(t, names, enabled))
+
+
+def _set_triggers(t: Table, names: Iterable[str], enabled: bool) -> sql.Composed:
+    """One ALTER TABLE that enables these triggers ALWAYS, or disables them."""
+    return sql.SQL("ALTER TABLE {} {}").format(t.ident, sql.SQL(", ").join(
         sql.SQL("{} TRIGGER {}").format(sql.SQL("ENABLE ALWAYS" if enabled else "DISABLE"), sql.Identifier(n))
-        for n in names)))
+        for n in sorted(names)))
 
 
 ENABLE_BATCH = 200
@@ -196,8 +202,7 @@ def enable_triggers(conn: psycopg.Connection[Any], tables: list[Table], lock_tim
 
         def enable(cur: psycopg.Cursor[Any], batch: list[Table] = batch) -> None:
             for t in batch:
-                cur.execute(sql.SQL("ALTER TABLE {} {}").format(t.ident, sql.SQL(", ").join(
-                    sql.SQL("ENABLE ALWAYS TRIGGER {}").format(sql.Identifier(n)) for n in sorted(present[t.oid]))))
+                cur.execute(_set_triggers(t, present[t.oid], True))
 
         _with_lock_retries(conn, f"{len(batch)} tables", enable, lock_timeout)
     return len(todo)
@@ -225,7 +230,7 @@ def capture_complete(t: Table, present: set[str]) -> bool:
 
 
 def _drop_triggers(cur: psycopg.Cursor[Any], t: Table) -> None:
-    for name in (ROW_TRIGGER, TRUNCATE_TRIGGER, KEY_CHANGE_TRIGGER, *(n for n, _, _ in STATEMENT_TRIGGERS)):
+    for name in sorted(ROW_LEVEL_SET | STATEMENT_LEVEL_SET):
         cur.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), t.ident))
 
 

@@ -69,8 +69,8 @@ _TABLES = """
 SELECT c.oid::bigint AS oid, n.nspname AS schema, c.relname AS name,
        coalesce(c.reltuples, -1)::bigint AS est_rows,
        pg_total_relation_size(c.oid) AS bytes,
-       (c.relispartition OR EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = c.oid)
-        OR EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid)) AS in_hierarchy,
+       (c.relispartition
+        OR EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = c.oid OR i.inhrelid = c.oid)) AS in_hierarchy,
        (SELECT pn.nspname || '.' || pc.relname FROM pg_inherits i JOIN pg_class pc ON pc.oid = i.inhparent
           JOIN pg_namespace pn ON pn.oid = pc.relnamespace WHERE i.inhrelid = c.oid AND c.relispartition) AS partition_of
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace

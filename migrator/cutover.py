@@ -224,9 +224,7 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
                 return rollback.stage(cfg)
 
             def arm_rollback() -> str:
-                nonlocal armed
-                armed = True
-                return rollback.arm(cfg)
+                return rollback.arm(cfg)  # `armed` is already set by stage_rollback
 
             def switch() -> str:
                 nonlocal moved
