@@ -4,7 +4,9 @@ The inspector only reads the legacy database, in one REPEATABLE READ READ ONLY t
 creates no schema, no trigger and no temporary object. It lists the tables that would migrate (through
 `catalog.list_tables`, so it sees them exactly as the later phases will), their keys, user triggers and sizes, the
 sequences, and what stands in the way as `Finding`s. A *blocker* means a later phase would lose data or cannot run; a
-*warning* needs an operator's decision but does not stop the migration; an *info* is a fact worth knowing.
+*warning* needs an operator's decision but does not stop the migration; an *info* is a fact worth knowing. Each
+blocker has a stable name (`large-objects`): `check_blockers`, which prepare runs before it creates anything,
+refuses while one stands that the operator did not override by name (only those in `OVERRIDABLE` can be).
 
 Nothing in the report carries row values or query text: the legacy database holds patient data.
 """
@@ -143,7 +145,8 @@ class InspectReport:
         if self.findings:
             for f in self.findings:
                 where = f"{f.table}: " if f.table else ""
-                console.print(f"{f.severity.upper():8} {where}{f.message}", markup=False, highlight=False)
+                name = f"[{f.name}] " if f.name else ""
+                console.print(f"{f.severity.upper():8} {name}{where}{f.message}", markup=False, highlight=False)
         else:
             console.print("No findings.")
         verdict = "READY" if self.ready else f"NOT READY: {len(self.by_severity('blocker'))} blocker(s)"

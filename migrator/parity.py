@@ -125,7 +125,6 @@ class TableParity:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "not_compared": self.not_compared,
             "name": self.name,
             "ranges": self.ranges,
             "ranges_different": self.ranges_different,
@@ -139,6 +138,7 @@ class TableParity:
             "difference_count": self.difference_count,
             "differences": [d.to_dict(self.key_columns) for d in self.differences],
             "error": self.error,
+            "not_compared": self.not_compared,
         }
 
 
@@ -176,7 +176,7 @@ class ParityReport:
     def exit_code(self) -> int:
         """0 identical (rows in flight aside); 1 rows differ; 2 some table could not be verified, or source data
         (large objects) could not be compared (which outweighs differences found)."""
-        if any(t.status in ("error", "not_compared") for t in self.tables) or any(n.data for n in self.not_compared):
+        if any(t.status == "error" or t.not_compared for t in self.tables) or any(n.data for n in self.not_compared):
             return 2
         return 1 if any(t.status == "different" for t in self.tables) else 0
 
