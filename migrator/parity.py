@@ -173,6 +173,12 @@ class ParityReport:
         return all(t.status == "identical" for t in self.tables) and not any(n.data for n in self.not_compared)
 
     @property
+    def rows_identical(self) -> bool:
+        """Every table's rows identical, though what some refer to (large objects, a blocker the operator overrode
+        at prepare) was not compared: what the cutover's and rollback's full verify require."""
+        return all(t.status in ("identical", "not_compared") for t in self.tables)
+
+    @property
     def exit_code(self) -> int:
         """0 identical (rows in flight aside); 1 rows differ; 2 some table could not be verified, or source data
         (large objects) could not be compared (which outweighs differences found)."""
