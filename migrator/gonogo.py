@@ -3,10 +3,11 @@
 Items: `lag` (the oldest change not yet applied is younger than [cutover] max_lag_seconds), `verify` (the last
 recorded verify found the two sides identical; a warning when none was recorded), `sessions` (no transaction on the
 legacy database, running or idle in transaction, older than [cutover] max_session_seconds: it would hold PAUSE or the
-freeze), `target` (reachable, control schema present), `sequences` (readable on both sides), `blockers` (no blocker of inspect's stands on the legacy database unless
-overridden at prepare, when it is shown as overridden, by whom and when), and with a pooler
-`pooler` (admin console reachable, every pooler database served and not paused, its entry found in a writable
-[databases] file). The operator may accept a failing item by name (`--override ITEM`); it is then shown as such.
+freeze), `target` (reachable, control schema present), `sequences` (readable on both sides), `blockers` (no
+blocker of inspect's stands on the legacy database, unless it was overridden at prepare: then it is shown as
+overridden, by whom and when), and with a pooler `pooler` (admin console reachable, every pooler database served
+and not paused, its entry found in a writable [databases] file). The operator may accept a failing item by name
+(`--override ITEM`); it is then shown as such.
 """
 
 from __future__ import annotations

@@ -210,7 +210,8 @@ class ParityReport:
             f"different, {counts['error']} not verified"
         )
         for n in self.not_compared:
-            lines.append(f"  NOT COMPARED  {n.name} ({n.kind}): {n.reason}")
+            kind = f" ({n.kind})" if n.kind != n.name else ""
+            lines.append(f"  NOT COMPARED  {n.name}{kind}: {n.reason}")
         return "\n".join(lines)
 
 
@@ -303,7 +304,7 @@ def verify(cfg: Config, *, tables: list[str] | None = None, show_values: bool = 
     assert len(done) == len(results)
     report = ParityReport(db.describe_dsn(cfg.source_dsn), db.describe_dsn(cfg.target_dsn), done, show_values,
                           unseen.listed if tables is None else ())
-    if tables is None and report.exit_code != 2:
+    if tables is None and not any(t.status == "error" for t in report.tables):
         _record(cfg, report)
     return report
 
@@ -359,7 +360,8 @@ def _record(cfg: Config, report: ParityReport) -> None:
     try:
         with db.session(cfg.target_dsn, role="target") as conn:
             if state.exists(conn):
-                state.record_verify(conn, report.identical, sum(t.difference_count for t in report.tables))
+                # Rows, for go/no-go: large objects not compared stand there as the overridden blocker.
+                state.record_verify(conn, report.rows_identical, sum(t.difference_count for t in report.tables))
                 conn.commit()
     except psycopg.Error as exc:
         log.get(phase="verify").warning("verify.not_recorded", error=str(exc).splitlines()[0])

@@ -80,9 +80,6 @@ def test_overridden_large_objects_are_recorded_shown_and_verify_says_their_conte
     st = status.read(cfg)
     assert [o["name"] for o in st.overrides] == ["large-objects"]
     assert "blocker large-objects overridden at prepare by" in render_status(st)
-    blockers = _item(gonogo.run(cfg), "blockers")
-    assert blockers.state == "overridden"
-    assert f"large-objects overridden at prepare by {recorded.os_user} (role {recorded.db_role})" in blockers.detail
 
     # The rows are equal (the oid values were copied), but the large object they name does not exist on the target.
     assert fetch(target_dsn, "SELECT count(*) FROM pg_largeobject_metadata") == [(0,)]
@@ -98,6 +95,15 @@ def test_overridden_large_objects_are_recorded_shown_and_verify_says_their_conte
     assert [n["kind"] for n in report.to_dict()["not_compared"]] == ["large objects"]
     # Only the table asked about: its rows are fully compared.
     assert parity.verify(cfg, tables=["public.patient"]).exit_code == 0
+    # Go/no-go shows the override, who and when; the verify it records is the rows' answer.
+    checklist = gonogo.run(cfg)
+    blockers = _item(checklist, "blockers")
+    assert blockers.state == "overridden"
+    assert f"large-objects overridden at prepare by {recorded.os_user} (role {recorded.db_role})" in blockers.detail
+    assert _item(checklist, "verify").state == "pass"
+    run_sql(target_dsn, "DELETE FROM public.patient")
+    assert parity.verify(cfg).exit_code == 2
+    assert _item(gonogo.run(cfg), "verify").state == "fail"  # a real difference is not hidden by the exit 2
 
 
 def test_cutover_check_is_no_go_while_a_blocker_stands(cfg: Config, source_dsn: str, tmp_path: Path) -> None:
