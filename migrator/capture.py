@@ -15,7 +15,9 @@ long. Replacing function bodies takes no lock the application's sessions wait fo
 from __future__ import annotations
 
 import datetime as dt
+import getpass
 import json
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from migrator import catalog, db, schema, state
+from migrator import catalog, db, inspect, schema, state
 from migrator.catalog import Table
 from migrator.config import CAPTURE_SCHEMA, Config, TableFilter
 from migrator.errors import Blocked, MigratorError, NotReady
@@ -49,10 +51,12 @@ class PrepareResult:
     tables: list[str]
     target_schema_created: bool
     triggers_installed: int
+    overridden: tuple[str, ...] = ()
+    """Blockers the operator accepted by name (`--override`), recorded in the control schema."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"tables": self.tables, "target_schema_created": self.target_schema_created,
-                "triggers_installed": self.triggers_installed}
+                "triggers_installed": self.triggers_installed, "overridden": list(self.overridden)}
 
 
 def _with_lock_retries(conn: psycopg.Connection[Any], what: str, fn: Any, lock_timeout: float) -> None:
@@ -374,13 +378,36 @@ def check_target_role(target: psycopg.Connection[Any]) -> None:
     target.rollback()
 
 
-def prepare(cfg: Config) -> PrepareResult:
-    """Control schema and target schema on the target, capture on the source. Re-runnable."""
+def _accepted_blockers(source: psycopg.Connection[Any], overrides: Iterable[str]) -> list[tuple[str, str, str]]:
+    """Refuse, before anything is created, while a blocker stands that the operator did not override by name;
+    returns (name, detail, source role) of each blocker overridden, to record."""
+    accepted = inspect.check_blockers(source, overrides)
+    row = source.execute("SELECT current_user").fetchone()
+    source.rollback()
+    return [(f.name, f.message, str(row[0]) if row else "?") for f in accepted]
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in the environment or the password database
+        return f"uid {os.getuid()}"
+
+
+def prepare(cfg: Config, *, overrides: Iterable[str] = ()) -> PrepareResult:
+    """Control schema and target schema on the target, capture on the source. Re-runnable.
+
+    Refuses first, creating nothing, while a blocker stands (inspect's `check_blockers`) that `overrides` does not
+    name; each override is recorded in the control schema with the operating-system user and the source role."""
     log = get(phase="prepare")
     with db.session(cfg.target_dsn, role="target") as target, db.session(cfg.source_dsn, role="source") as source:
+        accepted = _accepted_blockers(source, overrides)
         check_target_role(target)
         state.upgrade(target)
         state.start_migration(target, db.describe_dsn(cfg.source_dsn))
+        for name, detail, role in accepted:
+            state.record_override(target, name, detail, _os_user(), role)
+            log.warning("prepare.blocker_overridden", blocker=name, db_role=role)
         target.commit()
         source.autocommit = True
         if is_frozen(source):
@@ -388,11 +415,6 @@ def prepare(cfg: Config) -> PrepareResult:
             raise NotReady("the legacy database is frozen by a cutover; prepare would make it writable again",
                            hint="After a completed cutover there is nothing to prepare; to undo the cutover, "
                                 "use `migrator rollback`.")
-        with source.cursor() as cur:
-            cur.execute("SELECT current_setting('server_version_num')::int")
-            row = cur.fetchone()
-            if row is None or row[0] < 130000:
-                raise Blocked("the source runs PostgreSQL older than 13; migrator needs 13 or newer")
         tables = catalog.list_tables(source, cfg.tables)
         if not tables:
             raise Blocked("no source table matches [tables] include/exclude",
@@ -430,7 +452,8 @@ def prepare(cfg: Config) -> PrepareResult:
         state.register_tables(target, tables)
         state.mark(target, "prepared_at")
         target.commit()
-    return PrepareResult([t.display for t in tables], created_schema, installed)
+    return PrepareResult([t.display for t in tables], created_schema, installed,
+                         tuple(name for name, _, _ in accepted))
 
 
 def _trigger_functions(cur: psycopg.Cursor[Any]) -> list[sql.Composed]:

@@ -42,6 +42,8 @@ class Table:
     bytes: int
     in_hierarchy: bool = False
     """A partition, or a parent or child in table inheritance: a statement may address it through another table."""
+    unlogged: bool = False
+    """UNLOGGED: migrated like any table, but a crash of its server empties it without firing a trigger."""
 
     @property
     def ident(self) -> sql.Composed:
@@ -68,13 +70,13 @@ class Table:
 _TABLES = """
 SELECT c.oid::bigint AS oid, n.nspname AS schema, c.relname AS name,
        coalesce(c.reltuples, -1)::bigint AS est_rows,
-       pg_total_relation_size(c.oid) AS bytes,
+       pg_total_relation_size(c.oid) AS bytes, c.relpersistence = 'u' AS unlogged,
        (c.relispartition
         OR EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = c.oid OR i.inhrelid = c.oid)) AS in_hierarchy,
        (SELECT pn.nspname || '.' || pc.relname FROM pg_inherits i JOIN pg_class pc ON pc.oid = i.inhparent
           JOIN pg_namespace pn ON pn.oid = pc.relnamespace WHERE i.inhrelid = c.oid AND c.relispartition) AS partition_of
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
- WHERE c.relkind = 'r' AND c.relpersistence = 'p'
+ WHERE c.relkind = 'r' AND c.relpersistence IN ('p', 'u')
    AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%%'
  ORDER BY n.nspname, c.relname
 """
@@ -103,7 +105,8 @@ HAVING bool_and(a.attnotnull) AND bool_and(k.attnum > 0)
 
 
 def list_tables(conn: psycopg.Connection[Any], tables: TableFilter) -> list[Table]:
-    """Every permanent ordinary table (partition leaves included, partitioned parents not) that the filter admits."""
+    """Every ordinary table, logged or unlogged (partition leaves included, partitioned parents not; temporary
+    tables not), that the filter admits."""
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(_TABLES)
         rels = [r for r in cur.fetchall() if tables.matches(r["schema"], r["name"])]
@@ -128,9 +131,68 @@ def list_tables(conn: psycopg.Connection[Any], tables: TableFilter) -> list[Tabl
                 oid=r["oid"], schema=r["schema"], name=r["name"], columns=tuple(columns.get(r["oid"], ())),
                 key=key, key_source=label, partition_of=r["partition_of"],
                 est_rows=max(int(r["est_rows"]), 0), bytes=int(r["bytes"]), in_hierarchy=bool(r["in_hierarchy"]),
+                unlogged=bool(r["unlogged"]),
             )
         )
     return result
+
+
+# Columns that can hold a large object's OID: type oid, or a domain over it (the lo extension's `lo`).
+_LARGE_OBJECT_COLUMNS = """
+SELECT a.attrelid::bigint AS oid, array_agg(a.attname ORDER BY a.attnum) AS columns
+  FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+ WHERE a.attrelid = ANY(%s) AND a.attnum > 0 AND NOT a.attisdropped
+   AND 'oid'::regtype IN (t.oid, t.typbasetype)
+ GROUP BY a.attrelid
+"""
+
+
+def large_object_count(conn: psycopg.Connection[Any]) -> int:
+    """How many large objects (`pg_largeobject_metadata`) the database holds."""
+    row = conn.execute("SELECT count(*) FROM pg_largeobject_metadata").fetchone()
+    return int(row[0]) if row else 0
+
+
+def large_object_columns(conn: psycopg.Connection[Any], tables: list[Table]) -> dict[str, tuple[str, ...]]:
+    """Table display name -> its columns that can refer to a large object (type oid or lo), for tables with any."""
+    names = {t.oid: t.display for t in tables}
+    with conn.cursor() as cur:
+        cur.execute(_LARGE_OBJECT_COLUMNS, (list(names),))
+        return {names[r[0]]: tuple(r[1]) for r in cur.fetchall()}
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A relation whose rows are not copied as a table's: a materialized view or a foreign table."""
+
+    schema: str
+    name: str
+    kind: str
+    """"materialized view" or "foreign table"."""
+    populated: bool
+    """A materialized view: refreshed at least once (false: created WITH NO DATA, and it stays so on the target)."""
+
+    @property
+    def display(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+_RELATIONS = """
+SELECT n.nspname AS schema, c.relname AS name, c.relkind = 'm' AS matview, c.relispopulated AS populated
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relkind IN ('m', 'f')
+   AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%%'
+ ORDER BY 1, 2
+"""
+
+
+def list_relations(conn: psycopg.Connection[Any], tables: TableFilter) -> list[Relation]:
+    """The materialized views and foreign tables the filter admits."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(_RELATIONS)
+        return [Relation(r["schema"], r["name"], "materialized view" if r["matview"] else "foreign table",
+                         bool(r["populated"]))
+                for r in cur.fetchall() if tables.matches(r["schema"], r["name"])]
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from migrator import config as config_mod
 from migrator import log as log_mod
 from migrator.config import Config, redact
 from migrator.errors import Blocked, MigratorError
+from migrator.inspect import OVERRIDABLE as OVERRIDABLE_BLOCKERS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -99,17 +100,22 @@ def inspect(obj: Ctx, as_json: bool) -> None:
 
 @main.command()
 @yes_option
+@click.option("--override", "overrides", multiple=True, metavar="BLOCKER",
+              type=click.Choice(list(OVERRIDABLE_BLOCKERS)),
+              help="Accept a blocker by name (large-objects); recorded, shown by status and go/no-go; repeatable.")
 @json_option
 @click.pass_obj
-def prepare(obj: Ctx, yes: bool, as_json: bool) -> None:
-    """Create the control schema and target schema, and install capture triggers on the legacy database."""
+def prepare(obj: Ctx, yes: bool, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Create the control schema and target schema, and install capture triggers on the legacy database. Refuses
+    (exit 1, creating nothing) while a blocker stands that --override does not name."""
     from migrator import capture
 
     _confirm(yes, "This installs capture triggers and the _migrator schema on the legacy database")
-    result = capture.prepare(obj.cfg)
+    result = capture.prepare(obj.cfg, overrides=overrides)
     _emit(result, as_json, lambda: (
         f"prepared: {len(result.tables)} tables captured ({result.triggers_installed} newly), target schema "
-        f"{'created' if result.target_schema_created else 'already present'}"))
+        f"{'created' if result.target_schema_created else 'already present'}"
+        + (f"; blocker(s) overridden: {', '.join(result.overridden)} (recorded)" if result.overridden else "")))
 
 
 @main.command()
@@ -259,7 +265,8 @@ def status(obj: Ctx, as_json: bool) -> None:
 @main.command()
 @yes_option
 @click.option("--override", "overrides", multiple=True, metavar="ITEM",
-              help="Accept a failing go/no-go item (lag, verify, sessions, target, sequences, pooler); repeatable.")
+              help="Accept a failing go/no-go item (lag, verify, sessions, target, sequences, blockers, pooler); "
+                   "repeatable.")
 @click.option("--hold", "hold_", is_flag=True, help="Postpone: a cutover waits at the go/no-go point; then exit.")
 @click.option("--release-hold", is_flag=True, help="Let a held cutover go on; then exit.")
 @click.option("--check", is_flag=True, help="Only print the go/no-go checklist; exit 0 go, 1 no-go. Changes nothing.")

@@ -8,6 +8,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -107,6 +108,9 @@ def render_status(st: Status) -> str:
                       + (f", failed at {a['failed_step']}: {a['error']}" if a.get("failed_step") else ""))
         for step in a["steps"]:
             console.print(f"    {step['step']:<10} {step['status']:<8} {_age(step['started_at'])}")
+    for o in st.overrides:
+        console.print(f"[yellow]blocker {escape(o['name'])} overridden[/] at prepare by {escape(o['os_user'])} "
+                      f"(role {escape(o['db_role'])}) at {o['overridden_at']}: {escape(o['detail'])}", highlight=False)
     for w in st.warnings:
         console.print(f"[yellow]warning:[/] {w}")
     return console.export_text().rstrip()

@@ -197,7 +197,7 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
                     return "every event applied; rows not compared"
                 if mode == "full":
                     rep = parity.verify(cfg)
-                    if not rep.identical:
+                    if not rep.rows_identical:
                         raise MigratorError("parity check found differences; run `migrator verify` for the keys")
                     return "every event applied; rows identical"
                 with db.session(cfg.source_dsn, role="source", autocommit=True) as s, \

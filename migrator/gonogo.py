@@ -3,9 +3,11 @@
 Items: `lag` (the oldest change not yet applied is younger than [cutover] max_lag_seconds), `verify` (the last
 recorded verify found the two sides identical; a warning when none was recorded), `sessions` (no transaction on the
 legacy database, running or idle in transaction, older than [cutover] max_session_seconds: it would hold PAUSE or the
-freeze), `target` (reachable, control schema present), `sequences` (readable on both sides), and with a pooler
-`pooler` (admin console reachable, every pooler database served and not paused, its entry found in a writable
-[databases] file). The operator may accept a failing item by name (`--override ITEM`); it is then shown as such.
+freeze), `target` (reachable, control schema present), `sequences` (readable on both sides), `blockers` (no
+blocker of inspect's stands on the legacy database, unless it was overridden at prepare: then it is shown as
+overridden, by whom and when), and with a pooler `pooler` (admin console reachable, every pooler database served
+and not paused, its entry found in a writable [databases] file). The operator may accept a failing item by name
+(`--override ITEM`); it is then shown as such.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from typing import Any, Literal
 import psycopg
 from psycopg import sql
 
-from migrator import catalog, db, pooler, replay, state
+from migrator import catalog, db, inspect, pooler, replay, state
 from migrator.config import Config, redact
 
-ITEMS = ("lag", "verify", "sessions", "target", "sequences", "pooler")
+ITEMS = ("lag", "verify", "sessions", "target", "sequences", "blockers", "pooler")
 State = Literal["pass", "warn", "fail", "overridden"]
 _MARK = {"pass": "[ ok ]", "warn": "[warn]", "fail": "[FAIL]", "overridden": "[over]"}
 
@@ -132,9 +134,25 @@ def _pooler(cfg: Config) -> tuple[State, str]:
     return "pass", f"{where}; entries in {ini}"
 
 
+def _blockers(cfg: Config) -> tuple[State, str]:
+    with db.session(cfg.source_dsn, role="source", autocommit=True) as source:
+        found = inspect.blockers(source)
+    with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
+        recorded = state.overrides(target)
+    if not found:
+        return "pass", "no blocker stands on the legacy database"
+    standing = [f.name for f in found if f.name not in recorded]
+    accepted = [recorded[f.name] for f in found if f.name in recorded]
+    detail = "; ".join(
+        [f"{n} stands, not overridden at prepare" for n in standing]
+        + [f"{o.name} overridden at prepare by {o.os_user} (role {o.db_role}) at {o.overridden_at:%Y-%m-%d %H:%M} UTC"
+           for o in accepted])
+    return ("fail" if standing else "overridden"), detail
+
+
 _CHECKS: dict[str, Callable[[Config], tuple[State, str]]] = {
     "lag": _lag, "verify": _verify, "sessions": _sessions, "target": _target, "sequences": _sequences,
-    "pooler": _pooler,
+    "blockers": _blockers, "pooler": _pooler,
 }
 
 

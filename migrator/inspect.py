@@ -4,7 +4,9 @@ The inspector only reads the legacy database, in one REPEATABLE READ READ ONLY t
 creates no schema, no trigger and no temporary object. It lists the tables that would migrate (through
 `catalog.list_tables`, so it sees them exactly as the later phases will), their keys, user triggers and sizes, the
 sequences, and what stands in the way as `Finding`s. A *blocker* means a later phase would lose data or cannot run; a
-*warning* needs an operator's decision but does not stop the migration; an *info* is a fact worth knowing.
+*warning* needs an operator's decision but does not stop the migration; an *info* is a fact worth knowing. Each
+blocker has a stable name (`large-objects`): `check_blockers`, which prepare runs before it creates anything,
+refuses while one stands that the operator did not override by name (only those in `OVERRIDABLE` can be).
 
 Nothing in the report carries row values or query text: the legacy database holds patient data.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -22,7 +25,7 @@ from psycopg.rows import dict_row
 from migrator import catalog, db
 from migrator.catalog import Sequence, Table
 from migrator.config import CAPTURE_SCHEMA, Config, TableFilter, redact
-from migrator.errors import MigratorError
+from migrator.errors import Blocked, MigratorError
 from migrator.log import get
 
 Severity = Literal["blocker", "warning", "info"]
@@ -43,6 +46,14 @@ class Finding:
     severity: Severity
     table: str | None
     message: str
+    name: str = ""
+    """A blocker's stable name (`large-objects`), by which `prepare --override NAME` accepts it when allowed."""
+
+
+OVERRIDABLE = ("large-objects",)
+"""Blockers an operator may accept by name at prepare (`--override NAME`); the override is recorded in the control
+schema and shown by `status` and go/no-go. Any other blocker (too old a server, a missing privilege) must be fixed:
+going past it would leave a prepare half done."""
 
 
 @dataclass(frozen=True)
@@ -134,7 +145,8 @@ class InspectReport:
         if self.findings:
             for f in self.findings:
                 where = f"{f.table}: " if f.table else ""
-                console.print(f"{f.severity.upper():8} {where}{f.message}", markup=False, highlight=False)
+                name = f"[{f.name}] " if f.name else ""
+                console.print(f"{f.severity.upper():8} {name}{where}{f.message}", markup=False, highlight=False)
         else:
             console.print("No findings.")
         verdict = "READY" if self.ready else f"NOT READY: {len(self.by_severity('blocker'))} blocker(s)"
@@ -209,7 +221,7 @@ def _version_findings(version_num: int, version: str) -> list[Finding]:
     if version_num < MIN_SERVER_VERSION:
         return [Finding("blocker", None,
                         f"PostgreSQL {version} is too old: capture needs 13 or newer (xid8, pg_visible_in_snapshot); "
-                        "upgrade the legacy server in place first")]
+                        "upgrade the legacy server in place first", "server-version")]
     return []
 
 
@@ -240,43 +252,61 @@ def _capture_schema_findings(conn: psycopg.Connection[Any]) -> list[Finding]:
 
 
 def _large_object_findings(conn: psycopg.Connection[Any]) -> list[Finding]:
-    row = conn.execute("SELECT count(*) FROM pg_largeobject_metadata").fetchone()
-    count = row[0] if row else 0
+    count = catalog.large_object_count(conn)
     if count:
         return [Finding(
             "blocker", None,
-            f"{count} large object(s) in pg_largeobject: triggers cannot capture changes to large objects; "
-            "move them into bytea columns (or remove them) before migrating")]
+            f"{count} large object(s) in pg_largeobject: they are not migrated (lo_write and lo_unlink fire no "
+            "trigger, so their changes cannot be captured); move them into bytea columns (or remove them) before "
+            "migrating, or, if they need not move with the rows, accept it with `prepare --override large-objects` "
+            "(verify then reports the tables with oid/lo columns as not compared)", "large-objects")]
     return []
 
 
-_NOT_MIGRATED = """
-SELECT n.nspname AS schema, c.relname AS name, c.relkind AS kind, c.relpersistence AS persistence
-  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
- WHERE (c.relkind IN ('f', 'm') OR (c.relkind IN ('r', 'p') AND c.relpersistence = 'u'))
-   AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%%'
- ORDER BY 1, 2
-"""
+def blockers(conn: psycopg.Connection[Any]) -> list[Finding]:
+    """The blockers `prepare` refuses to go past (unless overridden) and go/no-go checks again before a cutover."""
+    row = conn.execute("SELECT current_setting('server_version'), "
+                       "current_setting('server_version_num')::int").fetchone()
+    assert row is not None
+    return _version_findings(row[1], row[0]) + _large_object_findings(conn)
+
+
+def check_blockers(conn: psycopg.Connection[Any], overrides: Iterable[str] = ()) -> list[Finding]:
+    """Refuse (Blocked, naming each blocker and what to do) while a blocker stands that the operator did not
+    override by name; returns the blockers overridden. Reads only."""
+    accepted = set(overrides)
+    unknown = accepted - set(OVERRIDABLE)
+    if unknown:
+        raise Blocked(f"not a blocker that can be overridden: {', '.join(sorted(unknown))}",
+                      hint=f"Blockers that can be overridden: {', '.join(OVERRIDABLE)}.")
+    found = blockers(conn)
+    standing = [f for f in found if f.name not in accepted]
+    if standing:
+        get(phase="prepare").warning("prepare.refused", blockers=[f.name for f in standing])
+        overridable = [f.name for f in standing if f.name in OVERRIDABLE]
+        raise Blocked(
+            f"{len(standing)} blocker(s) stand, nothing was created: "
+            + "; ".join(f"[{f.name}] {f.message}" for f in standing),
+            hint="Fix each blocker as its message says and run prepare again"
+                 + (f"; or accept {', '.join(overridable)} knowingly with "
+                    + " ".join(f"--override {n}" for n in overridable)
+                    + " (recorded, and shown by `migrator status` and the cutover's go/no-go)" if overridable else "")
+                 + ".")
+    return [f for f in found if f.name in accepted]
 
 
 def _not_migrated_findings(conn: psycopg.Connection[Any], tables: TableFilter) -> list[Finding]:
     findings = []
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(_NOT_MIGRATED)
-        for r in cur.fetchall():
-            if not tables.matches(r["schema"], r["name"]):
-                continue
-            where = f"{r['schema']}.{r['name']}"
-            if r["kind"] == "f":
-                message = ("foreign table, not migrated: its data lives on another server; "
-                           "recreate the server and user mapping on the target")
-            elif r["kind"] == "m":
-                message = ("materialized view, not migrated as data: the schema creates it; "
-                           "REFRESH MATERIALIZED VIEW on the target after cutover")
-            else:
-                message = ("unlogged table, not migrated: its changes are not captured; make it logged "
-                           "(ALTER TABLE ... SET LOGGED) if its rows must move, or recreate its contents after cutover")
-            findings.append(Finding("warning", where, message))
+    for r in catalog.list_relations(conn, tables):
+        if r.kind == "foreign table":
+            findings.append(Finding("warning", r.display, "foreign table, not migrated: its data lives on another "
+                                    "server; the schema creates it, its server and user mapping must work from the "
+                                    "target; verify lists it as not compared"))
+        elif r.populated:
+            findings.append(Finding("info", r.display, "materialized view: copy populates it on the target from the "
+                                    "copied tables (REFRESH, after the indexes); it then holds the target's data as "
+                                    "of the copy, so REFRESH it after cutover as the application does; verify lists "
+                                    "it as not compared"))
     return findings
 
 
@@ -350,6 +380,12 @@ def _unusual_columns(conn: psycopg.Connection[Any], oids: list[int]) -> dict[int
 
 def _table_findings(t: Table, triggers: tuple[Trigger, ...], unusual: tuple[UnusualColumn, ...]) -> list[Finding]:
     findings = []
+    if t.unlogged:
+        findings.append(Finding(
+            "info", t.display,
+            "unlogged table: migrated like any table (captured, copied, replayed, verified); a crash of the legacy "
+            "server empties it without firing a trigger, so verify would then find its rows extra on the target "
+            "(`copy --tables` copies it again)"))
     if not t.key:
         findings.append(Finding(
             "warning", t.display,

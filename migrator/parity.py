@@ -58,7 +58,8 @@ _PROGRESS_EVERY = 50_000
 _BATCH = 10_000
 _PREFETCH = 2
 
-Status = Literal["identical", "in_flight", "different", "error"]
+Status = Literal["identical", "in_flight", "different", "error", "not_compared"]
+"""not_compared: the rows are identical, but what some of them refer to (large objects) was not compared."""
 Buckets = Literal["auto", "ranges", "hashes"]
 Kind = Literal["missing", "extra", "different"]
 _KIND_TEXT = {"missing": "missing on target", "extra": "extra on target", "different": "different"}
@@ -119,6 +120,8 @@ class TableParity:
     verify ran while sync was following. Not differences."""
     rechecked: bool = False
     """The differing ranges were read again once sync had passed the first pass's source snapshot."""
+    not_compared: str | None = None
+    """What the rows refer to that verify did not compare, and why (large objects named by oid/lo columns)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -135,7 +138,25 @@ class TableParity:
             "difference_count": self.difference_count,
             "differences": [d.to_dict(self.key_columns) for d in self.differences],
             "error": self.error,
+            "not_compared": self.not_compared,
         }
+
+
+@dataclass(frozen=True)
+class NotCompared:
+    """Something of the source a whole-database verify did not compare, said plainly rather than skipped."""
+
+    name: str
+    """"schema.name" of a relation, or "large objects"."""
+    kind: str
+    """"materialized view", "foreign table" or "large objects"."""
+    reason: str
+    data: bool
+    """Source data that may be missing on the target (large objects): the verify cannot say identical (exit 2).
+    False for what is derived or held elsewhere (materialized views, foreign tables): listed, exit unchanged."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -145,16 +166,23 @@ class ParityReport:
     target: str
     tables: tuple[TableParity, ...]
     show_values: bool = False
+    not_compared: tuple[NotCompared, ...] = ()
 
     @property
     def identical(self) -> bool:
-        return all(t.status == "identical" for t in self.tables)
+        return all(t.status == "identical" for t in self.tables) and not any(n.data for n in self.not_compared)
+
+    @property
+    def rows_identical(self) -> bool:
+        """Every table's rows identical, though what some refer to (large objects, a blocker the operator overrode
+        at prepare) was not compared: what the cutover's and rollback's full verify require."""
+        return all(t.status in ("identical", "not_compared") for t in self.tables)
 
     @property
     def exit_code(self) -> int:
-        """0 identical (rows in flight aside); 1 rows differ; 2 some table could not be verified (which outweighs
-        differences found)."""
-        if any(t.status == "error" for t in self.tables):
+        """0 identical (rows in flight aside); 1 rows differ; 2 some table could not be verified, or source data
+        (large objects) could not be compared (which outweighs differences found)."""
+        if any(t.status == "error" or t.not_compared for t in self.tables) or any(n.data for n in self.not_compared):
             return 2
         return 1 if any(t.status == "different" for t in self.tables) else 0
 
@@ -165,6 +193,7 @@ class ParityReport:
             "identical": self.identical,
             "exit_code": self.exit_code,
             "tables": [t.to_dict() for t in self.tables],
+            "not_compared": [n.to_dict() for n in self.not_compared],
         }
 
     def render_text(self) -> str:
@@ -173,26 +202,34 @@ class ParityReport:
         for t in self.tables:
             lines.extend(_render_table(t, width))
         counts = {s: sum(1 for t in self.tables if t.status == s)
-                  for s in ("identical", "in_flight", "different", "error")}
+                  for s in ("identical", "in_flight", "different", "error", "not_compared")}
         in_flight = f"{counts['in_flight']} in flight, " if counts["in_flight"] else ""
+        refs = f"{counts['not_compared']} with large objects not compared, " if counts["not_compared"] else ""
         lines.append(
-            f"{len(self.tables)} table(s): {counts['identical']} identical, {in_flight}{counts['different']} "
+            f"{len(self.tables)} table(s): {counts['identical']} identical, {in_flight}{refs}{counts['different']} "
             f"different, {counts['error']} not verified"
         )
+        for n in self.not_compared:
+            kind = f" ({n.kind})" if n.kind != n.name else ""
+            lines.append(f"  NOT COMPARED  {n.name}{kind}: {n.reason}")
         return "\n".join(lines)
 
 
 def _render_table(t: TableParity, width: int) -> list[str]:
-    head = {"identical": "identical", "in_flight": "in flight", "different": "DIFFERENT", "error": "ERROR"}[t.status]
+    head = {"identical": "identical", "in_flight": "in flight", "different": "DIFFERENT", "error": "ERROR",
+            "not_compared": "NOT COMPARED"}[t.status]
     if t.status == "error":
         return [f"  {head:<9}  {t.name:<{width}}  {t.error}"]
+    note = [f"      not compared: {t.not_compared}"] if t.not_compared else []
     rows = f"{t.source_rows:,} rows" if t.source_rows == t.target_rows else (
         f"{t.source_rows:,} rows on source, {t.target_rows:,} on target"
     )
     ranges = f"; {t.ranges_different:,} of {t.ranges:,} key ranges differed" if t.ranges_different else ""
     flight = f"; {t.in_flight:,} row(s) in flight (changed on the source, not yet applied)" if t.in_flight else ""
+    if t.status == "not_compared":
+        return [f"  {head}  {t.name:<{width}}  {rows}, rows identical{flight}", *note]
     if t.status in ("identical", "in_flight"):
-        return [f"  {head:<9}  {t.name:<{width}}  {rows}{flight}"]
+        return [f"  {head:<9}  {t.name:<{width}}  {rows}{flight}", *note]
     lines = [f"  {head:<9}  {t.name:<{width}}  {rows}; {t.difference_count:,} difference(s){ranges}{flight}"]
     for d in t.differences:
         if d.row_md5 is not None:
@@ -206,7 +243,7 @@ def _render_table(t: TableParity, width: int) -> list[str]:
             lines.append(f"          target: {d.target_row}")
     if t.difference_count > len(t.differences):
         lines.append(f"      ... and {t.difference_count - len(t.differences):,} more")
-    return lines
+    return lines + note
 
 
 def _show_key(value: str) -> str:
@@ -229,6 +266,7 @@ def verify(cfg: Config, *, tables: list[str] | None = None, show_values: bool = 
     with db.session(cfg.source_dsn, role="source") as conn:
         source_tables = catalog.list_tables(conn, cfg.tables)
         live = _has_delta_log(conn)
+        unseen = _unseen(conn, cfg, source_tables)
         source_encoding = _encoding(conn)
     with db.session(cfg.target_dsn, role="target") as conn:
         target_tables = {(t.schema, t.name): t for t in catalog.list_tables(conn, cfg.tables)}
@@ -262,12 +300,52 @@ def verify(cfg: Config, *, tables: list[str] | None = None, show_values: bool = 
             f.result()
     if rechecks:
         _second_pass(cfg, rechecks, results, show_values, live_wait)
-    done = tuple(r for r in results if r is not None)
+    done = tuple(unseen.mark(r) for r in results if r is not None)
     assert len(done) == len(results)
-    report = ParityReport(db.describe_dsn(cfg.source_dsn), db.describe_dsn(cfg.target_dsn), done, show_values)
-    if tables is None and report.exit_code != 2:
+    report = ParityReport(db.describe_dsn(cfg.source_dsn), db.describe_dsn(cfg.target_dsn), done, show_values,
+                          unseen.listed if tables is None else ())
+    if tables is None and not any(t.status == "error" for t in report.tables):
         _record(cfg, report)
     return report
+
+
+@dataclass(frozen=True)
+class _Unseen:
+    """What the row comparison cannot see: large objects (tables referring to them by oid/lo columns), materialized
+    views and foreign tables."""
+
+    large_object_columns: dict[str, tuple[str, ...]]
+    large_objects: int
+    listed: tuple[NotCompared, ...]
+
+    def mark(self, t: TableParity) -> TableParity:
+        """A table whose columns can refer to large objects: say that their contents were not compared (and do not
+        call its rows identical alone)."""
+        columns = self.large_object_columns.get(t.name)
+        if not columns or t.status == "error":
+            return t
+        note = (f"contents of the large objects that column(s) {', '.join(columns)} refer to: large objects are not "
+                f"migrated ({self.large_objects} on the source; blocker large-objects)")
+        status: Status = "not_compared" if t.status in ("identical", "in_flight") else t.status
+        return dataclasses.replace(t, status=status, not_compared=note)
+
+
+def _unseen(conn: psycopg.Connection[Any], cfg: Config, tables: list[Table]) -> _Unseen:
+    count = catalog.large_object_count(conn)
+    listed = [NotCompared("large objects", "large objects", f"{count} large object(s) on the source are not "
+                          "migrated and their contents not compared (blocker large-objects)", True)] if count else []
+    for r in catalog.list_relations(conn, cfg.tables):
+        if r.kind == "foreign table":
+            reason = "its rows live on another server; nothing of it is copied"
+        elif r.populated:
+            reason = ("copy populated it on the target from the copied tables (REFRESH in post-data); it holds the "
+                      "result of its query as of its last refresh on each side, so REFRESH it after cutover")
+        else:
+            reason = "never populated on the source (WITH NO DATA); created so on the target"
+        listed.append(NotCompared(r.display, r.kind, reason, False))
+    columns = catalog.large_object_columns(conn, tables) if count else {}
+    conn.rollback()
+    return _Unseen(columns, count, tuple(listed))
 
 
 def _encoding(conn: psycopg.Connection[Any]) -> str:
@@ -282,7 +360,8 @@ def _record(cfg: Config, report: ParityReport) -> None:
     try:
         with db.session(cfg.target_dsn, role="target") as conn:
             if state.exists(conn):
-                state.record_verify(conn, report.identical, sum(t.difference_count for t in report.tables))
+                # Rows, for go/no-go: large objects not compared stand there as the overridden blocker.
+                state.record_verify(conn, report.rows_identical, sum(t.difference_count for t in report.tables))
                 conn.commit()
     except psycopg.Error as exc:
         log.get(phase="verify").warning("verify.not_recorded", error=str(exc).splitlines()[0])

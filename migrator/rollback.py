@@ -331,7 +331,7 @@ def run(cfg: Config, *, on_step: Callable[[str, str], None] | None = None) -> Ro
                 if cfg.cutover.verify == "none":
                     return "every event replayed; rows not compared"
                 if cfg.cutover.verify == "full":
-                    if not parity.verify(cfg).identical:
+                    if not parity.verify(cfg).rows_identical:
                         raise MigratorError("parity check found differences; run `migrator verify` for the keys")
                     return "every event replayed; rows identical"
                 differ = count_differences(legacy, target, list(tables.values()))

@@ -1,7 +1,8 @@
 """The target's schema, taken from the source with PostgreSQL's own pg_dump and pg_restore.
 
 Loaded the way pg_restore loads a dump: `pre-data` (types, functions, tables, sequences) at prepare, before any
-row arrives; `post-data` (indexes, constraints, foreign keys, the application's own triggers) after the bulk copy.
+row arrives; `post-data` (indexes, constraints, foreign keys, the application's own triggers, and the REFRESH that
+populates each materialized view the source has populated) after the bulk copy.
 The engine's own objects never reach the target: the capture schema is excluded from the dump and the capture
 triggers on the application's tables are filtered out of the restore list. Copy and sync write with
 `session_replication_role = replica`, which silences the application's triggers and foreign keys on the target,
@@ -89,7 +90,12 @@ def load_section(source_dsn: str, target_dsn: str, section: str, *, jobs: int = 
     tgt, tgt_env = _libpq_env(target_dsn)
     with tempfile.TemporaryDirectory(prefix="migrator-schema-") as tmp:
         dump = Path(tmp) / "schema.dump"
-        _run([pg_dump, "--format=custom", "--schema-only", f"--section={section}",
+        # post-data without --schema-only: the section then also carries the REFRESH of each populated
+        # materialized view (MATERIALIZED VIEW DATA), ordered after the indexes and the views it reads; no table's
+        # rows are dumped (they belong to the data section). Pre-data keeps --schema-only, which leaves large
+        # objects out (they are not migrated: see inspect's large-objects blocker).
+        schema_only = ["--schema-only"] if section != "post-data" else []
+        _run([pg_dump, "--format=custom", *schema_only, f"--section={section}",
               f"--exclude-schema={CAPTURE_SCHEMA}", "--no-owner", "--no-privileges", *only,
               f"--file={dump}", f"--dbname={src}"], src_env, "pg_dump of the source schema")
         listing = _filtered_list(pg_restore, dump, src_env)

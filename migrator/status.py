@@ -23,6 +23,8 @@ class Status:
     sync: dict[str, Any] = field(default_factory=dict)
     cutover: list[dict[str, Any]] = field(default_factory=list)
     frozen: bool | None = None
+    overrides: list[dict[str, Any]] = field(default_factory=list)
+    """Blockers accepted by name at prepare (`prepare --override`): name, detail, os_user, db_role, overridden_at."""
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -44,6 +46,7 @@ def read(cfg: Config) -> Status:
         if m is None:
             return st
         st.prepared = m.prepared_at is not None
+        st.overrides = [o.to_dict() for o in state.overrides(target).values()]
         tables = state.tables(target)
         copied = [t for t in tables if t.status == "copied"]
         st.tables = [{"table": t.display, "status": t.status, "rows": t.rows_copied, "bytes": t.bytes_copied,

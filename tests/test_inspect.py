@@ -53,8 +53,8 @@ def test_large_object_makes_the_report_not_ready(cfg: Config, source_dsn: str) -
     report = inspect.run(cfg)
 
     assert not report.ready
-    [blocker] = _messages(report, "blocker")
-    assert "1 large object" in blocker
+    [blocker] = [f for f in report.findings if f.severity == "blocker"]
+    assert "1 large object" in blocker.message and blocker.name == "large-objects"
 
 
 def test_idle_in_transaction_session_is_reported_without_its_query_text(cfg: Config, source_dsn: str) -> None:
@@ -137,7 +137,8 @@ def test_include_and_exclude_patterns_decide_what_is_reported(make_config: Calla
     assert not _messages(report, "warning")
 
 
-def test_foreign_unlogged_and_materialized_relations_are_warned_not_migrated(cfg: Config, source_dsn: str) -> None:
+def test_foreign_tables_are_warned_unlogged_tables_migrate_and_materialized_views_are_refreshed(
+        cfg: Config, source_dsn: str) -> None:
     run_sql(
         source_dsn,
         "CREATE FOREIGN DATA WRAPPER mt_dummy",
@@ -149,10 +150,10 @@ def test_foreign_unlogged_and_materialized_relations_are_warned_not_migrated(cfg
     )
     report = inspect.run(cfg)
 
-    assert [t.display for t in report.tables] == ["public.modality"]
+    assert [t.display for t in report.tables] == ["public.modality", "public.worklist_cache"]
     assert "foreign table" in _messages(report, "warning", "public.ris_order")[0]
-    assert "unlogged table" in _messages(report, "warning", "public.worklist_cache")[0]
-    assert "REFRESH" in _messages(report, "warning", "public.modality_count")[0]
+    assert "migrated like any table" in _messages(report, "info", "public.worklist_cache")[0]
+    assert "REFRESH" in _messages(report, "info", "public.modality_count")[0]
     assert report.ready
 
 

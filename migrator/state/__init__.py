@@ -268,6 +268,44 @@ def flag(conn: Conn, name: str) -> str | None:
     return row[0] if row else None
 
 
+# --- blocker overrides --------------------------------------------------------------------------------------------
+# Blockers the operator accepted by name at prepare (revision 0006): what the blocker said, who, when.
+
+@dataclass(frozen=True)
+class Override:
+    name: str
+    detail: str
+    os_user: str
+    db_role: str
+    overridden_at: dt.datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "detail": self.detail, "os_user": self.os_user, "db_role": self.db_role,
+                "overridden_at": self.overridden_at.isoformat()}
+
+
+def record_override(conn: Conn, name: str, detail: str, os_user: str, db_role: str) -> None:
+    with conn.cursor() as cur:
+        cur.execute(
+            sql.SQL("INSERT INTO {} (name, detail, os_user, db_role) VALUES (%s, %s, %s, %s) ON CONFLICT (name) "
+                    "DO UPDATE SET detail = excluded.detail, os_user = excluded.os_user, db_role = excluded.db_role, "
+                    "overridden_at = now()").format(_t("blocker_override")),
+            (name, detail, os_user, db_role),
+        )
+
+
+def overrides(conn: Conn) -> dict[str, Override]:
+    """The recorded overrides by blocker name; empty before prepare."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL AS present", (f"{CONTROL_SCHEMA}.blocker_override",))
+        row = cur.fetchone()
+        if not row or not row["present"]:
+            return {}
+        cur.execute(sql.SQL("SELECT name, detail, os_user, db_role, overridden_at FROM {} ORDER BY name")
+                    .format(_t("blocker_override")))
+        return {r["name"]: Override(**r) for r in cur.fetchall()}
+
+
 # --- cutover ------------------------------------------------------------------------------------------------------
 
 def start_attempt(conn: Conn) -> int:
