@@ -25,10 +25,11 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from migrator import catalog, db, schema, state
+from migrator import catalog, db, ownership, schema, state
 from migrator.catalog import Table
 from migrator.config import CAPTURE_SCHEMA, Config, TableFilter
 from migrator.errors import Blocked, MigratorError, NotReady
+from migrator.inspect import require_rights
 from migrator.log import get
 
 ROW_TRIGGER = "_migrator_capture"
@@ -379,10 +380,8 @@ def prepare(cfg: Config) -> PrepareResult:
     log = get(phase="prepare")
     with db.session(cfg.target_dsn, role="target") as target, db.session(cfg.source_dsn, role="source") as source:
         check_target_role(target)
-        state.upgrade(target)
-        state.start_migration(target, db.describe_dsn(cfg.source_dsn))
-        target.commit()
         source.autocommit = True
+        ownership.check_prepare(source, target)
         if is_frozen(source):
             # Installing writes the capture functions again, which would lift the freeze from every table.
             raise NotReady("the legacy database is frozen by a cutover; prepare would make it writable again",
@@ -397,6 +396,10 @@ def prepare(cfg: Config) -> PrepareResult:
         if not tables:
             raise Blocked("no source table matches [tables] include/exclude",
                           hint="Check the patterns in migration.toml ([tables] include = [\"public.*\"]).")
+        require_rights(source, tables, cfg.tables)
+        state.upgrade(target)
+        state.start_migration(target, db.describe_dsn(cfg.source_dsn))
+        target.commit()
         m = state.migration(target)
         assert m is not None
         created_schema = False
@@ -426,6 +429,7 @@ def prepare(cfg: Config) -> PrepareResult:
                 target.commit()
                 log.info("prepare.new_tables_created", tables=[f"{s}.{n}" for s, n in new])
         check_target_columns(target, tables)
+        ownership.claim(source, target, cfg.target_dsn)
         installed = install(source, tables, lock_timeout=cfg.sync.lock_timeout)
         state.register_tables(target, tables)
         state.mark(target, "prepared_at")
@@ -628,6 +632,7 @@ def cleanup(cfg: Config, *, release_freeze: bool = False) -> CleanupResult:
     """Remove the capture triggers and the `_migrator` schema from the legacy database, leaving no trace."""
     log = get(phase="cleanup")
     with db.session(cfg.source_dsn, role="source", autocommit=True) as source:
+        ownership.check_cleanup(source, cfg.target_dsn)
         if is_frozen(source) and not release_freeze:
             raise NotReady(
                 "the legacy database is frozen after cutover; removing capture would make it writable again",
