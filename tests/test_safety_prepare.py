@@ -151,11 +151,11 @@ def test_a_capture_without_an_owner_is_adopted_only_by_the_target_it_prepared(
 
 @pytest.fixture
 def limited_role(admin_dsn: str, source_dsn: str) -> Iterator[tuple[str, str]]:
-    """A login role for migrator that owns some of the source's tables, and the application role that owns the
-    rest; both dropped afterwards."""
+    """A login role for migrator that owns some of the source's tables, and the application's login role that owns
+    the rest; both dropped afterwards."""
     suffix = uuid.uuid4().hex[:8]
     role, app = f"mt_mig_{suffix}", f"mt_app_{suffix}"
-    run_sql(admin_dsn, f'CREATE ROLE "{role}" LOGIN', f'CREATE ROLE "{app}"')
+    run_sql(admin_dsn, f'CREATE ROLE "{role}" LOGIN', f'CREATE ROLE "{app}" LOGIN')
     try:
         yield role, app
     finally:
@@ -201,9 +201,15 @@ def test_prepare_without_the_rights_it_needs_creates_nothing_and_names_each_gran
     assert inspect.run(cfg).ready
     capture.prepare(cfg)
     copy.run(cfg)
-    run_sql(source_dsn, "UPDATE public.patient SET note = 'granted' WHERE id % 7 = 0", "DELETE FROM public.audit")
+    run_sql(source_dsn, "UPDATE public.patient SET note = 'granted' WHERE id % 7 = 0")
+    # The application, connected as a role of its own (not migrator's, not a superuser), still writes: the capture
+    # triggers run as the writer, who may insert into the delta log.
+    run_sql(source_dsn, f'GRANT SELECT, UPDATE ON public.patient TO "{app}"')
+    run_sql(psycopg.conninfo.make_conninfo(source_dsn, user=app),
+            "DELETE FROM public.audit WHERE at > 10", "UPDATE public.patient SET note = 'by the app' WHERE id < 5")
     replay.sync(cfg)
     same_rows(source_dsn, target_dsn)
+    assert fetch(target_dsn, "SELECT count(*) FROM public.audit") == [(10,)]
 
 
 # --- the target ---------------------------------------------------------------------------------------------------
