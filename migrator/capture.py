@@ -628,11 +628,12 @@ class CleanupResult:
         return {"triggers_removed": self.triggers_removed, "schema_dropped": self.schema_dropped}
 
 
-def cleanup(cfg: Config, *, release_freeze: bool = False) -> CleanupResult:
-    """Remove the capture triggers and the `_migrator` schema from the legacy database, leaving no trace."""
+def cleanup(cfg: Config, *, release_freeze: bool = False, migration: str | None = None) -> CleanupResult:
+    """Remove the capture triggers and the `_migrator` schema from the legacy database, leaving no trace; only the
+    target's migration's capture, or that of the migration the operator names (`migration`, its id)."""
     log = get(phase="cleanup")
     with db.session(cfg.source_dsn, role="source", autocommit=True) as source:
-        ownership.check_cleanup(source, cfg.target_dsn)
+        ownership.check_cleanup(source, cfg.target_dsn, named=migration)
         if is_frozen(source) and not release_freeze:
             raise NotReady(
                 "the legacy database is frozen after cutover; removing capture would make it writable again",

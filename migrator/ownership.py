@@ -23,7 +23,7 @@ from psycopg import sql
 
 from migrator import db, state
 from migrator.config import CAPTURE_SCHEMA, CONTROL_SCHEMA
-from migrator.errors import Blocked
+from migrator.errors import Blocked, ConnectionFailed
 from migrator.log import get
 
 Conn = psycopg.Connection[Any]
@@ -138,13 +138,32 @@ def check(source: Conn, m: state.Migration | None, action: str) -> None:
         )
 
 
-def check_cleanup(source: Conn, target_dsn: str) -> None:
+def check_cleanup(source: Conn, target_dsn: str, *, named: str | None = None) -> None:
     """Refuse cleanup of a capture that belongs to another migration than the target's (asked only when there is a
-    capture to remove)."""
+    capture to remove). `named`: the operator names the migration whose capture goes (its target is gone, or
+    unreachable), and the target is not asked."""
     if not _has_capture(source):
         return
-    with db.session(target_dsn, role="target") as target:
-        check(source, state.migration(target), "cleanup")
+    owner = legacy_owner(source)
+    if named is not None:
+        if owner is not None and str(owner.migration_id) == named.strip().lower():
+            get(phase="cleanup").warning("cleanup.named_migration", migration=named)
+            return
+        raise Blocked(f"cleanup refused: the legacy database's capture is not migration {named}"
+                      f"{f' but {owner.describe()}' if owner else ' (it records no migration)'}",
+                      hint="Name the migration the legacy database records (inspect shows it), or run cleanup with "
+                           "its configuration.")
+    gone = (f" If that migration is abandoned and its target gone, `migrator cleanup --migration "
+            f"{owner.migration_id} --yes` removes its capture." if owner else "")
+    try:
+        with db.session(target_dsn, role="target") as target:
+            m = state.migration(target)
+    except ConnectionFailed as exc:
+        raise ConnectionFailed(str(exc), hint=f"{exc.hint}{gone}") from exc
+    try:
+        check(source, m, "cleanup")
+    except Blocked as exc:
+        raise Blocked(str(exc), hint=f"{exc.hint}{gone}") from None
 
 
 # Everything a user can create in a database, outside the system schemas, that neither belongs to an extension nor

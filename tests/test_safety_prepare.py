@@ -3,8 +3,13 @@ without the rights prepare needs, a target that is not empty. Each is refused be
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -12,7 +17,7 @@ import pytest
 
 from migrator import capture, copy, inspect, replay
 from migrator.config import Config
-from migrator.errors import Blocked, NotReady
+from migrator.errors import Blocked, ConnectionFailed, NotReady
 from tests.helpers import fetch, run_sql
 
 SCHEMA = (
@@ -80,8 +85,9 @@ def test_a_second_migration_from_one_legacy_database_is_refused_and_the_first_lo
     # Sync and cleanup configured for the second target refuse too; cleanup leaves the first one's capture alone.
     with pytest.raises(NotReady, match="not prepared"):
         replay.sync(second)
-    with pytest.raises(Blocked, match="cleanup refused: the legacy database is captured for migration"):
+    with pytest.raises(Blocked, match="cleanup refused: the legacy database is captured for migration") as cleanup:
         capture.cleanup(second)
+    assert f"`migrator cleanup --migration {migration_id} --yes`" in cleanup.value.hint
     assert capture_triggers(source_dsn) == triggers and owner_row(source_dsn) == owner
 
     run_sql(source_dsn, "DELETE FROM public.patient WHERE id BETWEEN 60 AND 70",
@@ -171,8 +177,8 @@ def test_prepare_without_the_rights_it_needs_creates_nothing_and_names_each_gran
     run_sql(source_dsn, *SCHEMA,
             f'ALTER TABLE public.patient OWNER TO "{role}"',  # with its sequence
             f'ALTER TABLE public.audit OWNER TO "{app}"', f'GRANT SELECT ON public.audit TO "{role}"',
-            f'CREATE SEQUENCE public.accession_seq', f'ALTER SEQUENCE public.accession_seq OWNER TO "{app}"',
-            f'CREATE TABLE public.app_settings (k text)', f'ALTER TABLE public.app_settings OWNER TO "{app}"')
+            'CREATE SEQUENCE public.accession_seq', f'ALTER SEQUENCE public.accession_seq OWNER TO "{app}"',
+            'CREATE TABLE public.app_settings (k text)', f'ALTER TABLE public.app_settings OWNER TO "{app}"')
     cfg = make_config(source={"dsn": psycopg.conninfo.make_conninfo(source_dsn, user=role)},
                       tables={"exclude": ["public.app_settings"]})
     dbname = psycopg.conninfo.conninfo_to_dict(source_dsn)["dbname"]
@@ -215,21 +221,21 @@ def test_prepare_without_the_rights_it_needs_creates_nothing_and_names_each_gran
 # --- the target ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("foreign", [
-    ("CREATE TABLE public.unrelated (x int)", "table public.unrelated"),
-    ("CREATE SEQUENCE public.patient_id_seq", "sequence public.patient_id_seq"),
-    ("CREATE FUNCTION public.f() RETURNS int LANGUAGE sql AS 'SELECT 1'", "function public.f"),
-    ("CREATE TYPE public.modality AS ENUM ('CT', 'MR')", "type public.modality"),
-])
+    (["CREATE TABLE public.unrelated (x int)"], ["table public.unrelated"]),
+    (["CREATE SEQUENCE public.patient_id_seq"], ["sequence public.patient_id_seq"]),  # the source's serial's name
+    (["CREATE FUNCTION public.f() RETURNS int LANGUAGE sql AS 'SELECT 1'", "CREATE SCHEMA ris",
+      "CREATE TYPE ris.modality AS ENUM ('CT', 'MR')"], ["function public.f", "schema ris", "type ris.modality"]),
+], ids=["table", "sequence", "function-schema-type"])
 def test_a_target_holding_objects_this_migration_did_not_create_is_refused_before_anything_is_created(
-        cfg: Config, source_dsn: str, target_dsn: str, foreign: tuple[str, str]) -> None:
-    statement, named = foreign
+        cfg: Config, source_dsn: str, target_dsn: str, foreign: tuple[list[str], list[str]]) -> None:
+    statements, named = foreign
     run_sql(source_dsn, *SCHEMA)
-    run_sql(target_dsn, statement)
+    run_sql(target_dsn, *statements)
 
-    with pytest.raises(Blocked, match=r"object\(s\) this migration did not create") as refused:
+    with pytest.raises(Blocked, match=rf"holds {len(named)} object\(s\) this migration did not create") as refused:
         capture.prepare(cfg)
 
-    assert named in str(refused.value)
+    assert all(n in str(refused.value) for n in named)
     assert not has_schema(target_dsn, "migrator_control")
     assert not has_schema(source_dsn, "_migrator") and capture_triggers(source_dsn) == 0
 
@@ -247,3 +253,29 @@ def test_a_target_this_migration_prepared_is_prepared_again(cfg: Config, source_
     run_sql(source_dsn, "INSERT INTO public.patient (mrn) VALUES ('again')")
     replay.sync(cfg)
     same_rows(source_dsn, target_dsn)
+
+
+def test_the_capture_of_an_abandoned_migration_is_removed_only_by_naming_it(
+        admin_dsn: str, make_config: Callable[..., Config], source_dsn: str, target_dsn: str, tmp_path: Path) -> None:
+    cfg = make_config()
+    run_sql(source_dsn, *SCHEMA)
+    capture.prepare(cfg)
+    [(migration_id, _, _)] = owner_row(source_dsn)
+    run_sql(admin_dsn, f'DROP DATABASE "{psycopg.conninfo.conninfo_to_dict(target_dsn)["dbname"]}" WITH (FORCE)')
+
+    with pytest.raises(ConnectionFailed) as unreachable:
+        capture.cleanup(cfg)
+    assert f"migrator cleanup --migration {migration_id} --yes" in unreachable.value.hint
+    other = uuid.uuid4()
+    with pytest.raises(Blocked, match=f"not migration {other} but migration {migration_id}"):
+        capture.cleanup(cfg, migration=str(other))
+    assert capture_triggers(source_dsn) == 7
+
+    config = tmp_path / "migration.toml"
+    config.write_text(f"[source]\ndsn = {json.dumps(source_dsn)}\n[target]\ndsn = {json.dumps(target_dsn)}\n")
+    done = subprocess.run([str(Path(sys.executable).with_name("migrator")), "--config", str(config), "cleanup",
+                           "--migration", str(migration_id), "--yes"], capture_output=True, text=True, timeout=60,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("MIGRATOR_")})
+
+    assert done.returncode == 0, done.stderr
+    assert capture_triggers(source_dsn) == 0 and not has_schema(source_dsn, "_migrator")
