@@ -20,7 +20,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from migrator import catalog, db
+from migrator import catalog, db, ownership
 from migrator.catalog import Sequence, Table
 from migrator.config import CAPTURE_SCHEMA, Config, TableFilter, redact
 from migrator.errors import Blocked, MigratorError
@@ -186,7 +186,7 @@ def _inspect(conn: psycopg.Connection[Any], tables: TableFilter, assumed_mb_per_
     findings: list[Finding] = []
     findings += _version_findings(server["num"], server["version"])
     findings += _role_findings(conn)
-    findings += _rights_findings(conn, migrating, tables)
+    findings += _prepare_findings(conn, migrating, tables)
     findings += _capture_schema_findings(conn)
     findings += _large_object_findings(conn)
     findings += _not_migrated_findings(conn, tables)
@@ -501,9 +501,16 @@ def missing_rights(conn: psycopg.Connection[Any], tables: list[Table], table_fil
     return missing
 
 
-def _rights_findings(conn: psycopg.Connection[Any], tables: list[Table], table_filter: TableFilter) -> list[Finding]:
-    return [Finding("blocker", m.object, f"the source role lacks a right: {m.need}; fix: {m.fix}")
-            for m in missing_rights(conn, tables, table_filter)]
+def _prepare_findings(conn: psycopg.Connection[Any], tables: list[Table], table_filter: TableFilter) -> list[Finding]:
+    """What prepare checks on the legacy database before it creates anything: each right the role lacks (a
+    blocker), and the migration an existing capture serves (prepare refuses any other)."""
+    findings = [Finding("blocker", m.object, f"the source role lacks a right: {m.need}; fix: {m.fix}")
+                for m in missing_rights(conn, tables, table_filter)]
+    owner = ownership.legacy_owner(conn)
+    if owner is not None:
+        findings.append(Finding("info", None, f"the capture serves {owner.describe()}: prepare, sync and cleanup "
+                                              "of any other migration refuse"))
+    return findings
 
 
 def require_rights(conn: psycopg.Connection[Any], tables: list[Table], table_filter: TableFilter) -> None:

@@ -81,6 +81,8 @@ def test_a_second_migration_from_one_legacy_database_is_refused_and_the_first_lo
     assert not has_schema(second_dsn, "migrator_control") and user_relations(second_dsn) == 0, \
         "nothing is created on the second target"
     assert capture_triggers(source_dsn) == triggers and owner_row(source_dsn) == owner
+    assert any(f"serves migration {migration_id} to {first_target}" in f.message
+               for f in inspect.run(second).by_severity("info"))
 
     # Sync and cleanup configured for the second target refuse too; cleanup leaves the first one's capture alone.
     with pytest.raises(NotReady, match="not prepared"):
