@@ -447,7 +447,7 @@ SELECT c.oid::bigint AS oid, n.nspname AS schema, c.relname AS name, c.relkind =
             ELSE has_table_privilege(c.oid, 'SELECT') END AS reads,
        has_schema_privilege(n.oid, 'USAGE') AS schema_usage
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
- WHERE (c.oid = ANY(%(captured)s) OR c.relkind IN ('r', 'p', 'S'))
+ WHERE c.relkind IN ('r', 'p', 'S')
    AND n.nspname NOT IN ('pg_catalog', 'information_schema', %(capture)s) AND n.nspname NOT LIKE 'pg\\_%%'
    AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
                    AND d.deptype = 'e')
@@ -478,7 +478,7 @@ def missing_rights(conn: psycopg.Connection[Any], tables: list[Table], table_fil
     captured = {t.oid for t in tables}
     no_usage: set[str] = set()
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(_RELATION_RIGHTS, {"captured": list(captured), "capture": CAPTURE_SCHEMA})
+        cur.execute(_RELATION_RIGHTS, {"capture": CAPTURE_SCHEMA})
         for r in cur.fetchall():
             if r["sequence"] and not table_filter.matches_schema(r["schema"]):
                 continue

@@ -116,8 +116,9 @@ def claim(source: Conn, target: Conn, target_dsn: str) -> None:
 
 
 def check(source: Conn, m: state.Migration | None, action: str) -> None:
-    """Refuse `action` (prepare, sync, cleanup) on a legacy database whose capture belongs to another migration
-    than `m` (the target's migration row): it would truncate that migration's delta log, or drop its triggers.
+    """Refuse `action` (prepare, sync, cleanup, release) on a legacy database whose capture belongs to another
+    migration than `m` (the target's migration row): it would truncate that migration's delta log, drop its
+    triggers, or lift its freeze.
     Leaves the connection's transaction state as it found it."""
     idle = source.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     try:
@@ -128,10 +129,9 @@ def check(source: Conn, m: state.Migration | None, action: str) -> None:
             source.rollback()
     if why:
         get(phase=action).warning(f"{action}.refused", reason="captured_for_another_migration")
-        ours = "an unprepared target" if m is None else f"migration {m.migration_id}"
+        ours = "this target is not prepared" if m is None else f"this target's is migration {m.migration_id}"
         raise Blocked(
-            f"{action} refused: the legacy database {why}, not for this target's ({ours}); {action} would take "
-            "that migration's capture from it",
+            f"{action} refused: the legacy database {why} ({ours}); {action} would act on that migration's capture",
             hint=f"Run {action} with that migration's configuration"
                  f"{f' ([target] {owner.target})' if owner else ''}; this target can be prepared once that migration "
                  "is finished and cleaned up.",

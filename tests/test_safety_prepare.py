@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from migrator import capture, copy, inspect, replay
+from migrator import capture, catalog, copy, cutover, inspect, replay
 from migrator.config import Config
 from migrator.errors import Blocked, ConnectionFailed, NotReady
 from tests.helpers import fetch, run_sql
@@ -129,6 +129,13 @@ def test_sync_and_cleanup_refuse_a_capture_that_another_migration_owns(
     assert count(source_dsn, "SELECT count(*) FROM _migrator.delta_log") == log
     assert replay.sync(new).events == log
     same_rows(source_dsn, new_dsn)
+
+    # Nor may the old migration lift the new one's cutover freeze (clients on both servers: split brain).
+    with psycopg.connect(source_dsn, autocommit=True) as conn:
+        capture.freeze(conn, catalog.list_tables(conn, new.tables), lock_timeout=5.0)
+    with pytest.raises(Blocked, match="release refused"):
+        cutover.release(old)
+    assert fetch(source_dsn, "SELECT frozen FROM _migrator.freeze_state") == [(True,)]
 
 
 def test_a_capture_without_an_owner_is_adopted_only_by_the_target_it_prepared(
