@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from migrator import catalog, db, inspect, schema, state
+from migrator import catalog, db, inspect, ownership, schema, state
 from migrator.catalog import Table
 from migrator.config import CAPTURE_SCHEMA, Config, TableFilter
 from migrator.errors import Blocked, MigratorError, NotReady
@@ -403,13 +403,8 @@ def prepare(cfg: Config, *, overrides: Iterable[str] = ()) -> PrepareResult:
     with db.session(cfg.target_dsn, role="target") as target, db.session(cfg.source_dsn, role="source") as source:
         accepted = _accepted_blockers(source, overrides)
         check_target_role(target)
-        state.upgrade(target)
-        state.start_migration(target, db.describe_dsn(cfg.source_dsn))
-        for name, detail, role in accepted:
-            state.record_override(target, name, detail, _os_user(), role)
-            log.warning("prepare.blocker_overridden", blocker=name, db_role=role)
-        target.commit()
         source.autocommit = True
+        ownership.check_prepare(source, target)
         if is_frozen(source):
             # Installing writes the capture functions again, which would lift the freeze from every table.
             raise NotReady("the legacy database is frozen by a cutover; prepare would make it writable again",
@@ -419,6 +414,13 @@ def prepare(cfg: Config, *, overrides: Iterable[str] = ()) -> PrepareResult:
         if not tables:
             raise Blocked("no source table matches [tables] include/exclude",
                           hint="Check the patterns in migration.toml ([tables] include = [\"public.*\"]).")
+        inspect.require_rights(source, tables, cfg.tables)
+        state.upgrade(target)
+        state.start_migration(target, db.describe_dsn(cfg.source_dsn))
+        for name, detail, role in accepted:
+            state.record_override(target, name, detail, _os_user(), role)
+            log.warning("prepare.blocker_overridden", blocker=name, db_role=role)
+        target.commit()
         m = state.migration(target)
         assert m is not None
         created_schema = False
@@ -448,6 +450,7 @@ def prepare(cfg: Config, *, overrides: Iterable[str] = ()) -> PrepareResult:
                 target.commit()
                 log.info("prepare.new_tables_created", tables=[f"{s}.{n}" for s, n in new])
         check_target_columns(target, tables)
+        ownership.claim(source, target, cfg.target_dsn)
         installed = install(source, tables, lock_timeout=cfg.sync.lock_timeout)
         state.register_tables(target, tables)
         state.mark(target, "prepared_at")
@@ -647,10 +650,12 @@ class CleanupResult:
         return {"triggers_removed": self.triggers_removed, "schema_dropped": self.schema_dropped}
 
 
-def cleanup(cfg: Config, *, release_freeze: bool = False) -> CleanupResult:
-    """Remove the capture triggers and the `_migrator` schema from the legacy database, leaving no trace."""
+def cleanup(cfg: Config, *, release_freeze: bool = False, migration: str | None = None) -> CleanupResult:
+    """Remove the capture triggers and the `_migrator` schema from the legacy database, leaving no trace; only the
+    target's migration's capture, or that of the migration the operator names (`migration`, its id)."""
     log = get(phase="cleanup")
     with db.session(cfg.source_dsn, role="source", autocommit=True) as source:
+        ownership.check_cleanup(source, cfg.target_dsn, named=migration)
         if is_frozen(source) and not release_freeze:
             raise NotReady(
                 "the legacy database is frozen after cutover; removing capture would make it writable again",

@@ -328,16 +328,19 @@ def release(obj: Ctx, yes: bool) -> None:
 @main.command()
 @yes_option
 @click.option("--release-freeze", is_flag=True, help="Also end a post-cutover freeze (legacy becomes writable).")
+@click.option("--migration", "migration_id", metavar="ID",
+              help="Remove the capture of this migration (its id, as prepare recorded it) without asking its target, "
+                   "which is gone; the configured target is left alone.")
 @json_option
 @click.pass_obj
-def cleanup(obj: Ctx, yes: bool, release_freeze: bool, as_json: bool) -> None:
+def cleanup(obj: Ctx, yes: bool, release_freeze: bool, migration_id: str | None, as_json: bool) -> None:
     """Remove the capture triggers and the _migrator schema from the legacy database."""
     from migrator import capture, rollback
 
     _confirm(yes, "This removes capture from the legacy database (and from the target: the rollback window ends); "
                   "changes after it are no longer recorded")
-    result = capture.cleanup(obj.cfg, release_freeze=release_freeze)
-    on_target = rollback.disarm(obj.cfg)
+    result = capture.cleanup(obj.cfg, release_freeze=release_freeze, migration=migration_id)
+    on_target = 0 if migration_id else rollback.disarm(obj.cfg)
     _emit({**result.to_dict(), "target_triggers_removed": on_target}, as_json,
           lambda: f"removed {result.triggers_removed} triggers and the _migrator schema"
                   + (f"; {on_target} triggers on the target (the rollback window is over)" if on_target else ""))

@@ -24,7 +24,7 @@ from typing import Any
 
 import psycopg
 
-from migrator import capture, catalog, db, gonogo, parity, replay, rollback, state
+from migrator import capture, catalog, db, gonogo, ownership, parity, replay, rollback, state
 from migrator.config import Config, redact
 from migrator.errors import Blocked, ConnectionFailed, CutoverFailed, MigratorError, NoGo, NotReady
 from migrator.log import get
@@ -339,6 +339,7 @@ def release(cfg: Config) -> None:
             db.session(cfg.target_dsn, role="target", autocommit=True) as target:
         if not capture.is_frozen(source):
             raise NotReady("the legacy database is not frozen; nothing to release")
+        ownership.check(source, state.migration(target), "release")  # another migration's freeze: split brain
         source.rollback()
         capture.release(source)
         state.mark(target, "frozen", False)

@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import dict_row
 
-from migrator import catalog, db
+from migrator import catalog, db, ownership
 from migrator.catalog import Sequence, Table
 from migrator.config import CAPTURE_SCHEMA, Config, TableFilter, redact
 from migrator.errors import Blocked, MigratorError
@@ -197,6 +198,7 @@ def _inspect(conn: psycopg.Connection[Any], tables: TableFilter, assumed_mb_per_
     findings: list[Finding] = []
     findings += _version_findings(server["num"], server["version"])
     findings += _role_findings(conn)
+    findings += _prepare_findings(conn, migrating, tables)
     findings += _capture_schema_findings(conn)
     findings += _large_object_findings(conn)
     findings += _not_migrated_findings(conn, tables)
@@ -212,7 +214,7 @@ def _inspect(conn: psycopg.Connection[Any], tables: TableFilter, assumed_mb_per_
     findings += _transaction_findings(conn, long_transaction_seconds, idle_in_transaction_seconds)
     return InspectReport(
         server_version=server["version"], server_version_num=server["num"], database_size=int(server["size"]),
-        tables=tuple(reports), sequences=tuple(catalog.list_sequences(conn, tables)), findings=tuple(findings),
+        tables=tuple(reports), sequences=tuple(_listed_sequences(conn, tables)), findings=tuple(findings),
         assumed_mb_per_s=assumed_mb_per_s,
     )
 
@@ -452,3 +454,120 @@ def _duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+# --- the source role's rights: what prepare (and copy, sync, cutover after it) needs --------------------------------
+
+@dataclass(frozen=True)
+class MissingRight:
+    """A right the source role lacks, what needs it, and the statement that grants it."""
+
+    object: str
+    """"public.patient", "schema public", "database pacs"."""
+    need: str
+    fix: str
+    """The statement a superuser (or the object's owner) runs on the legacy database: `GRANT ... TO role;`."""
+
+
+_MIGRATOR_SCHEMA = """
+SELECT current_user, current_database(), has_database_privilege(current_database(), 'CREATE'),
+       (SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = %(capture)s),
+       (SELECT pg_has_role(nspowner, 'USAGE') FROM pg_namespace WHERE nspname = %(capture)s)
+"""
+# The captured tables, and every table pg_dump dumps (and locks) when prepare copies the schema: all of the
+# database's but the capture schema's and extensions'. Sequences of the schemas that migrate.
+_RELATION_RIGHTS = """
+SELECT c.oid::bigint AS oid, n.nspname AS schema, c.relname AS name, c.relkind = 'S' AS sequence,
+       pg_get_userbyid(c.relowner) AS owner, pg_has_role(c.relowner, 'USAGE') AS owns,
+       CASE WHEN c.relkind = 'S' THEN has_sequence_privilege(c.oid, 'SELECT')
+            ELSE has_table_privilege(c.oid, 'SELECT') END AS reads,
+       has_schema_privilege(n.oid, 'USAGE') AS schema_usage
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relkind IN ('r', 'p', 'S')
+   AND n.nspname NOT IN ('pg_catalog', 'information_schema', %(capture)s) AND n.nspname NOT LIKE 'pg\\_%%'
+   AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                   AND d.deptype = 'e')
+ ORDER BY n.nspname, c.relname
+"""
+
+
+def missing_rights(conn: psycopg.Connection[Any], tables: list[Table], table_filter: TableFilter) -> list[MissingRight]:
+    """Every right the connected role lacks on the legacy database for prepare to capture `tables` and for the
+    phases after it: CREATE on the database (or ownership of an existing capture schema); ownership of each
+    captured table (CREATE TRIGGER needs the TRIGGER privilege, but ENABLE ALWAYS TRIGGER and DROP TRIGGER need
+    ownership); SELECT on each table pg_dump dumps and copy reads, and on each sequence that migrates; USAGE on their
+    schemas. Reads only; a superuser lacks nothing."""
+    def ident(*names: str) -> str:
+        return sql.SQL(".").join(map(sql.Identifier, names)).as_string(conn)
+
+    row = conn.execute(_MIGRATOR_SCHEMA, {"capture": CAPTURE_SCHEMA}).fetchone()
+    assert row is not None
+    role, database, may_create, capture_owner, owns_capture = row
+    missing = []
+    if capture_owner is None and not may_create:
+        missing.append(MissingRight(f"database {database}", f"prepare creates the schema {CAPTURE_SCHEMA} there",
+                                    f"GRANT CREATE ON DATABASE {ident(database)} TO {ident(role)};"))
+    elif capture_owner is not None and not owns_capture:
+        missing.append(MissingRight(f"schema {CAPTURE_SCHEMA}",
+                                    f"prepare writes the capture functions there (it is owned by {capture_owner})",
+                                    f"GRANT {ident(capture_owner)} TO {ident(role)};"))
+    captured = {t.oid for t in tables}
+    no_usage: set[str] = set()
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(_RELATION_RIGHTS, {"capture": CAPTURE_SCHEMA})
+        for r in cur.fetchall():
+            if r["sequence"] and not table_filter.matches_schema(r["schema"]):
+                continue
+            name = f"{r['schema']}.{r['name']}"
+            if not r["schema_usage"] and r["schema"] not in no_usage:
+                no_usage.add(r["schema"])
+                missing.append(MissingRight(f"schema {r['schema']}", "prepare, copy and sync name its tables",
+                                            f"GRANT USAGE ON SCHEMA {ident(r['schema'])} TO {ident(role)};"))
+            if r["oid"] in captured and not r["owns"]:
+                missing.append(MissingRight(
+                    name, f"prepare creates and enables ALWAYS its capture triggers, which needs ownership (owner: "
+                          f"{r['owner']}; or ALTER TABLE {ident(r['schema'], r['name'])} OWNER TO {ident(role)})",
+                    f"GRANT {ident(r['owner'])} TO {ident(role)};"))
+            if not r["reads"]:
+                need = ("inspect and cutover read its position" if r["sequence"] else
+                        "copy and sync read its rows" if r["oid"] in captured else "pg_dump of the schema locks it")
+                kind = "SEQUENCE " if r["sequence"] else ""
+                missing.append(MissingRight(name, need, f"GRANT SELECT ON {kind}{ident(r['schema'], r['name'])} "
+                                                        f"TO {ident(role)};"))
+    return missing
+
+
+def _prepare_findings(conn: psycopg.Connection[Any], tables: list[Table], table_filter: TableFilter) -> list[Finding]:
+    """What prepare checks on the legacy database before it creates anything: each right the role lacks (a
+    blocker), and the migration an existing capture serves (prepare refuses any other)."""
+    findings = [Finding("blocker", m.object, f"the source role lacks a right: {m.need}; fix: {m.fix}")
+                for m in missing_rights(conn, tables, table_filter)]
+    owner = ownership.legacy_owner(conn)
+    if owner is not None:
+        findings.append(Finding("info", None, f"the capture serves {owner.describe()}: prepare, sync and cleanup "
+                                              "of any other migration refuse"))
+    return findings
+
+
+def require_rights(conn: psycopg.Connection[Any], tables: list[Table], table_filter: TableFilter) -> None:
+    """Refuse (prepare, before it creates anything) when the source role lacks any right `missing_rights` lists."""
+    missing = missing_rights(conn, tables, table_filter)
+    if not missing:
+        return
+    get(phase="prepare").warning("prepare.refused", reason="source_rights", missing=len(missing))
+    listed = "; ".join(f"{m.object}: {m.need}" for m in missing[:10])
+    raise Blocked(
+        f"the source role lacks {len(missing)} right(s) that prepare needs, so nothing was created: {listed}"
+        f"{' ...' if len(missing) > 10 else ''}",
+        hint="Have a superuser (or the objects' owners) run on the legacy database, then prepare again:\n"
+             + "\n".join(dict.fromkeys(m.fix for m in missing)),
+    )
+
+
+def _listed_sequences(conn: psycopg.Connection[Any], tables: TableFilter) -> list[Sequence]:
+    """The migrating sequences with their positions; none when one cannot be read (reported as a missing right)."""
+    try:
+        with conn.transaction():
+            return catalog.list_sequences(conn, tables)
+    except psycopg.errors.InsufficientPrivilege:
+        return []

@@ -31,7 +31,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from migrator import capture, catalog, db, schema, state
+from migrator import capture, catalog, db, ownership, schema, state
 from migrator.catalog import Table
 from migrator.config import CAPTURE_SCHEMA, Config
 from migrator.errors import ConnectionFailed, NotReady, ReplayError, SchemaChanged
@@ -357,6 +357,7 @@ class Syncer:
         m = state.migration(self.target)
         if m is None or m.prepared_at is None:
             raise NotReady("the migration is not prepared", hint="Run `migrator prepare` and `migrator copy` first.")
+        ownership.check(self.source, m, "sync")
         self.states = state.tables(self.target)
         not_copied = [s.display for s in self.states if s.status != "copied"]
         if m.copy_finished_at is None or not_copied:

@@ -77,3 +77,11 @@ CREATE TABLE IF NOT EXISTS _migrator.freeze_state (
     since     timestamptz NOT NULL DEFAULT now(),
     reason    text
 );
+
+-- The trigger functions run as the role whose statement fired them (the application's, never migrator's), so
+-- every role that may write a captured table must be able to write the log: without these grants a non-superuser
+-- application's every write to a captured table fails ("permission denied for schema _migrator"). Writing is all
+-- they may do (no SELECT, UPDATE or DELETE). A role that inserted events by hand could make sync re-read rows by
+-- key, harmless, or, for a table without a key, add a row image that `verify` then reports as a difference.
+GRANT USAGE ON SCHEMA _migrator TO PUBLIC;
+GRANT INSERT ON _migrator.delta_log_0, _migrator.delta_log_1, _migrator.delta_log_2 TO PUBLIC;

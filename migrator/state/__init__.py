@@ -9,6 +9,7 @@ transaction as the data it describes (the applied position commits with the chan
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,9 @@ class Migration:
     post_data_at: dt.datetime | None
     cutover_at: dt.datetime | None
     frozen: bool
+    migration_id: uuid.UUID | None = None
+    """Generated with the row; the legacy database's capture names its migration by it. None on a control schema
+    not yet upgraded to revision 0005 (the next prepare fills it)."""
 
 
 def migration(conn: Conn) -> Migration | None:
