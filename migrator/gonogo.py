@@ -71,6 +71,9 @@ def _verify(cfg: Config) -> tuple[State, str]:
     found, at = last
     if found.get("identical"):
         return "pass", f"last verify identical ({at:%Y-%m-%d %H:%M} UTC)"
+    if found.get("not_verified"):
+        return "fail", (f"last verify ({at:%Y-%m-%d %H:%M} UTC) could not verify {found['not_verified']} table(s); "
+                        "fix what it reported and verify again")
     return "fail", f"last verify ({at:%Y-%m-%d %H:%M} UTC) found {found.get('differences', '?')} differences"
 
 
