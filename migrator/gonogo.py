@@ -20,7 +20,8 @@ import psycopg
 from psycopg import sql
 
 from migrator import catalog, db, pooler, replay, state
-from migrator.config import Config, redact
+from migrator.config import Config
+from migrator.redaction import scrub
 
 ITEMS = ("lag", "verify", "sessions", "target", "sequences", "pooler")
 State = Literal["pass", "warn", "fail", "overridden"]
@@ -151,7 +152,7 @@ def run(cfg: Config, *, overrides: Iterable[str] = ()) -> Checklist:
         try:
             st, detail = _CHECKS[item](cfg)
         except Exception as exc:  # noqa: BLE001 - a check that cannot run is a failed check, named
-            st, detail = "fail", redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            st, detail = "fail", scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
         if st == "fail" and item in accepted:
             st, detail = "overridden", f"{detail} (overridden by the operator)"
         checks.append(Check(item, st, detail))

@@ -40,14 +40,18 @@ _SECTION_END = re.compile(r"^\s*(?:HINT:|Traceback \(most recent call last\)|The
                           r"During handling of the above exception)")
 _FAILING_ROW = re.compile(r"(Failing row contains )\(.*")
 _KEY_VALUES = re.compile(r"(Key \([^)]*\)=)\(.*")
-_QUOTED_AFTER_COLON = re.compile(r'(:\s+)".*"(\s*)$')
-_VALUE_OUT_OF_RANGE = re.compile(r'(value )".*?"( is out of range)')
+# Data errors that quote the value they could not take (PostgreSQL's wording): `invalid input syntax for type date:
+# "..."`, `malformed array literal: "..."`, `date/time field value out of range: "..."`, `value "..." is out of range
+# for type integer`, `invalid value "..." for "MM"`, `invalid byte sequence for encoding "UTF8": 0x...`.
+_DATA_VALUE = re.compile(r'((?:invalid input|literal|out of range)[^"\n]*?:\s+)".*"')
+_VALUE_QUOTED = re.compile(r'((?:^|\s)(?:invalid )?value )".*?"(?=( is out of range| for "))')
+_BYTE_SEQUENCE = re.compile(r'(invalid byte sequence for encoding "[^"\n]*": ).*')
 
 
 def scrub(text: str) -> str:
     """Free text (a log value, an error message, a traceback) without passwords and without the row values a server
     error may carry: DETAIL, CONTEXT and echoed query text are dropped up to the next hint or traceback section,
-    and `Failing row contains (...)`, `Key (...)=(...)` and quoted values of data errors are cut wherever they are."""
+    and `Failing row contains (...)`, `Key (...)=(...)` and the values data errors quote are cut wherever they are."""
     kept: list[str] = []
     hiding = False
     for line in redact(text).split("\n"):
@@ -59,8 +63,9 @@ def scrub(text: str) -> str:
         hiding = False
         line = _FAILING_ROW.sub(rf"\1({HIDDEN})", line)
         line = _KEY_VALUES.sub(rf"\1({HIDDEN})", line)
-        line = _QUOTED_AFTER_COLON.sub(rf'\1"{HIDDEN}"\2', line)
-        line = _VALUE_OUT_OF_RANGE.sub(rf'\1"{HIDDEN}"\2', line)
+        line = _DATA_VALUE.sub(rf'\1"{HIDDEN}"', line)
+        line = _VALUE_QUOTED.sub(rf'\1"{HIDDEN}"', line)
+        line = _BYTE_SEQUENCE.sub(rf"\1{HIDDEN}", line)
         kept.append(line)
     return "\n".join(kept)
 
