@@ -24,8 +24,12 @@ their typed value (Python ints and UUIDs order the same way, and the primary key
 other key column is ordered by the UTF-8 bytes of its text form, which neither side's collation nor encoding can
 change. The merge checks the order as it goes and refuses to report on a stream that breaks it.
 
-The report names rows by their key values (or, without a key, by their row hash) and never carries other column
-values, unless the operator asks for them with `show_values`.
+The report names rows by their key values (or, without a key, by their row hash; key values that may be patient data
+as the migration's keyed hash, see `redaction.KeyMask`) and never carries other column values, unless the operator
+asks for them with `show_values`.
+
+Values enter these queries as literals (`sql.Literal`), never as parameters: psycopg reads every `%s` of a query
+that has parameters as a placeholder, including one inside a quoted table or column name (`"pct%s"`).
 """
 
 from __future__ import annotations
@@ -104,7 +108,8 @@ class TableParity:
     key_columns: tuple[str, ...] = ()
     """Columns that identify a row; empty when the table was compared as a multiset of rows."""
     key_types: tuple[str, ...] = ()
-    """Their types on the source, which decide how their values are printed (`redaction.KeyMask`)."""
+    """Their types on the source, which decide how their values are printed (`redaction.KeyMask`); when not given,
+    every key value is printed as a hash."""
     source_rows: int | None = None
     target_rows: int | None = None
     difference_count: int = 0
@@ -123,6 +128,10 @@ class TableParity:
     rechecked: bool = False
     """The differing ranges were read again once sync had passed the first pass's source snapshot."""
 
+    @property
+    def printed_types(self) -> tuple[str, ...]:
+        return self.key_types or ("",) * len(self.key_columns)
+
     def to_dict(self, mask: KeyMask) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -136,7 +145,7 @@ class TableParity:
             "source_rows": self.source_rows,
             "target_rows": self.target_rows,
             "difference_count": self.difference_count,
-            "differences": [d.to_dict(self.key_columns, self.key_types, mask) for d in self.differences],
+            "differences": [d.to_dict(self.key_columns, self.printed_types, mask) for d in self.differences],
             "error": self.error,
         }
 
@@ -209,7 +218,7 @@ def _render_table(t: TableParity, width: int, mask: KeyMask) -> list[str]:
             ident = f"row md5 {d.row_md5}: {d.source_count} on source, {d.target_count} on target"
         else:
             ident = ", ".join(f"{c}={_show_key(mask, ty, v)}"
-                              for c, ty, v in zip(t.key_columns, t.key_types, d.key, strict=True))
+                              for c, ty, v in zip(t.key_columns, t.printed_types, d.key, strict=True))
         lines.append(f"      {_KIND_TEXT[d.kind]:<17}  {ident}")
         if d.source_row is not None:
             lines.append(f"          source: {d.source_row}")
