@@ -18,9 +18,10 @@ import psycopg
 
 from migrator import config as config_mod
 from migrator import log as log_mod
-from migrator.config import Config, redact
+from migrator.config import Config
 from migrator.errors import Blocked, MigratorError
 from migrator.inspect import OVERRIDABLE as OVERRIDABLE_BLOCKERS
+from migrator.redaction import database_error, scrub
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -386,12 +387,12 @@ def run() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except MigratorError as exc:
-        click.echo(f"error: {redact(str(exc))}", err=True)
+        click.echo(f"error: {scrub(str(exc))}", err=True)
         if exc.hint:
             click.echo(f"what to do: {exc.hint}", err=True)
         sys.exit(exc.exit_code)
     except psycopg.Error as exc:
-        click.echo(f"error: database error: {redact(str(exc)).strip()}", err=True)
+        click.echo(f"error: database error: {database_error(exc)}", err=True)
         click.echo("what to do: check that both servers are reachable and run the command again; every command "
                    "resumes from the recorded state.", err=True)
         sys.exit(2)

@@ -27,8 +27,10 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -45,12 +47,15 @@ from migrator.catalog import Table
 from migrator.config import Config
 from migrator.errors import CopyError, MigratorError, NotReady
 from migrator.log import get
+from migrator.redaction import KeyMask, database_error, scrub
 
 PAUSE_FLAG = "copy_paused"
 _BUFFER = 256 * 1024
 """Bytes gathered from the source's per-row COPY messages before one write to the target."""
 _REPORT_EVERY = 1.0
 """Seconds between a worker's progress reports, pause checks and throttle adjustments."""
+_REFUSED_HINT = ("Fix what the target refused (named above: a constraint, a column's type or size), then run "
+                 "`migrator copy` again: chunks already copied are kept and this one is copied again.")
 
 
 @dataclass(frozen=True)
@@ -212,8 +217,14 @@ class _Stream:
 
 
 def _error(conn: pq.abc.PGconn, res: pq.abc.PGresult | None) -> str:
-    msg = res.error_message if res is not None else conn.error_message
-    return msg.decode(errors="replace").strip() or "unknown error"
+    """The server's error, without the row values it may carry (a refused row's DETAIL, a COPY's CONTEXT); with the
+    number of the row in the chunk when the server names it."""
+    if res is None:
+        return scrub(conn.error_message.decode(errors="replace")).strip() or "unknown error"
+    text = database_error(psycopg.errors.error_from_result(res, encoding="utf-8"))
+    context = (res.error_field(pq.DiagnosticField.CONTEXT) or b"").decode(errors="replace")
+    line = re.match(r"COPY [^\n]*, line (\d+)", context)
+    return text + (f", at row {line[1]} of the chunk" if line else "")
 
 
 class _Worker:
@@ -229,6 +240,7 @@ class _Worker:
         self.tables_snapshot: str | None = None
         self.window_start = time.monotonic()
         self.window_bytes = 0
+        self.mask: KeyMask | None = None
 
     def close(self) -> None:
         try:
@@ -294,6 +306,19 @@ class _Worker:
                 else:  # the snapshot could not be imported: its coordinator is gone; wait for the next one
                     time.sleep(1.0)
 
+    def _bounds(self, table: Table, chunk: state.Chunk) -> str:
+        """The chunk's key range as it may be printed (key values that may be patient data as keyed hashes)."""
+        if self.mask is None:
+            self.mask = KeyMask.of(self.control)
+        types = {c.name: c.type for c in table.columns}
+        key = [types[k] for k in table.key]
+        lower = None if chunk.lower_bound is None else self.mask.key(table.key, key, chunk.lower_bound)
+        upper = None if chunk.upper_bound is None else self.mask.key(table.key, key, chunk.upper_bound)
+        if lower is None and upper is None:
+            return "the whole table"
+        return " ".join(part for part in (f"keys from {lower}" if lower else "keys",
+                                          f"below {upper}" if upper else "") if part)
+
     def _pending_left(self) -> bool:
         return any(c.status == "pending" for c in state.chunks(self.control))
 
@@ -335,12 +360,18 @@ class _Worker:
                 cols, table.ident, _range(table, chunk.lower_bound, chunk.upper_bound))
             load = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(table.ident, cols)
             stream = _Stream(self, chunk)
-            # Triggers on the target exist only when a table is copied again after post-data; ALWAYS ones must
-            # not fire either.
-            firing = schema.firing_in_replica(tcur).get((table.schema, table.name), [])
-            with schema.silenced(tcur, table.ident, firing):
-                rows = stream.run(source, target, select, load)
-            state.chunk_copied(target, chunk, snapshot, rows, stream.bytes, self.name, started_at)
+            try:
+                # Triggers on the target exist only when a table is copied again after post-data; ALWAYS ones must
+                # not fire either.
+                firing = schema.firing_in_replica(tcur).get((table.schema, table.name), [])
+                with schema.silenced(tcur, table.ident, firing):
+                    rows = stream.run(source, target, select, load)
+                state.chunk_copied(target, chunk, snapshot, rows, stream.bytes, self.name, started_at)
+            except (CopyError, psycopg.Error) as exc:
+                why = str(exc) if isinstance(exc, CopyError) else database_error(exc)
+                raise CopyError(f"copying {table.display} chunk {chunk.chunk_no} ({self._bounds(table, chunk)}) "
+                                f"failed: {why}; the chunk stays pending",
+                                hint=None if isinstance(exc, psycopg.OperationalError) else _REFUSED_HINT) from exc
         target.commit()
         source.rollback()
         state.worker_progress(self.control, self.name, None, 0, 0)
@@ -361,13 +392,25 @@ def work(cfg: Config, *, name: str | None = None, wait: float = 0.0) -> int:
         worker.close()
 
 
-def _worker_process(cfg: Config, name: str, json_logs: bool) -> None:
+def _worker_process(cfg: Config, name: str, json_logs: bool, failures: Any) -> None:
+    """A local worker: its failure is one log line (no traceback for a failure the server or migrator named) and a
+    message on `failures` for the coordinator's error."""
     _die_with_parent()
     log_mod.configure(json=json_logs)
+    log = get(phase="copy", worker=name)
     try:
         work(cfg, name=name)
     except KeyboardInterrupt:
         pass
+    except (MigratorError, psycopg.Error) as exc:
+        message = scrub(str(exc)) if isinstance(exc, MigratorError) else database_error(exc)
+        log.error("copy.worker_failed", error=message)
+        failures.put((message, exc.hint if isinstance(exc, MigratorError) else None))
+        sys.exit(1)
+    except Exception as exc:
+        log.error("copy.worker_failed", error=scrub(str(exc)) or type(exc).__name__, exc_info=True)
+        failures.put((f"a copy worker failed: {scrub(str(exc)) or type(exc).__name__}", None))
+        sys.exit(1)
 
 
 def _die_with_parent() -> None:
@@ -483,7 +526,9 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
             target.commit()
             holder.rollback()
         if failed:
-            raise CopyError(f"{failed} copy worker(s) failed; see their log lines above")
+            message, hint = failed[0]
+            more = f" ({len(failed) - 1} more worker(s) failed too; see their log lines)" if len(failed) > 1 else ""
+            raise CopyError(message + more, hint=hint)
         done = state.chunks(target)
         unfinished = sorted({c.display for c in done if c.status != "copied"})
         if unfinished:
@@ -538,14 +583,15 @@ def _empty(target: psycopg.Connection[Any], table: Table) -> None:
 
 
 def _supervise(cfg: Config, target: psycopg.Connection[Any], workers: int, coordinator: str,
-               progress: Progress | None, overall: Overall | None = None) -> int:
+               progress: Progress | None, overall: Overall | None = None) -> list[tuple[str, str | None]]:
     """Run local worker processes until every chunk is copied (workers of other hosts may help); heartbeat and
-    progress meanwhile. Returns how many local workers failed."""
+    progress meanwhile. Returns why local workers failed ((message, hint) each; empty when none did)."""
     eta = _Eta()
     ctx = multiprocessing.get_context("spawn")
-    json_logs = not os.isatty(2)
+    json_logs = log_mod.renders_json()
+    messages = ctx.SimpleQueue()
     procs: dict[str, Any] = {}
-    failed = 0
+    failed: list[tuple[str, str | None]] = []
     spawned = 0
     try:
         while True:
@@ -553,7 +599,8 @@ def _supervise(cfg: Config, target: psycopg.Connection[Any], workers: int, coord
                 if not proc.is_alive():
                     proc.join()
                     if proc.exitcode != 0:
-                        failed += 1
+                        failed.append(messages.get() if not messages.empty()
+                                      else (f"copy worker {name} ended with exit code {proc.exitcode}", None))
                     del procs[name]
             chunks = state.chunks(target)
             pending = [c for c in chunks if c.status == "pending"]
@@ -566,7 +613,8 @@ def _supervise(cfg: Config, target: psycopg.Connection[Any], workers: int, coord
                 for _ in range(min(workers, len(pending))):
                     spawned += 1
                     name = f"{coordinator}/{spawned}"
-                    proc = ctx.Process(target=_worker_process, args=(cfg, name, json_logs), name=name, daemon=True)
+                    proc = ctx.Process(target=_worker_process, args=(cfg, name, json_logs, messages), name=name,
+                                       daemon=True)
                     proc.start()
                     procs[name] = proc
             elif not procs and failed:

@@ -25,9 +25,10 @@ from typing import Any
 import psycopg
 
 from migrator import capture, catalog, db, gonogo, ownership, parity, replay, rollback, state
-from migrator.config import Config, redact
+from migrator.config import Config
 from migrator.errors import Blocked, ConnectionFailed, CutoverFailed, MigratorError, NoGo, NotReady
 from migrator.log import get
+from migrator.redaction import scrub
 from migrator.switch import PoolerSession, carry_sequences, count_differences, run_command
 
 STEPS = ("catch_up", "preflight", "stage_rollback", "freeze", "drain", "verify", "sequences", "arm_rollback", "switch")
@@ -267,7 +268,7 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
                 log.error("cutover.after_move_failed", error=str(exc))
                 raise
             report.failed_step = current
-            report.error = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            report.error = scrub(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             undone = []
             if pool is not None:
                 undone.append(pool.restore())  # entries back first, RESUME only after the release below

@@ -22,7 +22,8 @@ import psycopg
 from psycopg import sql
 
 from migrator import catalog, db, inspect, pooler, replay, state
-from migrator.config import Config, redact
+from migrator.config import Config
+from migrator.redaction import scrub
 
 ITEMS = ("lag", "verify", "sessions", "target", "sequences", "blockers", "pooler")
 State = Literal["pass", "warn", "fail", "overridden"]
@@ -73,6 +74,9 @@ def _verify(cfg: Config) -> tuple[State, str]:
     found, at = last
     if found.get("identical"):
         return "pass", f"last verify identical ({at:%Y-%m-%d %H:%M} UTC)"
+    if found.get("not_verified"):
+        return "fail", (f"last verify ({at:%Y-%m-%d %H:%M} UTC) could not verify {found['not_verified']} table(s); "
+                        "fix what it reported and verify again")
     return "fail", f"last verify ({at:%Y-%m-%d %H:%M} UTC) found {found.get('differences', '?')} differences"
 
 
@@ -166,7 +170,7 @@ def run(cfg: Config, *, overrides: Iterable[str] = ()) -> Checklist:
         try:
             st, detail = _CHECKS[item](cfg)
         except Exception as exc:  # noqa: BLE001 - a check that cannot run is a failed check, named
-            st, detail = "fail", redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            st, detail = "fail", scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
         if st == "fail" and item in accepted:
             st, detail = "overridden", f"{detail} (overridden by the operator)"
         checks.append(Check(item, st, detail))

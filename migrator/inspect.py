@@ -25,9 +25,10 @@ from psycopg.rows import dict_row
 
 from migrator import catalog, db, ownership
 from migrator.catalog import Sequence, Table
-from migrator.config import CAPTURE_SCHEMA, Config, TableFilter, redact
+from migrator.config import CAPTURE_SCHEMA, Config, TableFilter
 from migrator.errors import Blocked, MigratorError
 from migrator.log import get
+from migrator.redaction import PLAIN_KEY_TYPES, database_error
 
 Severity = Literal["blocker", "warning", "info"]
 
@@ -173,7 +174,7 @@ def run(cfg: Config, *, assumed_mb_per_s: float = 100.0,
                                   long_transaction_seconds, idle_in_transaction_seconds)
         except psycopg.Error as exc:
             raise MigratorError(
-                f"inspecting the source database failed: {redact(str(exc)).strip()}",
+                f"inspecting the source database failed: {database_error(exc)}",
                 hint="A lock timeout means DDL is pending on the source; run inspect again once it is done.",
             ) from exc
     log.info("inspect.done", tables=len(report.tables), sequences=len(report.sequences),
@@ -405,7 +406,27 @@ def _table_findings(t: Table, triggers: tuple[Trigger, ...], unusual: tuple[Unus
     for c in unusual:
         of = "" if c.type == c.base_type else f", of {c.base_type}"
         findings.append(Finding("warning", t.display, f"column {c.name} ({c.type}{of}): {c.reason}"))
+    personal = personal_key_columns(t)
+    if personal:
+        findings.append(Finding(
+            "warning", t.display,
+            f"key column(s) {', '.join(personal)} look like patient data (a name, a birth date, an MRN): the rows "
+            "of this table are named by keyed hashes (hmac:...) in verify findings and in sync and copy errors; "
+            "`verify --show-values` prints the values. A surrogate key (an identity column) names rows without them"))
     return findings
+
+
+_PERSONAL = re.compile(r"name|birth|dob|mrn|ssn|socialsecurity|patientid|patid|insurance")
+"""Column names (lower case, without separators) that suggest a person's identity: patient_name, family_name,
+PatientBirthDate, dob, mrn, patient_id, ..."""
+
+
+def personal_key_columns(table: Table) -> list[str]:
+    """Key columns that look like patient data: named like a name, birth date or MRN, and of a type whose values are
+    not just numbers or generated ids (text, varchar, dates)."""
+    types = {c.name: c.type for c in table.columns}
+    return [k for k in table.key
+            if types.get(k) not in PLAIN_KEY_TYPES and _PERSONAL.search(re.sub(r"[^a-z0-9]", "", k.lower()))]
 
 
 # Only client sessions of this database: another database's transactions take no locks on these tables.

@@ -1,7 +1,8 @@
 """Structured logging: one event per line, with bound context; pretty on a terminal, JSON otherwise.
 
-Log lines carry keys (table, chunk, event ids), never row values. Every rendered line passes through `redact` so that a
-DSN that slips into an exception message loses its password.
+Log lines carry keys (table, chunk, event ids), never row values. Every rendered value passes through
+`redaction.scrub`, so that a DSN that slips into an exception message loses its password and a server error its row
+values (DETAIL, CONTEXT), tracebacks included.
 """
 
 from __future__ import annotations
@@ -13,23 +14,25 @@ from typing import Any
 
 import structlog
 
-from migrator.config import redact
+from migrator.redaction import scrub
 
 _configured = False
+_json = False
 
 
 def _redact_processor(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key, value in list(event_dict.items()):
         if isinstance(value, str):
-            event_dict[key] = redact(value)
+            event_dict[key] = scrub(value)
     return event_dict
 
 
 def configure(*, json: bool | None = None, level: str = "info") -> None:
     """Set up structlog once. `json=None` picks JSON unless stderr is a terminal."""
-    global _configured
+    global _configured, _json
     if json is None:
         json = not sys.stderr.isatty()
+    _json = json
     renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[
@@ -45,6 +48,11 @@ def configure(*, json: bool | None = None, level: str = "info") -> None:
         cache_logger_on_first_use=False,
     )
     _configured = True
+
+
+def renders_json() -> bool:
+    """Whether log lines are JSON (what `configure` chose), for worker processes that log alike."""
+    return _json
 
 
 def get(**context: Any) -> Any:

@@ -24,8 +24,12 @@ their typed value (Python ints and UUIDs order the same way, and the primary key
 other key column is ordered by the UTF-8 bytes of its text form, which neither side's collation nor encoding can
 change. The merge checks the order as it goes and refuses to report on a stream that breaks it.
 
-The report names rows by their key values (or, without a key, by their row hash) and never carries other column
-values, unless the operator asks for them with `show_values`.
+The report names rows by their key values (or, without a key, by their row hash; key values that may be patient data
+as the migration's keyed hash, see `redaction.KeyMask`) and never carries other column values, unless the operator
+asks for them with `show_values`.
+
+Values enter these queries as literals (`sql.Literal`), never as parameters: psycopg reads every `%s` of a query
+that has parameters as a placeholder, including one inside a quoted table or column name (`"pct%s"`).
 """
 
 from __future__ import annotations
@@ -47,8 +51,9 @@ from psycopg import sql
 
 from migrator import catalog, db, log, state
 from migrator.catalog import Table
-from migrator.config import CAPTURE_SCHEMA, Config, redact
+from migrator.config import CAPTURE_SCHEMA, Config
 from migrator.errors import MigratorError
+from migrator.redaction import KeyMask, database_error, scrub
 
 MAX_LISTED = 100
 """Differences listed per table; the rest are only counted."""
@@ -73,7 +78,7 @@ class RowDifference:
     """"missing": on the source only (or fewer copies on the target); "extra": the reverse; "different": same key,
     other values."""
     key: tuple[str, ...]
-    """Text forms of the key columns; empty for a table without a key."""
+    """Text forms of the key columns; empty for a table without a key. Printed through a `KeyMask`."""
     row_md5: str | None = None
     """For a table without a key: md5 of the row's canonical form (`_row_form`), which identifies the row without
     showing it."""
@@ -83,10 +88,10 @@ class RowDifference:
     """The row text on each side: only with `show_values`."""
     target_row: str | None = None
 
-    def to_dict(self, key_columns: Sequence[str]) -> dict[str, Any]:
+    def to_dict(self, key_columns: Sequence[str], key_types: Sequence[str], mask: KeyMask) -> dict[str, Any]:
         d: dict[str, Any] = {"kind": self.kind}
         if self.row_md5 is None:
-            d["key"] = dict(zip(key_columns, self.key, strict=True))
+            d["key"] = {c: mask.value(t, v) for c, t, v in zip(key_columns, key_types, self.key, strict=True)}
         else:
             d["row_md5"] = self.row_md5
             d["source_count"] = self.source_count
@@ -103,6 +108,9 @@ class TableParity:
     status: Status
     key_columns: tuple[str, ...] = ()
     """Columns that identify a row; empty when the table was compared as a multiset of rows."""
+    key_types: tuple[str, ...] = ()
+    """Their types on the source, which decide how their values are printed (`redaction.KeyMask`); when not given,
+    every key value is printed as a hash."""
     source_rows: int | None = None
     target_rows: int | None = None
     difference_count: int = 0
@@ -123,7 +131,11 @@ class TableParity:
     not_compared: str | None = None
     """What the rows refer to that verify did not compare, and why (large objects named by oid/lo columns)."""
 
-    def to_dict(self) -> dict[str, Any]:
+    @property
+    def printed_types(self) -> tuple[str, ...]:
+        return self.key_types or ("",) * len(self.key_columns)
+
+    def to_dict(self, mask: KeyMask) -> dict[str, Any]:
         return {
             "name": self.name,
             "ranges": self.ranges,
@@ -136,7 +148,7 @@ class TableParity:
             "source_rows": self.source_rows,
             "target_rows": self.target_rows,
             "difference_count": self.difference_count,
-            "differences": [d.to_dict(self.key_columns) for d in self.differences],
+            "differences": [d.to_dict(self.key_columns, self.printed_types, mask) for d in self.differences],
             "error": self.error,
             "not_compared": self.not_compared,
         }
@@ -167,6 +179,13 @@ class ParityReport:
     tables: tuple[TableParity, ...]
     show_values: bool = False
     not_compared: tuple[NotCompared, ...] = ()
+    mask: KeyMask = field(default_factory=KeyMask.ephemeral, repr=False, compare=False)
+    """How keys are printed: the migration's keyed hash for key values that may be patient data, unless
+    `show_values`."""
+
+    @property
+    def _keys(self) -> KeyMask:
+        return dataclasses.replace(self.mask, show_values=self.show_values)
 
     @property
     def identical(self) -> bool:
@@ -192,7 +211,7 @@ class ParityReport:
             "target": self.target,
             "identical": self.identical,
             "exit_code": self.exit_code,
-            "tables": [t.to_dict() for t in self.tables],
+            "tables": [t.to_dict(self._keys) for t in self.tables],
             "not_compared": [n.to_dict() for n in self.not_compared],
         }
 
@@ -200,7 +219,7 @@ class ParityReport:
         lines = [f"verify {self.source} (source) against {self.target} (target)"]
         width = max((len(t.name) for t in self.tables), default=0)
         for t in self.tables:
-            lines.extend(_render_table(t, width))
+            lines.extend(_render_table(t, width, self._keys))
         counts = {s: sum(1 for t in self.tables if t.status == s)
                   for s in ("identical", "in_flight", "different", "error", "not_compared")}
         in_flight = f"{counts['in_flight']} in flight, " if counts["in_flight"] else ""
@@ -215,7 +234,7 @@ class ParityReport:
         return "\n".join(lines)
 
 
-def _render_table(t: TableParity, width: int) -> list[str]:
+def _render_table(t: TableParity, width: int, mask: KeyMask) -> list[str]:
     head = {"identical": "identical", "in_flight": "in flight", "different": "DIFFERENT", "error": "ERROR",
             "not_compared": "NOT COMPARED"}[t.status]
     if t.status == "error":
@@ -235,7 +254,8 @@ def _render_table(t: TableParity, width: int) -> list[str]:
         if d.row_md5 is not None:
             ident = f"row md5 {d.row_md5}: {d.source_count} on source, {d.target_count} on target"
         else:
-            ident = ", ".join(f"{c}={_show_key(v)}" for c, v in zip(t.key_columns, d.key, strict=True))
+            ident = ", ".join(f"{c}={_show_key(mask, ty, v)}"
+                              for c, ty, v in zip(t.key_columns, t.printed_types, d.key, strict=True))
         lines.append(f"      {_KIND_TEXT[d.kind]:<17}  {ident}")
         if d.source_row is not None:
             lines.append(f"          source: {d.source_row}")
@@ -246,7 +266,9 @@ def _render_table(t: TableParity, width: int) -> list[str]:
     return lines + note
 
 
-def _show_key(value: str) -> str:
+def _show_key(mask: KeyMask, type_: str, value: str) -> str:
+    if mask.hashes(type_):
+        return mask.value(type_, value)
     return value if value.lstrip("-").isdigit() else json.dumps(value, ensure_ascii=False)
 
 
@@ -272,6 +294,8 @@ def verify(cfg: Config, *, tables: list[str] | None = None, show_values: bool = 
         target_tables = {(t.schema, t.name): t for t in catalog.list_tables(conn, cfg.tables)}
         live = live and state.exists(conn) and state.position(conn) is not None
         same_encoding = _encoding(conn) == source_encoding
+        mask = KeyMask.of(conn)
+        conn.commit()
 
     results: list[TableParity | None] = []
     jobs: queue.SimpleQueue[tuple[int, Table, Table | None]] = queue.SimpleQueue()
@@ -303,8 +327,9 @@ def verify(cfg: Config, *, tables: list[str] | None = None, show_values: bool = 
     done = tuple(unseen.mark(r) for r in results if r is not None)
     assert len(done) == len(results)
     report = ParityReport(db.describe_dsn(cfg.source_dsn), db.describe_dsn(cfg.target_dsn), done, show_values,
-                          unseen.listed if tables is None else ())
-    if tables is None and not any(t.status == "error" for t in report.tables):
+                          not_compared=unseen.listed if tables is None else (), mask=mask)
+    if tables is None:
+        # A table that could not be verified is no proof: recorded as not identical, so go/no-go fails.
         _record(cfg, report)
     return report
 
@@ -361,7 +386,8 @@ def _record(cfg: Config, report: ParityReport) -> None:
         with db.session(cfg.target_dsn, role="target") as conn:
             if state.exists(conn):
                 # Rows, for go/no-go: large objects not compared stand there as the overridden blocker.
-                state.record_verify(conn, report.rows_identical, sum(t.difference_count for t in report.tables))
+                state.record_verify(conn, report.rows_identical, sum(t.difference_count for t in report.tables),
+                                    not_verified=sum(1 for t in report.tables if t.status == "error"))
                 conn.commit()
     except psycopg.Error as exc:
         log.get(phase="verify").warning("verify.not_recorded", error=str(exc).splitlines()[0])
@@ -474,10 +500,9 @@ class _Options:
 
 
 def _message(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    if isinstance(exc, psycopg.Error) and exc.sqlstate:
-        text = f"{text} (SQLSTATE {exc.sqlstate})"
-    return redact(text)
+    if isinstance(exc, psycopg.Error):
+        return database_error(exc)
+    return scrub(str(exc).strip()) or type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -583,8 +608,9 @@ def _result(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connectio
             error=f"{narrowed.source_rows:,} rows on the source, {narrowed.target_rows:,} on the target, but no row "
                   "could be named; verify this table again with --buckets hashes",
         )
+    types = {c.name: c.type for c in table.columns}
     return TableParity(
-        table.display, status, key_columns=table.key,
+        table.display, status, key_columns=table.key, key_types=tuple(types[k] for k in table.key),
         source_rows=narrowed.source_rows, target_rows=narrowed.target_rows, difference_count=count,
         differences=tuple(differences), ranges=narrowed.ranges, ranges_different=narrowed.ranges_different,
         passes=narrowed.passes, in_flight=in_flight, rechecked=rechecked,
@@ -766,9 +792,9 @@ class _Plan:
     def scope(self) -> _Scope:
         return _Ranges(self) if self.ranged else _Hashes(self)
 
-    def leaf_all(self) -> tuple[sql.Composed, dict[str, Any]]:
+    def leaf_all(self) -> sql.Composed:
         """Every row, as the leaf merge reads it."""
-        return self.leaf_rows(sql.SQL("true")), {}
+        return self.leaf_rows(sql.SQL("true"))
 
     def leaf_rows(self, where: sql.Composable) -> sql.Composed:
         """(key columns as the merge orders them, row md5) of the rows `where` selects, ordered by key; without a key
@@ -816,7 +842,7 @@ class _Scope:
         """Set up the first pass; False if this kind of bucket does not suit the table after all."""
         raise NotImplementedError
 
-    def digests(self) -> tuple[sql.Composed, dict[str, Any]]:
+    def digests(self) -> sql.Composed:
         """Per bucket of the current pass: (bucket id, count, digest...)."""
         raise NotImplementedError
 
@@ -824,7 +850,7 @@ class _Scope:
         """Make the next pass digest the rows of the `differing` buckets in finer buckets; False if it cannot."""
         raise NotImplementedError
 
-    def leaf(self, differing: list[Any]) -> tuple[sql.Composed, dict[str, Any]]:
+    def leaf(self, differing: list[Any]) -> sql.Composed:
         """The leaf stream over the rows of the `differing` buckets of the current pass."""
         raise NotImplementedError
 
@@ -856,42 +882,44 @@ class _Hashes(_Scope):
         self.bits = max(1, math.ceil(math.log2(ranges)))
         return True
 
-    def _hashed(self, within: tuple[int, list[int]] | None) -> tuple[sql.Composed, dict[str, Any]]:
+    def _hashed(self, within: tuple[int, list[int]] | None) -> sql.Composed:
         """The rows as (kh, h): the 64-bit bucket hash and the row md5 (hex), of the buckets `within` only."""
         plan = self.plan
-        params: dict[str, Any] = {}
         where: sql.Composable = sql.SQL("")
         kh = plan.key_hash if plan.key_hash is not None else sql.SQL("hashtextextended(r.h, 2)")
         if within is not None:
-            where = sql.SQL(" WHERE ({} >> %(ws)s) = ANY(%(wd)s::int8[])").format(kh)
-            params = {"ws": 64 - within[0], "wd": within[1]}
+            where = sql.SQL(" WHERE {}").format(_in_buckets(kh, *within))
         if plan.key_hash is not None:
             return sql.SQL("SELECT {kh} AS kh, md5({form}) AS h FROM ONLY {t}{where} OFFSET 0").format(
-                kh=kh, form=plan.form, t=plan.table.ident, where=where), params
+                kh=kh, form=plan.form, t=plan.table.ident, where=where)
         return sql.SQL("SELECT {kh} AS kh, r.h FROM (SELECT md5({form}) AS h FROM ONLY {t} OFFSET 0) AS r{where} "
-                       "OFFSET 0").format(kh=kh, form=plan.form, t=plan.table.ident, where=where), params
+                       "OFFSET 0").format(kh=kh, form=plan.form, t=plan.table.ident, where=where)
 
-    def digests(self) -> tuple[sql.Composed, dict[str, Any]]:
-        rows, params = self._hashed(self.within)
+    def digests(self) -> sql.Composed:
         return sql.SQL(
-            "SELECT s.kh >> %(s)s, count(*), sum(hashtextextended(s.h, 0)), sum(hashtextextended(s.h, 1)) "
+            "SELECT s.kh >> {}, count(*), sum(hashtextextended(s.h, 0)), sum(hashtextextended(s.h, 1)) "
             "FROM ({}) AS s GROUP BY 1"
-        ).format(rows), {**params, "s": 64 - self.bits}
+        ).format(sql.Literal(64 - self.bits), self._hashed(self.within))
 
     def split(self, source_conn: psycopg.Connection[Any], differing: list[Any], sizes: dict[Any, int]) -> bool:
         self.within = (self.bits, differing)
         self.bits += SPLIT_BITS
         return True
 
-    def leaf(self, differing: list[Any]) -> tuple[sql.Composed, dict[str, Any]]:
+    def leaf(self, differing: list[Any]) -> sql.Composed:
         plan = self.plan
         if plan.key_hash is not None:
-            where = sql.SQL("({} >> %(ws)s) = ANY(%(wd)s::int8[])").format(plan.key_hash)
-            return plan.leaf_rows(where), {"ws": 64 - self.bits, "wd": differing}
+            return plan.leaf_rows(_in_buckets(plan.key_hash, self.bits, differing))
         return sql.SQL(
             "SELECT decode(r.h, 'hex'), count(*) FROM (SELECT md5({form}) AS h FROM ONLY {t} OFFSET 0) AS r "
-            "WHERE (hashtextextended(r.h, 2) >> %(ws)s) = ANY(%(wd)s::int8[]) GROUP BY 1 ORDER BY 1"
-        ).format(form=plan.form, t=plan.table.ident), {"ws": 64 - self.bits, "wd": differing}
+            "WHERE {within} GROUP BY 1 ORDER BY 1"
+        ).format(form=plan.form, t=plan.table.ident,
+                 within=_in_buckets(sql.SQL("hashtextextended(r.h, 2)"), self.bits, differing))
+
+
+def _in_buckets(hash64: sql.Composable, bits: int, buckets: list[int]) -> sql.Composed:
+    """Whether a 64-bit hash falls in one of `buckets` of its top `bits` bits."""
+    return sql.SQL("({} >> {}) = ANY({}::int8[])").format(hash64, sql.Literal(64 - bits), sql.Literal(buckets))
 
 
 Bound = str | None
@@ -919,10 +947,11 @@ class _Ranges(_Scope):
             return True
         sample = sql.SQL("") if rows <= _SAMPLE_ROWS else sql.SQL(" TABLESAMPLE SYSTEM ({})").format(
             sql.Literal(max(0.01, min(100.0, 100.0 * _SAMPLE_ROWS / rows))))
-        query = sql.SQL("SELECT (percentile_disc(%(f)s::float8[]) WITHIN GROUP (ORDER BY {k}))::text[] "
-                        "FROM ONLY {t}{sample}").format(k=self.column, t=self.plan.table.ident, sample=sample)
+        query = sql.SQL("SELECT (percentile_disc({f}::float8[]) WITHIN GROUP (ORDER BY {k}))::text[] "
+                        "FROM ONLY {t}{sample}").format(f=sql.Literal([i / ranges for i in range(1, ranges)]),
+                                                         k=self.column, t=self.plan.table.ident, sample=sample)
         with source_conn.cursor() as cur:
-            found = cur.execute(query, {"f": [i / ranges for i in range(1, ranges)]}).fetchone()
+            found = cur.execute(query).fetchone()
         raw = list(found[0] or []) if found else []
         if _longest_run(raw) >= _HEAVY_RANGE:
             # A value of the first key column holds several ranges' worth of rows (a composite key's site, region or
@@ -946,43 +975,38 @@ class _Ranges(_Scope):
         a: sql.Composable = sql.SQL("x.a")
         if self.plan.target_collation is not None:
             a = sql.SQL("x.a COLLATE {}").format(sql.Identifier(*self.plan.target_collation))
-        query = sql.SQL("SELECT coalesce(bool_and({a} < x.b), true) FROM unnest(%(a)s::text[]::{ty}[], "
-                        "%(b)s::text[]::{ty}[]) AS x(a, b)").format(a=a, ty=self.type)
+        query = sql.SQL("SELECT coalesce(bool_and({a} < x.b), true) FROM unnest({lo}::text[]::{ty}[], "
+                        "{hi}::text[]::{ty}[]) AS x(a, b)").format(a=a, ty=self.type, lo=sql.Literal(cuts[:-1]),
+                                                                   hi=sql.Literal(cuts[1:]))
         with conn.cursor() as cur:
-            row = cur.execute(query, {"a": cuts[:-1], "b": cuts[1:]}).fetchone()
+            row = cur.execute(query).fetchone()
         return bool(row and row[0])
 
-    def _per_range(self, inner: Callable[[sql.Composable], sql.Composable],
-                   which: list[int]) -> tuple[sql.Composed, dict[str, Any]]:
+    def _per_range(self, inner: Callable[[sql.Composable], sql.Composable], which: list[int]) -> sql.Composed:
         """UNION ALL over the ranges `which` of (range index, inner(range predicate)'s columns)."""
         parts: list[sql.Composable] = []
-        params: dict[str, Any] = {}
         bounded = [i for i in which if self.ranges[i][0] is not None and self.ranges[i][1] is not None]
         if bounded:
-            params.update(lo=[self.ranges[i][0] for i in bounded], hi=[self.ranges[i][1] for i in bounded],
-                          ix=bounded)
             parts.append(sql.SQL(
-                "SELECT r.i, s.* FROM unnest(%(lo)s::text[]::{ty}[], %(hi)s::text[]::{ty}[], %(ix)s::int[]) "
+                "SELECT r.i, s.* FROM unnest({lo}::text[]::{ty}[], {hi}::text[]::{ty}[], {ix}::int[]) "
                 "AS r(lo, hi, i) CROSS JOIN LATERAL ({inner}) AS s"
-            ).format(ty=self.type, inner=inner(sql.SQL("{k} >= r.lo AND {k} < r.hi").format(k=self.column))))
+            ).format(lo=sql.Literal([self.ranges[i][0] for i in bounded]),
+                     hi=sql.Literal([self.ranges[i][1] for i in bounded]), ix=sql.Literal(bounded), ty=self.type,
+                     inner=inner(sql.SQL("{k} >= r.lo AND {k} < r.hi").format(k=self.column))))
         for i in which:
             lo, hi = self.ranges[i]
             if lo is not None and hi is not None:
                 continue
             conditions: list[sql.Composable] = []
             if lo is not None:
-                params[f"lo{i}"] = lo
-                conditions.append(sql.SQL("{} >= {}::text::{}").format(self.column, sql.Placeholder(f"lo{i}"),
-                                                                       self.type))
+                conditions.append(sql.SQL("{} >= {}::text::{}").format(self.column, sql.Literal(lo), self.type))
             if hi is not None:
-                params[f"hi{i}"] = hi
-                conditions.append(sql.SQL("{} < {}::text::{}").format(self.column, sql.Placeholder(f"hi{i}"),
-                                                                      self.type))
+                conditions.append(sql.SQL("{} < {}::text::{}").format(self.column, sql.Literal(hi), self.type))
             where = sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("true")
             parts.append(sql.SQL("SELECT {}::int, s.* FROM ({}) AS s").format(sql.Literal(i), inner(where)))
-        return sql.SQL(" UNION ALL ").join(parts), params
+        return sql.SQL(" UNION ALL ").join(parts)
 
-    def digests(self) -> tuple[sql.Composed, dict[str, Any]]:
+    def digests(self) -> sql.Composed:
         plan = self.plan
 
         def inner(where: sql.Composable) -> sql.Composable:
@@ -1001,13 +1025,14 @@ class _Ranges(_Scope):
 
     def split(self, source_conn: psycopg.Connection[Any], differing: list[Any], sizes: dict[Any, int]) -> bool:
         big = [i for i in differing if sizes[i] > LEAF_ROWS]
-        query, params = self._per_range(
+        fractions = sql.Literal([i / 2 ** SPLIT_BITS for i in range(1, 2 ** SPLIT_BITS)])
+        query = self._per_range(
             lambda where: sql.SQL(
-                "SELECT (percentile_disc(%(f)s::float8[]) WITHIN GROUP (ORDER BY {k}))::text[] "
-                "FROM ONLY {t} WHERE {where}").format(k=self.column, t=self.plan.table.ident, where=where), big)
-        params["f"] = [i / 2 ** SPLIT_BITS for i in range(1, 2 ** SPLIT_BITS)]
+                "SELECT (percentile_disc({f}::float8[]) WITHIN GROUP (ORDER BY {k}))::text[] "
+                "FROM ONLY {t} WHERE {where}").format(f=fractions, k=self.column, t=self.plan.table.ident,
+                                                      where=where), big)
         with source_conn.cursor() as cur:
-            cuts = {int(i): values for i, values in cur.execute(query, params)}
+            cuts = {int(i): values for i, values in cur.execute(query)}
         finer: list[tuple[Bound, Bound]] = []
         for i in differing:
             lo, hi = self.ranges[i]
@@ -1018,7 +1043,7 @@ class _Ranges(_Scope):
         self.ranges = finer
         return True
 
-    def leaf(self, differing: list[Any]) -> tuple[sql.Composed, dict[str, Any]]:
+    def leaf(self, differing: list[Any]) -> sql.Composed:
         plan = self.plan
         names = [sql.Identifier(f"k{i}") for i in range(len(plan.keys))]
 
@@ -1028,9 +1053,9 @@ class _Ranges(_Scope):
                                         for k, n in zip(plan.keys, names, strict=True)),
                 form=plan.form, t=plan.table.ident, where=where)
 
-        rows, params = self._per_range(inner, differing)
+        rows = self._per_range(inner, differing)
         cols = sql.SQL(", ").join(sql.SQL("u.{}").format(n) for n in names)
-        return sql.SQL("SELECT {cols}, u.h FROM ({rows}) AS u ORDER BY {cols}").format(cols=cols, rows=rows), params
+        return sql.SQL("SELECT {cols}, u.h FROM ({rows}) AS u ORDER BY {cols}").format(cols=cols, rows=rows)
 
 
 _HEAVY_RANGE = 4
@@ -1072,13 +1097,13 @@ class _Narrowed:
     everywhere: bool = False
 
 
-def _both(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connection[Any], query: sql.Composed,
-          params: dict[str, Any]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+def _both(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connection[Any],
+          query: sql.Composed) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     """Run one query on both sides at once (each on its own session) and return both results."""
 
     def run(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
         with conn.cursor() as cur:
-            return cur.execute(query, params).fetchall()
+            return cur.execute(query).fetchall()
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-target") as pool:
         on_target = pool.submit(run, target_conn)
@@ -1096,7 +1121,7 @@ def _narrow(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connectio
     if not scope.start(source_conn, target_conn):
         scope = _Hashes(plan)
         scope.start(source_conn, target_conn)
-    src, tgt = (_digests(r) for r in _both(source_conn, target_conn, *scope.digests()))
+    src, tgt = (_digests(r) for r in _both(source_conn, target_conn, scope.digests()))
     result = _Narrowed(scope, _differing(src, tgt), sum(d[0] for d in src.values()),
                        sum(d[0] for d in tgt.values()), scope.buckets, 0, 1)
     result.ranges_different = len(result.differing)
@@ -1111,7 +1136,7 @@ def _narrow(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connectio
         # Only the buckets that differ are read again, each split finer.
         if not scope.split(source_conn, result.differing, sizes):
             break
-        src, tgt = (_digests(r) for r in _both(source_conn, target_conn, *scope.digests()))
+        src, tgt = (_digests(r) for r in _both(source_conn, target_conn, scope.digests()))
         result.differing = _differing(src, tgt)
         result.passes += 1
     return result
@@ -1136,10 +1161,10 @@ def _leaf(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connection[
 
     A row whose key (without a key: whose row hash) a change in the live window touched is in flight, not different.
     """
-    query, params = plan.leaf_all() if narrowed.everywhere else narrowed.scope.leaf(narrowed.differing)
+    query = plan.leaf_all() if narrowed.everywhere else narrowed.scope.leaf(narrowed.differing)
     width, weighted = max(1, len(plan.keys)), not plan.keys
-    source = _Stream(source_conn, query, width, weighted, "source", params=params)
-    target_stream = _Stream(target_conn, query, width, weighted, "target", params=params)
+    source = _Stream(source_conn, query, width, weighted, "source")
+    target_stream = _Stream(target_conn, query, width, weighted, "target")
     found = _Found()
     with contextlib.closing(source), contextlib.closing(target_stream):
         for difference in _merge(source, target_stream):
@@ -1200,14 +1225,13 @@ def _in_flight(source_conn: psycopg.Connection[Any], plan: _Plan, window: _Windo
         return None
     log_table = sql.SQL("{}.delta_log").format(sql.Identifier(CAPTURE_SCHEMA))
     where = sql.SQL(
-        "e.rel = %(rel)s::oid AND e.txid >= pg_snapshot_xmin(%(a)s::pg_snapshot) "
-        "AND NOT pg_visible_in_snapshot(e.txid, %(a)s::pg_snapshot) "
-        "AND pg_visible_in_snapshot(e.txid, %(s)s::pg_snapshot)"
-    )
-    params = {"rel": plan.table.oid, "a": window.applied, "s": window.snapshot}
+        "e.rel = {rel}::oid AND e.txid >= pg_snapshot_xmin({a}::pg_snapshot) "
+        "AND NOT pg_visible_in_snapshot(e.txid, {a}::pg_snapshot) "
+        "AND pg_visible_in_snapshot(e.txid, {s}::pg_snapshot)"
+    ).format(rel=sql.Literal(plan.table.oid), a=sql.Literal(window.applied), s=sql.Literal(window.snapshot))
     with source_conn.cursor() as cur:
         truncated = cur.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {} AS e WHERE {} AND e.op = 'T')").format(
-            log_table, where), params).fetchone()
+            log_table, where)).fetchone()
         if truncated and truncated[0]:
             return _InFlight(frozenset(), everything=True)
         if plan.keys:
@@ -1218,14 +1242,14 @@ def _in_flight(source_conn: psycopg.Connection[Any], plan: _Plan, window: _Windo
                     sql.Literal(i + 1), sql.SQL(types[name]), sql.Identifier(name))
                     for i, name in enumerate(plan.table.key)), log_table, where)
             keys = sql.SQL(", ").join(k.expression_of(sql.SQL("x")) for k in plan.keys)
-            rows = cur.execute(sql.SQL("SELECT DISTINCT {} FROM ({}) AS x").format(keys, touched), params).fetchall()
+            rows = cur.execute(sql.SQL("SELECT DISTINCT {} FROM ({}) AS x").format(keys, touched)).fetchall()
             return _InFlight(frozenset(tuple(r) for r in rows))
         images = sql.SQL(
             "SELECT e.old_row::{t} AS r FROM {log} AS e WHERE {w} AND e.old_row IS NOT NULL UNION ALL "
             "SELECT e.new_row::{t} FROM {log} AS e WHERE {w} AND e.new_row IS NOT NULL"
         ).format(t=plan.table.ident, log=log_table, w=where)
         keys = sql.SQL("decode(md5({}), 'hex')").format(_row_form(plan.table, plan.binary, sql.SQL("(x.r)")))
-        rows = cur.execute(sql.SQL("SELECT DISTINCT {} FROM ({}) AS x").format(keys, images), params).fetchall()
+        rows = cur.execute(sql.SQL("SELECT DISTINCT {} FROM ({}) AS x").format(keys, images)).fetchall()
     return _InFlight(frozenset(tuple(r) for r in rows))
 
 
@@ -1258,7 +1282,7 @@ def _second_pass(cfg: Config, rechecks: list[_Recheck], results: list[TableParit
                 found = _leaf(source_conn, target_conn, r.plan, r.narrowed, in_flight)
                 # The table's row counts in this window, not the first pass's (taken while rows were in flight).
                 counts = sql.SQL("SELECT count(*) FROM ONLY {}").format(r.plan.table.ident)
-                on_source, on_target = _both(source_conn, target_conn, counts, {})
+                on_source, on_target = _both(source_conn, target_conn, counts)
                 narrowed = dataclasses.replace(r.narrowed, source_rows=int(on_source[0][0]),
                                                target_rows=int(on_target[0][0]))
                 changing = in_flight is not None and (in_flight.everything or bool(in_flight.keys))
@@ -1283,8 +1307,8 @@ class _Stream:
     """
 
     def __init__(self, conn: psycopg.Connection[Any], query: sql.Composed, width: int, weighted: bool, side: str,
-                 progress: Callable[[int], None] | None = None, params: dict[str, Any] | None = None) -> None:
-        self._conn, self._query, self._params = conn, query, params
+                 progress: Callable[[int], None] | None = None) -> None:
+        self._conn, self._query = conn, query
         self._width, self._weighted, self._side = width, weighted, side
         self._progress = progress
         self._rows: Generator[tuple[tuple[Any, ...], Any], None, None] | None = None
@@ -1343,7 +1367,7 @@ class _Stream:
                 # Every row is read: plan for the whole result, not for the first rows as a cursor otherwise would.
                 cur.execute("SET LOCAL cursor_tuple_fraction = 1.0")
             with self._conn.cursor(name=f"migrator_verify_{self._side}", binary=True) as cur:
-                cur.execute(self._query, self._params)
+                cur.execute(self._query)
                 while not stop.is_set() and (batch := cur.fetchmany(_BATCH)):
                     batches.put(batch)
             batches.put(None)
@@ -1387,15 +1411,15 @@ def _multiset_difference(key: tuple[bytes], source_count: int | None, target_cou
 def _with_keyed_values(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connection[Any], table: Table,
                        differences: list[RowDifference]) -> list[RowDifference]:
     """Fetch the row text on each side for the listed keys (operator asked), one index lookup per key and side."""
-    # The key's text form is sent untyped, so each server reads it as its own column's type and can use its index.
-    query = sql.SQL("SELECT {row} FROM ONLY {table} WHERE {match}").format(
-        row=_row_text(table), table=table.ident,
-        match=sql.SQL(" AND ").join(sql.SQL("{} = %s").format(sql.Identifier(c)) for c in table.key),
-    )
-
+    # The key's text form is an untyped literal, so each server reads it as its own column's type and can use its
+    # index.
     def lookup(conn: psycopg.Connection[Any], key: tuple[str, ...]) -> str | None:
+        query = sql.SQL("SELECT {row} FROM ONLY {table} WHERE {match}").format(
+            row=_row_text(table), table=table.ident,
+            match=sql.SQL(" AND ").join(sql.SQL("{} = {}").format(sql.Identifier(c), sql.Literal(v))
+                                        for c, v in zip(table.key, key, strict=True)))
         with conn.cursor() as cur:
-            found = cur.execute(query, key).fetchone()
+            found = cur.execute(query).fetchone()
         return None if found is None else str(found[0])
 
     return [
@@ -1409,17 +1433,16 @@ def _with_keyed_values(source_conn: psycopg.Connection[Any], target_conn: psycop
 def _with_multiset_values(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connection[Any],
                           plan: _Plan, differences: list[RowDifference]) -> list[RowDifference]:
     """Fetch the row text behind each listed row hash (operator asked): one scan per side."""
-    query = sql.SQL(
-        "SELECT DISTINCT ON (h) h, r FROM (SELECT md5({form}) AS h, {row} AS r FROM ONLY {table}) AS hashed "
-        "WHERE h = ANY(%s)"
-    ).format(form=plan.form, row=_row_text(plan.table), table=plan.table.ident)
-
     def rows(conn: psycopg.Connection[Any], side: str) -> dict[str, str]:
         wanted = [d.row_md5 for d in differences if getattr(d, f"{side}_count")]
         if not wanted:
             return {}
+        query = sql.SQL(
+            "SELECT DISTINCT ON (h) h, r FROM (SELECT md5({form}) AS h, {row} AS r FROM ONLY {table}) AS hashed "
+            "WHERE h = ANY({wanted}::text[])"
+        ).format(form=plan.form, row=_row_text(plan.table), table=plan.table.ident, wanted=sql.Literal(wanted))
         with conn.cursor() as cur:
-            return {h: r for h, r in cur.execute(query, (wanted,))}
+            return {h: r for h, r in cur.execute(query)}
 
     on_source, on_target = rows(source_conn, "source"), rows(target_conn, "target")
     return [

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ from migrator.catalog import Table
 from migrator.config import CAPTURE_SCHEMA, Config
 from migrator.errors import ConnectionFailed, NotReady, ReplayError, SchemaChanged
 from migrator.log import get
+from migrator.redaction import KeyMask
 
 BATCH_TABLE = "_migrator_batch"
 KEYS_TABLE = "_migrator_keys"
@@ -127,9 +128,11 @@ class _Applier:
     emptied and copied again from the batch snapshot.
     """
 
-    def __init__(self, target: psycopg.Connection[Any], tables: dict[int, Table]) -> None:
+    def __init__(self, target: psycopg.Connection[Any], tables: dict[int, Table], mask: KeyMask | None = None) -> None:
         self.target = target
         self.tables = tables
+        self.mask = mask or KeyMask.ephemeral()
+        """How a refused row's key is named (keys that may be patient data as the migration's keyed hash)."""
         with target.cursor() as cur:
             cur.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (key text[]) ON COMMIT DELETE ROWS")
                         .format(sql.Identifier(KEYS_TABLE)))
@@ -179,8 +182,8 @@ class _Applier:
                      limit: int = 10_000) -> str | None:
         """The key of the first touched row the target refuses, found row by row in a throwaway transaction.
 
-        Only the key is returned (it identifies the row; the values are never shown). The batch's target
-        transaction is already lost; the source transaction and its snapshot are still open.
+        Only the key is returned, through the mask (it identifies the row; the values are never shown). The batch's
+        target transaction is already lost; the source transaction and its snapshot are still open.
         """
         self.target.rollback()
         types = {c.name: c.type for c in table.columns}
@@ -193,13 +196,17 @@ class _Applier:
             parsed=sql.SQL(", ").join(sql.SQL("e.key[{}]::{}").format(sql.Literal(i + 1), sql.SQL(types[k]))
                                       for i, k in enumerate(table.key)),
             log=sql.SQL("{}.delta_log").format(sql.Identifier(CAPTURE_SCHEMA)), w=in_table)
-        insert = sql.SQL("INSERT INTO {} ({}) {} SELECT {} FROM (SELECT %s::{} AS r) AS s").format(
-            table.ident, sql.SQL(", ").join(cols),
-            sql.SQL("OVERRIDING SYSTEM VALUE") if table.has_identity_always else sql.SQL(""),
-            sql.SQL(", ").join(sql.SQL("(s.r).{}").format(c) for c in cols), table.ident)
-        delete = sql.SQL("DELETE FROM ONLY {} WHERE {}").format(
-            table.ident, sql.SQL(" AND ").join(sql.SQL("{} = %s::{}").format(k, sql.SQL(types[n]))
-                                               for k, n in zip(keys, table.key, strict=True)))
+        # Values as literals, not parameters: a name holding "%s" would otherwise be taken for a placeholder.
+        def insert(image: str) -> sql.Composed:
+            return sql.SQL("INSERT INTO {} ({}) {} SELECT {} FROM (SELECT {}::{} AS r) AS s").format(
+                table.ident, sql.SQL(", ").join(cols),
+                sql.SQL("OVERRIDING SYSTEM VALUE") if table.has_identity_always else sql.SQL(""),
+                sql.SQL(", ").join(sql.SQL("(s.r).{}").format(c) for c in cols), sql.Literal(image), table.ident)
+
+        def delete(key_values: Sequence[str]) -> sql.Composed:
+            return sql.SQL("DELETE FROM ONLY {} WHERE {}").format(
+                table.ident, sql.SQL(" AND ").join(sql.SQL("{} = {}::{}").format(k, sql.Literal(v), sql.SQL(types[n]))
+                                                   for k, n, v in zip(keys, table.key, key_values, strict=True)))
         try:
             with scur.connection.cursor(name="migrator_diagnose") as rows, self.target.cursor() as tcur:
                 tcur.execute("SET LOCAL session_replication_role = replica")
@@ -208,12 +215,12 @@ class _Applier:
                     key_values, image = row[:-1], row[-1]
                     try:
                         with self.target.transaction():
-                            tcur.execute(delete, key_values)
-                            tcur.execute(insert, (image,))
+                            tcur.execute(delete(key_values))
+                            tcur.execute(insert(image))
                     except psycopg.OperationalError:
                         raise
                     except psycopg.Error:
-                        return "(" + ", ".join(f"{k}={v}" for k, v in zip(table.key, key_values, strict=True)) + ")"
+                        return self.mask.key(table.key, [types[k] for k in table.key], key_values)
         finally:
             self.target.rollback()
         return None
@@ -363,8 +370,9 @@ class Syncer:
         if m.copy_finished_at is None or not_copied:
             raise NotReady(f"the copy is not finished ({len(not_copied)} table(s) pending)",
                            hint="Run `migrator copy` until it reports done, then sync.")
+        mask = KeyMask.of(self.target)
         self.target.commit()
-        self.applier = _Applier(self.target, {})
+        self.applier = _Applier(self.target, {}, mask)
         self.last_housekeeping = 0.0
         self.rotation_note: str | None = None
 

@@ -32,9 +32,10 @@ from psycopg import sql
 
 from migrator import capture, catalog, db, parity, replay, state
 from migrator.catalog import Table
-from migrator.config import CAPTURE_SCHEMA, Config, redact
+from migrator.config import CAPTURE_SCHEMA, Config
 from migrator.errors import Blocked, CutoverFailed, MigratorError, NotReady, SchemaChanged
 from migrator.log import get
+from migrator.redaction import scrub
 from migrator.switch import PoolerSession, carry_sequences, count_differences, run_command
 
 STEPS = ("preflight", "catch_up", "freeze", "drain", "verify", "sequences", "release", "switch", "disarm")
@@ -396,7 +397,7 @@ def run(cfg: Config, *, on_step: Callable[[str, str], None] | None = None) -> Ro
                 log.error("rollback.after_move_failed", error=str(exc))
                 raise
             report.failed_step = current
-            report.error = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            report.error = scrub(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             undone = []
             if pool is not None:
                 undone.append(pool.restore())  # entries back to the target first, RESUME last

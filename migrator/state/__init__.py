@@ -310,6 +310,31 @@ def overrides(conn: Conn) -> dict[str, Override]:
         return {r["name"]: Override(**r) for r in cur.fetchall()}
 
 
+# --- the key secret -----------------------------------------------------------------------------------------------
+
+def key_secret(conn: Conn) -> bytes | None:
+    """The migration's secret for keyed hashes of key values (`redaction.KeyMask`): 32 random bytes, made on first
+    use and kept here, on the target, never on the legacy database. None when the control schema predates it (the
+    next `prepare` adds it). The caller commits."""
+    import secrets
+
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{CONTROL_SCHEMA}.key_secret",))
+        row = cur.fetchone()
+        if not (row and row[0]):
+            return None
+        cur.execute(sql.SQL("SELECT secret FROM {} WHERE id = 1").format(_t("key_secret")))
+        row = cur.fetchone()
+        if row is None:
+            # A concurrent first use may have made it meanwhile: keep theirs, so the migration has one secret.
+            cur.execute(sql.SQL("INSERT INTO {} (id, secret) VALUES (1, %s) ON CONFLICT (id) DO UPDATE "
+                                "SET id = excluded.id RETURNING secret").format(_t("key_secret")),
+                        (secrets.token_bytes(32),))
+            row = cur.fetchone()
+    assert row is not None
+    return bytes(row[0])
+
+
 # --- cutover ------------------------------------------------------------------------------------------------------
 
 def start_attempt(conn: Conn) -> int:
@@ -571,7 +596,8 @@ def copy_workers(conn: Conn, fresh_seconds: float = 10.0) -> list[dict[str, Any]
 
 HOLD_FLAG = "cutover.hold"
 VERIFY_FLAG = "verify.last"
-"""JSON {"at": ..., "identical": bool, "differences": n}, written by whoever records a verify (record_verify)."""
+"""JSON {"identical": bool, "differences": n, "not_verified": n}, written by whoever records a verify
+(record_verify)."""
 
 
 def record_attempt_pooler(conn: Conn, attempt: int, *, kind: str = "cutover", pause_seconds: float | None = None,
@@ -620,11 +646,13 @@ def set_pointing(conn: Conn, names: list[str], pointing: str) -> None:
                     .format(_t("pooler_entry")), (pointing, names))
 
 
-def record_verify(conn: Conn, identical: bool, differences: int) -> None:
-    """Remember the outcome of a verify, for the cutover's go/no-go checklist."""
+def record_verify(conn: Conn, identical: bool, differences: int, *, not_verified: int = 0) -> None:
+    """Remember the outcome of a verify, for the cutover's go/no-go checklist (`not_verified`: tables it could not
+    compare, which make it not identical)."""
     import json
 
-    set_flag(conn, VERIFY_FLAG, json.dumps({"identical": identical, "differences": differences}))
+    set_flag(conn, VERIFY_FLAG, json.dumps({"identical": identical and not not_verified, "differences": differences,
+                                            "not_verified": not_verified}))
 
 
 def last_verify(conn: Conn) -> tuple[dict[str, Any], dt.datetime] | None:
