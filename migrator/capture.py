@@ -28,7 +28,7 @@ from psycopg import sql
 from migrator import catalog, db, schema, state
 from migrator.catalog import Table
 from migrator.config import CAPTURE_SCHEMA, Config, TableFilter
-from migrator.errors import Blocked, MigratorError, NotReady
+from migrator.errors import Blocked, ConnectionFailed, MigratorError, NotReady
 from migrator.log import get
 
 ROW_TRIGGER = "_migrator_capture"
@@ -382,6 +382,13 @@ def prepare(cfg: Config) -> PrepareResult:
         state.upgrade(target)
         state.start_migration(target, db.describe_dsn(cfg.source_dsn))
         target.commit()
+        done = state.cleaned_up(target)
+        if done is not None:
+            # Changes since cleanup were not recorded: capturing again would sync from a position that misses them.
+            raise NotReady(f"this migration was cleaned up by `migrator cleanup` at {done:%Y-%m-%d %H:%M:%S} UTC; "
+                           "changes on the legacy database since then were not recorded",
+                           hint="To migrate again, point [target] at a new, empty database and run "
+                                "`migrator prepare --yes`.")
         source.autocommit = True
         if is_frozen(source):
             # Installing writes the capture functions again, which would lift the freeze from every table.
@@ -634,6 +641,19 @@ def cleanup(cfg: Config, *, release_freeze: bool = False) -> CleanupResult:
                 hint="If clients have moved and writes to the legacy database are acceptable again, run "
                      "`migrator cleanup --release-freeze --yes`; otherwise leave it frozen.",
             )
+        _record_cleanup(cfg)
         removed = remove(source, cfg.sync.lock_timeout)
         log.info("cleanup.done", triggers=removed)
     return CleanupResult(removed, True)
+
+
+def _record_cleanup(cfg: Config) -> None:
+    """Record on the target, before capture goes, that the migration ends: sync, copy and cutover then say so
+    instead of blaming triggers dropped by hand. A target that is gone (an abandoned migration) does not keep the
+    legacy database from being cleaned."""
+    try:
+        with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
+            if state.exists(target):
+                state.record_cleanup(target)
+    except ConnectionFailed as exc:
+        get(phase="cleanup").warning("cleanup.not_recorded", error=str(exc).splitlines()[0])

@@ -93,6 +93,8 @@ Overall = Callable[[int, int], None]
 """overall(done, total): estimated source bytes of the run's chunks copied so far (in-flight ones in part), of all."""
 _LOG_PROGRESS_EVERY = 10.0
 """Seconds between the coordinator's `copy.progress` log events (percentage done, estimated time left)."""
+STOP_WORKERS_WITHIN = 5.0
+"""Seconds local workers get to leave after the coordinator is interrupted, before they are terminated."""
 
 
 # --- planning -----------------------------------------------------------------------------------------------------
@@ -224,6 +226,11 @@ class _Worker:
         self.name = name
         self.log = get(phase="copy", worker=name)
         self.control = db.connect(cfg.target_dsn, role="target", autocommit=True)
+        try:
+            state.require_prepared(self.control)
+        except NotReady:
+            self.control.close()
+            raise
         self.rate_share: float | None = None
         self.tables: dict[tuple[str, str], Table] = {}
         self.tables_snapshot: str | None = None
@@ -387,12 +394,14 @@ def _die_with_parent() -> None:
 def pause(cfg: Config) -> None:
     """Ask every copy worker to stop reading the source within a second or two (they keep their place)."""
     with db.session(cfg.target_dsn, role="target") as target:
+        state.require_prepared(target)
         state.set_flag(target, PAUSE_FLAG, "paused by the operator")
         target.commit()
 
 
 def resume(cfg: Config) -> None:
     with db.session(cfg.target_dsn, role="target") as target:
+        state.require_prepared(target)
         state.clear_flag(target, PAUSE_FLAG)
         target.commit()
 
@@ -410,9 +419,7 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
     workers = max(1, workers or cfg.copy.workers)
     rate = max_rate if max_rate is not None else cfg.copy.max_rate
     with db.session(cfg.target_dsn, role="target") as target, db.session(cfg.source_dsn, role="source") as holder:
-        m = state.migration(target)
-        if m is None or m.prepared_at is None:
-            raise NotReady("the migration is not prepared", hint="Run `migrator prepare` first.")
+        m = state.require_prepared(target)
         if capture.is_frozen(holder):
             raise NotReady("the legacy database is frozen after cutover; there is nothing to copy")
         holder.rollback()
@@ -496,8 +503,7 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
                                            sum(c.bytes_copied or 0 for c in mine), seconds, len(mine)))
             if progress:
                 progress(name, sum(c.rows_copied or 0 for c in mine), sum(c.bytes_copied or 0 for c in mine))
-        m = state.migration(target)
-        assert m is not None
+        m = state.require_prepared(target)
         target.commit()
         t0 = time.monotonic()
         pending_post_data = [tuple(n) for n in json.loads(state.flag(target, capture.POST_DATA_PENDING) or "[]")]
@@ -583,11 +589,34 @@ def _supervise(cfg: Config, target: psycopg.Connection[Any], workers: int, coord
             eta.log(done, total)
             target.commit()
             time.sleep(0.3)
+    except BaseException:
+        # Interrupted (SIGINT, SIGTERM) or failed: the workers must not copy on, nor outlive this process, even
+        # when paused. A chunk cut short rolls back with its transaction; the next run copies it again.
+        _stop_workers(list(procs.values()))
+        raise
     finally:
         for proc in procs.values():
             proc.join()
         target.rollback()
     return failed
+
+
+def _stop_workers(procs: list[Any]) -> None:
+    """Stop local worker processes within a bound: SIGINT (a worker leaves its chunk and reports itself gone), then
+    after STOP_WORKERS_WITHIN seconds SIGTERM, then SIGKILL."""
+    for proc in procs:
+        if proc.is_alive():
+            os.kill(proc.pid, signal.SIGINT)
+    deadline = time.monotonic() + STOP_WORKERS_WITHIN
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(2.0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
 
 
 def _estimated_done(chunks: list[state.Chunk], active: list[dict[str, Any]]) -> tuple[int, int]:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg import sql
 
-from migrator import catalog, db, pooler, replay, state
+from migrator import catalog, db, pooler, replay, state, status
 from migrator.config import Config, redact
 
 ITEMS = ("lag", "verify", "sessions", "target", "sequences", "pooler")
@@ -140,6 +140,7 @@ _CHECKS: dict[str, Callable[[Config], tuple[State, str]]] = {
 
 def run(cfg: Config, *, overrides: Iterable[str] = ()) -> Checklist:
     """Every item's state; an item that raises fails with the error as its detail."""
+    status.require_prepared(cfg)
     accepted = set(overrides)
     checks = []
     for item in ITEMS:

@@ -10,6 +10,7 @@ import psycopg
 
 from migrator import capture, db, replay, state
 from migrator.config import Config
+from migrator.errors import ConnectionFailed
 
 
 @dataclass
@@ -81,6 +82,17 @@ def read(cfg: Config) -> Status:
     except (psycopg.Error, Exception) as exc:  # status must show what it can even when the source is down
         st.warnings.append(f"source not readable: {str(exc).splitlines()[0]}")
     return st
+
+
+def require_prepared(cfg: Config, *, after_cleanup: bool = False) -> None:
+    """NotReady unless `prepare` has run on this target (and, unless `after_cleanup`, no `cleanup` since): for
+    commands that have no target session of their own yet. A target that cannot be reached is left to the command,
+    whose own error or checklist names it."""
+    try:
+        with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
+            state.require_prepared(target, after_cleanup=after_cleanup)
+    except ConnectionFailed:
+        return
 
 
 def _log_warnings(cfg: Config, children: list[capture.LogChild], lag: replay.Lag, pos: state.Position | None,
