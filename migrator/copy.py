@@ -112,9 +112,11 @@ def plan(cur: psycopg.Cursor[Any], table: Table, chunk_bytes: int) -> list[tuple
     n = min(math.ceil(table.bytes / chunk_bytes), 256)
     # About 200 sampled keys per chunk; SYSTEM sampling reads whole pages, so it costs a fraction of a scan.
     percent = min(100.0, max(0.01, 100.0 * 200 * n / table.est_rows))
-    cur.execute(sql.SQL("SELECT {} FROM ONLY {} TABLESAMPLE SYSTEM ({}) ORDER BY {}").format(
+    # ORDER BY names the columns through the table's alias: unqualified, "id" would be the output column, the key's
+    # text form, and integer bounds sorted as text ('11533' < '2540') would make chunks overlap.
+    cur.execute(sql.SQL("SELECT {} FROM ONLY {} AS t TABLESAMPLE SYSTEM ({}) ORDER BY {}").format(
         _key_text(table), table.ident, sql.Literal(percent),
-        sql.SQL(", ").join(sql.Identifier(k) for k in table.key)))
+        sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(k)) for k in table.key)))
     sample = [list(r) for r in cur.fetchall()]
     bounds: list[list[str]] = []
     for i in range(1, n):
