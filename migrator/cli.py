@@ -87,11 +87,13 @@ def exit_code_table() -> str:
     commands = exit_codes()
     lines = ["| code | meaning | commands |", "| --- | --- | --- |"]
     for code in ExitCode:
-        if all(code in codes and codes[code] == code.meaning for codes in commands.values()):
-            which = "every command"
+        having = {name: codes[code] for name, codes in commands.items() if code in codes}
+        own = "; ".join(f"`{name}`: {text}" for name, text in having.items() if text != code.meaning)
+        if len(having) == len(commands):
+            which = "every command" + (f" ({own})" if own else "")
         else:
-            which = "; ".join(f"`{name}`: {codes[code]}" if codes[code] != code.meaning else f"`{name}`"
-                              for name, codes in commands.items() if code in codes)
+            which = "; ".join(f"`{name}`: {text}" if text != code.meaning else f"`{name}`"
+                              for name, text in having.items())
         lines.append(f"| {int(code)} | {code.meaning} | {which} |")
     return "\n".join(lines)
 
@@ -165,7 +167,7 @@ def main(ctx: click.Context, config_path: str | None, log_json: bool | None, log
         ctx.obj = Ctx(config_path)
 
 
-@exits({ExitCode.FINDING: "blockers found (listed)"})
+@exits({ExitCode.FINDING: "blockers found"})
 @main.command()
 @json_option
 @click.pass_obj
@@ -178,7 +180,7 @@ def inspect(obj: Ctx, as_json: bool) -> None:
     sys.exit(ExitCode.OK if report.ready else ExitCode.FINDING)
 
 
-@exits({ExitCode.FINDING: "declined, confirmation needed, or a preflight check refused (named)"})
+@exits({ExitCode.FINDING: "declined, or a preflight check refused"})
 @main.command()
 @yes_option
 @json_option
@@ -233,7 +235,7 @@ def copy(obj: Ctx, workers: int | None, only: tuple[str, ...], max_rate: float |
         f"{result.seconds:.1f}s (post-data {result.post_data_seconds:.1f}s); {len(result.skipped)} already copied"))
 
 
-@exits({ExitCode.OK: "caught up; with --follow, stopped by SIGINT or SIGTERM (a batch in progress rolls back)",
+@exits({ExitCode.OK: "caught up; --follow: stopped by SIGINT or SIGTERM",
         ExitCode.FINDING: "--check-lag: the oldest pending change is older than SECONDS"})
 @main.command()
 @click.option("--until-caught-up", "mode", flag_value="once", default=True,
@@ -267,7 +269,7 @@ def sync(obj: Ctx, mode: str, check_lag: float | None, as_json: bool) -> None:
         f"{'caught up' if result.caught_up else 'stopped'}"))
 
 
-@exits({ExitCode.FINDING: "rows (or, with --objects, files) differ; listed by key",
+@exits({ExitCode.FINDING: "rows (or files) differ, listed by key",
         ExitCode.ERROR: "could not verify a table (or the files); the report says why"})
 @main.command()
 @click.option("--tables", multiple=True, metavar="SCHEMA.TABLE", help="Verify only these tables.")
@@ -316,8 +318,8 @@ def objects_group() -> None:
     """The files rows point to (DICOM images, PDFs): copy them into the target store."""
 
 
-@exits({ExitCode.OK: "every file copied; with --follow, stopped by SIGINT or SIGTERM",
-        ExitCode.FINDING: "some files could not be copied (listed)"})
+@exits({ExitCode.OK: "done; --follow: stopped by SIGINT or SIGTERM",
+        ExitCode.FINDING: "some files could not be copied"})
 @objects_group.command("sync")
 @click.option("--follow", is_flag=True, help="Keep copying new files every poll_interval; SIGINT/SIGTERM stop.")
 @click.option("--workers", type=int, default=None, help="Files copied at once (default [objects] workers).")
@@ -350,7 +352,7 @@ def status(obj: Ctx, as_json: bool) -> None:
     _emit(st, as_json, lambda: render_status(st))
 
 
-@exits({ExitCode.FINDING: "no-go (nothing paused or frozen; also --check), declined, or confirmation needed",
+@exits({ExitCode.FINDING: "no-go (also --check), or declined",
         ExitCode.CUTOVER_STOPPED: ExitCode.CUTOVER_STOPPED.meaning})
 @main.command()
 @yes_option
@@ -402,7 +404,7 @@ def cutover(obj: Ctx, yes: bool, overrides: tuple[str, ...], hold_: bool, releas
     _emit(report, as_json, report.render_text)
 
 
-@exits({ExitCode.FINDING: "declined, or confirmation needed (no terminal and no --yes)"})
+@exits({ExitCode.FINDING: "declined"})
 @main.command()
 @yes_option
 @click.pass_obj
@@ -415,7 +417,7 @@ def release(obj: Ctx, yes: bool) -> None:
     click.echo("released: the legacy database takes writes again")
 
 
-@exits({ExitCode.FINDING: "declined, or confirmation needed (no terminal and no --yes)"})
+@exits({ExitCode.FINDING: "declined"})
 @main.command()
 @yes_option
 @click.option("--release-freeze", is_flag=True, help="Also end a post-cutover freeze (legacy becomes writable).")
@@ -434,8 +436,8 @@ def cleanup(obj: Ctx, yes: bool, release_freeze: bool, as_json: bool) -> None:
                   + (f"; {on_target} triggers on the target (the rollback window is over)" if on_target else ""))
 
 
-@exits({ExitCode.FINDING: "declined, or confirmation needed (no terminal and no --yes)",
-        ExitCode.CUTOVER_STOPPED: "the rollback stopped before clients moved; they stay on the target, which takes writes"})
+@exits({ExitCode.FINDING: "declined",
+        ExitCode.CUTOVER_STOPPED: "the rollback stopped; clients stay on the target, which takes writes"})
 @main.command(name="rollback")
 @yes_option
 @json_option
@@ -450,7 +452,7 @@ def rollback_(obj: Ctx, yes: bool, as_json: bool) -> None:
     _emit(report, as_json, report.render_text)
 
 
-@exits({ExitCode.FINDING: "the rehearsal found a problem (see its report)"})
+@exits({ExitCode.FINDING: "the rehearsal failed (see its report)"})
 @main.command()
 @click.option("--scale", type=float, default=0.01, show_default=True, help="Size of the synthetic PACS (1 ≈ 1.5 M rows).")
 @click.option("--workload-tps", type=float, default=40.0, show_default=True, help="Write transactions/s per writer.")

@@ -94,7 +94,7 @@ Overall = Callable[[int, int], None]
 _LOG_PROGRESS_EVERY = 10.0
 """Seconds between the coordinator's `copy.progress` log events (percentage done, estimated time left)."""
 STOP_WORKERS_WITHIN = 5.0
-"""Seconds local workers get to leave after the coordinator is interrupted, before they are terminated."""
+"""Seconds local workers get to end after the coordinator is interrupted, before they are killed."""
 
 
 # --- planning -----------------------------------------------------------------------------------------------------
@@ -488,8 +488,7 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
         try:
             failed = _supervise(cfg, target, workers, coordinator, progress, overall)
         finally:
-            state.finish_copy_run(target)
-            target.commit()
+            _end_run(cfg, target)
             holder.rollback()
         if failed:
             raise CopyError(f"{failed} copy worker(s) failed; see their log lines above")
@@ -599,23 +598,33 @@ def _supervise(cfg: Config, target: psycopg.Connection[Any], workers: int, coord
     finally:
         for proc in procs.values():
             proc.join()
-        target.rollback()
+    target.rollback()
     return failed
 
 
+def _end_run(cfg: Config, target: psycopg.Connection[Any]) -> None:
+    """Mark the run finished: its snapshot is no longer importable, and workers of other hosts stop waiting. An
+    interrupt (KeyboardInterrupt) can cut a statement of the coordinator's session short and leave it unusable;
+    then a new session records it."""
+    try:
+        target.rollback()
+        state.finish_copy_run(target)
+        target.commit()
+    except psycopg.Error:
+        with db.session(cfg.target_dsn, role="target") as fresh:
+            state.finish_copy_run(fresh)
+            fresh.commit()
+
+
 def _stop_workers(procs: list[Any]) -> None:
-    """Stop local worker processes within a bound: SIGINT (a worker leaves its chunk and reports itself gone), then
-    after STOP_WORKERS_WITHIN seconds SIGTERM, then SIGKILL."""
-    for proc in procs:
-        if proc.is_alive():
-            os.kill(proc.pid, signal.SIGINT)
-    deadline = time.monotonic() + STOP_WORKERS_WITHIN
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
+    """End local worker processes within a bound: SIGTERM (a worker that is starting, or loading a chunk, ends at
+    once; its transactions roll back on the servers), then SIGKILL after STOP_WORKERS_WITHIN seconds."""
     for proc in procs:
         if proc.is_alive():
             proc.terminate()
-            proc.join(2.0)
+    deadline = time.monotonic() + STOP_WORKERS_WITHIN
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
         if proc.is_alive():
             proc.kill()
             proc.join()
