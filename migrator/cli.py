@@ -287,8 +287,6 @@ def verify(obj: Ctx, tables: tuple[str, ...], with_objects: bool, show_values: b
     from migrator import parity
     from migrator import status as status_mod
 
-    # Before `prepare` every table would be "missing on the target"; after `cleanup` both sides can still be compared.
-    status_mod.require_prepared(obj.cfg, after_cleanup=True)
     live = not as_json and sys.stderr.isatty()
 
     def show(what: str, done: int) -> None:
@@ -298,6 +296,10 @@ def verify(obj: Ctx, tables: tuple[str, ...], with_objects: bool, show_values: b
                            progress=show if live else None, buckets=cast(parity.Buckets, buckets))
     if live:
         click.echo("", err=True)
+    if report.exit_code == ExitCode.ERROR:
+        # Any two databases can be compared, but a target `prepare` never saw explains every table it lacks: say so
+        # instead. (After `cleanup`, comparing the two sides still makes sense.)
+        status_mod.require_prepared(obj.cfg, after_cleanup=True)
     if not with_objects:
         _emit(report, as_json, report.render_text)
         sys.exit(report.exit_code)

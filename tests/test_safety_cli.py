@@ -271,6 +271,11 @@ def run_all(config: Path, runs: list[list[str]]) -> list[tuple[int, str, str]]:
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs, strict=True)]
 
 
+def message(stderr: str) -> str:
+    """What the command says, without its log lines (JSON, when not on a terminal)."""
+    return "\n".join(line for line in stderr.splitlines() if not line.startswith("{"))
+
+
 def test_commands_before_prepare_say_not_prepared_instead_of_a_raw_sql_error(
         source_dsn: str, target_dsn: str, tmp_path: Path) -> None:
     run_sql(source_dsn, "CREATE TABLE public.patient (id int PRIMARY KEY, mrn text)")
@@ -278,8 +283,9 @@ def test_commands_before_prepare_say_not_prepared_instead_of_a_raw_sql_error(
 
     for args, (code, _, stderr) in zip(NEEDS_PREPARE, run_all(config, NEEDS_PREPARE), strict=True):
         assert code == ExitCode.ERROR, (args, stderr)
-        assert "not prepared" in stderr and "migrator prepare" in stderr, (args, stderr)
-        assert "does not exist" not in stderr and REACHABLE_HINT not in stderr, (args, stderr)
+        said = message(stderr)
+        assert said.startswith("error: not prepared") and "Run `migrator prepare --yes` first" in said, (args, said)
+        assert "does not exist" not in said and REACHABLE_HINT not in said, (args, said)
         assert "Traceback" not in stderr, (args, stderr)
 
 
@@ -300,8 +306,9 @@ def test_after_cleanup_commands_say_the_migration_was_cleaned_up(
 
     for args, (code, _, stderr) in zip(refused, results[:-1], strict=True):
         assert code == ExitCode.ERROR, (args, stderr)
-        assert "cleaned up" in stderr and "`migrator cleanup` at 20" in stderr, (args, stderr)
-        assert "by hand" not in stderr and "does not exist" not in stderr and "Traceback" not in stderr, args
+        said = message(stderr)
+        assert "cleaned up" in said and "`migrator cleanup` at 20" in said, (args, said)
+        assert "by hand" not in stderr and "does not exist" not in said and "Traceback" not in stderr, args
     # Comparing both sides still makes sense: verify runs, and finds the row written after cleanup missing.
     code, stdout, stderr = results[-1]
     assert code == ExitCode.FINDING, stderr
