@@ -337,6 +337,9 @@ def objects_sync(obj: Ctx, follow: bool, workers: int | None, max_rate: float | 
     with CopyProgress(enabled=not as_json and sys.stderr.isatty()) as progress:
         result = objects.sync(obj.cfg, follow=follow, stop=stop, workers=workers, max_rate=max_rate,
                               progress=lambda files, nbytes: progress.update("objects", files, nbytes))
+    if stop.is_set() and not follow:
+        raise Interrupted(f"objects sync stopped before its pass was over ({result.copied} files copied, and "
+                          "recorded)")
     _emit(result, as_json, result.render_text)
     sys.exit(ExitCode.OK if result.ok else ExitCode.FINDING)
 
