@@ -24,6 +24,8 @@ class Status:
     sync: dict[str, Any] = field(default_factory=dict)
     cutover: list[dict[str, Any]] = field(default_factory=list)
     frozen: bool | None = None
+    cleaned_up_at: dt.datetime | None = None
+    """When `migrator cleanup` removed capture from the legacy database (the migration is over)."""
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,7 +69,12 @@ def read(cfg: Config) -> Status:
         if pos is not None:
             st.sync = {"applied_snapshot": pos.applied_snapshot, "events_applied": pos.events_applied,
                        "batches": pos.batches, "updated_at": pos.updated_at}
+        cleaned = state.cleaned_up(target)
         now = target.execute("SELECT now()").fetchone()
+    if cleaned is not None:
+        # The legacy database holds no capture any more: nothing to read there but an error.
+        st.phase, st.cleaned_up_at = "cleaned up", cleaned
+        return st
     try:
         with db.session(cfg.source_dsn, role="source", autocommit=True) as source:
             st.frozen = capture.is_frozen(source)

@@ -302,13 +302,16 @@ def test_after_cleanup_commands_say_the_migration_was_cleaned_up(
 
     refused = [["sync"], ["sync", "--check-lag", "5"], ["copy"], ["copy", "--pause"], ["cutover", "--check"],
                ["prepare", "--yes"]]
-    results = run_all(config, [*refused, ["verify"]])
+    results = run_all(config, [*refused, ["status", "--json"], ["verify"]])
 
-    for args, (code, _, stderr) in zip(refused, results[:-1], strict=True):
+    for args, (code, _, stderr) in zip(refused, results[:-2], strict=True):
         assert code == ExitCode.ERROR, (args, stderr)
         said = message(stderr)
         assert "cleaned up" in said and "`migrator cleanup` at 20" in said, (args, said)
         assert "by hand" not in stderr and "does not exist" not in said and "Traceback" not in stderr, args
+    code, stdout, stderr = results[-2]
+    assert code == ExitCode.OK and json.loads(stdout)["phase"] == "cleaned up", stderr
+    assert json.loads(stdout)["cleaned_up_at"].startswith("20") and "not readable" not in stdout
     # Comparing both sides still makes sense: verify runs, and finds the row written after cleanup missing.
     code, stdout, stderr = results[-1]
     assert code == ExitCode.FINDING, stderr
