@@ -319,7 +319,7 @@ class _Watch:
         self.stop = stop
         self.cancelled = False
         self.waiting: str | None = None
-        """What the batch last waited for ("the target: a lock on ... held by pid ..."), or None."""
+        """What the batch last waited for ("the target: a lock on ..., blocked by pid ..."), or None."""
         self._done = threading.Event()
         self._monitors: dict[str, psycopg.Connection[Any]] = {}
         self._thread = threading.Thread(target=self._run, name="sync-watch", daemon=True)
@@ -339,6 +339,7 @@ class _Watch:
             while not self._done.wait(0.1):
                 if self.stop.is_set() and not self.cancelled:
                     self.cancelled = True
+                    self._look(time.monotonic() - started)  # what it waited for, for the operator's message
                     for conn in self.sessions.values():
                         try:
                             conn.cancel_safe(timeout=5.0)
