@@ -146,17 +146,16 @@ class PoolerError(MigratorError):
 # --- database errors that reach the operator unnamed --------------------------------------------------------------
 # A psycopg error no phase turned into one of ours: the hint follows its SQLSTATE (class), and the schema it names.
 
-_ENGINE_SCHEMA = re.compile(r'"?(migrator_control|_migrator)"?\.')
-
-
 def database_hint(exc: psycopg.Error, roles: str = "") -> str:
     """What to do about a database error, by its SQLSTATE; `roles` names the roles migrator connects as (for a
     privilege error), e.g. "source: alice, target: bob"."""
+    from migrator.config import CAPTURE_SCHEMA, CONTROL_SCHEMA  # config imports this module
+
     state = exc.sqlstate or ""
     text = str(exc)
     if state in ("42P01", "42704", "3F000", "42883"):  # undefined table, object, schema, function
-        schema = _ENGINE_SCHEMA.search(text)
-        if schema and schema.group(1) == "migrator_control":
+        schema = re.search(rf'(?<!\w)"?({re.escape(CONTROL_SCHEMA)}|{re.escape(CAPTURE_SCHEMA)})"?\.', text)
+        if schema and schema.group(1) == CONTROL_SCHEMA:
             return "The target has no control schema: run `migrator prepare --yes` first."
         if schema:
             return ("The legacy database has no capture (schema _migrator): run `migrator prepare --yes` first; "
