@@ -139,7 +139,8 @@ _CHECKS: dict[str, Callable[[Config], tuple[State, str]]] = {
 
 
 def run(cfg: Config, *, overrides: Iterable[str] = ()) -> Checklist:
-    """Every item's state; an item that raises fails with the error as its detail."""
+    """Every item's state; an item that raises fails with the error as its detail. NotReady before `prepare` or
+    after `cleanup` (a target that cannot be reached fails its item instead)."""
     status.require_prepared(cfg)
     accepted = set(overrides)
     checks = []
