@@ -30,7 +30,7 @@ from psycopg import sql
 from migrator import catalog, db, inspect, ownership, schema, state
 from migrator.catalog import Table
 from migrator.config import CAPTURE_SCHEMA, Config, TableFilter
-from migrator.errors import Blocked, MigratorError, NotReady
+from migrator.errors import Blocked, ConnectionFailed, MigratorError, NotReady
 from migrator.log import get
 
 ROW_TRIGGER = "_migrator_capture"
@@ -421,6 +421,13 @@ def prepare(cfg: Config, *, overrides: Iterable[str] = ()) -> PrepareResult:
             state.record_override(target, name, detail, _os_user(), role)
             log.warning("prepare.blocker_overridden", blocker=name, db_role=role)
         target.commit()
+        done = state.cleaned_up(target)
+        if done is not None:
+            # Changes since cleanup were not recorded: capturing again would sync from a position that misses them.
+            raise NotReady(f"this migration was cleaned up by `migrator cleanup` at {done:%Y-%m-%d %H:%M:%S} UTC; "
+                           "changes on the legacy database since then were not recorded",
+                           hint="To migrate again, point [target] at a new, empty database and run "
+                                "`migrator prepare --yes`.")
         m = state.migration(target)
         assert m is not None
         created_schema = False
@@ -662,6 +669,21 @@ def cleanup(cfg: Config, *, release_freeze: bool = False, migration: str | None 
                 hint="If clients have moved and writes to the legacy database are acceptable again, run "
                      "`migrator cleanup --release-freeze --yes`; otherwise leave it frozen.",
             )
+        if migration is None:
+            # A named migration is another one, abandoned: the configured target's migration goes on.
+            _record_cleanup(cfg)
         removed = remove(source, cfg.sync.lock_timeout)
         log.info("cleanup.done", triggers=removed)
     return CleanupResult(removed, True)
+
+
+def _record_cleanup(cfg: Config) -> None:
+    """Record on the target, before capture goes, that the migration ends: sync, copy and cutover then say so
+    instead of blaming triggers dropped by hand. A target that is gone (an abandoned migration) does not keep the
+    legacy database from being cleaned."""
+    try:
+        with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
+            if state.exists(target):
+                state.record_cleanup(target)
+    except ConnectionFailed as exc:
+        get(phase="cleanup").warning("cleanup.not_recorded", error=str(exc).splitlines()[0])

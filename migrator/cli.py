@@ -1,7 +1,9 @@
 """The command line: parses arguments, calls the phase function, renders its result as text or --json.
 
-Only this module turns errors into messages and exit codes: 0 done, 1 a finding the operator must look at
-(differences, blockers, declined), 2 an error, 3 a cutover that stopped (legacy database writable again).
+Only this module turns errors into messages and exit codes (declared once, `errors.ExitCode`): 0 done, 1 a finding
+the operator must look at (differences, blockers, no-go, declined), 2 an error, 3 a cutover that stopped (legacy
+database writable again), 64 a usage error, 130 interrupted by SIGINT, 143 stopped by SIGTERM. Each command declares
+its own meanings with `exits`, which ends its --help with them; the README's table is generated from the same.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import psycopg
 from migrator import config as config_mod
 from migrator import log as log_mod
 from migrator.config import Config
-from migrator.errors import Blocked, MigratorError
+from migrator.errors import Blocked, ExitCode, Interrupted, MigratorError, database_hint
 from migrator.inspect import OVERRIDABLE as OVERRIDABLE_BLOCKERS
 from migrator.redaction import database_error, scrub
 
 F = TypeVar("F", bound=Callable[..., Any])
+C = TypeVar("C", bound=click.Command)
 
 
 class Ctx:
@@ -36,6 +39,65 @@ class Ctx:
         if self._cfg is None:
             self._cfg = config_mod.load(self.config_path)
         return self._cfg
+
+    @property
+    def roles(self) -> str:
+        """The roles migrator connects as, for a privilege error ("" before the configuration is loaded)."""
+        if self._cfg is None:
+            return ""
+        users = {}
+        for side, dsn in (("source", self._cfg.source_dsn), ("target", self._cfg.target_dsn)):
+            try:
+                users[side] = psycopg.conninfo.conninfo_to_dict(dsn).get("user") or "the default user"
+            except psycopg.ProgrammingError:
+                users[side] = "?"
+        return ", ".join(f"{side}: {user}" for side, user in users.items())
+
+
+# --- exit codes ---------------------------------------------------------------------------------------------------
+
+EVERY_COMMAND = (ExitCode.OK, ExitCode.ERROR, ExitCode.USAGE, ExitCode.INTERRUPTED, ExitCode.TERMINATED)
+_EXITS: dict[click.Command, dict[ExitCode, str]] = {}
+
+
+def exits(specific: dict[ExitCode, str] | None = None) -> Callable[[C], C]:
+    """Declare a command's exit codes (those of every command, and its own meanings) and end its --help with them."""
+    def declare(command: C) -> C:
+        codes = {code: code.meaning for code in EVERY_COMMAND} | (specific or {})
+        _EXITS[command] = codes
+        command.epilog = "\b\nExit codes:\n" + "\n".join(f"  {int(c):<4} {codes[c]}" for c in sorted(codes))
+        return command
+    return declare
+
+
+def exit_codes() -> dict[str, dict[ExitCode, str]]:
+    """Every command's exit codes by its full name ("objects sync"), as declared with `exits`."""
+    found: dict[str, dict[ExitCode, str]] = {}
+
+    def walk(group: click.Group, prefix: str) -> None:
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                walk(command, f"{prefix}{name} ")
+            else:
+                found[f"{prefix}{name}"] = _EXITS[command]
+    walk(main, "")
+    return found
+
+
+def exit_code_table() -> str:
+    """The README's table: each code, what it means, and which commands give it (with their own meaning)."""
+    commands = exit_codes()
+    lines = ["| code | meaning | commands |", "| --- | --- | --- |"]
+    for code in ExitCode:
+        having = {name: codes[code] for name, codes in commands.items() if code in codes}
+        own = "; ".join(f"`{name}`: {text}" for name, text in having.items() if text != code.meaning)
+        if len(having) == len(commands):
+            which = "every command" + (f" ({own})" if own else "")
+        else:
+            which = "; ".join(f"`{name}`: {text}" if text != code.meaning else f"`{name}`"
+                              for name, text in having.items())
+        lines.append(f"| {int(code)} | {code.meaning} | {which} |")
+    return "\n".join(lines)
 
 
 def _emit(result: Any, as_json: bool, text: Callable[[], str] | None = None) -> None:
@@ -58,11 +120,17 @@ def _confirm(yes: bool, what: str) -> None:
         raise Blocked("declined by the operator")
 
 
+_signalled: list[int] = []
+"""The signals received (SIGINT, SIGTERM): an interrupted command exits 128 + the first one's number."""
+
+
 def _stop_on_signals() -> threading.Event:
+    """For commands that stop cleanly: SIGINT and SIGTERM set the event instead of raising KeyboardInterrupt."""
     stop = threading.Event()
 
     def handler(signum: int, _: Any) -> None:
         log_mod.get(phase="cli").info("cli.stopping", signal=signal.Signals(signum).name)
+        _signalled.append(signum)
         stop.set()
 
     signal.signal(signal.SIGINT, handler)
@@ -70,10 +138,21 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+def _terminate(signum: int, _: Any) -> None:
+    """SIGTERM stops a command as Ctrl-C does (KeyboardInterrupt: what it holds is released on the way out)."""
+    _signalled.append(signum)
+    raise KeyboardInterrupt
+
+
+def _interrupted_code() -> ExitCode:
+    return ExitCode.TERMINATED if _signalled and _signalled[0] == signal.SIGTERM else ExitCode.INTERRUPTED
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON for scripts.")
 yes_option = click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 
 
+@exits({code: code.meaning for code in ExitCode})
 @click.group()
 @click.option("--config", "config_path", default=None, metavar="FILE",
               help="Configuration file (default ./migration.toml).")
@@ -84,9 +163,13 @@ yes_option = click.option("--yes", is_flag=True, help="Do not ask for confirmati
 def main(ctx: click.Context, config_path: str | None, log_json: bool | None, log_level: str) -> None:
     """Zero-downtime delta migration of a live PostgreSQL database onto a new server."""
     log_mod.configure(json=log_json, level=log_level)
-    ctx.obj = Ctx(config_path)
+    if isinstance(ctx.obj, Ctx):  # made by run(), which reads it again to word an error
+        ctx.obj.config_path = config_path
+    else:
+        ctx.obj = Ctx(config_path)
 
 
+@exits({ExitCode.FINDING: "blockers found"})
 @main.command()
 @json_option
 @click.pass_obj
@@ -96,9 +179,10 @@ def inspect(obj: Ctx, as_json: bool) -> None:
 
     report = inspect_mod.run(obj.cfg)
     _emit(report, as_json, report.render_text)
-    sys.exit(0 if report.ready else 1)
+    sys.exit(ExitCode.OK if report.ready else ExitCode.FINDING)
 
 
+@exits({ExitCode.FINDING: "declined, or a preflight check refused"})
 @main.command()
 @yes_option
 @click.option("--override", "overrides", multiple=True, metavar="BLOCKER",
@@ -119,6 +203,7 @@ def prepare(obj: Ctx, yes: bool, overrides: tuple[str, ...], as_json: bool) -> N
         + (f"; blocker(s) overridden: {', '.join(result.overridden)} (recorded)" if result.overridden else "")))
 
 
+@exits()
 @main.command()
 @click.option("--workers", type=int, default=None, help="Worker processes (default: [copy] workers, CPU count).")
 @click.option("--tables", "only", multiple=True, metavar="SCHEMA.TABLE", help="Copy these tables again.")
@@ -157,6 +242,8 @@ def copy(obj: Ctx, workers: int | None, only: tuple[str, ...], max_rate: float |
         f"{result.seconds:.1f}s (post-data {result.post_data_seconds:.1f}s); {len(result.skipped)} already copied"))
 
 
+@exits({ExitCode.OK: "caught up; --follow: stopped by SIGINT or SIGTERM",
+        ExitCode.FINDING: "--check-lag: the oldest pending change is older than SECONDS"})
 @main.command()
 @click.option("--until-caught-up", "mode", flag_value="once", default=True,
               help="Apply until nothing is pending, then exit 0 (default).")
@@ -174,7 +261,7 @@ def sync(obj: Ctx, mode: str, check_lag: float | None, as_json: bool) -> None:
         behind = (lag.oldest_pending_seconds or 0.0) > check_lag
         _emit(lag, as_json, lambda: f"{lag.pending_events} events pending, oldest "
                                     f"{lag.oldest_pending_seconds or 0:.1f}s ({'over' if behind else 'within'} {check_lag}s)")
-        sys.exit(1 if behind else 0)
+        sys.exit(ExitCode.FINDING if behind else ExitCode.OK)
     stop = _stop_on_signals()
     live = mode == "follow" and not as_json
 
@@ -189,6 +276,8 @@ def sync(obj: Ctx, mode: str, check_lag: float | None, as_json: bool) -> None:
         f"{'caught up' if result.caught_up else 'stopped'}"))
 
 
+@exits({ExitCode.FINDING: "rows (or files) differ, listed by key",
+        ExitCode.ERROR: "could not verify a table (or the files); the report says why"})
 @main.command()
 @click.option("--tables", multiple=True, metavar="SCHEMA.TABLE", help="Verify only these tables.")
 @click.option("--objects", "with_objects", is_flag=True, help="Also prove the files of [objects] in the target store.")
@@ -203,6 +292,7 @@ def verify(obj: Ctx, tables: tuple[str, ...], with_objects: bool, show_values: b
     """Row parity (and, with --objects, the files): exit 0 identical, 1 differences (listed by key), 2 could not
     verify."""
     from migrator import parity
+    from migrator import status as status_mod
 
     live = not as_json and sys.stderr.isatty()
 
@@ -213,6 +303,10 @@ def verify(obj: Ctx, tables: tuple[str, ...], with_objects: bool, show_values: b
                            progress=show if live else None, buckets=cast(parity.Buckets, buckets))
     if live:
         click.echo("", err=True)
+    if report.exit_code == ExitCode.ERROR:
+        # Any two databases can be compared, but a target `prepare` never saw explains every table it lacks: say so
+        # instead. (After `cleanup`, comparing the two sides still makes sense.)
+        status_mod.require_prepared(obj.cfg, after_cleanup=True)
     if not with_objects:
         _emit(report, as_json, report.render_text)
         sys.exit(report.exit_code)
@@ -227,11 +321,14 @@ def verify(obj: Ctx, tables: tuple[str, ...], with_objects: bool, show_values: b
     sys.exit(max(report.exit_code, found.exit_code))
 
 
+@exits()
 @main.group("objects")
 def objects_group() -> None:
     """The files rows point to (DICOM images, PDFs): copy them into the target store."""
 
 
+@exits({ExitCode.OK: "done; --follow: stopped by SIGINT or SIGTERM",
+        ExitCode.FINDING: "some files could not be copied"})
 @objects_group.command("sync")
 @click.option("--follow", is_flag=True, help="Keep copying new files every poll_interval; SIGINT/SIGTERM stop.")
 @click.option("--workers", type=int, default=None, help="Files copied at once (default [objects] workers).")
@@ -247,10 +344,14 @@ def objects_sync(obj: Ctx, follow: bool, workers: int | None, max_rate: float | 
     with CopyProgress(enabled=not as_json and sys.stderr.isatty()) as progress:
         result = objects.sync(obj.cfg, follow=follow, stop=stop, workers=workers, max_rate=max_rate,
                               progress=lambda files, nbytes: progress.update("objects", files, nbytes))
+    if stop.is_set() and not follow:
+        raise Interrupted(f"objects sync stopped before its pass was over ({result.copied} files copied, and "
+                          "recorded)")
     _emit(result, as_json, result.render_text)
-    sys.exit(0 if result.ok else 1)
+    sys.exit(ExitCode.OK if result.ok else ExitCode.FINDING)
 
 
+@exits()
 @main.command()
 @json_option
 @click.pass_obj
@@ -263,6 +364,8 @@ def status(obj: Ctx, as_json: bool) -> None:
     _emit(st, as_json, lambda: render_status(st))
 
 
+@exits({ExitCode.FINDING: "no-go (also --check), or declined",
+        ExitCode.CUTOVER_STOPPED: ExitCode.CUTOVER_STOPPED.meaning})
 @main.command()
 @yes_option
 @click.option("--override", "overrides", multiple=True, metavar="ITEM",
@@ -287,7 +390,7 @@ def cutover(obj: Ctx, yes: bool, overrides: tuple[str, ...], hold_: bool, releas
         checklist = gonogo.run(obj.cfg, overrides=overrides)
         _emit({"go": checklist.go, "checklist": checklist.to_list()}, as_json,
               lambda: f"go/no-go: {'GO' if checklist.go else 'NO GO'}\n{checklist.render_text()}")
-        sys.exit(0 if checklist.go else 1)
+        sys.exit(ExitCode.OK if checklist.go else ExitCode.FINDING)
     if hold_:
         cutover_mod.hold(obj.cfg)
         _emit({"hold": True}, as_json, lambda: "held: a cutover waits at the go/no-go point until "
@@ -314,6 +417,7 @@ def cutover(obj: Ctx, yes: bool, overrides: tuple[str, ...], hold_: bool, releas
     _emit(report, as_json, report.render_text)
 
 
+@exits({ExitCode.FINDING: "declined"})
 @main.command()
 @yes_option
 @click.pass_obj
@@ -326,6 +430,7 @@ def release(obj: Ctx, yes: bool) -> None:
     click.echo("released: the legacy database takes writes again")
 
 
+@exits({ExitCode.FINDING: "declined"})
 @main.command()
 @yes_option
 @click.option("--release-freeze", is_flag=True, help="Also end a post-cutover freeze (legacy becomes writable).")
@@ -347,6 +452,8 @@ def cleanup(obj: Ctx, yes: bool, release_freeze: bool, migration_id: str | None,
                   + (f"; {on_target} triggers on the target (the rollback window is over)" if on_target else ""))
 
 
+@exits({ExitCode.FINDING: "declined",
+        ExitCode.CUTOVER_STOPPED: "the rollback stopped; clients stay on the target, which takes writes"})
 @main.command(name="rollback")
 @yes_option
 @json_option
@@ -361,6 +468,7 @@ def rollback_(obj: Ctx, yes: bool, as_json: bool) -> None:
     _emit(report, as_json, report.render_text)
 
 
+@exits({ExitCode.FINDING: "the rehearsal failed (see its report)"})
 @main.command()
 @click.option("--scale", type=float, default=0.01, show_default=True, help="Size of the synthetic PACS (1 ≈ 1.5 M rows).")
 @click.option("--workload-tps", type=float, default=40.0, show_default=True, help="Write transactions/s per writer.")
@@ -373,32 +481,49 @@ def rehearse(scale: float, workload_tps: float, writers: int, keep: bool, as_jso
 
     report = rehearse_mod.run(scale=scale, tps=workload_tps, writers=writers, keep=keep)
     _emit(report, as_json, report.render_text)
-    sys.exit(0 if report.ok else 1)
+    sys.exit(ExitCode.OK if report.ok else ExitCode.FINDING)
 
 
 def run() -> None:
-    """Entry point with error handling: our errors become a message, a hint and an exit code."""
+    """Entry point with error handling: our errors become a message, a hint and an exit code (`errors.ExitCode`)."""
+    obj = Ctx(None)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
-        main.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(1)
+        main.main(standalone_mode=False, obj=obj)
+    except click.exceptions.Abort:  # KeyboardInterrupt (SIGINT, or SIGTERM through _terminate), or Ctrl-D at a prompt
+        click.echo("interrupted; run the same command again to continue: it resumes from the recorded state",
+                   err=True)
+        sys.exit(_interrupted_code())
+    except click.UsageError as exc:
+        exc.show()
+        sys.exit(ExitCode.USAGE)
     except click.ClickException as exc:
         exc.show()
-        sys.exit(exc.exit_code)
+        sys.exit(ExitCode.ERROR)
+    except Interrupted as exc:
+        _fail("interrupted", scrub(str(exc)), exc.hint)
+        sys.exit(_interrupted_code())
     except MigratorError as exc:
-        click.echo(f"error: {scrub(str(exc))}", err=True)
-        if exc.hint:
-            click.echo(f"what to do: {exc.hint}", err=True)
+        _fail("error", scrub(str(exc)), exc.hint)
         sys.exit(exc.exit_code)
     except psycopg.Error as exc:
-        click.echo(f"error: database error: {database_error(exc)}", err=True)
-        click.echo("what to do: check that both servers are reachable and run the command again; every command "
-                   "resumes from the recorded state.", err=True)
-        sys.exit(2)
+        _fail("error", f"database error{f' (SQLSTATE {exc.sqlstate})' if exc.sqlstate else ''}: "
+                       f"{database_message(exc)}", database_hint(exc, obj.roles))
+        sys.exit(ExitCode.ERROR)
     except KeyboardInterrupt:
         click.echo("interrupted; run the same command again to continue", err=True)
-        sys.exit(130)
+        sys.exit(_interrupted_code())
+
+
+def database_message(exc: psycopg.Error) -> str:
+    """A database error as the operator reads it: the one place its text is formatted (never a password)."""
+    return database_error(exc)
+
+
+def _fail(what: str, message: str, hint: str) -> None:
+    click.echo(f"{what}: {message}", err=True)
+    if hint:
+        click.echo(f"what to do: {hint}", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

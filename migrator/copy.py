@@ -98,6 +98,8 @@ Overall = Callable[[int, int], None]
 """overall(done, total): estimated source bytes of the run's chunks copied so far (in-flight ones in part), of all."""
 _LOG_PROGRESS_EVERY = 10.0
 """Seconds between the coordinator's `copy.progress` log events (percentage done, estimated time left)."""
+STOP_WORKERS_WITHIN = 5.0
+"""Seconds local workers get to end after the coordinator is interrupted, before they are killed."""
 
 
 # --- planning -----------------------------------------------------------------------------------------------------
@@ -115,9 +117,11 @@ def plan(cur: psycopg.Cursor[Any], table: Table, chunk_bytes: int) -> list[tuple
     n = min(math.ceil(table.bytes / chunk_bytes), 256)
     # About 200 sampled keys per chunk; SYSTEM sampling reads whole pages, so it costs a fraction of a scan.
     percent = min(100.0, max(0.01, 100.0 * 200 * n / table.est_rows))
-    cur.execute(sql.SQL("SELECT {} FROM ONLY {} TABLESAMPLE SYSTEM ({}) ORDER BY {}").format(
+    # ORDER BY names the columns through the table's alias: unqualified, "id" would be the output column, the key's
+    # text form, and integer bounds sorted as text ('11533' < '2540') would make chunks overlap.
+    cur.execute(sql.SQL("SELECT {} FROM ONLY {} AS t TABLESAMPLE SYSTEM ({}) ORDER BY {}").format(
         _key_text(table), table.ident, sql.Literal(percent),
-        sql.SQL(", ").join(sql.Identifier(k) for k in table.key)))
+        sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(k)) for k in table.key)))
     sample = [list(r) for r in cur.fetchall()]
     bounds: list[list[str]] = []
     for i in range(1, n):
@@ -235,6 +239,11 @@ class _Worker:
         self.name = name
         self.log = get(phase="copy", worker=name)
         self.control = db.connect(cfg.target_dsn, role="target", autocommit=True)
+        try:
+            state.require_prepared(self.control)
+        except NotReady:
+            self.control.close()
+            raise
         self.rate_share: float | None = None
         self.tables: dict[tuple[str, str], Table] = {}
         self.tables_snapshot: str | None = None
@@ -430,12 +439,14 @@ def _die_with_parent() -> None:
 def pause(cfg: Config) -> None:
     """Ask every copy worker to stop reading the source within a second or two (they keep their place)."""
     with db.session(cfg.target_dsn, role="target") as target:
+        state.require_prepared(target)
         state.set_flag(target, PAUSE_FLAG, "paused by the operator")
         target.commit()
 
 
 def resume(cfg: Config) -> None:
     with db.session(cfg.target_dsn, role="target") as target:
+        state.require_prepared(target)
         state.clear_flag(target, PAUSE_FLAG)
         target.commit()
 
@@ -453,9 +464,7 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
     workers = max(1, workers or cfg.copy.workers)
     rate = max_rate if max_rate is not None else cfg.copy.max_rate
     with db.session(cfg.target_dsn, role="target") as target, db.session(cfg.source_dsn, role="source") as holder:
-        m = state.migration(target)
-        if m is None or m.prepared_at is None:
-            raise NotReady("the migration is not prepared", hint="Run `migrator prepare` first.")
+        m = state.require_prepared(target)
         if capture.is_frozen(holder):
             raise NotReady("the legacy database is frozen after cutover; there is nothing to copy")
         holder.rollback()
@@ -522,8 +531,7 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
         try:
             failed = _supervise(cfg, target, workers, coordinator, progress, overall)
         finally:
-            state.finish_copy_run(target)
-            target.commit()
+            _end_run(cfg, target)
             holder.rollback()
         if failed:
             message, hint = failed[0]
@@ -541,8 +549,7 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
                                            sum(c.bytes_copied or 0 for c in mine), seconds, len(mine)))
             if progress:
                 progress(name, sum(c.rows_copied or 0 for c in mine), sum(c.bytes_copied or 0 for c in mine))
-        m = state.migration(target)
-        assert m is not None
+        m = state.require_prepared(target)
         target.commit()
         t0 = time.monotonic()
         pending_post_data = [tuple(n) for n in json.loads(state.flag(target, capture.POST_DATA_PENDING) or "[]")]
@@ -631,11 +638,44 @@ def _supervise(cfg: Config, target: psycopg.Connection[Any], workers: int, coord
             eta.log(done, total)
             target.commit()
             time.sleep(0.3)
+    except BaseException:
+        # Interrupted (SIGINT, SIGTERM) or failed: the workers must not copy on, nor outlive this process, even
+        # when paused. A chunk cut short rolls back with its transaction; the next run copies it again.
+        _stop_workers(list(procs.values()))
+        raise
     finally:
         for proc in procs.values():
             proc.join()
-        target.rollback()
+    target.rollback()
     return failed
+
+
+def _end_run(cfg: Config, target: psycopg.Connection[Any]) -> None:
+    """Mark the run finished: its snapshot is no longer importable, and workers of other hosts stop waiting. An
+    interrupt (KeyboardInterrupt) can cut a statement of the coordinator's session short and leave it unusable;
+    then a new session records it."""
+    try:
+        target.rollback()
+        state.finish_copy_run(target)
+        target.commit()
+    except psycopg.Error:
+        with db.session(cfg.target_dsn, role="target") as fresh:
+            state.finish_copy_run(fresh)
+            fresh.commit()
+
+
+def _stop_workers(procs: list[Any]) -> None:
+    """End local worker processes within a bound: SIGTERM (a worker that is starting, or loading a chunk, ends at
+    once; its transactions roll back on the servers), then SIGKILL after STOP_WORKERS_WITHIN seconds."""
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    deadline = time.monotonic() + STOP_WORKERS_WITHIN
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
 
 
 def _estimated_done(chunks: list[state.Chunk], active: list[dict[str, Any]]) -> tuple[int, int]:

@@ -101,8 +101,8 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
                    "(not recorded: the target holds the control schema)", checklist=checklist.render_text()) from exc
     with db.session(cfg.target_dsn, role="target", autocommit=True) as target, \
             db.session(cfg.source_dsn, role="source") as source:
-        m = state.migration(target)
-        if m is None or m.copy_finished_at is None:
+        m = state.require_prepared(target)
+        if m.copy_finished_at is None:
             raise NotReady("copy has not finished", hint="Run `migrator copy` and `migrator sync` first.")
         if m.cutover_at is not None and m.frozen:
             log.info("cutover.nothing_to_do")
@@ -320,8 +320,7 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
 def hold(cfg: Config, reason: str = "held by the operator") -> None:
     """Postpone: a cutover (running or to come) waits at the go/no-go point until `release_hold`."""
     with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
-        if not state.exists(target):
-            raise NotReady("the migration is not prepared; there is no cutover to hold")
+        state.require_prepared(target)
         state.set_flag(target, state.HOLD_FLAG, reason)
 
 

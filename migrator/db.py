@@ -57,6 +57,24 @@ def session(dsn: str, *, role: str, autocommit: bool = False, **kwargs: Any) -> 
         conn.close()
 
 
+def lock_wait(monitor: psycopg.Connection[Any], pid: int) -> str | None:
+    """What the session `pid` waits for, read from another session (`monitor`) of the same database: the lock it
+    has not been granted and the sessions holding it (pid, role, application, state; never their queries, which may
+    carry patient data). None when it waits for no lock."""
+    row = monitor.execute(
+        "SELECT (SELECT coalesce(format('%%I.%%I', n.nspname, c.relname), l.locktype) || ' (to take ' || l.mode "
+        "               || ')' FROM pg_locks l LEFT JOIN pg_class c ON c.oid = l.relation "
+        "               LEFT JOIN pg_namespace n ON n.oid = c.relnamespace WHERE l.pid = %(p)s AND NOT l.granted "
+        "               LIMIT 1), "
+        "       array(SELECT format('pid %%s (%%s, %%s, %%s)', b.pid, b.usename, "
+        "                           coalesce(nullif(b.application_name, ''), 'no application name'), b.state) "
+        "             FROM pg_stat_activity b WHERE b.pid = ANY (pg_blocking_pids(%(p)s)) ORDER BY b.pid)",
+        {"p": pid}).fetchone()
+    if row is None or row[0] is None:
+        return None
+    return f"a lock on {row[0]}" + (f", blocked by {', '.join(row[1])}" if row[1] else "")
+
+
 def qualified(schema: str, name: str) -> sql.Composed:
     return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name))
 

@@ -3,15 +3,57 @@
 Every failure the engine can name is a `MigratorError`; each carries `hint`, the action an operator should take, and
 `exit_code`. Database errors are re-raised as ours with the original attached as `__cause__`. Only the CLI entry point
 turns these into a message and an exit code; library code never calls `sys.exit`.
+
+The exit codes are declared here once (`ExitCode`); the CLI lists each command's in its `--help`, and the README's
+table is checked against them.
 """
 
 from __future__ import annotations
+
+import re
+from enum import IntEnum
+
+import psycopg
+
+
+class ExitCode(IntEnum):
+    """What a command's exit status means, for every command (scripts and monitoring test these)."""
+
+    OK = 0
+    """Done."""
+    FINDING = 1
+    """A finding the operator must look at: differences, blockers, no-go, declined, lag over its bound."""
+    ERROR = 2
+    """An error: the command could not do (or could not verify) what it was asked; the message says what to do."""
+    CUTOVER_STOPPED = 3
+    """A cutover stopped after it began; the legacy database was made writable again."""
+    USAGE = 64
+    """A usage error: unknown option, bad value, options that exclude each other (EX_USAGE of sysexits.h)."""
+    INTERRUPTED = 130
+    """Interrupted by SIGINT (Ctrl-C): what was done is kept; run the same command again to continue."""
+    TERMINATED = 143
+    """Stopped by SIGTERM: as for SIGINT."""
+
+    @property
+    def meaning(self) -> str:
+        return _MEANINGS[self]
+
+
+_MEANINGS = {
+    ExitCode.OK: "done",
+    ExitCode.FINDING: "a finding the operator must look at (differences, blockers, no-go, declined, lag over bound)",
+    ExitCode.ERROR: "an error: could not do or could not verify it; the message says what to do",
+    ExitCode.CUTOVER_STOPPED: "the cutover stopped; the legacy database is writable again",
+    ExitCode.USAGE: "usage error (unknown option, bad value, options that exclude each other)",
+    ExitCode.INTERRUPTED: "interrupted (SIGINT, Ctrl-C); run the same command again to continue",
+    ExitCode.TERMINATED: "stopped by SIGTERM; run the same command again to continue",
+}
 
 
 class MigratorError(Exception):
     """Base of every error migrator raises on purpose."""
 
-    exit_code = 2
+    exit_code: int = ExitCode.ERROR
     default_hint = ""
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
@@ -32,13 +74,20 @@ class ConnectionFailed(MigratorError):
 
 
 class NotReady(MigratorError):
-    """A phase was started before the one it depends on finished."""
+    """A phase was started before the one it depends on finished (or after `cleanup` ended the migration)."""
+
+
+class Interrupted(MigratorError):
+    """The operator stopped the command (SIGINT, SIGTERM) before it finished; what it did is kept or rolled back."""
+
+    exit_code = ExitCode.INTERRUPTED
+    default_hint = "Run the same command again to continue: it resumes from the recorded state."
 
 
 class Blocked(MigratorError):
     """The operator declined, or a preflight check refused to go on."""
 
-    exit_code = 1
+    exit_code = ExitCode.FINDING
 
 
 class SchemaChanged(MigratorError):
@@ -67,7 +116,7 @@ class CopyError(MigratorError):
 class CutoverFailed(MigratorError):
     """The cutover stopped; the legacy database was made writable again."""
 
-    exit_code = 3
+    exit_code = ExitCode.CUTOVER_STOPPED
 
 
 class ToolMissing(MigratorError):
@@ -92,3 +141,47 @@ class PoolerError(MigratorError):
 
     default_hint = ("Check [cutover] pgbouncer_admin_dsn (a user in admin_users), pooler_databases and "
                     "pgbouncer_ini; `SHOW DATABASES` on the admin console shows what the pooler serves.")
+
+
+# --- database errors that reach the operator unnamed --------------------------------------------------------------
+# A psycopg error no phase turned into one of ours: the hint follows its SQLSTATE (class), and the schema it names.
+
+def database_hint(exc: psycopg.Error, roles: str = "") -> str:
+    """What to do about a database error, by its SQLSTATE; `roles` names the roles migrator connects as (for a
+    privilege error), e.g. "source: alice, target: bob"."""
+    from migrator.config import CAPTURE_SCHEMA, CONTROL_SCHEMA  # config imports this module
+
+    state = exc.sqlstate or ""
+    text = str(exc)
+    if state in ("42P01", "42704", "3F000", "42883"):  # undefined table, object, schema, function
+        schema = re.search(rf'(?<!\w)"?({re.escape(CONTROL_SCHEMA)}|{re.escape(CAPTURE_SCHEMA)})"?\.', text)
+        if schema and schema.group(1) == CONTROL_SCHEMA:
+            return "The target has no control schema: run `migrator prepare --yes` first."
+        if schema:
+            return ("The legacy database has no capture (schema _migrator): run `migrator prepare --yes` first; "
+                    "if `migrator cleanup` removed it, this migration is over.")
+        return ("An object named above does not exist: it was dropped or renamed during the migration (DDL), or "
+                "[tables] names something the servers do not have. Check it on both servers; after DDL, follow "
+                "the runbook (prepare, copy, sync).")
+    if state == "42501" or state.startswith("28"):  # insufficient privilege; invalid authorization
+        who = f" ({roles})" if roles else ""
+        return (f"A role migrator connects as{who} lacks the privilege named above. Grant it (the source role must "
+                "read the captured tables and create triggers on them; the target role must be a superuser or "
+                "the database owner with SET ON PARAMETER session_replication_role), or connect as a role that "
+                "has it; then run the command again.")
+    if state == "55P03":  # lock not available
+        return ("Another session holds a lock migrator needs (pg_locks shows which); run the command again when it "
+                "has finished, or end that session.")
+    if state == "57014":  # query canceled: statement_timeout, or cancelled by an operator
+        return ("A statement was cancelled (statement_timeout, or pg_cancel_backend); run the command again; if it "
+                "repeats, raise [sync] statement_timeout or find what slows the server.")
+    if state in ("40001", "40P01"):  # serialization failure, deadlock
+        return "A concurrent transaction conflicted with this one; run the command again."
+    if state.startswith("53"):  # insufficient resources
+        return ("The server named above lacks resources (disk space, memory or connections, see the message); "
+                "free them and run the command again.")
+    if state.startswith("08") or state.startswith("57P") or isinstance(exc, psycopg.OperationalError):
+        return ("The connection to a server was lost or refused: check that both servers are reachable and run the "
+                "command again; every command resumes from the recorded state.")
+    return ("The database refused a statement (SQLSTATE above); every command resumes from the recorded state, so "
+            "run it again once the cause is fixed; if it repeats, keep the log for a bug report.")

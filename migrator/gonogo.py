@@ -21,7 +21,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg import sql
 
-from migrator import catalog, db, inspect, pooler, replay, state
+from migrator import catalog, db, inspect, pooler, replay, state, status
 from migrator.config import Config
 from migrator.redaction import scrub
 
@@ -161,7 +161,9 @@ _CHECKS: dict[str, Callable[[Config], tuple[State, str]]] = {
 
 
 def run(cfg: Config, *, overrides: Iterable[str] = ()) -> Checklist:
-    """Every item's state; an item that raises fails with the error as its detail."""
+    """Every item's state; an item that raises fails with the error as its detail. NotReady before `prepare` or
+    after `cleanup` (a target that cannot be reached fails its item instead)."""
+    status.require_prepared(cfg)
     accepted = set(overrides)
     checks = []
     for item in ITEMS:

@@ -34,12 +34,14 @@ from psycopg import sql
 from migrator import capture, catalog, db, ownership, schema, state
 from migrator.catalog import Table
 from migrator.config import CAPTURE_SCHEMA, Config
-from migrator.errors import ConnectionFailed, NotReady, ReplayError, SchemaChanged
+from migrator.errors import ConnectionFailed, Interrupted, NotReady, ReplayError, SchemaChanged
 from migrator.log import get
 from migrator.redaction import KeyMask
 
 BATCH_TABLE = "_migrator_batch"
 KEYS_TABLE = "_migrator_keys"
+WAIT_REPORT_AFTER = 2.0
+"""Seconds a batch runs before sync looks for a lock it waits for (and again as often while it runs)."""
 
 
 @dataclass(frozen=True)
@@ -311,6 +313,69 @@ class _Applier:
         tcur.execute(sql.SQL("DELETE FROM {}").format(batch))
 
 
+class _Watch:
+    """Beside a running batch (a thread): on `stop`, cancel the statements of the batch's two sessions, so that it
+    rolls back at once instead of waiting (its changes and the new position commit together: nothing is lost or
+    applied twice); and while it lasts, name what it waits for (`sync.waiting`: the lock, the sessions holding it),
+    read through a separate session to each server opened only then."""
+
+    def __init__(self, cfg: Config, sessions: dict[str, psycopg.Connection[Any]], stop: threading.Event) -> None:
+        self.cfg = cfg
+        self.sessions = sessions
+        self.pids = {side: conn.info.backend_pid for side, conn in sessions.items()}
+        self.stop = stop
+        self.cancelled = False
+        self.waiting: str | None = None
+        """What the batch last waited for ("the target: a lock on ..., blocked by pid ..."), or None."""
+        self._done = threading.Event()
+        self._monitors: dict[str, psycopg.Connection[Any]] = {}
+        self._thread = threading.Thread(target=self._run, name="sync-watch", daemon=True)
+
+    def __enter__(self) -> _Watch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        next_look = started + WAIT_REPORT_AFTER
+        try:
+            while not self._done.wait(0.1):
+                if self.stop.is_set() and not self.cancelled:
+                    self.cancelled = True
+                    self._look(time.monotonic() - started)  # what it waited for, for the operator's message
+                    for conn in self.sessions.values():
+                        try:
+                            conn.cancel_safe(timeout=5.0)
+                        except psycopg.Error:
+                            pass  # the session is gone: its transaction rolls back all the same
+                if time.monotonic() >= next_look:
+                    next_look = time.monotonic() + WAIT_REPORT_AFTER
+                    self._look(time.monotonic() - started)
+        finally:
+            for conn in self._monitors.values():
+                conn.close()
+
+    def _look(self, seconds: float) -> None:
+        found = []
+        for side, pid in self.pids.items():
+            try:
+                if side not in self._monitors:
+                    dsn = self.cfg.source_dsn if side == "source" else self.cfg.target_dsn
+                    self._monitors[side] = db.connect(dsn, role=side, autocommit=True,
+                                                      application_name="migrator-sync-watch")
+                wait = db.lock_wait(self._monitors[side], pid)
+            except (psycopg.Error, ConnectionFailed):
+                continue  # looking is a courtesy; the batch itself reports a lost server
+            if wait is not None:
+                found.append(f"the {side}: {wait}")
+                get(phase="sync").warning("sync.waiting", side=side, seconds=round(seconds), waits_for=wait)
+        self.waiting = "; ".join(found) or None
+
+
 def check_schema(source: psycopg.Connection[Any], cfg: Config,
                  states: list[state.TableState]) -> dict[int, Table]:
     """The captured tables as the source defines them now; SchemaChanged when DDL changed, added or dropped one."""
@@ -361,9 +426,7 @@ class Syncer:
         self.log = get(phase="sync")
         self.source = db.connect(cfg.source_dsn, role="source")
         self.target = db.connect(cfg.target_dsn, role="target")
-        m = state.migration(self.target)
-        if m is None or m.prepared_at is None:
-            raise NotReady("the migration is not prepared", hint="Run `migrator prepare` and `migrator copy` first.")
+        m = state.require_prepared(self.target)
         ownership.check(self.source, m, "sync")
         self.states = state.tables(self.target)
         not_copied = [s.display for s in self.states if s.status != "copied"]
@@ -389,8 +452,25 @@ class Syncer:
         return {s.source_oid: s.copy_snapshot for s in self.states
                 if s.copy_snapshot and not applied.surely_contains(Snapshot.parse(s.copy_snapshot))}
 
-    def batch(self) -> BatchInfo:
-        """Apply one batch: everything committed on the source since the applied position."""
+    def batch(self, stop: threading.Event | None = None) -> BatchInfo:
+        """Apply one batch: everything committed on the source since the applied position.
+
+        Interrupted when `stop` is set while it runs: its statements are cancelled and it rolls back (the position
+        stays where it was)."""
+        watch = _Watch(self.cfg, {"source": self.source, "target": self.target}, stop or threading.Event())
+        try:
+            with watch:
+                info = self._batch()
+        except psycopg.errors.QueryCanceled as exc:
+            if not watch.cancelled:
+                raise
+            raise Interrupted(
+                "sync stopped during a batch"
+                + (f" that waited for {watch.waiting}" if watch.waiting else "")
+                + "; the batch was rolled back and the applied position is unchanged") from exc
+        return info
+
+    def _batch(self) -> BatchInfo:
         started = time.monotonic()
         src, tgt = self.source, self.target
         with src.cursor() as scur:
@@ -516,7 +596,8 @@ def sync(cfg: Config, *, follow: bool = False, stop: threading.Event | None = No
     """Apply batches until nothing committed is pending (or, with follow, until `stop` is set).
 
     Connection failures are retried with backoff (for ever with follow, `max_retries` times otherwise); errors that
-    need an operator (DDL, a refused change) stop it with the position unchanged.
+    need an operator (DDL, a refused change) stop it with the position unchanged. `stop` also cancels a batch in
+    progress (it rolls back): with follow that is the end of the run; without, Interrupted says what was left.
     """
     stop = stop or threading.Event()
     result = SyncResult()
@@ -529,7 +610,13 @@ def sync(cfg: Config, *, follow: bool = False, stop: threading.Event | None = No
             try:
                 if syncer is None:
                     syncer = Syncer(cfg)
-                info = syncer.batch()
+                try:
+                    info = syncer.batch(stop)
+                except Interrupted as exc:
+                    if not follow:
+                        raise
+                    log.info("sync.batch_cancelled", why=str(exc))
+                    break
                 failures = 0
                 result.batches += 1 if info.events else 0
                 result.events += info.events
@@ -563,10 +650,14 @@ def sync(cfg: Config, *, follow: bool = False, stop: threading.Event | None = No
         if syncer is not None:
             syncer.close()
     result.seconds = time.monotonic() - started
+    if not follow and not result.caught_up:
+        raise Interrupted(f"sync stopped before it caught up, after {result.events} events in {result.batches} "
+                          "batches; the rest stays pending")
     return result
 
 
 def lag(cfg: Config) -> Lag:
     with db.session(cfg.target_dsn, role="target") as target, db.session(cfg.source_dsn, role="source") as source:
-        pos = state.position(target) if state.exists(target) else None
+        state.require_prepared(target)
+        pos = state.position(target)
         return pending(source, pos.applied_snapshot if pos else None)

@@ -245,8 +245,8 @@ def run(cfg: Config, *, on_step: Callable[[str, str], None] | None = None) -> Ro
     log = get(phase="rollback")
     with db.session(cfg.target_dsn, role="target", autocommit=True) as target, \
             db.session(cfg.source_dsn, role="source", autocommit=True) as legacy:
-        m = state.migration(target)
-        if m is None or m.cutover_at is None:
+        m = state.require_prepared(target)
+        if m.cutover_at is None:
             raise NotReady("there is no completed cutover to roll back",
                            hint="`migrator status` shows the recorded cutover attempts.")
         if _armed_at(legacy) is None or not _has_capture(target):

@@ -24,9 +24,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from migrator.config import CAPTURE_SCHEMA, redact
+from migrator.config import CAPTURE_SCHEMA
 from migrator.errors import MigratorError, ToolMissing
 from migrator.log import get
+from migrator.redaction import scrub
 
 TRIGGER_PREFIX = "_migrator_"
 
@@ -54,7 +55,7 @@ def _run(args: list[str], env: dict[str, str], what: str) -> str:
     proc = subprocess.run(args, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise MigratorError(
-            f"{what} failed: {redact(proc.stderr.strip())[-2000:]}",
+            f"{what} failed: {scrub(proc.stderr.strip())[-2000:]}",
             hint="Fix the cause named above (objects the target lacks, such as roles or extensions) and run the command again.",
         )
     return proc.stdout
@@ -110,7 +111,7 @@ def load_section(source_dsn: str, target_dsn: str, section: str, *, jobs: int = 
             fatal = [e for e in errors if not _ALREADY_THERE.search(e)]
             if proc.returncode != 0 and (fatal or not errors):
                 raise MigratorError(
-                    f"pg_restore of {section} failed: {redact(chr(10).join(fatal) or proc.stderr.strip())[-2000:]}",
+                    f"pg_restore of {section} failed: {scrub(chr(10).join(fatal) or proc.stderr.strip())[-2000:]}",
                     hint="Fix the cause named above (objects the target lacks, such as roles or extensions) and run "
                          "the command again.",
                 )

@@ -10,6 +10,7 @@ import psycopg
 
 from migrator import capture, db, replay, state
 from migrator.config import Config
+from migrator.errors import ConnectionFailed
 
 
 @dataclass
@@ -25,6 +26,8 @@ class Status:
     frozen: bool | None = None
     overrides: list[dict[str, Any]] = field(default_factory=list)
     """Blockers accepted by name at prepare (`prepare --override`): name, detail, os_user, db_role, overridden_at."""
+    cleaned_up_at: dt.datetime | None = None
+    """When `migrator cleanup` removed capture from the legacy database (the migration is over)."""
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,7 +72,12 @@ def read(cfg: Config) -> Status:
         if pos is not None:
             st.sync = {"applied_snapshot": pos.applied_snapshot, "events_applied": pos.events_applied,
                        "batches": pos.batches, "updated_at": pos.updated_at}
+        cleaned = state.cleaned_up(target)
         now = target.execute("SELECT now()").fetchone()
+    if cleaned is not None:
+        # The legacy database holds no capture any more: nothing to read there but an error.
+        st.phase, st.cleaned_up_at = "cleaned up", cleaned
+        return st
     try:
         with db.session(cfg.source_dsn, role="source", autocommit=True) as source:
             st.frozen = capture.is_frozen(source)
@@ -84,6 +92,17 @@ def read(cfg: Config) -> Status:
     except (psycopg.Error, Exception) as exc:  # status must show what it can even when the source is down
         st.warnings.append(f"source not readable: {str(exc).splitlines()[0]}")
     return st
+
+
+def require_prepared(cfg: Config, *, after_cleanup: bool = False) -> None:
+    """NotReady unless `prepare` has run on this target (and, unless `after_cleanup`, no `cleanup` since): for
+    commands that have no target session of their own yet. A target that cannot be reached is left to the command,
+    whose own error or checklist names it."""
+    try:
+        with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
+            state.require_prepared(target, after_cleanup=after_cleanup)
+    except ConnectionFailed:
+        return
 
 
 def _log_warnings(cfg: Config, children: list[capture.LogChild], lag: replay.Lag, pos: state.Position | None,

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from migrator import capture, catalog, copy, cutover, inspect, replay
+from migrator import capture, catalog, copy, cutover, inspect, replay, state
 from migrator.config import Config
 from migrator.errors import Blocked, ConnectionFailed, NotReady
 from tests.helpers import fetch, run_sql
@@ -108,7 +108,11 @@ def test_sync_and_cleanup_refuse_a_capture_that_another_migration_owns(
     run_sql(source_dsn, *SCHEMA)
     capture.prepare(old)
     copy.run(old)
-    capture.cleanup(old)  # the old migration is abandoned; a new one starts from the same legacy database
+    # The old migration is abandoned: its capture is removed by naming it (its own target is not told), and a new
+    # migration starts from the same legacy database.
+    with psycopg.connect(target_dsn) as conn:
+        old_id = str(state.migration(conn).migration_id)  # type: ignore[union-attr]
+    capture.cleanup(new, migration=old_id)
     capture.prepare(new)
     copy.run(new)
     run_sql(source_dsn, "UPDATE public.patient SET note = 'x' WHERE id <= 20", "TRUNCATE public.audit")

@@ -20,6 +20,7 @@ from psycopg.rows import dict_row
 
 from migrator.catalog import Table
 from migrator.config import CONTROL_SCHEMA
+from migrator.errors import NotReady
 
 Conn = psycopg.Connection[Any]
 
@@ -81,6 +82,24 @@ def migration(conn: Conn) -> Migration | None:
         return None
     row.pop("id")
     return Migration(**row)
+
+
+def require_prepared(conn: Conn, *, after_cleanup: bool = False) -> Migration:
+    """The recorded migration; NotReady, naming what to run, when `prepare` has not run, or when `cleanup` has ended
+    it (unless `after_cleanup`: reading both sides, as verify does, still makes sense then). Every command that
+    needs the control schema (or the legacy database's capture) asks this first, instead of failing on a missing
+    relation."""
+    m = migration(conn)
+    if m is None or m.prepared_at is None:
+        raise NotReady("not prepared: the target has no migration recorded by `migrator prepare`",
+                       hint="Run `migrator prepare --yes` first (then `migrator copy`).")
+    done = cleaned_up(conn)
+    if done is not None and not after_cleanup:
+        raise NotReady(f"the migration was cleaned up: capture was removed from the legacy database by "
+                       f"`migrator cleanup` at {done:%Y-%m-%d %H:%M:%S} UTC, so changes since are not recorded",
+                       hint="Nothing is left to sync, copy, cut over or roll back for this migration. To migrate "
+                            "again, point [target] at a new, empty database and start with `migrator prepare`.")
+    return m
 
 
 def start_migration(conn: Conn, source: str) -> None:
@@ -263,6 +282,25 @@ def set_flag(conn: Conn, name: str, value: str) -> None:
 def clear_flag(conn: Conn, name: str) -> None:
     with conn.cursor() as cur:
         cur.execute(sql.SQL("DELETE FROM {} WHERE name = %s").format(_t("flag")), (name,))
+
+
+CLEANUP_FLAG = "cleanup.done"
+"""Set by `migrator cleanup` when it removes capture from the legacy database: the migration is over."""
+
+
+def record_cleanup(conn: Conn) -> None:
+    """Record the first cleanup (a second one keeps its time: that is when changes stopped being recorded)."""
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("INSERT INTO {} (name, value) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING")
+                    .format(_t("flag")), (CLEANUP_FLAG, "capture removed from the legacy database"))
+
+
+def cleaned_up(conn: Conn) -> dt.datetime | None:
+    """When `migrator cleanup` removed capture from the legacy database, or None."""
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT set_at FROM {} WHERE name = %s").format(_t("flag")), (CLEANUP_FLAG,))
+        row = cur.fetchone()
+    return row[0] if row else None
 
 
 def flag(conn: Conn, name: str) -> str | None:
