@@ -241,12 +241,12 @@ def from_dict(data: dict[str, Any], *, path: Path | None = None, env: dict[str, 
     _register_raw_secrets(data, env)
     problems: list[str] = []
     file = _validate(data, problems)
-    dsns: dict[str, str | None] = {}
+    dsns: dict[str, str] = {}
     for var, section in ENV_DSN.items():
         from_env = env.get(var, "").strip()
         where = var if from_env else f"[{section}] dsn"
-        dsn = from_env or (getattr(file, section).dsn if file is not None else None)
-        if dsn is None:
+        dsn = from_env or (getattr(file, section).dsn if file is not None else _raw_dsn(data, section))
+        if not dsn:
             if file is not None:
                 problems.append(f"[{section}] dsn: missing; set it in the file or in {var}")
             continue
@@ -272,6 +272,13 @@ def from_dict(data: dict[str, Any], *, path: Path | None = None, env: dict[str, 
                                "command again; the README's configuration section lists every key.")
     return Config(source_dsn=source, target_dsn=target, tables=file.tables, copy=file.copy, sync=file.sync,
                   cutover=file.cutover, path=path, objects=file.objects)
+
+
+def _raw_dsn(data: dict[str, Any], section: str) -> str | None:
+    """The DSN as written, when the file as a whole failed validation (its own problems are reported already)."""
+    value = data.get(section)
+    dsn = value.get("dsn") if isinstance(value, dict) else None
+    return dsn if isinstance(dsn, str) else None
 
 
 def load(path: Path | str | None = None) -> Config:
@@ -337,23 +344,20 @@ def _given(value: Any, secret: bool) -> str:
     return f"{kind}, {shown[:60]}{'...' if len(shown) > 60 else ''}"
 
 
-def _field(loc: tuple[Any, ...]) -> tuple[Any, list[Any], type | None]:
-    """The declared type of the value at `loc` (with its constraints), and the section class it sits in."""
+def _field(loc: tuple[Any, ...]) -> tuple[Any, list[Any]]:
+    """The declared type of the value at `loc` and its constraints; (None, []) for a key the schema lacks."""
     tp: Any = _File
     metadata: list[Any] = []
-    parent: type | None = None
     for part in loc:
-        tp, extra = _unwrap(tp)
-        metadata += extra
+        tp, _ = _unwrap(tp)
         if isinstance(part, str) and part in _fields(tp):
-            parent = tp
             info = _fields(tp)[part]
             tp, metadata = info.annotation, list(info.metadata)
         elif isinstance(part, int) and typing.get_origin(tp) is tuple:
             tp, metadata = typing.get_args(tp)[0], []
         else:
-            return None, [], parent if isinstance(part, str) else None
-    return tp, metadata, parent
+            return None, []
+    return tp, metadata
 
 
 def _unwrap(tp: Any) -> tuple[Any, list[Any]]:
@@ -398,15 +402,14 @@ def _describe_error(err: Any) -> str:
     loc: tuple[Any, ...] = tuple(err["loc"])
     kind: str = err["type"]
     if kind in ("unexpected_keyword_argument", "extra_forbidden"):
-        tp, _, _ = _field(loc[:-1]) if len(loc) > 1 else (_File, [], None)
-        tp, _ = _unwrap(tp)
+        tp, _ = _unwrap(_field(loc[:-1])[0])
         known = list(_fields(tp))
         if len(loc) == 1:
             hint = _suggest(str(loc[0]), known)
             return (f"[{loc[0]}]: unknown section; {hint.replace('mean ', 'mean [').replace('?', ']?')}"
                     f"the sections are {', '.join(f'[{k}]' for k in known)}")
         return f"{_where(loc)}: unknown key; {_suggest(str(loc[-1]), known)}the keys of [{loc[0]}] are {', '.join(known)}"
-    tp, metadata, _ = _field(loc)
+    tp, metadata = _field(loc)
     secret = _is_secret(loc)
     if kind == "value_error":
         message = str(err.get("msg", "")).removeprefix("Value error, ")
@@ -450,11 +453,11 @@ def dsn_problem(dsn: str) -> str | None:
         return ("libpq cannot parse it (value not shown); in key=value form quote a value holding spaces or quotes "
                 r"(password='a b\'c'), in a URI percent-encode them (%20 for a space, %40 for @, %2F for /)")
     hosts = str(info.get("host") or "").split(",")
-    if any("@" in h for h in hosts) or "@" in str(info.get("dbname") or ""):
-        return "an unescaped @ (value not shown): in a URI, write an @ of the password as %40"
-    if not all(p.strip().isdigit() for p in str(info.get("port") or "5432").split(",") if p.strip()):
-        return ("the port is not a number (value not shown): in a URI, percent-encode a / or : of the password "
-                "(%2F, %3A)")
+    ports = str(info.get("port") or "").split(",")
+    if (any("@" in h for h in hosts) or "@" in str(info.get("dbname") or "")
+            or not all(p.strip().isdigit() for p in ports if p.strip())):
+        return ("a character ends the URI's user:password@ early (value not shown): in a URI password write @ as "
+                "%40 and / as %2F")
     return None
 
 
@@ -523,7 +526,7 @@ def passwords_in(text: str) -> list[str]:
     """Every password in a DSN as written, read leniently (malformed DSNs included)."""
     found = []
     for m in re.finditer(r"[A-Za-z][A-Za-z0-9+.-]*://", text):
-        rest = text[m.end():].split("?", 1)[0]
+        rest = text[m.end():]
         at = rest.rfind("@")
         userinfo = rest[:at] if at >= 0 else ""
         if ":" in userinfo:

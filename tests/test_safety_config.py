@@ -217,7 +217,8 @@ def test_a_malformed_dsns_password_and_its_tail_never_reach_the_output(how: str,
         assert run.returncode == 2, run.stderr
         output = run.stdout + run.stderr
         assert head not in output and tail not in output, output
-    assert "[source] dsn: an unescaped @" in runs[0].stderr or "MIGRATOR_SOURCE_DSN: an unescaped @" in runs[0].stderr
+    assert re.search(r"(\[source\] dsn|MIGRATOR_SOURCE_DSN): a character ends the URI's user:password@ early",
+                     runs[0].stderr)
     assert "cannot connect to the source database" in runs[-1].stderr
     events = [json.loads(line)["event"] for line in runs[5].stderr.splitlines() if line.startswith("{")]
     assert events == ["inspect.start"]
