@@ -329,8 +329,8 @@ def cleanup(obj: Ctx, yes: bool, release_freeze: bool, as_json: bool) -> None:
     """Remove the capture triggers and the _migrator schema from the legacy database."""
     from migrator import capture, rollback
 
-    _confirm(obj, yes, "This removes capture from the legacy database (and from the target: the rollback window ends); "
-                  "changes after it are no longer recorded")
+    _confirm(obj, yes, "This removes capture from the legacy database (and from the target: the rollback window "
+                       "ends); changes after it are no longer recorded")
     result = capture.cleanup(obj.cfg, release_freeze=release_freeze)
     on_target = rollback.disarm(obj.cfg)
     _emit({**result.to_dict(), "target_triggers_removed": on_target}, as_json,

@@ -92,5 +92,6 @@ def refuse_same_database(source_dsn: str, target_dsn: str) -> None:
             (row[0], token)).fetchone()
     if same is not None and same[0]:
         raise ConfigError(
-            f"the source and the target are the same database ({same[1]} on one server); refused before anything was done",
+            f"the source and the target are the same database ({same[1]} on one server); refused before anything "
+            "was done",
             hint="Point [target] dsn (or MIGRATOR_TARGET_DSN) at the new, empty database on the new server.")
