@@ -18,8 +18,10 @@ File and environment combine in one way only:
   local host, the default port, dbname defaulting to the user), and by `db.refuse_same_database` once connected.
 
 The schema is the one place to extend: a new section is a frozen dataclass with `config=_SECTION` whose fields carry
-their type, default and range (see `_File`), added to `_File` and `Config`; the README's configuration block is checked
-against it by tests/test_safety_config.py.
+their type, default and range (`Count`, `Positive`, `Literal[...]`, ...), added to `_File` and `Config`; a nested
+table (`[tables.filter]`) is a field of such a dataclass type, an array of tables (`[[sources]]`) a `tuple` of one. A
+new environment variable is declared next to `ENV_DSN` and in this docstring. The README's configuration block is
+checked against the schema by tests/test_safety_config.py.
 
 `redact()` is the one place a text that may hold a DSN is made printable: it removes passwords by pattern (also from
 malformed DSNs) and replaces every password found in the configured DSNs literally, wherever it appears.
