@@ -376,8 +376,8 @@ def check_target_role(target: psycopg.Connection[Any]) -> None:
 
 def prepare(cfg: Config) -> PrepareResult:
     """Control schema and target schema on the target, capture on the source. Re-runnable."""
-    db.refuse_same_database(cfg.source_dsn, cfg.target_dsn)
     log = get(phase="prepare")
+    db.refuse_same_database(cfg.source_dsn, cfg.target_dsn)
     with db.session(cfg.target_dsn, role="target") as target, db.session(cfg.source_dsn, role="source") as source:
         check_target_role(target)
         state.upgrade(target)

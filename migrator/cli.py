@@ -47,9 +47,11 @@ def _emit(result: Any, as_json: bool, text: Callable[[], str] | None = None) -> 
         click.echo(json.dumps(data, indent=2, default=str))
 
 
-def _confirm(obj: Ctx, yes: bool, what: str) -> None:
+def _confirm(yes: bool, what: str) -> None:
     """Ask before a change to a database; a wrong configuration is refused before the question."""
-    _ = obj.cfg
+    obj = click.get_current_context().find_object(Ctx)
+    if obj is not None:
+        _ = obj.cfg
     if yes:
         return
     if not sys.stdin.isatty():
@@ -107,7 +109,7 @@ def prepare(obj: Ctx, yes: bool, as_json: bool) -> None:
     """Create the control schema and target schema, and install capture triggers on the legacy database."""
     from migrator import capture
 
-    _confirm(obj, yes, "This installs capture triggers and the _migrator schema on the legacy database")
+    _confirm(yes, "This installs capture triggers and the _migrator schema on the legacy database")
     result = capture.prepare(obj.cfg)
     _emit(result, as_json, lambda: (
         f"prepared: {len(result.tables)} tables captured ({result.triggers_installed} newly), target schema "
@@ -292,7 +294,7 @@ def cutover(obj: Ctx, yes: bool, overrides: tuple[str, ...], hold_: bool, releas
         _emit({"hold": False, "was_held": was}, as_json,
               lambda: "hold released: a waiting cutover goes on" if was else "there was no hold")
         return
-    _confirm(obj, yes, "This freezes writes on the legacy database and moves clients to the target")
+    _confirm(yes, "This freezes writes on the legacy database and moves clients to the target")
 
     def show_checklist(checklist: Any) -> None:
         if not as_json:
@@ -315,7 +317,7 @@ def release(obj: Ctx, yes: bool) -> None:
     """Make the legacy database writable again after a cutover (capture stays installed)."""
     from migrator import cutover as cutover_mod
 
-    _confirm(obj, yes, "This makes the legacy database writable again (split-brain risk if clients moved)")
+    _confirm(yes, "This makes the legacy database writable again (split-brain risk if clients moved)")
     cutover_mod.release(obj.cfg)
     click.echo("released: the legacy database takes writes again")
 
@@ -329,8 +331,8 @@ def cleanup(obj: Ctx, yes: bool, release_freeze: bool, as_json: bool) -> None:
     """Remove the capture triggers and the _migrator schema from the legacy database."""
     from migrator import capture, rollback
 
-    _confirm(obj, yes, "This removes capture from the legacy database (and from the target: the rollback window "
-                       "ends); changes after it are no longer recorded")
+    _confirm(yes, "This removes capture from the legacy database (and from the target: the rollback window ends); "
+                  "changes after it are no longer recorded")
     result = capture.cleanup(obj.cfg, release_freeze=release_freeze)
     on_target = rollback.disarm(obj.cfg)
     _emit({**result.to_dict(), "target_triggers_removed": on_target}, as_json,
@@ -347,7 +349,7 @@ def rollback_(obj: Ctx, yes: bool, as_json: bool) -> None:
     (pause the pooler, freeze the target, drain, verify, sequences, release the legacy database, switch, resume)."""
     from migrator import rollback
 
-    _confirm(obj, yes, "This freezes the target and moves clients back to the legacy database")
+    _confirm(yes, "This freezes the target and moves clients back to the legacy database")
     report = rollback.run(obj.cfg, on_step=None if as_json else lambda s, st: click.echo(f"  {s}: {st}", err=True))
     _emit(report, as_json, report.render_text)
 
