@@ -112,6 +112,10 @@ def _emit(result: Any, as_json: bool, text: Callable[[], str] | None = None) -> 
 
 
 def _confirm(yes: bool, what: str) -> None:
+    """Ask before a change to a database; a wrong configuration is refused before the question."""
+    obj = click.get_current_context().find_object(Ctx)
+    if obj is not None:
+        _ = obj.cfg
     if yes:
         return
     if not sys.stdin.isatty():

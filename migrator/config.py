@@ -1,19 +1,52 @@
-"""The migration's configuration: one TOML file, with DSNs overridable from the environment.
+"""The migration's configuration: one TOML file, validated against a typed schema before anything connects.
 
-`load()` reads `migration.toml` (or the file given) into frozen dataclasses. MIGRATOR_SOURCE_DSN and
-MIGRATOR_TARGET_DSN override the file, so that passwords need not be written into it. `redact()` is the one place a
-DSN is turned into something printable.
+`load()` reads `migration.toml` (or the file given) and `from_dict()` validates it into frozen dataclasses
+(pydantic dataclasses, so that a wrong value is refused however the object is built). The whole file is checked at
+once and every problem is named in one `ConfigError`: unknown sections and keys (with a "did you mean"), wrong types
+(no coercion: `"2"` is not a number, `"public.*"` is not a list; an integer is accepted where a number is), values
+out of range, unknown choices, and DSNs libpq cannot parse or that would leak a password. Values of DSNs, commands
+and passwords are never repeated in a message.
+
+File and environment combine in one way only:
+- `MIGRATOR_SOURCE_DSN` and `MIGRATOR_TARGET_DSN`, when set and not empty, replace `[source] dsn` and `[target] dsn`
+  whole (nothing of the file's DSN is kept), so that passwords need not be written into the file. They are validated
+  like the file's values and named in messages as themselves. A missing file is fine when both are set.
+- No other setting comes from the environment. A `MIGRATOR_*` variable that looks like a misspelling of those two is
+  an error. libpq's own variables (PGPASSWORD, PGPASSFILE, PGHOST, PGPORT, PGUSER, PGDATABASE, ...) apply as libpq
+  applies them, to what a DSN leaves out.
+- The source and the target must not name the same database: refused here when the DSNs say so (any spelling of the
+  local host, the default port, dbname defaulting to the user), and by `db.refuse_same_database` once connected.
+
+The schema is the one place to extend: a new section is a frozen dataclass with `config=_SECTION` whose fields carry
+their type, default and range (`Count`, `Positive`, `Literal[...]`, ...), added to `_File` and `Config`; a nested
+table (`[tables.filter]`) is a field of such a dataclass type, an array of tables (`[[sources]]`) a `tuple` of one. A
+new environment variable is declared next to `ENV_DSN` and in this docstring. The README's configuration block is
+checked against the schema by tests/test_safety_config.py.
+
+`redact()` is the one place a text that may hold a DSN is made printable: it removes passwords by pattern (also from
+malformed DSNs) and replaces every password found in the configured DSNs literally, wherever it appears.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import fnmatch
+import getpass
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union
+from urllib.parse import unquote
+
+import annotated_types
+import psycopg
+from pydantic import AfterValidator, ConfigDict, Strict, TypeAdapter, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
 
 from migrator.errors import ConfigError
 
@@ -23,13 +56,37 @@ CAPTURE_SCHEMA = "_migrator"
 CONTROL_SCHEMA = "migrator_control"
 """Schema of the engine's state on the target: runs, copy progress, applied position, cutover steps."""
 
+ENV_DSN = {"MIGRATOR_SOURCE_DSN": "source", "MIGRATOR_TARGET_DSN": "target"}
+"""The environment variables read, and the section whose `dsn` each replaces."""
+ENV_OTHER = ("MIGRATOR_TEST_DSN", "MIGRATOR_BENCH_DSN", "MIGRATOR_REHEARSAL_DSN", "MIGRATOR_SOURCE",
+             "MIGRATOR_TARGET", "MIGRATOR_DIRECTION")
+"""MIGRATOR_* variables that are not configuration (tests, benchmarks, rehearse; given to switch commands)."""
 
-@dataclass(frozen=True)
+_SECTION = ConfigDict(extra="forbid")
+
+Count = Annotated[int, Strict(), annotated_types.Ge(1)]
+"""An integer >= 1 (workers, rows)."""
+Positive = Annotated[float, Strict(), annotated_types.Gt(0)]
+"""A number > 0 (seconds, MB, MB/s); an integer is accepted."""
+NonNegative = Annotated[float, Strict(), annotated_types.Ge(0)]
+Text = Annotated[str, Strict(), annotated_types.MinLen(1)]
+
+
+def _pattern(value: str) -> str:
+    if "." not in value and "*" not in value:
+        raise ValueError(f'"{value}" names no table: a pattern is schema.table, e.g. "{value}.*"')
+    return value
+
+
+Pattern = Annotated[str, Strict(), annotated_types.MinLen(1), AfterValidator(_pattern)]
+
+
+@dataclass(frozen=True, config=_SECTION)
 class TableFilter:
     """Which source tables migrate. Patterns are `schema.table` globs matched case-sensitively."""
 
-    include: tuple[str, ...] = ("*.*",)
-    exclude: tuple[str, ...] = ()
+    include: tuple[Pattern, ...] = ("*.*",)
+    exclude: tuple[Pattern, ...] = ()
 
     def matches(self, schema: str, table: str) -> bool:
         name = f"{schema}.{table}"
@@ -46,99 +103,117 @@ class TableFilter:
         return any(fnmatch.fnmatchcase(schema, p.split(".", 1)[0]) for p in self.include)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class CopySettings:
-    workers: int = field(default_factory=lambda: os.cpu_count() or 2)
-    chunk_mb: float = 64.0
+    workers: Count = field(default_factory=lambda: os.cpu_count() or 2)
+    chunk_mb: Positive = 64.0
     """Tables with a key larger than twice this are split into key ranges of about this size."""
-    max_rate: float | None = None
+    max_rate: Positive | None = None
     """Read throttle in MB/s over all copy workers (the coordinator's and those that joined); None: unthrottled."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class SyncSettings:
-    poll_interval: float = 1.0
+    poll_interval: Positive = 1.0
     """Seconds between polls of the delta log when nothing is pending (`sync --follow`)."""
-    statement_timeout: float = 60.0
+    statement_timeout: Positive = 60.0
     """Bound on each statement sync runs on the legacy database, seconds."""
-    lock_timeout: float = 5.0
-    rotate_seconds: float = 300.0
+    lock_timeout: Positive = 5.0
+    rotate_seconds: Positive = 300.0
     """Writers move to the next child of the delta log once the current one is this old (seconds) ..."""
-    rotate_rows: int = 1_000_000
+    rotate_rows: Count = 1_000_000
     """... or holds about this many events; a child is truncated once the target holds all it recorded."""
-    housekeeping_interval: float = 10.0
+    housekeeping_interval: Positive = 10.0
     """Seconds between sync's rotations and truncations of the delta log (each a few short statements)."""
-    warn_log_mb: float = 1024.0
+    warn_log_mb: Positive = 1024.0
     """`status` warns when the delta log on the legacy database is larger than this (MB)."""
-    warn_stalled_seconds: float = 300.0
+    warn_stalled_seconds: NonNegative = 300.0
     """`status` warns when changes are pending and sync has not moved its position for this long (seconds)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class CutoverSettings:
     """How clients move: through PgBouncer (`pgbouncer_admin_dsn` and friends) or by `switch_command`."""
 
-    switch_command: str | None = None
+    switch_command: Text | None = None
     """Run to move clients at sites without a pooler; a non-zero exit fails the cutover."""
-    rollback_command: str | None = None
+    rollback_command: Text | None = None
     """Run by `migrator rollback` to move clients back to the legacy database at sites without a pooler (environment:
     MIGRATOR_SOURCE, MIGRATOR_TARGET, MIGRATOR_DIRECTION=rollback); a non-zero exit stops the rollback."""
-    freeze_lock_timeout: float = 10.0
+    freeze_lock_timeout: Positive = 10.0
     """How long the freeze may wait for writers in flight before it gives up and leaves the source writable."""
-    verify: str = "counts"
+    verify: Literal["none", "counts", "full"] = "counts"
     """Parity check inside the freeze window: "none", "counts" or "full"."""
-    max_lag_seconds: float = 30.0
+    max_lag_seconds: Positive = 30.0
     """Go/no-go: the oldest change not yet applied must be younger than this."""
-    max_session_seconds: float = 60.0
+    max_session_seconds: Positive = 60.0
     """Go/no-go: no transaction on the source (running or idle in transaction) may be older than this."""
-    pgbouncer_admin_dsn: str | None = None
+    pgbouncer_admin_dsn: Text | None = None
     """PgBouncer's admin console, e.g. postgresql://pgbouncer@127.0.0.1:6432/pgbouncer (the user in admin_users)."""
-    pooler_databases: tuple[str, ...] = ()
+    pooler_databases: tuple[Text, ...] = ()
     """The pooler's database names the clients connect to; each is paused, pointed at the target and resumed."""
-    pgbouncer_ini: str | None = None
+    pgbouncer_ini: Text | None = None
     """The file holding those names' [databases] entries (pgbouncer.ini itself or a file it %includes); rewritten
     atomically so that RELOAD points them at the target."""
-    pooler_target: str | None = None
+    pooler_target: Text | None = None
     """The connect string the entries get for the target (host=... port=... dbname=...); default: host, port and
     dbname of [target] dsn. Other keys of an entry (user, pool_size, ...) are kept."""
-    pause_timeout: float = 10.0
+    pause_timeout: Positive = 10.0
     """How long PAUSE may wait for transactions in flight through the pooler before the cutover resumes and stops."""
 
-    def __post_init__(self) -> None:
-        if isinstance(self.pooler_databases, str):
-            object.__setattr__(self, "pooler_databases", (self.pooler_databases,))
-        else:
-            object.__setattr__(self, "pooler_databases", tuple(self.pooler_databases))
+    @model_validator(mode="after")
+    def _pooler_complete(self) -> CutoverSettings:
         if self.pgbouncer_admin_dsn and not (self.pooler_databases and self.pgbouncer_ini):
-            raise ConfigError("[cutover] pgbouncer_admin_dsn needs pooler_databases and pgbouncer_ini")
+            raise ValueError("pgbouncer_admin_dsn needs pooler_databases and pgbouncer_ini")
+        return self
 
     @property
     def uses_pooler(self) -> bool:
         return bool(self.pgbouncer_admin_dsn)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class ObjectSettings:
     """The files the rows point to (`[objects]`): how to list them, where the two stores are, how to copy them."""
 
-    query: str | None = None
+    query: Text | None = None
     """SQL run on each side listing one object per row: `key` and `location` (relative to the store root), optionally
     `size`, `sha256` (bytea or hex) and DICOM identifiers `sop_instance_uid`, `series_instance_uid`,
     `study_instance_uid`, `patient_id`."""
-    source_root: str | None = None
-    target_root: str | None = None
-    workers: int = 4
+    source_root: Text | None = None
+    target_root: Text | None = None
+    workers: Count = 4
     """Files copied or checked at once."""
-    max_rate: float | None = None
+    max_rate: Positive | None = None
     """Copy throttle in MB/s over all workers; None: unthrottled."""
-    poll_interval: float = 10.0
+    poll_interval: Positive = 10.0
     """Seconds between passes of `objects sync --follow`."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
+class DatabaseSection:
+    """`[source]` or `[target]`: where the database is (the environment may replace it, see the module docstring)."""
+
+    dsn: Text | None = None
+
+
+@dataclass(frozen=True, config=_SECTION)
+class _File:
+    """The file as written: every section and key it may hold. Later sections are added here and to `Config`."""
+
+    source: DatabaseSection = DatabaseSection()
+    target: DatabaseSection = DatabaseSection()
+    tables: TableFilter = TableFilter()
+    copy: CopySettings = CopySettings()
+    sync: SyncSettings = SyncSettings()
+    cutover: CutoverSettings = CutoverSettings()
+    objects: ObjectSettings = ObjectSettings()
+
+
+@dataclass(frozen=True, config=_SECTION)
 class Config:
-    source_dsn: str
-    target_dsn: str
+    source_dsn: Text
+    target_dsn: Text
     tables: TableFilter = TableFilter()
     copy: CopySettings = CopySettings()
     sync: SyncSettings = SyncSettings()
@@ -146,48 +221,66 @@ class Config:
     path: Path | None = None
     objects: ObjectSettings = ObjectSettings()
 
+    def __post_init__(self) -> None:
+        _register_secrets_of(self)
 
-def _section(data: dict[str, Any], name: str) -> dict[str, Any]:
-    value = data.get(name, {})
-    if not isinstance(value, dict):
-        raise ConfigError(f"[{name}] must be a table in the configuration file")
-    return value
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A copy worker process gets the configuration by pickling; its log lines need the same secrets redacted.
+        for key, value in state.items():
+            object.__setattr__(self, key, value)
+        _register_secrets_of(self)
 
 
-def _build(cls: Any, values: dict[str, Any], section: str) -> Any:
-    known = set(cls.__dataclass_fields__)
-    unknown = set(values) - known
-    if unknown:
-        raise ConfigError(f"unknown key(s) in [{section}]: {', '.join(sorted(unknown))}")
-    try:
-        return cls(**values)
-    except TypeError as exc:  # pragma: no cover - dataclass signature errors
-        raise ConfigError(f"[{section}]: {exc}") from exc
+def schema_keys() -> dict[str, tuple[str, ...]]:
+    """Every section of the file and its keys, in schema order (for documentation and its test)."""
+    return {s.name: tuple(f.name for f in dataclasses.fields(_section_class(s.name)))
+            for s in dataclasses.fields(_File)}
 
 
 def from_dict(data: dict[str, Any], *, path: Path | None = None, env: dict[str, str] | None = None) -> Config:
+    """Validate a parsed file and the environment into a `Config`; every problem is named in one ConfigError."""
     env = dict(os.environ) if env is None else env
-    source = env.get("MIGRATOR_SOURCE_DSN") or _section(data, "source").get("dsn")
-    target = env.get("MIGRATOR_TARGET_DSN") or _section(data, "target").get("dsn")
-    if not source:
-        raise ConfigError("no source DSN: set [source] dsn or MIGRATOR_SOURCE_DSN")
-    if not target:
-        raise ConfigError("no target DSN: set [target] dsn or MIGRATOR_TARGET_DSN")
-    tables = _section(data, "tables")
-    tf = TableFilter(
-        include=tuple(tables.get("include", ["*.*"])),
-        exclude=tuple(tables.get("exclude", [])),
-    )
-    return Config(
-        source_dsn=source,
-        target_dsn=target,
-        tables=tf,
-        copy=_build(CopySettings, _section(data, "copy"), "copy"),
-        sync=_build(SyncSettings, _section(data, "sync"), "sync"),
-        cutover=_build(CutoverSettings, _section(data, "cutover"), "cutover"),
-        path=path,
-        objects=_build(ObjectSettings, _section(data, "objects"), "objects"),
-    )
+    _register_raw_secrets(data, env)
+    problems: list[str] = []
+    file = _validate(data, problems)
+    dsns: dict[str, str] = {}
+    for var, section in ENV_DSN.items():
+        from_env = env.get(var, "").strip()
+        where = var if from_env else f"[{section}] dsn"
+        dsn = from_env or (getattr(file, section).dsn if file is not None else _raw_dsn(data, section))
+        if not dsn:
+            if file is not None:
+                problems.append(f"[{section}] dsn: missing; set it in the file or in {var}")
+            continue
+        problem = dsn_problem(dsn)
+        if problem:
+            problems.append(f"{where}: {problem}")
+        else:
+            dsns[section] = dsn
+    if file is not None and file.cutover.pgbouncer_admin_dsn:
+        problem = dsn_problem(file.cutover.pgbouncer_admin_dsn)
+        if problem:
+            problems.append(f"[cutover] pgbouncer_admin_dsn: {problem}")
+    problems += _misspelled_env(env)
+    source, target = dsns.get("source"), dsns.get("target")
+    if source and target:
+        same = _same_endpoint(source, target, env)
+        if same:
+            problems.append(f"[source] dsn and [target] dsn name the same database ({same}); the target must be the "
+                            "new, empty database")
+    if problems or file is None or source is None or target is None:
+        raise ConfigError(_problems_text(problems, path),
+                          hint="Fix what is named above in the file (or the environment variable named) and run the "
+                               "command again; the README's configuration section lists every key.")
+    return Config(source_dsn=source, target_dsn=target, tables=file.tables, copy=file.copy, sync=file.sync,
+                  cutover=file.cutover, path=path, objects=file.objects)
+
+
+def _raw_dsn(data: dict[str, Any], section: str) -> str | None:
+    """The DSN as written, when the file as a whole failed validation (its own problems are reported already)."""
+    value = data.get(section)
+    dsn = value.get("dsn") if isinstance(value, dict) else None
+    return dsn if isinstance(dsn, str) else None
 
 
 def load(path: Path | str | None = None) -> Config:
@@ -197,18 +290,288 @@ def load(path: Path | str | None = None) -> Config:
     if p.exists():
         try:
             data = tomllib.loads(p.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            # tomllib names the line and column, never the value.
             raise ConfigError(f"cannot read {p}: {exc}") from exc
-    elif path is not None or not (os.environ.get("MIGRATOR_SOURCE_DSN") and os.environ.get("MIGRATOR_TARGET_DSN")):
+    elif path is not None or not all(os.environ.get(var, "").strip() for var in ENV_DSN):
         raise ConfigError(f"configuration file {p} not found")
     return from_dict(data, path=p if p.exists() else None)
 
 
-_PASSWORD_URI = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
-_PASSWORD_KV = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+# --- validation messages -------------------------------------------------------------------------------------------
+
+_FILE = TypeAdapter(_File)
+
+
+def _validate(data: dict[str, Any], problems: list[str]) -> _File | None:
+    try:
+        return _FILE.validate_python(data)
+    except ValidationError as exc:
+        problems.extend(_describe_error(e) for e in exc.errors())
+        return None
+
+
+def _fields(cls: Any) -> dict[str, Any]:
+    """A schema class's fields (pydantic's FieldInfo: annotation and constraints) by name; {} for other types."""
+    return dict(getattr(cls, "__pydantic_fields__", {}))
+
+
+def _section_class(name: str) -> type:
+    cls = _fields(_File)[name].annotation
+    assert isinstance(cls, type)
+    return cls
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    names = [str(p) for p in loc if isinstance(p, str)]
+    if not names:
+        return "the file"
+    key = " ".join(names[1:])
+    return f"[{names[0]}] {key}".rstrip() + "".join(f" item {p + 1}" for p in loc if isinstance(p, int))
+
+
+def _is_secret(loc: tuple[Any, ...]) -> bool:
+    """Values never repeated in a message: DSNs (which may hold a password), commands, connect strings."""
+    return any(isinstance(p, str) and (p in ("source", "target", "pooler_target") or p.endswith(("dsn", "command"))
+                                       or "password" in p) for p in loc)
+
+
+def _given(value: Any, secret: bool) -> str:
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a table"}.get(type(value), type(value).__name__)
+    if secret or isinstance(value, dict | list):
+        return kind + (" (value not shown)" if secret else "")
+    shown = ("true" if value else "false") if isinstance(value, bool) else (
+        f'"{value}"' if isinstance(value, str) else str(value))
+    return f"{kind}, {shown[:60]}{'...' if len(shown) > 60 else ''}"
+
+
+def _field(loc: tuple[Any, ...]) -> tuple[Any, list[Any]]:
+    """The declared type of the value at `loc` and its constraints; (None, []) for a key the schema lacks."""
+    tp: Any = _File
+    metadata: list[Any] = []
+    for part in loc:
+        tp, _ = _unwrap(tp)
+        if isinstance(part, str) and part in _fields(tp):
+            info = _fields(tp)[part]
+            tp, metadata = info.annotation, list(info.metadata)
+        elif isinstance(part, int) and typing.get_origin(tp) is tuple:
+            tp, metadata = typing.get_args(tp)[0], []
+        else:
+            return None, []
+    return tp, metadata
+
+
+def _unwrap(tp: Any) -> tuple[Any, list[Any]]:
+    metadata: list[Any] = []
+    while typing.get_origin(tp) is Annotated:
+        tp, *extra = typing.get_args(tp)
+        metadata += extra
+    return tp, metadata
+
+
+def _allowed(tp: Any, metadata: list[Any]) -> str:
+    tp, extra = _unwrap(tp)
+    metadata = metadata + extra
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _allowed(options[0], metadata) + " (or leave the key out)"
+    if origin is Literal:
+        return "one of " + ", ".join(f'"{a}"' for a in typing.get_args(tp))
+    if origin is tuple:
+        item = _allowed(typing.get_args(tp)[0], [])
+        return "a list of " + re.sub(r"^an? (.*string)$", r"\1s", item) + ', e.g. ["a", "b"]'
+    if _fields(tp):
+        return "a table with the keys " + ", ".join(_fields(tp))
+    text = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+    for m in metadata:
+        for attr, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            bound = getattr(m, attr, None)
+            if bound is not None and not isinstance(m, annotated_types.MinLen):
+                text += f" {op} {bound:g}" if isinstance(bound, float) else f" {op} {bound}"
+        if isinstance(m, annotated_types.MinLen) and m.min_length == 1 and tp is str:
+            text = "a non-empty string"
+    return text
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f"did you mean {close[0]}? " if close else ""
+
+
+def _describe_error(err: Any) -> str:
+    loc: tuple[Any, ...] = tuple(err["loc"])
+    kind: str = err["type"]
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        tp, _ = _unwrap(_field(loc[:-1])[0])
+        known = list(_fields(tp))
+        if len(loc) == 1:
+            hint = _suggest(str(loc[0]), known)
+            return (f"[{loc[0]}]: unknown section; {hint.replace('mean ', 'mean [').replace('?', ']?')}"
+                    f"the sections are {', '.join(f'[{k}]' for k in known)}")
+        return f"{_where(loc)}: unknown key; {_suggest(str(loc[-1]), known)}the keys of [{loc[0]}] are {', '.join(known)}"
+    tp, metadata = _field(loc)
+    secret = _is_secret(loc)
+    if kind == "value_error":
+        message = str(err.get("msg", "")).removeprefix("Value error, ")
+        if secret:
+            message = re.sub(r'"[^"]*"', "(value not shown)", message)
+        return f"{_where(loc)}: {message}"
+    given = _given(err.get("input"), secret)
+    allowed = _allowed(tp, metadata) if tp is not None else str(err.get("msg", ""))
+    suggestion = ""
+    if kind == "literal_error" and isinstance(err.get("input"), str):
+        suggestion = _suggest(err["input"], [str(a) for a in typing.get_args(_unwrap(tp)[0])])
+    elif kind in ("tuple_type", "list_type") and isinstance(err.get("input"), str) and not secret:
+        suggestion = f'write it as a list: ["{err["input"]}"]; '
+    return f"{_where(loc)}: given {given}; {suggestion}allowed: {allowed}"
+
+
+def _problems_text(problems: list[str], path: Path | None) -> str:
+    where = str(path) if path is not None else "the configuration"
+    if len(problems) == 1:
+        return f"{where}: {problems[0]}"
+    return f"{where} has {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems)
+
+
+def _misspelled_env(env: dict[str, str]) -> list[str]:
+    problems = []
+    for name in env:
+        if name.startswith("MIGRATOR_") and name not in ENV_DSN and name not in ENV_OTHER:
+            close = difflib.get_close_matches(name, list(ENV_DSN), n=1, cutoff=0.8)
+            if close:
+                problems.append(f"environment variable {name} is not read; did you mean {close[0]}?")
+    return problems
+
+
+# --- DSNs ----------------------------------------------------------------------------------------------------------
+
+def dsn_problem(dsn: str) -> str | None:
+    """Why libpq would misread this connection string (never quoting it), or None when it reads it as written."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return ("libpq cannot parse it (value not shown); in key=value form quote a value holding spaces or quotes "
+                r"(password='a b\'c'), in a URI percent-encode them (%20 for a space, %40 for @, %2F for /)")
+    hosts = str(info.get("host") or "").split(",")
+    ports = str(info.get("port") or "").split(",")
+    if (any("@" in h for h in hosts) or "@" in str(info.get("dbname") or "")
+            or not all(p.strip().isdigit() for p in ports if p.strip())):
+        return ("a character ends the URI's user:password@ early (value not shown): in a URI password write @ as "
+                "%40 and / as %2F")
+    return None
+
+
+_LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]", "localhost.localdomain"}
+
+
+def _endpoint(dsn: str, env: dict[str, str]) -> tuple[str, str, str] | None:
+    """(host, port, dbname) a DSN reaches, as far as the text and libpq's defaults tell; None for several hosts or
+    a service file (the check once connected decides those)."""
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    if info.get("service") or env.get("PGSERVICE"):
+        return None
+    host = str(info.get("hostaddr") or info.get("host") or env.get("PGHOSTADDR") or env.get("PGHOST") or "")
+    port = str(info.get("port") or env.get("PGPORT") or "5432")
+    if "," in host or "," in port:
+        return None
+    user = str(info.get("user") or env.get("PGUSER") or _os_user())
+    dbname = str(info.get("dbname") or env.get("PGDATABASE") or user)
+    host = host.lower()
+    if host in _LOOPBACK or host.startswith("127."):
+        host = "localhost"
+    elif not host:
+        host = "the local socket"
+    return host, port.strip(), dbname
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return ""
+
+
+def _same_endpoint(source: str, target: str, env: dict[str, str]) -> str | None:
+    a, b = _endpoint(source, env), _endpoint(target, env)
+    if a is None or a != b:
+        return None
+    return f"{a[0]}:{a[1]}/{a[2]}"
+
+
+# --- redaction -----------------------------------------------------------------------------------------------------
+
+_secrets: tuple[str, ...] = ()
+"""Passwords of the configured DSNs, longest first; replaced whole (never mutated, so redact() may run anywhere)."""
+_MIN_SECRET = 3
+"""Shorter pieces are not replaced literally (they would blank out ordinary words); the patterns still apply."""
+
+_URI_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@'\"]*:)[^\s'\"]*@")
+"""user:password@ of a URI, up to the LAST @ of the token: an unescaped @ in a password does not end it early."""
+_KV_PASSWORD = re.compile(
+    r"(password\s*=\s*)('(?:[^'\\]|\\.)*'?|\S+(?:[ \t]+(?![A-Za-z_][\w.-]*\s*=)\S+)*)", re.IGNORECASE)
+"""password=value (also PGPASSWORD=, sslpassword=): a quoted value with escapes, or an unquoted one running on over
+spaces up to the next key=, as a malformed DSN's value does."""
+
+
+def register_secret(value: str) -> None:
+    """Replace `value` (and the pieces a parser would cut it into) wherever redact() sees it."""
+    global _secrets
+    pieces = {p.strip() for p in (value, unquote(value), *re.split(r"[\s@]+", value))}
+    new = {p for p in pieces if len(p) >= _MIN_SECRET} - set(_secrets)
+    if new:
+        _secrets = tuple(sorted({*_secrets, *new}, key=len, reverse=True))
+
+
+def passwords_in(text: str) -> list[str]:
+    """Every password in a DSN as written, read leniently (malformed DSNs included)."""
+    found = []
+    for m in re.finditer(r"[A-Za-z][A-Za-z0-9+.-]*://", text):
+        rest = text[m.end():]
+        at = rest.rfind("@")
+        userinfo = rest[:at] if at >= 0 else ""
+        if ":" in userinfo:
+            found.append(userinfo.split(":", 1)[1])
+    for m in re.finditer(r"password\s*=\s*", text, re.IGNORECASE):
+        rest = text[m.end():]
+        if rest.startswith("'"):
+            value, i = [], 1
+            while i < len(rest) and rest[i] != "'":
+                if rest[i] == "\\" and i + 1 < len(rest):
+                    i += 1
+                value.append(rest[i])
+                i += 1
+            found.append("".join(value))
+        else:
+            end = re.search(r"\s+[A-Za-z_][\w.-]*\s*=|[&#]|$", rest)
+            found.append(rest[: end.start() if end else len(rest)])
+    return [p for p in found if p]
+
+
+def _register_raw_secrets(data: dict[str, Any], env: dict[str, str]) -> None:
+    texts = [env.get(var, "") for var in ENV_DSN]
+    for section, key in (("source", "dsn"), ("target", "dsn"), ("cutover", "pgbouncer_admin_dsn"),
+                         ("cutover", "pooler_target")):
+        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else data.get(section)
+        if isinstance(value, str):
+            texts.append(value)
+    for text in texts:
+        for password in passwords_in(text):
+            register_secret(password)
+    if env.get("PGPASSWORD"):
+        register_secret(env["PGPASSWORD"])
+
+
+def _register_secrets_of(cfg: Config) -> None:
+    for text in (cfg.source_dsn, cfg.target_dsn, cfg.cutover.pgbouncer_admin_dsn, cfg.cutover.pooler_target):
+        for password in passwords_in(text or ""):
+            register_secret(password)
 
 
 def redact(text: str) -> str:
-    """Remove passwords from anything that may contain a DSN (a URI or key=value form)."""
-    text = _PASSWORD_URI.sub(r"\1***@", text)
-    return _PASSWORD_KV.sub(r"\1***", text)
+    """Remove passwords from anything that may contain a DSN (a URI or key=value form, well-formed or not)."""
+    for secret in _secrets:
+        text = text.replace(secret, "***")
+    text = _URI_PASSWORD.sub(r"\1***@", text)
+    return _KV_PASSWORD.sub(r"\1***", text)

@@ -459,6 +459,7 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
 
     `only` re-copies the named tables (schema.table) even if copied already, each under a new boundary.
     """
+    db.refuse_same_database(cfg.source_dsn, cfg.target_dsn)
     log = get(phase="copy")
     started = time.monotonic()
     workers = max(1, workers or cfg.copy.workers)

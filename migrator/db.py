@@ -7,6 +7,7 @@ triggers/capture.sql); they must agree with `PINNED_SETTINGS`.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,7 +16,7 @@ import psycopg
 from psycopg import sql
 
 from migrator.config import redact
-from migrator.errors import ConnectionFailed
+from migrator.errors import ConfigError, ConnectionFailed
 
 PINNED_SETTINGS: dict[str, str] = {
     "DateStyle": "ISO, YMD",
@@ -87,4 +88,28 @@ def describe_dsn(dsn: str) -> str:
         return redact(dsn)
     host = info.get("host") or "local"
     port = info.get("port") or "5432"
-    return f"{host}:{port}/{info.get('dbname', '')}"
+    return redact(f"{host}:{port}/{info.get('dbname', '')}")
+
+
+def refuse_same_database(source_dsn: str, target_dsn: str) -> None:
+    """Raise ConfigError when the two DSNs reach the same database, however they are spelled.
+
+    The source session is opened under a one-off application_name; the target session looks for it in
+    pg_stat_activity, which any role may read (pid, datid and application_name of every session). Found there, the
+    two are one server, and one database when its datid is the target's database. A physical clone of the legacy
+    server (same system_identifier, same oids) is told apart, which comparing pg_control_system() would not do.
+    """
+    token = f"migrator-identity-{uuid.uuid4().hex}"
+    with session(source_dsn, role="source", autocommit=True, application_name=token) as source, \
+            session(target_dsn, role="target", autocommit=True) as target:
+        row = source.execute("SELECT pg_backend_pid()").fetchone()
+        assert row is not None
+        same = target.execute(
+            "SELECT a.datid = d.oid, d.datname FROM pg_stat_activity a JOIN pg_database d"
+            " ON d.datname = current_database() WHERE a.pid = %s AND a.application_name = %s",
+            (row[0], token)).fetchone()
+    if same is not None and same[0]:
+        raise ConfigError(
+            f"the source and the target are the same database ({same[1]} on one server); refused before anything "
+            "was done",
+            hint="Point [target] dsn (or MIGRATOR_TARGET_DSN) at the new, empty database on the new server.")

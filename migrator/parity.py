@@ -285,6 +285,7 @@ def verify(cfg: Config, *, tables: list[str] | None = None, show_values: bool = 
     by sequential scans (for a cold legacy server); "ranges" uses key ranges wherever the collations allow.
     Raises ConnectionFailed if either database cannot be reached; any other failure is reported per table.
     """
+    db.refuse_same_database(cfg.source_dsn, cfg.target_dsn)
     with db.session(cfg.source_dsn, role="source") as conn:
         source_tables = catalog.list_tables(conn, cfg.tables)
         live = _has_delta_log(conn)
