@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import json
 import math
 import queue
@@ -233,6 +234,8 @@ def verify(cfg: Config, *, tables: list[str] | None = None, show_values: bool = 
     with db.session(cfg.target_dsn, role="target") as conn:
         target_tables = {(t.schema, t.name): t for t in catalog.list_tables(conn, cfg.tables)}
         live = live and state.exists(conn) and state.position(conn) is not None
+        row = conn.execute("SELECT now()").fetchone()  # the target's clock: the checklist compares its events with it
+        started_at = row[0] if row else None
         same_encoding = _encoding(conn) == source_encoding
 
     results: list[TableParity | None] = []
@@ -265,8 +268,8 @@ def verify(cfg: Config, *, tables: list[str] | None = None, show_values: bool = 
     done = tuple(r for r in results if r is not None)
     assert len(done) == len(results)
     report = ParityReport(db.describe_dsn(cfg.source_dsn), db.describe_dsn(cfg.target_dsn), done, show_values)
-    if tables is None and report.exit_code != 2:
-        _record(cfg, report)
+    if tables is None and report.exit_code != 2:  # only a verify of every table speaks for the go/no-go
+        _record(cfg, report, started_at)
     return report
 
 
@@ -277,12 +280,13 @@ def _encoding(conn: psycopg.Connection[Any]) -> str:
     return str(row[0]) if row else ""
 
 
-def _record(cfg: Config, report: ParityReport) -> None:
+def _record(cfg: Config, report: ParityReport, started_at: dt.datetime | None) -> None:
     """Remember a whole-database verify for the cutover's go/no-go checklist (when the control schema exists)."""
     try:
         with db.session(cfg.target_dsn, role="target") as conn:
             if state.exists(conn):
-                state.record_verify(conn, report.identical, sum(t.difference_count for t in report.tables))
+                state.record_verify(conn, report.identical, sum(t.difference_count for t in report.tables),
+                                    started_at)
                 conn.commit()
     except psycopg.Error as exc:
         log.get(phase="verify").warning("verify.not_recorded", error=str(exc).splitlines()[0])
