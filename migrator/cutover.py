@@ -177,14 +177,10 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
             def freeze() -> str:
                 nonlocal frozen, freeze_started
                 freeze_started = time.monotonic()
-                try:
-                    capture.freeze(source, tables, cfg.cutover.freeze_lock_timeout)
-                except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
-                    raise Blocked(f"writers still in flight after {cfg.cutover.freeze_lock_timeout}s; "
-                                  "the legacy database was not frozen") from exc
+                attempts = capture.freeze(source, tables, cfg.cutover.freeze_lock_timeout)
                 frozen = True
                 state.mark(target, "frozen", True)
-                return f"{len(tables)} tables frozen"
+                return f"{len(tables)} tables frozen" + (f" (attempt {attempts})" if attempts > 1 else "")
 
             def drain() -> str:
                 r = replay.sync(cfg)

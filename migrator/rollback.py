@@ -329,13 +329,10 @@ def run(cfg: Config, *, overrides: Iterable[str] = (),
 
             def freeze() -> str:
                 nonlocal target_frozen
-                try:
-                    capture.freeze(target, list(tables.values()), cfg.cutover.freeze_lock_timeout)
-                except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
-                    raise Blocked(f"writers still in flight on the target after {cfg.cutover.freeze_lock_timeout}s; "
-                                  "the target was not frozen") from exc
+                attempts = capture.freeze(target, list(tables.values()), cfg.cutover.freeze_lock_timeout,
+                                          side="the target")
                 target_frozen = True
-                return f"{len(tables)} target tables frozen"
+                return f"{len(tables)} target tables frozen" + (f" (attempt {attempts})" if attempts > 1 else "")
 
             def drain() -> str:
                 assert reverse is not None
@@ -426,7 +423,7 @@ def run(cfg: Config, *, overrides: Iterable[str] = (),
                 try:
                     capture.freeze(legacy, catalog.list_tables(legacy, cfg.tables), cfg.cutover.freeze_lock_timeout)
                     undone.append("the legacy database is frozen again")
-                except psycopg.Error as fr_exc:
+                except (psycopg.Error, MigratorError) as fr_exc:
                     undone.append(f"REFREEZING THE LEGACY DATABASE FAILED ({fr_exc.__class__.__name__}): clients "
                                   "not behind the pooler could write there")
             if target_frozen:
