@@ -462,6 +462,15 @@ _WRITER_MODES = ["RowExclusiveLock", "ShareUpdateExclusiveLock", "ShareRowExclus
 
 
 @dataclass(frozen=True)
+class Frozen:
+    """How a freeze went: the attempts it took, and the seconds before the one that froze began (writers went on
+    meanwhile: between attempts the freeze holds no lock)."""
+
+    attempts: int
+    waited: float
+
+
+@dataclass(frozen=True)
 class _AttemptStopped:
     """Why a freeze attempt rolled back: the table whose lock it did not get in time (None: the capture functions'
     lock, held by a log rotation) and the error's name."""
@@ -471,9 +480,8 @@ class _AttemptStopped:
 
 
 def freeze(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: float, *,
-           side: str = "the legacy database") -> int:
-    """Reject every write to the captured tables from now on, once no writer is in flight; returns the attempts it
-    took. Raises Blocked, with nothing frozen, when writers kept the tables locked for lock_timeout seconds.
+           side: str = "the legacy database") -> Frozen:
+    """Reject every write to the captured tables from now on, once no writer is in flight. Raises Blocked, with nothing frozen, when writers kept the tables locked for lock_timeout seconds.
 
     An attempt takes SHARE locks on all captured tables in one transaction, each wait short (see above); a lock held
     by a writer in flight makes it roll back, releasing every lock it took, and the next attempt begins once that
@@ -483,14 +491,16 @@ def freeze(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: flo
     """
     log = get(phase="capture")
     deadlock_timeout = _deadlock_timeout(conn)
-    deadline = time.monotonic() + lock_timeout
+    started = time.monotonic()
+    deadline = started + lock_timeout
     order = list(tables)
     attempt = 0
     while True:
         attempt += 1
+        attempt_started = time.monotonic()
         stopped = _freeze_attempt(conn, order, deadlock_timeout, deadline)
         if stopped is None:
-            return attempt
+            return Frozen(attempt, attempt_started - started)
         name = stopped.table.display if stopped.table else None
         log.warning("freeze.retry", attempt=attempt, table=name, reason=stopped.reason)
         if time.monotonic() >= deadline:

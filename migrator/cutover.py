@@ -177,10 +177,12 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
             def freeze() -> str:
                 nonlocal frozen, freeze_started
                 freeze_started = time.monotonic()
-                attempts = capture.freeze(source, tables, cfg.cutover.freeze_lock_timeout)
+                r = capture.freeze(source, tables, cfg.cutover.freeze_lock_timeout)
+                freeze_started += r.waited  # before the attempt that froze, writers were not held
                 frozen = True
                 state.mark(target, "frozen", True)
-                return f"{len(tables)} tables frozen" + (f" (attempt {attempts})" if attempts > 1 else "")
+                return f"{len(tables)} tables frozen" + (
+                    f" (attempt {r.attempts}, after {r.waited:.2f}s of writers in flight)" if r.attempts > 1 else "")
 
             def drain() -> str:
                 r = replay.sync(cfg)

@@ -329,10 +329,9 @@ def run(cfg: Config, *, overrides: Iterable[str] = (),
 
             def freeze() -> str:
                 nonlocal target_frozen
-                attempts = capture.freeze(target, list(tables.values()), cfg.cutover.freeze_lock_timeout,
-                                          side="the target")
+                r = capture.freeze(target, list(tables.values()), cfg.cutover.freeze_lock_timeout, side="the target")
                 target_frozen = True
-                return f"{len(tables)} target tables frozen" + (f" (attempt {attempts})" if attempts > 1 else "")
+                return f"{len(tables)} target tables frozen" + (f" (attempt {r.attempts})" if r.attempts > 1 else "")
 
             def drain() -> str:
                 assert reverse is not None

@@ -107,7 +107,7 @@ def test_freeze_under_writers_spanning_two_tables_in_both_orders_never_deadlocks
                 time.sleep(0.4)  # writers in full flow, the slow one holding beta most of the time
                 started = time.monotonic()
                 try:
-                    capture.freeze(conn, tables, BUDGET)
+                    frozen = capture.freeze(conn, tables, BUDGET)
                 except Blocked as exc:  # a clean stop: nothing frozen, writers carry on
                     assert "could not freeze" in str(exc) and exc.hint
                     assert not capture.is_frozen(conn) and _writable(source_dsn)
@@ -115,6 +115,7 @@ def test_freeze_under_writers_spanning_two_tables_in_both_orders_never_deadlocks
                     outcomes.append("blocked")
                 else:
                     assert capture.is_frozen(conn) and not _writable(source_dsn)
+                    assert frozen.attempts >= 1 and 0 <= frozen.waited < BUDGET
                     conn.rollback()
                     time.sleep(0.2)  # writers meet the frozen database
                     capture.release(conn)
@@ -167,3 +168,27 @@ def test_cutover_under_writers_spanning_two_tables_finishes_or_stops_cleanly_wit
     # Every committed write reached the target: the freeze let in-flight writers finish first.
     assert fetch(source_dsn, "SELECT sum(n) FROM public.alpha UNION ALL SELECT sum(n) FROM public.beta") == \
         fetch(target_dsn, "SELECT sum(n) FROM public.alpha UNION ALL SELECT sum(n) FROM public.beta")
+
+
+def test_freeze_gives_up_within_its_bound_naming_the_table_and_leaves_the_database_writable(
+        cfg: Config, source_dsn: str) -> None:
+    run_sql(source_dsn, *SCHEMA)
+    capture.prepare(cfg)
+    with psycopg.connect(source_dsn, autocommit=True) as conn:
+        tables = catalog.list_tables(conn, cfg.tables)
+    with psycopg.connect(source_dsn) as writer, psycopg.connect(source_dsn) as conn, capture_logs() as logs:
+        writer.execute("UPDATE public.beta SET n = n + 1 WHERE id = 1")  # in flight past the bound
+        started = time.monotonic()
+        with pytest.raises(Blocked) as caught:
+            capture.freeze(conn, tables, 1.0, side="the target")
+        elapsed = time.monotonic() - started
+        writer.execute("UPDATE public.alpha SET n = n + 1 WHERE id = 1")  # the writer never noticed
+        writer.commit()
+        assert not capture.is_frozen(conn)
+    assert 1.0 <= elapsed < 1.5
+    assert str(caught.value).startswith("could not freeze the target: writers held locks")
+    assert "stopped at public.beta" in str(caught.value) and "the target was left writable" in str(caught.value)
+    assert caught.value.hint and caught.value.exit_code == 1
+    retries = [e for e in logs if e["event"] == "freeze.retry"]
+    assert retries and {e["table"] for e in retries} == {"public.beta"}
+    assert _writable(source_dsn)
