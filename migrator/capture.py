@@ -523,31 +523,42 @@ def _deadlock_timeout(conn: psycopg.Connection[Any]) -> float:
     return float(row[0]) if row else 1.0
 
 
+# Before each lock of an attempt: its lock_timeout, at most %(wait)s ms and never past %(phase)s ms after the
+# attempt's transaction began (computed by the server, so that the bound holds whatever the network's latency).
+_BOUND_NEXT_LOCK = sql.SQL(
+    "SELECT set_config('lock_timeout', greatest(1, least(%(wait)s, %(phase)s - 1000 * extract(epoch FROM "
+    "clock_timestamp() - transaction_timestamp())))::int || 'ms', true)")
+
+
 def _freeze_attempt(conn: psycopg.Connection[Any], tables: list[Table], deadlock_timeout: float,
                     deadline: float) -> _AttemptStopped | None:
     """One attempt: every lock, then the freeze bodies, committed; or rolled back and the reason returned."""
-    locked_by = min(time.monotonic() + deadlock_timeout / 2, deadline)
-    wait = min(FREEZE_LOCK_WAIT, deadlock_timeout / 4)
-
-    def bounded(stmt: sql.Composable) -> sql.Composed:
-        # One round trip per lock; the lock_timeout never reaches past the attempt's end.
-        ms = max(1, int(min(wait, locked_by - time.monotonic()) * 1000))
-        return sql.SQL("SET LOCAL lock_timeout = {}; {}").format(sql.Literal(f"{ms}ms"), stmt)
-
-    current: Table | None = None
+    bound = {"wait": int(min(FREEZE_LOCK_WAIT, deadlock_timeout / 4) * 1000),
+             "phase": int(min(deadlock_timeout / 2, deadline - time.monotonic()) * 1000)}
+    locks: list[tuple[Table | None, psycopg.Cursor[Any]]] = []
     try:
         with conn.transaction(), conn.cursor() as cur:
             cur.execute("SET LOCAL statement_timeout = 0")
-            cur.execute(bounded(FUNCTIONS_LOCK))  # a rotation in progress finishes first, and sees the freeze after
-            for current in tables:
-                cur.execute(bounded(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(current.ident)))
+            # One round trip for all the locks; the first one not granted is the table that stopped the attempt.
+            with conn.pipeline():
+                cur.execute(_BOUND_NEXT_LOCK, bound)
+                locks.append((None, conn.cursor()))
+                locks[-1][1].execute(FUNCTIONS_LOCK)  # a rotation in progress finishes first, and sees the freeze after
+                for t in tables:
+                    cur.execute(_BOUND_NEXT_LOCK, bound)
+                    locks.append((t, conn.cursor()))
+                    locks[-1][1].execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(t.ident))
             for fn in _trigger_functions(cur):
                 cur.execute(_template("freeze.sql", function=fn))
             cur.execute(sql.SQL("INSERT INTO {}.freeze_state (id, frozen, reason) VALUES (1, true, 'cutover') "
                                 "ON CONFLICT (id) DO UPDATE SET frozen = true, since = now(), reason = excluded.reason")
                         .format(sql.Identifier(CAPTURE_SCHEMA)))
     except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected, psycopg.errors.QueryCanceled) as exc:
-        return _AttemptStopped(current, type(exc).__name__)
+        stopped = next((t for t, c in locks if c.pgresult is None), locks[-1][0] if locks else None)
+        return _AttemptStopped(stopped, type(exc).__name__)
+    finally:
+        for _, c in locks:
+            c.close()
     return None
 
 
