@@ -481,7 +481,8 @@ class _AttemptStopped:
 
 def freeze(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: float, *,
            side: str = "the legacy database") -> Frozen:
-    """Reject every write to the captured tables from now on, once no writer is in flight. Raises Blocked, with nothing frozen, when writers kept the tables locked for lock_timeout seconds.
+    """Reject every write to the captured tables from now on, once no writer is in flight. Raises Blocked, with
+    nothing frozen, when writers kept the tables locked for lock_timeout seconds.
 
     An attempt takes SHARE locks on all captured tables in one transaction, each wait short (see above); a lock held
     by a writer in flight makes it roll back, releasing every lock it took, and the next attempt begins once that
