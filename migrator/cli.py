@@ -373,8 +373,8 @@ def status(obj: Ctx, as_json: bool) -> None:
 @main.command()
 @yes_option
 @click.option("--override", "overrides", multiple=True, metavar="ITEM",
-              help="Accept a failing go/no-go item (lag, verify, sessions, target, sequences, blockers, pooler); "
-                   "repeatable.")
+              help="Accept a failing go/no-go item (lag, verify, sessions, target, sequences, blockers, pooler; "
+                   "no-switch: no pooler and no switch_command, so no client moves); repeatable.")
 @click.option("--hold", "hold_", is_flag=True, help="Postpone: a cutover waits at the go/no-go point; then exit.")
 @click.option("--release-hold", is_flag=True, help="Let a held cutover go on; then exit.")
 @click.option("--check", is_flag=True, help="Only print the go/no-go checklist; exit 0 go, 1 no-go. Changes nothing.")
@@ -460,15 +460,24 @@ def cleanup(obj: Ctx, yes: bool, release_freeze: bool, migration_id: str | None,
         ExitCode.CUTOVER_STOPPED: "the rollback stopped; clients stay on the target, which takes writes"})
 @main.command(name="rollback")
 @yes_option
+@click.option("--override", "overrides", multiple=True, type=click.Choice(["no-switch"]),
+              help="no-switch: roll back although no pooler and no rollback_command moves the clients back.")
 @json_option
 @click.pass_obj
-def rollback_(obj: Ctx, yes: bool, as_json: bool) -> None:
+def rollback_(obj: Ctx, yes: bool, overrides: tuple[str, ...], as_json: bool) -> None:
     """After a cutover: replay every change written on the target onto the legacy database, then move clients back
     (pause the pooler, freeze the target, drain, verify, sequences, release the legacy database, switch, resume)."""
     from migrator import rollback
+    from migrator.errors import NoGo
 
     _confirm(yes, "This freezes the target and moves clients back to the legacy database")
-    report = rollback.run(obj.cfg, on_step=None if as_json else lambda s, st: click.echo(f"  {s}: {st}", err=True))
+    try:
+        report = rollback.run(obj.cfg, overrides=overrides,
+                              on_step=None if as_json else lambda s, st: click.echo(f"  {s}: {st}", err=True))
+    except NoGo as exc:
+        click.echo(json.dumps({"ok": False, "no_go": str(exc), "checklist": exc.checklist}, indent=2)
+                   if as_json else "go/no-go:\n" + exc.checklist, err=not as_json)
+        raise
     _emit(report, as_json, report.render_text)
 
 

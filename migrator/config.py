@@ -148,6 +148,9 @@ class CutoverSettings:
     """Go/no-go: the oldest change not yet applied must be younger than this."""
     max_session_seconds: Positive = 60.0
     """Go/no-go: no transaction on the source (running or idle in transaction) may be older than this."""
+    max_verify_age: Positive = 86400.0
+    """Go/no-go: the last verify must have started less than this many seconds ago (and after the last rollback,
+    completed cutover and copy of a table)."""
     pgbouncer_admin_dsn: Text | None = None
     """PgBouncer's admin console, e.g. postgresql://pgbouncer@127.0.0.1:6432/pgbouncer (the user in admin_users)."""
     pooler_databases: tuple[Text, ...] = ()

@@ -9,7 +9,8 @@ With a pooler ([cutover] pgbouncer_admin_dsn) the clients never reconnect:
     rewritten to the target, RELOAD) → resume (RESUME)
 
 Clients see one slow query: the pause, from PAUSE to RESUME, reported in seconds. Without a pooler the switch is
-`switch_command` and there is no pause/resume. Either the cutover completes, leaving the legacy database frozen (it
+`switch_command` and there is no pause/resume; with neither, the go/no-go `switch` item refuses before anything is
+frozen unless the operator accepts a cutover that moves nobody (`--override no-switch`, recorded and reported). Either the cutover completes, leaving the legacy database frozen (it
 rejects writes until `migrator release`, even after migrator exits), or it stops: the pooler's entries are put back
 and reloaded, the legacy database is writable again, and RESUME is sent, in that order, so that a client let through
 never meets a frozen database. Every step is timed and recorded in the control schema.
@@ -29,7 +30,7 @@ from migrator.config import Config
 from migrator.errors import Blocked, ConnectionFailed, CutoverFailed, MigratorError, NoGo, NotReady
 from migrator.log import get
 from migrator.redaction import scrub
-from migrator.switch import PoolerSession, carry_sequences, count_differences, run_command
+from migrator.switch import NOT_MOVED, PoolerSession, carry_sequences, count_differences, run_command
 
 STEPS = ("catch_up", "preflight", "stage_rollback", "freeze", "drain", "verify", "sequences", "arm_rollback", "switch")
 """The steps without a pooler (`switch_command`)."""
@@ -62,9 +63,12 @@ class CutoverReport:
     error: str | None = None
     already_done: bool = False
     """The cutover had already completed; nothing was done (the legacy database stays frozen)."""
+    clients_moved: bool = True
+    """False when neither a pooler nor switch_command moved them (`--override no-switch`)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"attempt": self.attempt, "ok": self.ok, "mode": self.mode, "freeze_seconds": self.freeze_seconds,
+        return {"attempt": self.attempt, "ok": self.ok, "mode": self.mode, "clients_moved": self.clients_moved,
+                "clients": None if self.clients_moved else NOT_MOVED, "freeze_seconds": self.freeze_seconds,
                 "pause_seconds": self.pause_seconds, "events_drained": self.events_drained,
                 "sequences_set": self.sequences_set, "failed_step": self.failed_step, "error": self.error,
                 "already_done": self.already_done, "checklist": self.checklist,
@@ -77,6 +81,8 @@ class CutoverReport:
         head = f"cutover done; write freeze {self.freeze_seconds or 0:.2f}s"
         if self.pause_seconds is not None:
             head += f"; clients paused {self.pause_seconds:.2f}s"
+        if not self.clients_moved:
+            head += f"\n{NOT_MOVED}"
         return head + "\n" + "\n".join(f"  {s.step:<10} {s.seconds:8.3f}s  {s.detail or ''}" for s in self.steps)
 
 
@@ -86,9 +92,9 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
     CutoverFailed when a later step fails (pooler resumed on the legacy database, legacy writable again)."""
     log = get(phase="cutover")
     overrides = tuple(overrides)
-    unknown = set(overrides) - set(gonogo.ITEMS)
+    unknown = set(overrides) - set(gonogo.OVERRIDES)
     if unknown:
-        raise Blocked(f"unknown go/no-go item(s): {', '.join(sorted(unknown))}; items: {', '.join(gonogo.ITEMS)}")
+        raise Blocked(f"unknown go/no-go item(s): {', '.join(sorted(unknown))}; items: {', '.join(gonogo.OVERRIDES)}")
     try:
         db.connect(cfg.target_dsn, role="target", connect_timeout=5).close()
     except ConnectionFailed as exc:
@@ -141,7 +147,7 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
                 held = 0.0
                 while True:
                     checklist = gonogo.run(cfg, overrides=overrides)
-                    report.checklist = checklist.to_list()
+                    report.checklist = gonogo.recorded(checklist)
                     state.record_attempt_pooler(target, report.attempt, checklist=report.checklist)
                     if on_checklist:
                         on_checklist(checklist)
@@ -172,14 +178,12 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
             def freeze() -> str:
                 nonlocal frozen, freeze_started
                 freeze_started = time.monotonic()
-                try:
-                    capture.freeze(source, tables, cfg.cutover.freeze_lock_timeout)
-                except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
-                    raise Blocked(f"writers still in flight after {cfg.cutover.freeze_lock_timeout}s; "
-                                  "the legacy database was not frozen") from exc
+                r = capture.freeze(source, tables, cfg.cutover.freeze_lock_timeout)
+                freeze_started += r.waited  # before the attempt that froze, writers were not held
                 frozen = True
                 state.mark(target, "frozen", True)
-                return f"{len(tables)} tables frozen"
+                return f"{len(tables)} tables frozen" + (
+                    f" (attempt {r.attempts}, after {r.waited:.2f}s of writers in flight)" if r.attempts > 1 else "")
 
             def drain() -> str:
                 r = replay.sync(cfg)
@@ -232,6 +236,7 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
                 if pool is None:
                     detail = run_command(cfg, cfg.cutover.switch_command, "switch_command")
                     moved = True
+                    report.clients_moved = bool(cfg.cutover.switch_command)
                     return detail
                 entries = pool.entries()
                 for e in entries.values():  # recorded before the file changes, for a rollback days later

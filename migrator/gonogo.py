@@ -1,18 +1,26 @@
 """Go/no-go: the checklist a cutover must pass before anything is paused or frozen. Reads only; decides.
 
 Items: `lag` (the oldest change not yet applied is younger than [cutover] max_lag_seconds), `verify` (the last
-recorded verify found the two sides identical; a warning when none was recorded), `sessions` (no transaction on the
-legacy database, running or idle in transaction, older than [cutover] max_session_seconds: it would hold PAUSE or the
-freeze), `target` (reachable, control schema present), `sequences` (readable on both sides), `blockers` (no
+recorded verify of every table found the two sides identical, started less than [cutover] max_verify_age ago and
+after anything that could make them differ since: a rollback, a completed cutover, a copy of a table (a re-copy,
+or one after DDL sent it back to pending); a warning when none was recorded), `sessions` (no transaction on the
+legacy database, running or idle in transaction, older than [cutover] max_session_seconds: it would hold PAUSE or
+the freeze), `target` (reachable, control schema present), `sequences` (readable on both sides), `blockers` (no
 blocker of inspect's stands on the legacy database, unless it was overridden at prepare: then it is shown as
-overridden, by whom and when), and with a pooler `pooler` (admin console reachable, every pooler database served
-and not paused, its entry found in a writable [databases] file). The operator may accept a failing item by name
-(`--override ITEM`); it is then shown as such.
+overridden, by whom and when), with a pooler
+`pooler` (admin console reachable, every pooler database served and not paused, its entry found in a writable
+[databases] file), and `switch` (something moves the clients: the pooler or switch_command). The operator may
+accept a failing item by name (`--override ITEM`; the switch item's name is `no-switch`, for what it accepts); it
+is then shown as such, and the attempt records who accepted it and when (`recorded`). A rollback has one item,
+`switch` (the pooler or rollback_command): `rollback_checklist`.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import getpass
 import os
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +33,12 @@ from migrator import catalog, db, inspect, pooler, replay, state, status
 from migrator.config import Config
 from migrator.redaction import scrub
 
-ITEMS = ("lag", "verify", "sessions", "target", "sequences", "blockers", "pooler")
+ITEMS = ("lag", "verify", "sessions", "target", "sequences", "blockers", "pooler", "switch")
+NO_SWITCH = "no-switch"
+"""The override of the `switch` item: a cutover or rollback that freezes and releases but moves no client."""
+_OVERRIDE_NAME = {"switch": NO_SWITCH}
+OVERRIDES = tuple(_OVERRIDE_NAME.get(i, i) for i in ITEMS)
+"""The names `--override` accepts."""
 State = Literal["pass", "warn", "fail", "overridden"]
 _MARK = {"pass": "[ ok ]", "warn": "[warn]", "fail": "[FAIL]", "overridden": "[over]"}
 
@@ -69,15 +82,51 @@ def _lag(cfg: Config) -> tuple[State, str]:
 def _verify(cfg: Config) -> tuple[State, str]:
     with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
         last = state.last_verify(target)
-    if last is None:
-        return "warn", "no verify recorded; run `migrator verify` before the night for an exact answer"
-    found, at = last
-    if found.get("identical"):
-        return "pass", f"last verify identical ({at:%Y-%m-%d %H:%M} UTC)"
-    if found.get("not_verified"):
-        return "fail", (f"last verify ({at:%Y-%m-%d %H:%M} UTC) could not verify {found['not_verified']} table(s); "
-                        "fix what it reported and verify again")
-    return "fail", f"last verify ({at:%Y-%m-%d %H:%M} UTC) found {found.get('differences', '?')} differences"
+        if last is None:
+            # A warning, not a failure: the cutover still compares counts (or every row) inside the freeze, and
+            # "none recorded" misleads nobody, unlike an old "identical".
+            return "warn", "no verify recorded; run `migrator verify` before the night for an exact answer"
+        found, at = last
+        if found.get("not_verified"):
+            return "fail", (f"last verify ({at:%Y-%m-%d %H:%M} UTC) could not verify {found['not_verified']} "
+                            "table(s); fix what it reported and verify again")
+        if not found.get("identical"):
+            return "fail", f"last verify ({at:%Y-%m-%d %H:%M} UTC) found {found.get('differences', '?')} differences"
+        row = target.execute("SELECT now()").fetchone()
+        assert row is not None
+        stale = _since(target, at)
+    said = f"last verify identical, but it started {at:%Y-%m-%d %H:%M} UTC"
+    again = "; run `migrator verify` again"
+    if stale:
+        return "fail", f"{said}, before {stale}{again}"
+    age = (row[0] - at).total_seconds()
+    if age > cfg.cutover.max_verify_age:
+        return "fail", (f"{said}, {age / 3600:.1f}h ago (bound [cutover] max_verify_age "
+                        f"{cfg.cutover.max_verify_age / 3600:.1f}h){again}")
+    return "pass", f"last verify identical (started {at:%Y-%m-%d %H:%M} UTC, {age / 3600:.1f}h ago)"
+
+
+def _since(target: psycopg.Connection[Any], verified_at: dt.datetime) -> str | None:
+    """The newest recorded event after `verified_at` that could make the two sides differ other than through sync
+    (named, with its time), or a table not copied now; None when the verify still speaks for the data."""
+    tables = state.tables(target)
+    # A prepare that recorded a changed definition (DDL) sends the table back to pending, as `copy --tables` does:
+    # until its copy has finished the table is not what was compared, and after, its copy is newer than the verify.
+    uncopied = [t.display for t in tables if t.status != "copied"]
+    if uncopied:
+        return f"the copy of {', '.join(uncopied[:5])} (sent back to pending; it has not finished: run `migrator copy`)"
+    events: list[tuple[dt.datetime, str]] = []
+    for a in state.attempts(target):
+        if a["kind"] == "rollback":
+            events.append((a["finished_at"] or a["started_at"], f"the rollback (attempt {a['id']})"))
+        elif a["status"] == "done":  # clients may have written on the target since
+            events.append((a["finished_at"] or a["started_at"], f"the completed cutover (attempt {a['id']})"))
+    events += [(t.copy_finished_at, f"the copy of {t.display}") for t in tables if t.copy_finished_at]
+    after = [e for e in events if e[0] > verified_at]
+    if not after:
+        return None
+    at, what = max(after)
+    return f"{what} at {at:%Y-%m-%d %H:%M} UTC"
 
 
 def _sessions(cfg: Config) -> tuple[State, str]:
@@ -154,10 +203,40 @@ def _blockers(cfg: Config) -> tuple[State, str]:
     return ("fail" if standing else "overridden"), detail
 
 
+def _moves_clients(cfg: Config, command: str | None, setting: str, stranded: str) -> tuple[State, str]:
+    if cfg.cutover.uses_pooler:
+        return "pass", f"clients move through PgBouncer ({', '.join(cfg.cutover.pooler_databases)})"
+    if command:
+        return "pass", f"clients move by [cutover] {setting}"
+    return "fail", (f"no pooler and no [cutover] {setting}: clients would not be moved ({stranded}); configure "
+                    f"one, or accept it with `--override {NO_SWITCH}`")
+
+
+def _switch(cfg: Config) -> tuple[State, str]:
+    return _moves_clients(cfg, cfg.cutover.switch_command, "switch_command",
+                          "they stay on the legacy database, which the cutover freezes")
+
+
+def _switch_back(cfg: Config) -> tuple[State, str]:
+    return _moves_clients(cfg, cfg.cutover.rollback_command, "rollback_command",
+                          "they stay on the target while the legacy database takes writes again, and what they "
+                          "write on the target exists nowhere else")
+
+
 _CHECKS: dict[str, Callable[[Config], tuple[State, str]]] = {
     "lag": _lag, "verify": _verify, "sessions": _sessions, "target": _target, "sequences": _sequences,
-    "blockers": _blockers, "pooler": _pooler,
+    "blockers": _blockers, "pooler": _pooler, "switch": _switch,
 }
+
+
+def _check(cfg: Config, item: str, fn: Callable[[Config], tuple[State, str]], accepted: set[str]) -> Check:
+    try:
+        st, detail = fn(cfg)
+    except Exception as exc:  # noqa: BLE001 - a check that cannot run is a failed check, named
+        st, detail = "fail", scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    if st == "fail" and _OVERRIDE_NAME.get(item, item) in accepted:
+        st, detail = "overridden", f"{detail} (overridden by the operator)"
+    return Check(item, st, detail)
 
 
 def run(cfg: Config, *, overrides: Iterable[str] = ()) -> Checklist:
@@ -165,15 +244,22 @@ def run(cfg: Config, *, overrides: Iterable[str] = ()) -> Checklist:
     after `cleanup` (a target that cannot be reached fails its item instead)."""
     status.require_prepared(cfg)
     accepted = set(overrides)
-    checks = []
-    for item in ITEMS:
-        if item == "pooler" and not cfg.cutover.uses_pooler:
-            continue
-        try:
-            st, detail = _CHECKS[item](cfg)
-        except Exception as exc:  # noqa: BLE001 - a check that cannot run is a failed check, named
-            st, detail = "fail", scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-        if st == "fail" and item in accepted:
-            st, detail = "overridden", f"{detail} (overridden by the operator)"
-        checks.append(Check(item, st, detail))
-    return Checklist(tuple(checks))
+    return Checklist(tuple(_check(cfg, item, _CHECKS[item], accepted) for item in ITEMS
+                           if item != "pooler" or cfg.cutover.uses_pooler))
+
+
+def rollback_checklist(cfg: Config, *, overrides: Iterable[str] = ()) -> Checklist:
+    """The rollback's one item, `switch`: the pooler or rollback_command moves the clients back."""
+    return Checklist((_check(cfg, "switch", _switch_back, set(overrides)),))
+
+
+def recorded(checklist: Checklist) -> list[dict[str, Any]]:
+    """The checklist as an attempt records it: each item the operator overrode says who (the operating-system user
+    running migrator, on which host) and when."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no name for this uid (a container): the uid still says who
+        user = f"uid {os.getuid()}"
+    at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    return [c.to_dict() | ({"by": f"{user}@{socket.gethostname()}", "at": at} if c.state == "overridden" else {})
+            for c in checklist.checks]

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import json
 import math
 import queue
@@ -294,6 +295,8 @@ def verify(cfg: Config, *, tables: list[str] | None = None, show_values: bool = 
     with db.session(cfg.target_dsn, role="target") as conn:
         target_tables = {(t.schema, t.name): t for t in catalog.list_tables(conn, cfg.tables)}
         live = live and state.exists(conn) and state.position(conn) is not None
+        row = conn.execute("SELECT now()").fetchone()  # the target's clock: the checklist compares its events with it
+        started_at = row[0] if row else None
         same_encoding = _encoding(conn) == source_encoding
         mask = KeyMask.of(conn)
         conn.commit()
@@ -331,7 +334,7 @@ def verify(cfg: Config, *, tables: list[str] | None = None, show_values: bool = 
                           not_compared=unseen.listed if tables is None else (), mask=mask)
     if tables is None:
         # A table that could not be verified is no proof: recorded as not identical, so go/no-go fails.
-        _record(cfg, report)
+        _record(cfg, report, started_at)
     return report
 
 
@@ -381,14 +384,13 @@ def _encoding(conn: psycopg.Connection[Any]) -> str:
     return str(row[0]) if row else ""
 
 
-def _record(cfg: Config, report: ParityReport) -> None:
+def _record(cfg: Config, report: ParityReport, started_at: dt.datetime | None) -> None:
     """Remember a whole-database verify for the cutover's go/no-go checklist (when the control schema exists)."""
     try:
         with db.session(cfg.target_dsn, role="target") as conn:
             if state.exists(conn):
-                # Rows, for go/no-go: large objects not compared stand there as the overridden blocker.
                 state.record_verify(conn, report.rows_identical, sum(t.difference_count for t in report.tables),
-                                    not_verified=sum(1 for t in report.tables if t.status == "error"))
+                                    started_at, not_verified=sum(1 for t in report.tables if t.status == "error"))
                 conn.commit()
     except psycopg.Error as exc:
         log.get(phase="verify").warning("verify.not_recorded", error=str(exc).splitlines()[0])

@@ -12,7 +12,9 @@ advances the recorded position. With a pooler the clients never reconnect:
     database takes writes again) → switch (the pooler's entries back to the legacy ones, RELOAD) → resume → disarm
     (capture removed from the target)
 
-Without a pooler the switch is `[cutover] rollback_command`. The frozen capture triggers of the legacy database do
+Without a pooler the switch is `[cutover] rollback_command`; with neither, the rollback is refused before anything is
+touched unless the operator accepts one that moves nobody (`--override no-switch`, recorded and reported): after it
+both databases take writes and the target records none of them. The frozen capture triggers of the legacy database do
 not stop the reverse replay: like the application's ALWAYS triggers during sync, they are disabled inside the replay
 transaction and enabled again before it commits, so no other session ever sees them off, and no client can open
 that door (no session setting lets a write through the freeze). Either the rollback completes, or it stops before
@@ -23,20 +25,20 @@ clients move and leaves them on the target: pooler entries restored, legacy froz
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from migrator import capture, catalog, db, parity, replay, state
+from migrator import capture, catalog, db, gonogo, parity, replay, state
 from migrator.catalog import Table
 from migrator.config import CAPTURE_SCHEMA, Config
-from migrator.errors import Blocked, CutoverFailed, MigratorError, NotReady, SchemaChanged
+from migrator.errors import Blocked, CutoverFailed, MigratorError, NoGo, NotReady, SchemaChanged
 from migrator.log import get
 from migrator.redaction import scrub
-from migrator.switch import PoolerSession, carry_sequences, count_differences, run_command
+from migrator.switch import NOT_MOVED, PoolerSession, carry_sequences, count_differences, run_command
 
 STEPS = ("preflight", "catch_up", "freeze", "drain", "verify", "sequences", "release", "switch", "disarm")
 """The steps without a pooler (`rollback_command`)."""
@@ -225,24 +227,37 @@ class RollbackReport:
     steps: list[dict[str, Any]] = field(default_factory=list)
     failed_step: str | None = None
     error: str | None = None
+    clients_moved: bool = True
+    """False when neither a pooler nor rollback_command moved them (`--override no-switch`)."""
+    checklist: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"attempt": self.attempt, "ok": self.ok, "mode": self.mode, "pause_seconds": self.pause_seconds,
+        return {"attempt": self.attempt, "ok": self.ok, "mode": self.mode, "clients_moved": self.clients_moved,
+                "clients": None if self.clients_moved else NOT_MOVED, "pause_seconds": self.pause_seconds,
                 "events_replayed": self.events_replayed, "sequences_set": self.sequences_set,
-                "failed_step": self.failed_step, "error": self.error, "steps": self.steps}
+                "failed_step": self.failed_step, "error": self.error, "checklist": self.checklist,
+                "steps": self.steps}
 
     def render_text(self) -> str:
         head = f"rollback done: {self.events_replayed} events written on the target replayed onto the legacy database"
         if self.pause_seconds is not None:
             head += f"; clients paused {self.pause_seconds:.2f}s"
+        if not self.clients_moved:
+            head += f"\n{NOT_MOVED}"
         return head + "\n" + "\n".join(f"  {s['step']:<10} {s['seconds']:8.3f}s  {s['detail'] or ''}"
                                        for s in self.steps)
 
 
-def run(cfg: Config, *, on_step: Callable[[str, str], None] | None = None) -> RollbackReport:
-    """Roll back a completed cutover. Returns the report; raises NotReady when there is nothing to roll back (nothing
-    touched), CutoverFailed when a step fails before clients move (they stay on the target, which takes writes)."""
+def run(cfg: Config, *, overrides: Iterable[str] = (),
+        on_step: Callable[[str, str], None] | None = None) -> RollbackReport:
+    """Roll back a completed cutover. Returns the report; raises NotReady when there is nothing to roll back, NoGo
+    when nothing would move the clients back and `overrides` lacks "no-switch" (nothing touched in either case),
+    CutoverFailed when a step fails before clients move (they stay on the target, which takes writes)."""
     log = get(phase="rollback")
+    overrides = tuple(overrides)
+    unknown = set(overrides) - {gonogo.NO_SWITCH}
+    if unknown:
+        raise Blocked(f"unknown override(s) for a rollback: {', '.join(sorted(unknown))}; only {gonogo.NO_SWITCH}")
     with db.session(cfg.target_dsn, role="target", autocommit=True) as target, \
             db.session(cfg.source_dsn, role="source", autocommit=True) as legacy:
         m = state.require_prepared(target)
@@ -253,8 +268,14 @@ def run(cfg: Config, *, on_step: Callable[[str, str], None] | None = None) -> Ro
             raise NotReady("the rollback is not armed: the target's changes since cutover were not captured",
                            hint="Only a cutover that armed the rollback (and no `migrator cleanup` since) can be "
                                 "rolled back without losing the target's writes.")
-        report = RollbackReport(attempt=state.start_attempt(target), ok=False)
-        state.record_attempt_pooler(target, report.attempt, kind="rollback")
+        checklist = gonogo.rollback_checklist(cfg, overrides=overrides)
+        if not checklist.go:
+            raise NoGo(f"rollback refused: {', '.join(checklist.failing)}; nothing was frozen or replayed",
+                       checklist=checklist.render_text(),
+                       hint="Configure [cutover] rollback_command (or the pooler) and run `migrator rollback` again, "
+                            f"or accept a rollback that moves no client with `--override {gonogo.NO_SWITCH}`.")
+        report = RollbackReport(attempt=state.start_attempt(target), ok=False, checklist=gonogo.recorded(checklist))
+        state.record_attempt_pooler(target, report.attempt, kind="rollback", checklist=report.checklist)
         pool = PoolerSession(cfg) if cfg.cutover.uses_pooler else None
         report.mode = "pgbouncer" if pool else "rollback_command"
         reverse: _Reverse | None = None
@@ -309,13 +330,9 @@ def run(cfg: Config, *, on_step: Callable[[str, str], None] | None = None) -> Ro
 
             def freeze() -> str:
                 nonlocal target_frozen
-                try:
-                    capture.freeze(target, list(tables.values()), cfg.cutover.freeze_lock_timeout)
-                except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
-                    raise Blocked(f"writers still in flight on the target after {cfg.cutover.freeze_lock_timeout}s; "
-                                  "the target was not frozen") from exc
+                r = capture.freeze(target, list(tables.values()), cfg.cutover.freeze_lock_timeout, side="the target")
                 target_frozen = True
-                return f"{len(tables)} target tables frozen"
+                return f"{len(tables)} target tables frozen" + (f" (attempt {r.attempts})" if r.attempts > 1 else "")
 
             def drain() -> str:
                 assert reverse is not None
@@ -360,8 +377,9 @@ def run(cfg: Config, *, on_step: Callable[[str, str], None] | None = None) -> Ro
                 nonlocal moved
                 if pool is None:
                     detail = run_command(cfg, cfg.cutover.rollback_command, "rollback_command",
-                                                MIGRATOR_DIRECTION="rollback")
+                                         MIGRATOR_DIRECTION="rollback")
                     moved = True
+                    report.clients_moved = bool(cfg.cutover.rollback_command)
                     return detail
                 entries = state.pooler_entries(target)
                 pool.point({n: entries[n].legacy_entry for n in pool.names})
@@ -405,7 +423,7 @@ def run(cfg: Config, *, on_step: Callable[[str, str], None] | None = None) -> Ro
                 try:
                     capture.freeze(legacy, catalog.list_tables(legacy, cfg.tables), cfg.cutover.freeze_lock_timeout)
                     undone.append("the legacy database is frozen again")
-                except psycopg.Error as fr_exc:
+                except (psycopg.Error, MigratorError) as fr_exc:
                     undone.append(f"REFREEZING THE LEGACY DATABASE FAILED ({fr_exc.__class__.__name__}): clients "
                                   "not behind the pooler could write there")
             if target_frozen:

@@ -49,10 +49,15 @@ def carry_sequences(seqs: list[catalog.Sequence], into: psycopg.Connection[Any])
     return behind
 
 
+NOT_MOVED = "clients were not moved: no switch configured, overridden by the operator"
+"""What a cutover or rollback run with `--override no-switch` and neither a pooler nor a command says it did."""
+
+
 def run_command(cfg: Config, command: str | None, setting: str, **env: str) -> str:
-    """Run the site's own command that moves clients (`switch_command`, `rollback_command`); non-zero exit fails."""
+    """Run the site's own command that moves clients (`switch_command`, `rollback_command`); non-zero exit fails.
+    Without a command there is nothing to run: the go/no-go `switch` item refused, or the operator overrode it."""
     if not command:
-        return f"no {setting} configured"
+        return NOT_MOVED
     full_env = dict(os.environ, MIGRATOR_TARGET=db.describe_dsn(cfg.target_dsn),
                     MIGRATOR_SOURCE=db.describe_dsn(cfg.source_dsn), **env)
     proc = subprocess.run(command, shell=True, env=full_env, capture_output=True, text=True, timeout=300)

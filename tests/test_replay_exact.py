@@ -762,7 +762,7 @@ SEQ_TABLES = ("public.s_serial", "public.s_always", "public.s_default", '"Clinic
 def test_sequences_after_cutover_are_ahead_of_every_source_value(
     make_config: Callable[..., Config], source_dsn: str, target_dsn: str
 ) -> None:
-    cfg = make_config(cutover={"verify": "counts"}, copy={"workers": 2})
+    cfg = make_config(cutover={"verify": "counts", "switch_command": "true"}, copy={"workers": 2})
     run_sql(source_dsn, SEQUENCE_SCHEMA,
             *(f"INSERT INTO {t} (v) SELECT 'x' FROM generate_series(1, 5)" for t in SEQ_TABLES))
     capture.prepare(cfg)

@@ -99,7 +99,7 @@ def test_rollback_replays_every_target_change_onto_the_legacy_database_and_runs_
 
 def test_a_second_cutover_after_a_rollback_carries_the_legacy_writes_again(
         make_config: Callable[..., Config], source_dsn: str, target_dsn: str) -> None:
-    cfg = make_config(copy={"workers": 2}, cutover={"switch_command": "true"})
+    cfg = make_config(copy={"workers": 2}, cutover={"switch_command": "true", "rollback_command": "true"})
     migrated(cfg, source_dsn)
     cutover.run(cfg)
     write_on_target(target_dsn)

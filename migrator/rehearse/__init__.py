@@ -4,7 +4,9 @@
 OIS database in the legacy one (`pacs`), starts writer processes (`workload`) and goes through inspect → prepare →
 copy → sync → cutover → verify while they write. It reports each phase's time, the write-freeze window and parity,
 and is ok only if the target equals the frozen legacy database row for row and every study a writer saw committed
-arrived. The databases are dropped afterwards unless kept.
+arrived. The writers stay on the legacy database: there are no clients to move, so the cutover runs with
+`--override no-switch` (recorded with the attempt, and said in the report). The databases are dropped afterwards
+unless kept.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 import psycopg
 
-from migrator import capture, copy, cutover, parity, replay
+from migrator import capture, copy, cutover, gonogo, parity, replay
 from migrator import inspect as inspect_mod
 from migrator.config import Config, from_dict
 from migrator.errors import ConnectionFailed
@@ -26,6 +28,7 @@ from migrator.log import get
 from migrator.rehearse import pacs
 from migrator.rehearse.workload import Workload, WorkloadSpec
 from migrator.rehearse.workload import verify as workload_verify
+from migrator.switch import NOT_MOVED
 
 ADMIN_CANDIDATES = (
     "host=127.0.0.1 port=5432 dbname=postgres user=postgres",
@@ -154,10 +157,12 @@ def run(*, scale: float = 0.01, tps: float = 40.0, writers: int = 2, keep: bool 
             return f"{total} events applied; {lag.pending_events} pending"
 
         def do_cutover() -> str:
-            r = cutover.run(cfg)
+            # The writers connect to the legacy database directly: there is nobody to move, and it says so.
+            r = cutover.run(cfg, overrides=(gonogo.NO_SWITCH,))
             report.freeze_seconds = r.freeze_seconds
             report.events_applied += r.events_drained
-            return f"freeze {r.freeze_seconds:.2f}s, {r.events_drained} events drained"
+            moved = "" if r.clients_moved else f"; {NOT_MOVED} (a rehearsal has none to move)"
+            return f"freeze {r.freeze_seconds:.2f}s, {r.events_drained} events drained{moved}"
 
         def do_verify() -> str:
             assert workload is not None

@@ -634,8 +634,8 @@ def copy_workers(conn: Conn, fresh_seconds: float = 10.0) -> list[dict[str, Any]
 
 HOLD_FLAG = "cutover.hold"
 VERIFY_FLAG = "verify.last"
-"""JSON {"identical": bool, "differences": n, "not_verified": n}, written by whoever records a verify
-(record_verify)."""
+"""JSON {"identical": bool, "differences": n, "not_verified": n, "started_at": iso}, written by whoever records a
+verify of every table (record_verify)."""
 
 
 def record_attempt_pooler(conn: Conn, attempt: int, *, kind: str = "cutover", pause_seconds: float | None = None,
@@ -684,19 +684,28 @@ def set_pointing(conn: Conn, names: list[str], pointing: str) -> None:
                     .format(_t("pooler_entry")), (pointing, names))
 
 
-def record_verify(conn: Conn, identical: bool, differences: int, *, not_verified: int = 0) -> None:
-    """Remember the outcome of a verify, for the cutover's go/no-go checklist (`not_verified`: tables it could not
-    compare, which make it not identical)."""
+def record_verify(conn: Conn, identical: bool, differences: int, started_at: dt.datetime | None = None, *,
+                  not_verified: int = 0) -> None:
+    """Remember the outcome of a verify of every table, for the cutover's go/no-go checklist (`not_verified`: tables
+    it could not compare, which make it not identical); `started_at` (the target's clock when it began) is what the
+    checklist compares with later events, since rows compared early in a long verify say nothing about a re-copy or a
+    rollback that happened while it ran."""
     import json
 
     set_flag(conn, VERIFY_FLAG, json.dumps({"identical": identical and not not_verified, "differences": differences,
-                                            "not_verified": not_verified}))
+                                            "not_verified": not_verified,
+                                            "started_at": started_at.isoformat() if started_at else None}))
 
 
 def last_verify(conn: Conn) -> tuple[dict[str, Any], dt.datetime] | None:
+    """The last recorded verify and when it started (when it was recorded, for one that did not say)."""
     import json
 
     with conn.cursor() as cur:
         cur.execute(sql.SQL("SELECT value, set_at FROM {} WHERE name = %s").format(_t("flag")), (VERIFY_FLAG,))
         row = cur.fetchone()
-    return (json.loads(row[0]), row[1]) if row else None
+    if row is None:
+        return None
+    found = json.loads(row[0])
+    started = found.get("started_at")
+    return found, dt.datetime.fromisoformat(started) if started else row[1]
