@@ -15,9 +15,7 @@ long. Replacing function bodies takes no lock the application's sessions wait fo
 from __future__ import annotations
 
 import datetime as dt
-import getpass
 import json
-import os
 import random
 import time
 from collections.abc import Iterable
@@ -349,17 +347,6 @@ def _missing_on_target(target: psycopg.Connection[Any], tables: list[Table]) -> 
     return missing
 
 
-def _target_has_user_tables(target: psycopg.Connection[Any], tables: list[Table]) -> list[str]:
-    with target.cursor() as cur:
-        found = []
-        for t in tables:
-            cur.execute("SELECT to_regclass(%s) IS NOT NULL", (t.ident.as_string(target),))
-            row = cur.fetchone()
-            if row and row[0]:
-                found.append(t.display)
-    return found
-
-
 def check_target_role(target: psycopg.Connection[Any]) -> None:
     """Copy and sync write the target with session_replication_role = replica (the application's triggers and
     foreign keys stay quiet there): refuse, before anything is created, a role that may not set it."""
@@ -388,13 +375,6 @@ def _accepted_blockers(source: psycopg.Connection[Any], overrides: Iterable[str]
     return [(f.name, f.message, str(row[0]) if row else "?") for f in accepted]
 
 
-def _os_user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no user name in the environment or the password database
-        return f"uid {os.getuid()}"
-
-
 def prepare(cfg: Config, *, overrides: Iterable[str] = ()) -> PrepareResult:
     """Control schema and target schema on the target, capture on the source. Re-runnable.
 
@@ -405,6 +385,14 @@ def prepare(cfg: Config, *, overrides: Iterable[str] = ()) -> PrepareResult:
     with db.session(cfg.target_dsn, role="target") as target, db.session(cfg.source_dsn, role="source") as source:
         accepted = _accepted_blockers(source, overrides)
         check_target_role(target)
+        done = state.cleaned_up(target) if state.exists(target) else None
+        target.rollback()
+        if done is not None:
+            # Changes since cleanup were not recorded: capturing again would sync from a position that misses them.
+            raise NotReady(f"this migration was cleaned up by `migrator cleanup` at {done:%Y-%m-%d %H:%M:%S} UTC; "
+                           "changes on the legacy database since then were not recorded",
+                           hint="To migrate again, point [target] at a new, empty database and run "
+                                "`migrator prepare --yes`.")
         source.autocommit = True
         ownership.check_prepare(source, target)
         if is_frozen(source):
@@ -420,28 +408,14 @@ def prepare(cfg: Config, *, overrides: Iterable[str] = ()) -> PrepareResult:
         state.upgrade(target)
         state.start_migration(target, db.describe_dsn(cfg.source_dsn))
         for name, detail, role in accepted:
-            state.record_override(target, name, detail, _os_user(), role)
+            state.record_override(target, name, detail, state.operator(), role)
             log.warning("prepare.blocker_overridden", blocker=name, db_role=role)
         target.commit()
-        done = state.cleaned_up(target)
-        if done is not None:
-            # Changes since cleanup were not recorded: capturing again would sync from a position that misses them.
-            raise NotReady(f"this migration was cleaned up by `migrator cleanup` at {done:%Y-%m-%d %H:%M:%S} UTC; "
-                           "changes on the legacy database since then were not recorded",
-                           hint="To migrate again, point [target] at a new, empty database and run "
-                                "`migrator prepare --yes`.")
         m = state.migration(target)
         assert m is not None
         created_schema = False
         if m.target_schema_at is None:
-            existing = _target_has_user_tables(target, tables)
-            if existing:
-                raise Blocked(
-                    f"the target already has tables of the source ({', '.join(existing[:5])}"
-                    f"{' ...' if len(existing) > 5 else ''}) that migrator did not create",
-                    hint="Point [target] at a new, empty database.",
-                )
-            target.commit()
+            # ownership.check_prepare refused a target holding objects this migration did not create.
             schema.load_section(cfg.source_dsn, cfg.target_dsn, "pre-data")
             state.mark(target, "target_schema_at")
             target.commit()

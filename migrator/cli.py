@@ -22,6 +22,7 @@ from migrator import config as config_mod
 from migrator import log as log_mod
 from migrator.config import Config
 from migrator.errors import Blocked, ExitCode, Interrupted, MigratorError, database_hint
+from migrator.gonogo import NO_SWITCH, OVERRIDES
 from migrator.inspect import OVERRIDABLE as OVERRIDABLE_BLOCKERS
 from migrator.redaction import database_error, scrub
 
@@ -247,7 +248,8 @@ def copy(obj: Ctx, workers: int | None, only: tuple[str, ...], max_rate: float |
 
 
 @exits({ExitCode.OK: "caught up; --follow: stopped by SIGINT or SIGTERM",
-        ExitCode.FINDING: "--check-lag: the oldest pending change is older than SECONDS"})
+        ExitCode.FINDING: "--check-lag: the oldest pending change is older than SECONDS; or refused: the legacy "
+                          "database's capture belongs to another migration"})
 @main.command()
 @click.option("--until-caught-up", "mode", flag_value="once", default=True,
               help="Apply until nothing is pending, then exit 0 (default).")
@@ -372,7 +374,7 @@ def status(obj: Ctx, as_json: bool) -> None:
         ExitCode.CUTOVER_STOPPED: ExitCode.CUTOVER_STOPPED.meaning})
 @main.command()
 @yes_option
-@click.option("--override", "overrides", multiple=True, metavar="ITEM",
+@click.option("--override", "overrides", multiple=True, metavar="ITEM", type=click.Choice(OVERRIDES),
               help="Accept a failing go/no-go item (lag, verify, sessions, target, sequences, blockers, pooler; "
                    "no-switch: no pooler and no switch_command, so no client moves); repeatable.")
 @click.option("--hold", "hold_", is_flag=True, help="Postpone: a cutover waits at the go/no-go point; then exit.")
@@ -421,7 +423,7 @@ def cutover(obj: Ctx, yes: bool, overrides: tuple[str, ...], hold_: bool, releas
     _emit(report, as_json, report.render_text)
 
 
-@exits({ExitCode.FINDING: "declined"})
+@exits({ExitCode.FINDING: "declined, or refused: the freeze belongs to another migration"})
 @main.command()
 @yes_option
 @click.pass_obj
@@ -434,7 +436,7 @@ def release(obj: Ctx, yes: bool) -> None:
     click.echo("released: the legacy database takes writes again")
 
 
-@exits({ExitCode.FINDING: "declined"})
+@exits({ExitCode.FINDING: "declined, or refused: the capture belongs to another migration"})
 @main.command()
 @yes_option
 @click.option("--release-freeze", is_flag=True, help="Also end a post-cutover freeze (legacy becomes writable).")
@@ -456,11 +458,11 @@ def cleanup(obj: Ctx, yes: bool, release_freeze: bool, migration_id: str | None,
                   + (f"; {on_target} triggers on the target (the rollback window is over)" if on_target else ""))
 
 
-@exits({ExitCode.FINDING: "declined",
+@exits({ExitCode.FINDING: "declined, or refused: nothing moves the clients back (--override no-switch)",
         ExitCode.CUTOVER_STOPPED: "the rollback stopped; clients stay on the target, which takes writes"})
 @main.command(name="rollback")
 @yes_option
-@click.option("--override", "overrides", multiple=True, type=click.Choice(["no-switch"]),
+@click.option("--override", "overrides", multiple=True, type=click.Choice([NO_SWITCH]),
               help="no-switch: roll back although no pooler and no rollback_command moves the clients back.")
 @json_option
 @click.pass_obj
@@ -521,16 +523,11 @@ def run() -> None:
         sys.exit(exc.exit_code)
     except psycopg.Error as exc:
         _fail("error", f"database error{f' (SQLSTATE {exc.sqlstate})' if exc.sqlstate else ''}: "
-                       f"{database_message(exc)}", database_hint(exc, obj.roles))
+                       f"{database_error(exc)}", database_hint(exc, obj.roles))
         sys.exit(ExitCode.ERROR)
     except KeyboardInterrupt:
         click.echo("interrupted; run the same command again to continue", err=True)
         sys.exit(_interrupted_code())
-
-
-def database_message(exc: psycopg.Error) -> str:
-    """A database error as the operator reads it: the one place its text is formatted (never a password)."""
-    return database_error(exc)
 
 
 def _fail(what: str, message: str, hint: str) -> None:

@@ -114,8 +114,9 @@ class CopySettings:
 
 @dataclass(frozen=True, config=_SECTION)
 class SyncSettings:
-    poll_interval: NonNegative = 1.0
-    """Seconds between polls of the delta log when nothing is pending (`sync --follow`); 0 polls again at once."""
+    poll_interval: Positive = 1.0
+    """Seconds between polls of the delta log when nothing is pending (`sync --follow`); also sync's bound for
+    "caught up" (a batch shorter than this), so it must be above 0."""
     statement_timeout: Positive = 60.0
     """Bound on each statement sync runs on the legacy database, seconds."""
     lock_timeout: Positive = 5.0
@@ -189,8 +190,8 @@ class ObjectSettings:
     """Files copied or checked at once."""
     max_rate: Positive | None = None
     """Copy throttle in MB/s over all workers; None: unthrottled."""
-    poll_interval: NonNegative = 10.0
-    """Seconds between passes of `objects sync --follow`; 0 starts the next pass at once."""
+    poll_interval: Positive = 10.0
+    """Seconds between passes of `objects sync --follow`."""
 
 
 @dataclass(frozen=True, config=_SECTION)

@@ -30,7 +30,14 @@ from migrator.config import Config
 from migrator.errors import Blocked, ConnectionFailed, CutoverFailed, MigratorError, NoGo, NotReady
 from migrator.log import get
 from migrator.redaction import scrub
-from migrator.switch import NOT_MOVED, PoolerSession, carry_sequences, count_differences, run_command
+from migrator.switch import (
+    NOT_MOVED,
+    PoolerSession,
+    carry_sequences,
+    count_differences,
+    run_command,
+    signals_deferred,
+)
 
 STEPS = ("catch_up", "preflight", "stage_rollback", "freeze", "drain", "verify", "sequences", "arm_rollback", "switch")
 """The steps without a pooler (`switch_command`)."""
@@ -269,46 +276,47 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
             if pool is not None:
                 step("resume", resume)
         except BaseException as exc:
-            if moved:  # clients are on the target: undoing the freeze now would split them; say so, keep it
-                log.error("cutover.after_move_failed", error=str(exc))
-                raise
-            report.failed_step = current
-            report.error = scrub(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            undone = []
-            if pool is not None:
-                undone.append(pool.restore())  # entries back first, RESUME only after the release below
-            if frozen:
+            with signals_deferred("cutover"):
+                if moved:  # clients are on the target: undoing the freeze now would split them; say so, keep it
+                    log.error("cutover.after_move_failed", error=str(exc))
+                    raise
+                report.failed_step = current
+                report.error = scrub(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                undone = []
+                if pool is not None:
+                    undone.append(pool.restore())  # entries back first, RESUME only after the release below
+                if frozen:
+                    try:
+                        source.rollback()
+                        capture.release(source)
+                        state.mark(target, "frozen", False)
+                        undone.append("the legacy database is writable again")
+                    except psycopg.Error as rel_exc:  # the freeze holds: say so loudly, never claim otherwise
+                        undone.append(f"RELEASING THE FREEZE FAILED ({rel_exc.__class__.__name__}): run "
+                                      "`migrator release --yes` once the source is reachable")
+                if pool is not None:
+                    undone.append(pool.resume())
+                    report.pause_seconds = pool.pause_seconds
+                    pool.close()
+                if armed:  # after RESUME: nobody but migrator writes the target, and the clients wait no longer
+                    try:
+                        rollback.disarm(cfg)
+                    except (MigratorError, psycopg.Error) as dis_exc:
+                        undone.append(f"removing capture from the target failed ({dis_exc.__class__.__name__}): "
+                                      "`migrator cleanup` removes it")
                 try:
-                    source.rollback()
-                    capture.release(source)
-                    state.mark(target, "frozen", False)
-                    undone.append("the legacy database is writable again")
-                except psycopg.Error as rel_exc:  # the freeze holds: say so loudly, never claim otherwise
-                    undone.append(f"RELEASING THE FREEZE FAILED ({rel_exc.__class__.__name__}): run "
-                                  "`migrator release --yes` once the source is reachable")
-            if pool is not None:
-                undone.append(pool.resume())
-                report.pause_seconds = pool.pause_seconds
-                pool.close()
-            if armed:  # after RESUME: nobody but migrator writes the target, and the clients wait no longer
-                try:
-                    rollback.disarm(cfg)
-                except (MigratorError, psycopg.Error) as dis_exc:
-                    undone.append(f"removing capture from the target failed ({dis_exc.__class__.__name__}): "
-                                  "`migrator cleanup` removes it")
-            try:
-                state.step_finished(target, report.attempt, current, "failed", report.error)
-                state.finish_attempt(target, report.attempt, "failed", failed_step=current, error=report.error)
-                state.record_attempt_pooler(target, report.attempt, pause_seconds=report.pause_seconds)
-            except psycopg.Error:
-                pass
-            log.error("cutover.failed", step=current, error=report.error, pause_seconds=report.pause_seconds)
-            if isinstance(exc, KeyboardInterrupt | NoGo):
-                raise
-            said = "; ".join(u for u in undone if u)
-            raise CutoverFailed(f"cutover stopped at step {current}: {report.error}{'; ' + said if said else ''}",
-                                hint="Fix the cause and run `migrator cutover` again; `migrator status` shows the "
-                                     "recorded steps.") from exc
+                    state.step_finished(target, report.attempt, current, "failed", report.error)
+                    state.finish_attempt(target, report.attempt, "failed", failed_step=current, error=report.error)
+                    state.record_attempt_pooler(target, report.attempt, pause_seconds=report.pause_seconds)
+                except psycopg.Error:
+                    pass
+                log.error("cutover.failed", step=current, error=report.error, pause_seconds=report.pause_seconds)
+                if isinstance(exc, KeyboardInterrupt | NoGo):
+                    raise
+                said = "; ".join(u for u in undone if u)
+                raise CutoverFailed(f"cutover stopped at step {current}: {report.error}{'; ' + said if said else ''}",
+                                    hint="Fix the cause and run `migrator cutover` again; `migrator status` shows the "
+                                         "recorded steps.") from exc
         report.freeze_seconds = time.monotonic() - freeze_started
         report.ok = True
         if pool is not None:

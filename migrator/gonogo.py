@@ -18,9 +18,7 @@ is then shown as such, and the attempt records who accepted it and when (`record
 from __future__ import annotations
 
 import datetime as dt
-import getpass
 import os
-import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,10 +254,6 @@ def rollback_checklist(cfg: Config, *, overrides: Iterable[str] = ()) -> Checkli
 def recorded(checklist: Checklist) -> list[dict[str, Any]]:
     """The checklist as an attempt records it: each item the operator overrode says who (the operating-system user
     running migrator, on which host) and when."""
-    try:
-        user = getpass.getuser()
-    except (OSError, KeyError):  # no name for this uid (a container): the uid still says who
-        user = f"uid {os.getuid()}"
-    at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    return [c.to_dict() | ({"by": f"{user}@{socket.gethostname()}", "at": at} if c.state == "overridden" else {})
+    by, at = state.operator(), dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    return [c.to_dict() | ({"by": by, "at": at} if c.state == "overridden" else {})
             for c in checklist.checks]

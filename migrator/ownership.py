@@ -87,6 +87,18 @@ def check_prepare(source: Conn, target: Conn) -> None:
             hint="Finish that migration, or run `migrator cleanup` with its configuration, before preparing another "
                  f"target from this legacy database{resume}.",
         )
+    if m is not None and m.prepared_at is not None and not _has_capture(source):
+        # This target follows a capture that is not on the configured legacy database: another legacy database (a
+        # second site, a DR node), or its capture dropped by hand. Syncing from here would read other transaction ids
+        # against the recorded position, or miss every change made since the capture went.
+        get(phase="prepare").warning("prepare.refused", reason="capture_missing_for_prepared_target")
+        raise Blocked(
+            f"this target was prepared from {m.source}, and the configured legacy database holds no capture of its "
+            "migration: it is another database, or its capture was removed without `migrator cleanup`, so changes "
+            "since then were not recorded",
+            hint="Check [source] in the configuration; to migrate this legacy database, point [target] at a new, "
+                 "empty database and run `migrator prepare --yes` there.",
+        )
     if state.exists(target):
         return
     found = foreign_objects(target)
@@ -127,6 +139,16 @@ def check(source: Conn, m: state.Migration | None, action: str) -> None:
     finally:
         if idle and not source.autocommit:
             source.rollback()
+    if not why and owner is None and action == "sync" and _has_capture(source):
+        # Installed by a migrator that recorded no owner: two targets may both have been prepared from it, and each
+        # sync would truncate the other's events. Prepare records the owner once; the second target is then refused.
+        get(phase=action).warning("sync.refused", reason="capture_without_owner")
+        raise Blocked(
+            "sync refused: the legacy database's capture records no owning migration (installed by an earlier "
+            "migrator version)",
+            hint="Run `migrator prepare --yes` once with this configuration: it records this migration as the "
+                 "capture's owner (and refuses if another migration's target was prepared from it first).",
+        )
     if why:
         get(phase=action).warning(f"{action}.refused", reason="captured_for_another_migration")
         ours = "this target is not prepared" if m is None else f"this target's is migration {m.migration_id}"

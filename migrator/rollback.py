@@ -38,7 +38,14 @@ from migrator.config import CAPTURE_SCHEMA, Config
 from migrator.errors import Blocked, CutoverFailed, MigratorError, NoGo, NotReady, SchemaChanged
 from migrator.log import get
 from migrator.redaction import scrub
-from migrator.switch import NOT_MOVED, PoolerSession, carry_sequences, count_differences, run_command
+from migrator.switch import (
+    NOT_MOVED,
+    PoolerSession,
+    carry_sequences,
+    count_differences,
+    run_command,
+    signals_deferred,
+)
 
 STEPS = ("preflight", "catch_up", "freeze", "drain", "verify", "sequences", "release", "switch", "disarm")
 """The steps without a pooler (`rollback_command`)."""
@@ -409,50 +416,51 @@ def run(cfg: Config, *, overrides: Iterable[str] = (),
             if pool is not None:
                 step("resume", resume)
         except BaseException as exc:
-            if reverse is not None:
-                reverse.close()
-            if moved:
-                log.error("rollback.after_move_failed", error=str(exc))
-                raise
-            report.failed_step = current
-            report.error = scrub(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            undone = []
-            if pool is not None:
-                undone.append(pool.restore())  # entries back to the target first, RESUME last
-            if legacy_released:
+            with signals_deferred("rollback"):
+                if reverse is not None:
+                    reverse.close()
+                if moved:
+                    log.error("rollback.after_move_failed", error=str(exc))
+                    raise
+                report.failed_step = current
+                report.error = scrub(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                undone = []
+                if pool is not None:
+                    undone.append(pool.restore())  # entries back to the target first, RESUME last
+                if legacy_released:
+                    try:
+                        capture.freeze(legacy, catalog.list_tables(legacy, cfg.tables), cfg.cutover.freeze_lock_timeout)
+                        undone.append("the legacy database is frozen again")
+                    except (psycopg.Error, MigratorError) as fr_exc:
+                        undone.append(f"REFREEZING THE LEGACY DATABASE FAILED ({fr_exc.__class__.__name__}): clients "
+                                      "not behind the pooler could write there")
+                if target_frozen:
+                    try:
+                        capture.release(target)
+                        undone.append("the target takes writes again")
+                    except psycopg.Error as rel_exc:
+                        undone.append(f"RELEASING THE TARGET FAILED ({rel_exc.__class__.__name__}): the target rejects "
+                                      "writes; run `migrator rollback --yes` again or release it by hand")
+                if pool is not None:
+                    undone.append(pool.resume())
+                    report.pause_seconds = pool.pause_seconds
+                    pool.close()
                 try:
-                    capture.freeze(legacy, catalog.list_tables(legacy, cfg.tables), cfg.cutover.freeze_lock_timeout)
-                    undone.append("the legacy database is frozen again")
-                except (psycopg.Error, MigratorError) as fr_exc:
-                    undone.append(f"REFREEZING THE LEGACY DATABASE FAILED ({fr_exc.__class__.__name__}): clients "
-                                  "not behind the pooler could write there")
-            if target_frozen:
-                try:
-                    capture.release(target)
-                    undone.append("the target takes writes again")
-                except psycopg.Error as rel_exc:
-                    undone.append(f"RELEASING THE TARGET FAILED ({rel_exc.__class__.__name__}): the target rejects "
-                                  "writes; run `migrator rollback --yes` again or release it by hand")
-            if pool is not None:
-                undone.append(pool.resume())
-                report.pause_seconds = pool.pause_seconds
-                pool.close()
-            try:
-                if current:
-                    state.step_finished(target, report.attempt, current, "failed", report.error)
-                state.finish_attempt(target, report.attempt, "failed", failed_step=current or None,
-                                     error=report.error)
-                state.record_attempt_pooler(target, report.attempt, kind="rollback",
-                                            pause_seconds=report.pause_seconds)
-            except psycopg.Error:
-                pass
-            log.error("rollback.failed", step=current, error=report.error)
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            said = "; ".join(u for u in undone if u)
-            raise CutoverFailed(f"rollback stopped at step {current}: {report.error}{'; ' + said if said else ''}",
-                                hint="Clients stay on the target. Fix the cause and run `migrator rollback` again; "
-                                     "`migrator status` shows the recorded steps.") from exc
+                    if current:
+                        state.step_finished(target, report.attempt, current, "failed", report.error)
+                    state.finish_attempt(target, report.attempt, "failed", failed_step=current or None,
+                                         error=report.error)
+                    state.record_attempt_pooler(target, report.attempt, kind="rollback",
+                                                pause_seconds=report.pause_seconds)
+                except psycopg.Error:
+                    pass
+                log.error("rollback.failed", step=current, error=report.error)
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                said = "; ".join(u for u in undone if u)
+                raise CutoverFailed(f"rollback stopped at step {current}: {report.error}{'; ' + said if said else ''}",
+                                    hint="Clients stay on the target. Fix the cause and run `migrator rollback` again; "
+                                         "`migrator status` shows the recorded steps.") from exc
         if reverse is not None:
             reverse.close()
         if pool is not None:

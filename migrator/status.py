@@ -11,6 +11,7 @@ import psycopg
 from migrator import capture, db, replay, state
 from migrator.config import Config
 from migrator.errors import ConnectionFailed
+from migrator.redaction import scrub
 
 
 @dataclass
@@ -90,7 +91,7 @@ def read(cfg: Config) -> Status:
                                     "children": [c.to_dict() for c in children]}
             st.warnings += _log_warnings(cfg, children, lag, pos, now[0] if now else None)
     except (psycopg.Error, Exception) as exc:  # status must show what it can even when the source is down
-        st.warnings.append(f"source not readable: {str(exc).splitlines()[0]}")
+        st.warnings.append(f"source not readable: {scrub(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__}")
     return st
 
 

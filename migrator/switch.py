@@ -8,8 +8,13 @@ and the sequences of the database clients move to at least where the other side'
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +22,36 @@ import psycopg
 from psycopg import sql
 
 from migrator import catalog, db, pooler, state
-from migrator.config import Config, redact
+from migrator.config import Config
 from migrator.errors import MigratorError
+from migrator.log import get
+from migrator.redaction import scrub
+
+
+@contextmanager
+def signals_deferred(phase: str) -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while a switchover undoes what it began (pooler entries back, freeze released or put
+    back, RESUME): a second Ctrl-C, or a service manager's stop, must not cut the undo short and leave the pooler
+    paused or a database frozen. A signal that came is delivered again once the undo is done, unless an exception is
+    already on its way out (the undo ends by raising one, which stops the command anyway). Main thread only, where
+    Python runs signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, _: Any) -> None:
+        held.append(signum)
+        get(phase=phase).warning(f"{phase}.signal_held", signal=signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if held and sys.exc_info()[1] is None:
+            signal.raise_signal(held[0])
 
 
 def count_differences(a: psycopg.Connection[Any], b: psycopg.Connection[Any], tables: list[catalog.Table]) -> list[str]:
@@ -62,7 +95,7 @@ def run_command(cfg: Config, command: str | None, setting: str, **env: str) -> s
                     MIGRATOR_SOURCE=db.describe_dsn(cfg.source_dsn), **env)
     proc = subprocess.run(command, shell=True, env=full_env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
-        raise MigratorError(f"{setting} exited {proc.returncode}: {redact(proc.stderr.strip())[-500:]}")
+        raise MigratorError(f"{setting} exited {proc.returncode}: {scrub(proc.stderr.strip())[-500:]}")
     return f"{setting} exited 0"
 
 
@@ -116,7 +149,7 @@ class PoolerSession:
                 a.reload()
             return "the pooler points at the legacy database again"
         except (MigratorError, OSError, psycopg.Error) as exc:
-            return (f"RESTORING THE POOLER'S ENTRIES FAILED ({redact(str(exc).strip())}): put back {self.ini} and "
+            return (f"RESTORING THE POOLER'S ENTRIES FAILED ({scrub(str(exc).strip())}): put back {self.ini} and "
                     "RELOAD by hand")
 
     def resume(self) -> str:

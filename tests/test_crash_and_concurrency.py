@@ -684,8 +684,8 @@ def test_two_syncs_at_once_never_apply_a_batch_twice(
 ) -> None:
     make_source(source_dsn, {"item": 5_000}, {"tally": 5_000})
     capture.prepare(cfg)
-    # No pause between batches: the two processes race for every batch.
-    write_config(tmp_path, source_dsn, target_dsn, poll_interval=0.0)
+    # Next to no pause between batches: the two processes race for every batch.
+    write_config(tmp_path, source_dsn, target_dsn, poll_interval=0.001)
     writers = Writers(source_dsn, {"item": 5_000}, ["tally"], n=3).start()
     try:
         copy.run(cfg)

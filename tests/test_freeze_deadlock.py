@@ -43,6 +43,9 @@ class Writers:
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
+        with psycopg.connect(dsn) as conn:  # the server's setting: the writer below must outwait it
+            row = conn.execute("SELECT setting::float8 / 1000 FROM pg_settings WHERE name = 'deadlock_timeout'")
+            deadlock_timeout = row.fetchone()[0]  # type: ignore[index]
         self.stopping = threading.Event()
         self.errors: Counter[str] = Counter()
         self.commits = 0
@@ -51,9 +54,10 @@ class Writers:
             threading.Thread(target=self._loop, args=(1, ("alpha", "beta"), 0.002, 0.01), daemon=True),
             threading.Thread(target=self._loop, args=(2, ("beta", "alpha"), 0.002, 0.01), daemon=True),
             threading.Thread(target=self._loop, args=(3, ("beta", "alpha"), 0.005, 0.01), daemon=True),
-            # Holds its beta row past deadlock_timeout (1 s) before writing alpha: with a freeze waiting for beta
-            # while holding alpha, its own deadlock check finds the cycle and PostgreSQL cancels the writer.
-            threading.Thread(target=self._loop, args=(4, ("beta", "alpha"), 1.3, 0.2), daemon=True),
+            # Holds its beta row past deadlock_timeout before writing alpha: with a freeze waiting for beta while
+            # holding alpha, its own deadlock check finds the cycle and PostgreSQL cancels the writer.
+            threading.Thread(target=self._loop, args=(4, ("beta", "alpha"), deadlock_timeout + 0.3, 0.2),
+                             daemon=True),
         ]
 
     def __enter__(self) -> Writers:

@@ -50,7 +50,7 @@ def test_every_wrong_type_misspelling_and_range_in_the_file_is_named_at_once_wit
         "tabels": {"include": ["public.*"]},
         "targett": {"dsn": "postgresql://u@new/pacs"},
         "copy": {"workers": "four", "chunk_mb": -1},
-        "sync": {"lock_timeout": "2", "poll_interval": -1, "rotate_rows": 1.5},
+        "sync": {"lock_timeout": "2", "poll_interval": 0, "rotate_rows": 1.5},
         "cutover": {"verify": "fulll"},
         "objects": {"workers": 0},
     })
@@ -66,7 +66,7 @@ def test_every_wrong_type_misspelling_and_range_in_the_file_is_named_at_once_wit
     assert lines["[copy] workers"].endswith('given a string, "four"; allowed: an integer >= 1')
     assert "allowed: a number > 0" in lines["[copy] chunk_mb"]
     assert lines["[sync] lock_timeout"].endswith('given a string, "2"; allowed: a number > 0')
-    assert "given an integer, -1; allowed: a number >= 0" in lines["[sync] poll_interval"]
+    assert "given an integer, 0; allowed: a number > 0" in lines["[sync] poll_interval"]
     assert "allowed: an integer >= 1" in lines["[sync] rotate_rows"]
     assert 'did you mean full? allowed: one of "none", "counts", "full"' in lines["[cutover] verify"]
     assert "allowed: an integer >= 1" in lines["[objects] workers"]

@@ -157,6 +157,9 @@ def test_a_capture_without_an_owner_is_adopted_only_by_the_target_it_prepared(
         capture.prepare(second)
     assert not has_schema(second_dsn, "migrator_control")
 
+    # Its sync too waits for the owner to be recorded: two targets may have been prepared from it.
+    with pytest.raises(Blocked, match="records no owning migration"):
+        replay.sync(first)
     capture.prepare(first)  # adopts it
     run_sql(source_dsn, "INSERT INTO public.patient (mrn) VALUES ('adopted')")
     assert owner_row(source_dsn)[0][0] == fetch(target_dsn, "SELECT migration_id FROM migrator_control.migration")[0][0]
@@ -164,6 +167,20 @@ def test_a_capture_without_an_owner_is_adopted_only_by_the_target_it_prepared(
         capture.prepare(second)
     replay.sync(first)
     same_rows(source_dsn, target_dsn)
+
+
+def test_a_prepared_target_pointed_at_another_legacy_database_is_refused(
+        make_config: Callable[..., Config], make_db: Callable[[str], str], source_dsn: str, target_dsn: str) -> None:
+    run_sql(source_dsn, *SCHEMA)
+    capture.prepare(make_config())
+    copy.run(make_config())
+    other = make_db("site2")  # a second site's legacy database, same schema, never captured
+    run_sql(other, *SCHEMA)
+    moved = make_config(source={"dsn": other})
+
+    with pytest.raises(Blocked, match="holds no capture of its migration"):
+        capture.prepare(moved)
+    assert not has_schema(other, "_migrator") and capture_triggers(other) == 0
 
 
 # --- the source role's rights -------------------------------------------------------------------------------------

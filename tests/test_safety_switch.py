@@ -57,7 +57,7 @@ def test_cutover_with_no_way_to_move_clients_is_refused_before_anything_is_froze
     assert fetch(target_dsn, "SELECT status, failed_step FROM migrator_control.cutover_attempt") == \
         [("failed", "preflight")]
     assert fetch(target_dsn, "SELECT count(*) FROM pg_namespace WHERE nspname = '_migrator'") == [(0,)]
-    assert cli(config, "cutover", "--yes", "--override", "switch").returncode == 1  # the name says what it accepts
+    assert cli(config, "cutover", "--yes", "--override", "switch").returncode == 64  # a usage error: the name says what it accepts
 
     proc = cli(config, "cutover", "--yes", "--override", "no-switch", "--json")
 
@@ -198,3 +198,37 @@ def test_a_verify_older_than_max_verify_age_does_not_count(
 
     old = verify_item(bounded)  # the verify started longer ago than it took to run
     assert old.state == "fail" and "max_verify_age" in old.detail and "run `migrator verify`" in old.detail
+
+
+# --- a second signal during the undo ------------------------------------------------------------------------------
+
+def test_a_signal_during_the_switchover_undo_is_held_until_the_undo_is_done() -> None:
+    """A second Ctrl-C (or a service manager's SIGTERM) while cutover or rollback puts things back must not cut that
+    short, which would leave the pooler paused or a database frozen: cutover and rollback run their undo inside
+    `signals_deferred`. Real signals to this process."""
+    import os
+    import signal
+
+    from migrator.switch import signals_deferred
+
+    steps: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred("cutover"):
+            os.kill(os.getpid(), signal.SIGINT)
+            steps.append("entries restored")
+            os.kill(os.getpid(), signal.SIGTERM)
+            steps.append("freeze released")
+            steps.append("RESUME sent")
+    assert steps == ["entries restored", "freeze released", "RESUME sent"]
+
+    # The undo ends by raising the cutover's own error: that one goes out, the held signal is not raised over it.
+    with pytest.raises(RuntimeError, match="cutover stopped"):
+        try:
+            raise RuntimeError("cutover stopped at step switch")
+        except RuntimeError:
+            with signals_deferred("cutover"):
+                os.kill(os.getpid(), signal.SIGINT)
+                steps.append("undone")
+            raise
+    assert steps[-1] == "undone"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -310,6 +310,22 @@ def flag(conn: Conn, name: str) -> str | None:
     return row[0] if row else None
 
 
+# --- who acts ------------------------------------------------------------------------------------------------------
+
+def operator() -> str:
+    """Who an operator's action is recorded as: the operating-system user running migrator, on which host (a
+    container's uid without a name still says who)."""
+    import getpass
+    import os
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):
+        user = f"uid {os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
 # --- blocker overrides --------------------------------------------------------------------------------------------
 # Blockers the operator accepted by name at prepare (revision 0006): what the blocker said, who, when.
 
