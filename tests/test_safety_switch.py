@@ -10,6 +10,8 @@ completed cutover and copy of a table (a re-copy, or one after DDL), and within 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ import pytest
 from migrator import capture, copy, cutover, gonogo, parity, rehearse, replay, rollback
 from migrator.config import Config
 from migrator.errors import Blocked, NoGo
-from migrator.switch import NOT_MOVED
+from migrator.switch import NOT_MOVED, signals_deferred
 from tests.helpers import fetch, run_sql
 from tests.test_cutover import READ_ONLY, cli, migrated, sqlstate_of_write, write_config
 
@@ -206,11 +208,20 @@ def test_a_signal_during_the_switchover_undo_is_held_until_the_undo_is_done() ->
     """A second Ctrl-C (or a service manager's SIGTERM) while cutover or rollback puts things back must not cut that
     short, which would leave the pooler paused or a database frozen: cutover and rollback run their undo inside
     `signals_deferred`. Real signals to this process."""
-    import os
-    import signal
+    def terminate(signum: int, _: Any) -> None:  # as the CLI handles SIGTERM
+        raise KeyboardInterrupt
 
-    from migrator.switch import signals_deferred
+    # Other tests of this process may have installed the CLI's stop handlers: start from the CLI's own.
+    before = {s: signal.signal(s, h) for s, h in ((signal.SIGINT, signal.default_int_handler),
+                                                   (signal.SIGTERM, terminate))}
+    try:
+        _held_until_undone()
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
 
+
+def _held_until_undone() -> None:
     steps: list[str] = []
     with pytest.raises(KeyboardInterrupt):
         with signals_deferred("cutover"):
