@@ -1,0 +1,86 @@
+"""Names declared once (issue 12): the control state's flags and values passed between phases are typed functions of
+`migrator.state`; its errors belong to the error tree; log events are dotted facts; result types render themselves;
+no module of the state package or of the rehearsal is over the bound."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from migrator import copy, db, state, status
+from migrator.catalog import Table
+from migrator.config import Config
+from migrator.errors import ConcurrentRun, ExitCode, MigratorError
+
+PACKAGE = Path(__file__).resolve().parent.parent / "migrator"
+
+
+def _control(cfg: Config) -> psycopg.Connection:
+    conn = db.connect(cfg.target_dsn, role="target")
+    state.upgrade(conn)
+    state.start_migration(conn, "legacy")
+    state.mark(conn, "prepared_at")
+    conn.commit()
+    return conn
+
+
+# --- state: typed flags ---------------------------------------------------------------------------------------------
+
+def test_post_data_pending_is_a_typed_list_kept_sorted_and_once(cfg: Config) -> None:
+    with _control(cfg) as conn:
+        assert state.post_data_pending(conn) == []
+        state.add_post_data_pending(conn, [("public", "series"), ("app", "note")])
+        state.add_post_data_pending(conn, [("public", "series"), ("app", "audit")])
+        conn.commit()
+        assert state.post_data_pending(conn) == [("app", "audit"), ("app", "note"), ("public", "series")]
+        # The stored form is the one prepare has always written: a JSON list of [schema, table].
+        assert state.flag(conn, state.POST_DATA_PENDING_FLAG) == \
+            '[["app", "audit"], ["app", "note"], ["public", "series"]]'
+        state.clear_post_data_pending(conn)
+        conn.commit()
+        assert state.post_data_pending(conn) == []
+
+
+def test_copy_pause_is_what_status_reports(cfg: Config) -> None:
+    with _control(cfg) as conn:
+        state.register_tables(conn, [Table(1, "public", "series", (), ("id",), "primary key", None, 0, 0)])
+        state.plan_chunks(conn, "public", "series", [(None, None, 8192)])  # status shows a copy's chunks
+        conn.commit()
+        copy.pause(cfg)
+        assert state.copy_paused(conn)
+        assert state.flag(conn, state.COPY_PAUSED_FLAG) is not None
+        assert status.read(cfg).to_dict()["copy"]["paused"] is True
+        copy.resume(cfg)
+        assert not state.copy_paused(conn)
+        assert status.read(cfg).to_dict()["copy"]["paused"] is False
+
+
+def test_a_flag_name_is_spelled_only_in_the_state_package() -> None:
+    declared = {state.COPY_PAUSED_FLAG, state.HOLD_FLAG, state.CLEANUP_FLAG, state.VERIFY_FLAG,
+                state.POST_DATA_PENDING_FLAG}
+    # capture.py keeps its own spelling of post_data_pending until it moves to prepare.py (issue 12, merged by the
+    # lead): it is the one exception.
+    exempt = {PACKAGE / "capture.py"}
+    spelled = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.parent.name == "state" and path.parent.parent == PACKAGE or path in exempt:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in declared:
+                spelled.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.value}")
+    assert spelled == []
+
+
+def test_a_moved_sync_position_is_an_error_of_the_tree_with_a_hint(cfg: Config) -> None:
+    with _control(cfg) as conn:
+        state.init_position(conn, "100:100:")
+        conn.commit()
+        with pytest.raises(ConcurrentRun) as caught:
+            state.advance_position(conn, "90:90:", "110:110:", 1)
+        conn.rollback()
+    assert isinstance(caught.value, MigratorError)
+    assert caught.value.exit_code == ExitCode.ERROR
+    assert "migrator sync" in caught.value.hint
