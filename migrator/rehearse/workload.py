@@ -211,7 +211,7 @@ class Workload:
                     f"within {ready_timeout} s"
                 )
         self._started = time.monotonic()
-        self._log.info("workload started", processes=len(roles), tps=self.spec.tps,
+        self._log.info("rehearse.workload_started", processes=len(roles), tps=self.spec.tps,
                        long_transaction_seconds=self.spec.long_transaction_seconds)
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -236,7 +236,7 @@ class Workload:
         self._queue.close()
         self._queue.join_thread()
         self.stats = _merge(self._reports, len(self._processes), time.monotonic() - self._started)
-        self._log.info("workload stopped", committed=self.stats.committed, rolled_back=self.stats.rolled_back,
+        self._log.info("rehearse.workload_stopped", committed=self.stats.committed, rolled_back=self.stats.rolled_back,
                        failed=self.stats.failed, frozen=self.stats.frozen, workers_lost=self.stats.workers_lost,
                        studies_present=len(self.stats.studies_present), studies_gone=len(self.stats.studies_gone))
         return self.stats
