@@ -89,6 +89,36 @@ class CopyResult:
             "tables": [c.__dict__ for c in self.copied], "already_copied": self.skipped,
         }
 
+    def render_text(self) -> str:
+        return (f"copied {len(self.copied)} tables ({self.rows} rows, {self.bytes / 1e6:.1f} MB) in "
+                f"{self.seconds:.1f}s (post-data {self.post_data_seconds:.1f}s); {len(self.skipped)} already copied")
+
+
+@dataclass(frozen=True)
+class CopyControl:
+    """What `copy --pause` or `copy --resume` asked of the running copy."""
+
+    paused: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"paused": self.paused}
+
+    def render_text(self) -> str:
+        return "copy paused: workers stop reading within seconds" if self.paused else "copy resumed"
+
+
+@dataclass(frozen=True)
+class WorkerResult:
+    """What `copy --worker` did: the chunks it copied before none was left."""
+
+    chunks: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"chunks": self.chunks}
+
+    def render_text(self) -> str:
+        return f"worker done: copied {self.chunks} chunks"
+
 
 Progress = Callable[[str, int, int], None]
 """progress(table, rows_so_far, bytes_so_far); rows is -1 while a table is still loading."""
@@ -434,19 +464,21 @@ def _die_with_parent() -> None:
 
 # --- operator controls --------------------------------------------------------------------------------------------
 
-def pause(cfg: Config) -> None:
+def pause(cfg: Config) -> CopyControl:
     """Ask every copy worker to stop reading the source within a second or two (they keep their place)."""
     with db.session(cfg.target_dsn, role="target") as target:
         state.require_prepared(target)
         state.pause_copy(target)
         target.commit()
+    return CopyControl(paused=True)
 
 
-def resume(cfg: Config) -> None:
+def resume(cfg: Config) -> CopyControl:
     with db.session(cfg.target_dsn, role="target") as target:
         state.require_prepared(target)
         state.resume_copy(target)
         target.commit()
+    return CopyControl(paused=False)
 
 
 # --- the coordinator ----------------------------------------------------------------------------------------------

@@ -42,6 +42,11 @@ class Status:
             return v
         return conv(self.__dict__)
 
+    def render_text(self) -> str:
+        from migrator.console import render_status  # the terminal's page, drawn with rich
+
+        return render_status(self)
+
 
 def read(cfg: Config) -> Status:
     st = Status(target=db.describe_dsn(cfg.target_dsn), source=db.describe_dsn(cfg.source_dsn))
