@@ -182,3 +182,18 @@ def test_lint_bounds_complexity_at_15_and_the_code_meets_it() -> None:
     done = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "C901", "--output-format", "concise",
                            "migrator", "bench", "tests"], cwd=PACKAGE.parent, capture_output=True, text=True)
     assert (done.returncode, done.stdout) == (0, "All checks passed!\n")
+
+
+def test_the_cutover_hold_is_the_flag_state_declares(cfg: Config) -> None:
+    from migrator import cutover
+
+    with _control(cfg) as conn:
+        cutover.hold(cfg)
+        assert state.cutover_held(conn)
+        state.release_cutover_hold(conn)
+        conn.commit()
+        assert not cutover.release_hold(cfg)
+        state.hold_cutover(conn, "change board at 14:00")
+        conn.commit()
+        assert cutover.release_hold(cfg)
+        assert not state.cutover_held(conn)

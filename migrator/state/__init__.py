@@ -60,12 +60,15 @@ from migrator.state.flags import (
     clear_flag,
     clear_post_data_pending,
     copy_paused,
+    cutover_held,
     flag,
+    hold_cutover,
     last_verify,
     pause_copy,
     post_data_pending,
     record_cleanup,
     record_verify,
+    release_cutover_hold,
     resume_copy,
     set_flag,
 )
@@ -73,6 +76,7 @@ from migrator.state.object_copies import ObjectCopy, objects_copied, record_obje
 from migrator.state.operators import Override, operator, overrides, record_override
 from migrator.state.phases import (
     Migration,
+    MigrationColumn,
     TableState,
     clear,
     mark,
@@ -90,15 +94,17 @@ from migrator.state.secret import key_secret
 from migrator.state.sync_position import Position, advance_position, init_position, lock_position, position
 
 __all__ = [
-    "CLEANUP_FLAG", "COPY_PAUSED_FLAG", "HOLD_FLAG", "POST_DATA_PENDING_FLAG", "VERIFY_FLAG",
-    "Chunk", "Conn", "CopyRun", "Migration", "ObjectCopy", "Override", "PoolerEntry", "Position", "TableState",
-    "add_post_data_pending", "advance_position", "attempts", "chunk_copied", "chunks", "claim_chunk",
-    "cleaned_up", "clear", "clear_flag", "clear_post_data_pending", "copy_heartbeat", "copy_paused", "copy_run",
-    "copy_workers", "exists", "finish_attempt", "finish_copy_run", "flag", "init_position", "key_secret",
-    "last_verify", "lock_position", "mark", "migration", "objects_copied", "operator", "overrides",
-    "pause_copy", "plan_chunks", "pooler_entries", "position", "post_data_pending", "record_attempt_pooler",
-    "record_cleanup", "record_objects", "record_override", "record_verify", "register_tables", "relation",
+    "CLEANUP_FLAG", "COPY_PAUSED_FLAG", "HOLD_FLAG", "POST_DATA_PENDING_FLAG", "VERIFY_FLAG", "Chunk", "Conn",
+    "CopyRun", "Migration", "MigrationColumn", "ObjectCopy", "Override", "PoolerEntry", "Position",
+    "TableState", "add_post_data_pending", "advance_position", "attempts", "chunk_copied", "chunks",
+    "claim_chunk", "cleaned_up", "clear", "clear_flag", "clear_post_data_pending", "copy_heartbeat",
+    "copy_paused", "copy_run", "copy_workers", "cutover_held", "exists", "finish_attempt", "finish_copy_run",
+    "flag", "hold_cutover", "init_position", "key_secret", "last_verify", "lock_position", "mark",
+    "migration", "objects_copied", "operator", "overrides", "pause_copy", "plan_chunks", "pooler_entries",
+    "position", "post_data_pending", "record_attempt_pooler", "record_cleanup", "record_objects",
+    "record_override", "record_verify", "register_tables", "relation", "release_cutover_hold",
     "require_prepared", "reset_chunks", "reset_tables", "resume_copy", "save_pooler_entry", "set_fingerprint",
     "set_flag", "set_pointing", "start_attempt", "start_copy_run", "start_migration", "step_finished",
-    "step_started", "table_copied", "table_copy_started", "tables", "upgrade", "worker_gone", "worker_progress",
+    "step_started", "table_copied", "table_copy_started", "tables", "upgrade", "worker_gone",
+    "worker_progress",
 ]

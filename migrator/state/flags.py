@@ -77,6 +77,20 @@ def copy_paused(conn: Conn) -> bool:
     return flag(conn, COPY_PAUSED_FLAG) is not None
 
 
+
+# --- the cutover's hold ---------------------------------------------------------------------------------------------
+
+def hold_cutover(conn: Conn, reason: str) -> None:
+    set_flag(conn, HOLD_FLAG, reason)
+
+
+def cutover_held(conn: Conn) -> bool:
+    return flag(conn, HOLD_FLAG) is not None
+
+
+def release_cutover_hold(conn: Conn) -> None:
+    clear_flag(conn, HOLD_FLAG)
+
 # --- tables whose post-data waits for copy -------------------------------------------------------------------------
 
 def post_data_pending(conn: Conn) -> list[tuple[str, str]]:

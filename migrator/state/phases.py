@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from psycopg import sql
 from psycopg.rows import dict_row
@@ -14,6 +14,11 @@ from migrator.catalog import Table
 from migrator.errors import NotReady
 from migrator.state.control import Conn, exists, relation
 from migrator.state.flags import cleaned_up
+
+MigrationColumn = Literal["prepared_at", "target_schema_at", "copy_snapshot", "copy_started_at", "copy_finished_at",
+                          "post_data_at", "cutover_at", "frozen"]
+"""The columns of the migration row a phase sets (`mark`) or clears (`clear`): each phase's time, the copy
+snapshot, the frozen flag."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,7 @@ def start_migration(conn: Conn, source: str) -> None:
         )
 
 
-def mark(conn: Conn, column: str, value: Any = None) -> None:
+def mark(conn: Conn, column: MigrationColumn, value: Any = None) -> None:
     """Set one column of the migration row (a phase timestamp, the copy snapshot, the frozen flag)."""
     expr = sql.SQL("now()") if value is None else sql.Placeholder()
     with conn.cursor() as cur:
@@ -81,7 +86,7 @@ def mark(conn: Conn, column: str, value: Any = None) -> None:
         )
 
 
-def clear(conn: Conn, column: str) -> None:
+def clear(conn: Conn, column: MigrationColumn) -> None:
     with conn.cursor() as cur:
         cur.execute(sql.SQL("UPDATE {} SET {} = NULL WHERE id = 1").format(relation("migration"), sql.Identifier(column)))
 
