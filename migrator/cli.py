@@ -186,7 +186,7 @@ def inspect(obj: Ctx, as_json: bool) -> None:
     from migrator import inspect as inspect_mod
 
     report = inspect_mod.run(obj.cfg)
-    _emit(report, as_json, report.render_text)
+    _emit(report, as_json)
     sys.exit(ExitCode.OK if report.ready else ExitCode.FINDING)
 
 
@@ -348,7 +348,7 @@ def objects_sync(obj: Ctx, follow: bool, workers: int | None, max_rate: float | 
     if stop.is_set() and not follow:
         raise Interrupted(f"objects sync stopped before its pass was over ({result.copied} files copied, and "
                           "recorded)")
-    _emit(result, as_json, result.render_text)
+    _emit(result, as_json)
     sys.exit(ExitCode.OK if result.ok else ExitCode.FINDING)
 
 
@@ -488,7 +488,7 @@ def rehearse(scale: float, workload_tps: float, writers: int, keep: bool, as_jso
     from migrator import rehearse as rehearse_mod
 
     report = rehearse_mod.run(scale=scale, tps=workload_tps, writers=writers, keep=keep)
-    _emit(report, as_json, report.render_text)
+    _emit(report, as_json)
     sys.exit(ExitCode.OK if report.ok else ExitCode.FINDING)
 
 
