@@ -7,7 +7,7 @@ state in the same transaction as the data it describes (the applied position com
 
 Callers use the names re-exported here (`state.position(conn)`); the modules hold them by concern:
 
-- `control`: the schema's location, `relation` (how a module names a control table), `upgrade`, `exists`
+- `control`: `relation` (how the package's modules name a control table), `upgrade`, `exists`
 - `phases`: the migration row (each phase's time, the copy snapshot, the frozen flag) and each captured table's state
 - `copying`: the running copy's exported snapshot, the key-range chunks, the workers' progress
 - `sync_position`: the applied sync position, moved compare-and-set
@@ -20,7 +20,7 @@ Callers use the names re-exported here (`state.position(conn)`); the modules hol
 
 from __future__ import annotations
 
-from migrator.state.control import Conn, exists, relation, upgrade
+from migrator.state.control import Conn, exists, upgrade
 from migrator.state.copying import (
     Chunk,
     CopyRun,
@@ -102,7 +102,7 @@ __all__ = [
     "flag", "hold_cutover", "init_position", "key_secret", "last_verify", "lock_position", "mark",
     "migration", "objects_copied", "operator", "overrides", "pause_copy", "plan_chunks", "pooler_entries",
     "position", "post_data_pending", "record_attempt_pooler", "record_cleanup", "record_objects",
-    "record_override", "record_verify", "register_tables", "relation", "release_cutover_hold",
+    "record_override", "record_verify", "register_tables", "release_cutover_hold",
     "require_prepared", "reset_chunks", "reset_tables", "resume_copy", "save_pooler_entry", "set_fingerprint",
     "set_flag", "set_pointing", "start_attempt", "start_copy_run", "start_migration", "step_finished",
     "step_started", "table_copied", "table_copy_started", "tables", "upgrade", "worker_gone",
