@@ -102,11 +102,14 @@ def exit_code_table() -> str:
 
 
 def _emit(result: Any, as_json: bool, text: Callable[[], str] | None = None) -> None:
+    """Print a result as JSON (`to_dict`) or as text (`text`, else the result's own `render_text`)."""
     if as_json:
         data = result.to_dict() if hasattr(result, "to_dict") else result
         click.echo(json.dumps(data, indent=2, default=str))
     elif text is not None:
         click.echo(text())
+    elif hasattr(result, "render_text"):
+        click.echo(result.render_text())
     else:
         data = result.to_dict() if hasattr(result, "to_dict") else result
         click.echo(json.dumps(data, indent=2, default=str))
@@ -183,7 +186,7 @@ def inspect(obj: Ctx, as_json: bool) -> None:
     from migrator import inspect as inspect_mod
 
     report = inspect_mod.run(obj.cfg)
-    _emit(report, as_json, report.render_text)
+    _emit(report, as_json)
     sys.exit(ExitCode.OK if report.ready else ExitCode.FINDING)
 
 
@@ -227,24 +230,16 @@ def copy(obj: Ctx, workers: int | None, only: tuple[str, ...], max_rate: float |
     from migrator import copy as copy_mod
     from migrator.console import CopyProgress
 
-    if control == "pause":
-        copy_mod.pause(obj.cfg)
-        _emit({"paused": True}, as_json, lambda: "copy paused: workers stop reading within seconds")
-        return
-    if control == "resume":
-        copy_mod.resume(obj.cfg)
-        _emit({"paused": False}, as_json, lambda: "copy resumed")
+    if control is not None:
+        _emit(copy_mod.pause(obj.cfg) if control == "pause" else copy_mod.resume(obj.cfg), as_json)
         return
     if as_worker:
-        chunks = copy_mod.work(obj.cfg, wait=wait)
-        _emit({"chunks": chunks}, as_json, lambda: f"worker done: copied {chunks} chunks")
+        _emit(copy_mod.WorkerResult(copy_mod.work(obj.cfg, wait=wait)), as_json)
         return
     with CopyProgress(enabled=not as_json and sys.stderr.isatty()) as progress:
         result = copy_mod.run(obj.cfg, workers=workers, progress=progress.update, only=list(only) or None,
                               max_rate=max_rate, overall=progress.overall)
-    _emit(result, as_json, lambda: (
-        f"copied {len(result.copied)} tables ({result.rows} rows, {result.bytes / 1e6:.1f} MB) in "
-        f"{result.seconds:.1f}s (post-data {result.post_data_seconds:.1f}s); {len(result.skipped)} already copied"))
+    _emit(result, as_json)
 
 
 @exits({ExitCode.OK: "caught up; --follow: stopped by SIGINT or SIGTERM",
@@ -353,7 +348,7 @@ def objects_sync(obj: Ctx, follow: bool, workers: int | None, max_rate: float | 
     if stop.is_set() and not follow:
         raise Interrupted(f"objects sync stopped before its pass was over ({result.copied} files copied, and "
                           "recorded)")
-    _emit(result, as_json, result.render_text)
+    _emit(result, as_json)
     sys.exit(ExitCode.OK if result.ok else ExitCode.FINDING)
 
 
@@ -364,10 +359,8 @@ def objects_sync(obj: Ctx, follow: bool, workers: int | None, max_rate: float | 
 def status(obj: Ctx, as_json: bool) -> None:
     """The migration's state from the control schema, with the sync lag."""
     from migrator import status as status_mod
-    from migrator.console import render_status
 
-    st = status_mod.read(obj.cfg)
-    _emit(st, as_json, lambda: render_status(st))
+    _emit(status_mod.read(obj.cfg), as_json)
 
 
 @exits({ExitCode.FINDING: "no-go (also --check), or declined",
@@ -495,7 +488,7 @@ def rehearse(scale: float, workload_tps: float, writers: int, keep: bool, as_jso
     from migrator import rehearse as rehearse_mod
 
     report = rehearse_mod.run(scale=scale, tps=workload_tps, writers=writers, keep=keep)
-    _emit(report, as_json, report.render_text)
+    _emit(report, as_json)
     sys.exit(ExitCode.OK if report.ok else ExitCode.FINDING)
 
 

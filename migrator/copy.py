@@ -23,7 +23,6 @@ control schema every worker reads each second).
 
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing
 import os
@@ -49,7 +48,6 @@ from migrator.errors import CopyError, MigratorError, NotReady
 from migrator.log import get
 from migrator.redaction import KeyMask, database_error, scrub
 
-PAUSE_FLAG = "copy_paused"
 _BUFFER = 256 * 1024
 """Bytes gathered from the source's per-row COPY messages before one write to the target."""
 _REPORT_EVERY = 1.0
@@ -90,6 +88,36 @@ class CopyResult:
             "post_data_seconds": round(self.post_data_seconds, 3), "analyze_seconds": round(self.analyze_seconds, 3),
             "tables": [c.__dict__ for c in self.copied], "already_copied": self.skipped,
         }
+
+    def render_text(self) -> str:
+        return (f"copied {len(self.copied)} tables ({self.rows} rows, {self.bytes / 1e6:.1f} MB) in "
+                f"{self.seconds:.1f}s (post-data {self.post_data_seconds:.1f}s); {len(self.skipped)} already copied")
+
+
+@dataclass(frozen=True)
+class CopyControl:
+    """What `copy --pause` or `copy --resume` asked of the running copy."""
+
+    paused: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"paused": self.paused}
+
+    def render_text(self) -> str:
+        return "copy paused: workers stop reading within seconds" if self.paused else "copy resumed"
+
+
+@dataclass(frozen=True)
+class WorkerResult:
+    """What `copy --worker` did: the chunks it copied before none was left."""
+
+    chunks: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"chunks": self.chunks}
+
+    def render_text(self) -> str:
+        return f"worker done: copied {self.chunks} chunks"
 
 
 Progress = Callable[[str, int, int], None]
@@ -266,7 +294,7 @@ class _Worker:
         workers = max(1, len(state.copy_workers(self.control)))
         self.rate_share = run.max_rate * 1e6 / workers if run and run.max_rate else None
         paused = False
-        while state.flag(self.control, PAUSE_FLAG) is not None:
+        while state.copy_paused(self.control):
             if not paused:
                 self.log.info("copy.paused")
                 paused = True
@@ -436,19 +464,21 @@ def _die_with_parent() -> None:
 
 # --- operator controls --------------------------------------------------------------------------------------------
 
-def pause(cfg: Config) -> None:
+def pause(cfg: Config) -> CopyControl:
     """Ask every copy worker to stop reading the source within a second or two (they keep their place)."""
     with db.session(cfg.target_dsn, role="target") as target:
         state.require_prepared(target)
-        state.set_flag(target, PAUSE_FLAG, "paused by the operator")
+        state.pause_copy(target)
         target.commit()
+    return CopyControl(paused=True)
 
 
-def resume(cfg: Config) -> None:
+def resume(cfg: Config) -> CopyControl:
     with db.session(cfg.target_dsn, role="target") as target:
         state.require_prepared(target)
-        state.clear_flag(target, PAUSE_FLAG)
+        state.resume_copy(target)
         target.commit()
+    return CopyControl(paused=False)
 
 
 # --- the coordinator ----------------------------------------------------------------------------------------------
@@ -553,18 +583,18 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
         m = state.require_prepared(target)
         target.commit()
         t0 = time.monotonic()
-        pending_post_data = [tuple(n) for n in json.loads(state.flag(target, capture.POST_DATA_PENDING) or "[]")]
+        pending_post_data = state.post_data_pending(target)
         if m.post_data_at is None:
             schema.load_section(cfg.source_dsn, cfg.target_dsn, "post-data", jobs=workers)
             state.mark(target, "post_data_at")
-            state.clear_flag(target, capture.POST_DATA_PENDING)
+            state.clear_post_data_pending(target)
             target.commit()
         elif pending_post_data:
             # Tables prepare created after the first post-data (new on the legacy database): now that they are
             # filled, their indexes, constraints and triggers.
             schema.load_section(cfg.source_dsn, cfg.target_dsn, "post-data", jobs=workers,
-                                tables=[(s, n) for s, n in pending_post_data])
-            state.clear_flag(target, capture.POST_DATA_PENDING)
+                                tables=pending_post_data)
+            state.clear_post_data_pending(target)
             target.commit()
         result.post_data_seconds = time.monotonic() - t0
         t0 = time.monotonic()

@@ -107,6 +107,11 @@ class ReplayError(MigratorError):
     default_hint = "Fix the cause on the target named above; `migrator sync` then resumes from the same position."
 
 
+class ConcurrentRun(MigratorError):
+    """Another process moved recorded state this one was about to move (two syncs applying at once); this one's
+    transaction is rolled back."""
+
+
 class CopyError(MigratorError):
     """The bulk copy of a table failed."""
 

@@ -494,7 +494,7 @@ def verify(cfg: Config, *, show_values: bool = False, workers: int | None = None
     except (psycopg.Error, MigratorError, OSError) as exc:
         return ObjectReport(source.describe(), target.describe(), error=_message(exc))
     findings.sort(key=lambda f: f.key)
-    log.get(phase="verify").info("objects verified", checked=checked, bad=count, orphans=len(orphans))
+    log.get(phase="verify").info("verify.objects", checked=checked, bad=count, orphans=len(orphans))
     return ObjectReport(source.describe(), target.describe(), checked, nbytes, tuple(findings), count,
                         tuple(orphans[:MAX_LISTED]), len(orphans))
 

@@ -42,6 +42,11 @@ class Status:
             return v
         return conv(self.__dict__)
 
+    def render_text(self) -> str:
+        from migrator.console import render_status  # the terminal's page, drawn with rich
+
+        return render_status(self)
+
 
 def read(cfg: Config) -> Status:
     st = Status(target=db.describe_dsn(cfg.target_dsn), source=db.describe_dsn(cfg.source_dsn))
@@ -141,6 +146,6 @@ def _copy_progress(target: psycopg.Connection[Any]) -> dict[str, Any]:
             "bytes": sum(c.bytes_copied or 0 for c in done) + in_flight,
             "estimated_bytes": total,
             "running": run is not None and run.finished_at is None and run.snapshot_id is not None,
-            "paused": state.flag(target, "copy_paused") is not None,
+            "paused": state.copy_paused(target),
             "workers": [{"worker": w["worker"], "chunk": f"{w['schema_name']}.{w['table_name']}#{w['chunk_no']}"
                          if w["table_name"] else None, "bytes": int(w["bytes_done"])} for w in workers]}

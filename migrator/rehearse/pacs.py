@@ -304,7 +304,7 @@ def build(dsn: str, *, scale: float = 0.01, seed: int = 1) -> BuildResult:
         ) from exc
     assert size_row is not None
     result = BuildResult(rows=rows, bytes=int(size_row[0]), seconds=time.monotonic() - started)
-    logger.info("synthetic database built", rows=result.total_rows, bytes=result.bytes,
+    logger.info("rehearse.database_built", rows=result.total_rows, bytes=result.bytes,
                 seconds=round(result.seconds, 2))
     return result
 

@@ -1,0 +1,48 @@
+"""The control schema itself: where it lives, how a module names one of its tables, and its alembic upgrade.
+
+Every other module of `migrator.state` composes its SQL with `relation`; nothing outside the package touches the
+control schema.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from migrator.config import CONTROL_SCHEMA
+
+Conn = psycopg.Connection[Any]
+
+
+def relation(name: str) -> sql.Composed:
+    """A table of the control schema, as an SQL identifier."""
+    return sql.SQL("{}.{}").format(sql.Identifier(CONTROL_SCHEMA), sql.Identifier(name))
+
+
+def upgrade(conn: Conn) -> None:
+    """Create or upgrade the control schema to the newest revision (alembic, on this connection)."""
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import StaticPool
+
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(CONTROL_SCHEMA)))
+    conn.commit()
+    engine = create_engine("postgresql+psycopg://", creator=lambda: conn, poolclass=StaticPool)
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(Path(__file__).parent))
+    with engine.begin() as sa_conn:
+        cfg.attributes["connection"] = sa_conn
+        command.upgrade(cfg, "heads")
+    conn.commit()
+
+
+def exists(conn: Conn) -> bool:
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{CONTROL_SCHEMA}.migration",))
+        row = cur.fetchone()
+    return bool(row and row[0])

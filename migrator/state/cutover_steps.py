@@ -1,0 +1,108 @@
+"""Cutover and rollback attempts, their steps as each starts and ends, and the pooler entries a cutover rewrote.
+
+The client-visible pause and go/no-go checklist of an attempt are recorded with it; the hold an operator sets on
+a cutover is a flag (`flags.HOLD_FLAG`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from migrator.state.control import Conn, relation
+
+
+def start_attempt(conn: Conn) -> int:
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("INSERT INTO {} DEFAULT VALUES RETURNING id").format(relation("cutover_attempt")))
+        row = cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def step_started(conn: Conn, attempt: int, step: str) -> None:
+    with conn.cursor() as cur:
+        cur.execute(
+            sql.SQL("INSERT INTO {} (attempt_id, step) VALUES (%s, %s) ON CONFLICT (attempt_id, step) DO UPDATE "
+                    "SET started_at = clock_timestamp(), status = 'running'").format(relation("cutover_step")),
+            (attempt, step),
+        )
+
+
+def step_finished(conn: Conn, attempt: int, step: str, status: str = "done", detail: str | None = None) -> None:
+    with conn.cursor() as cur:
+        cur.execute(
+            sql.SQL("UPDATE {} SET finished_at = clock_timestamp(), status = %s, detail = %s "
+                    "WHERE attempt_id = %s AND step = %s").format(relation("cutover_step")),
+            (status, detail, attempt, step),
+        )
+
+
+def finish_attempt(conn: Conn, attempt: int, status: str, *, failed_step: str | None = None,
+                   error: str | None = None, freeze_seconds: float | None = None) -> None:
+    with conn.cursor() as cur:
+        cur.execute(
+            sql.SQL("UPDATE {} SET finished_at = clock_timestamp(), status = %s, failed_step = %s, error = %s, "
+                    "freeze_seconds = %s WHERE id = %s").format(relation("cutover_attempt")),
+            (status, failed_step, error, freeze_seconds, attempt),
+        )
+
+
+def attempts(conn: Conn) -> list[dict[str, Any]]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(sql.SQL("SELECT * FROM {} ORDER BY id").format(relation("cutover_attempt")))
+        rows = cur.fetchall()
+        for r in rows:
+            cur.execute(sql.SQL("SELECT step, status, started_at, finished_at, detail FROM {} "
+                                "WHERE attempt_id = %s ORDER BY started_at").format(relation("cutover_step")), (r["id"],))
+            r["steps"] = cur.fetchall()
+    return rows
+
+
+def record_attempt_pooler(conn: Conn, attempt: int, *, kind: str = "cutover", pause_seconds: float | None = None,
+                          checklist: list[dict[str, Any]] | None = None) -> None:
+    from psycopg.types.json import Jsonb
+
+    with conn.cursor() as cur:
+        cur.execute(
+            sql.SQL("UPDATE {} SET kind = %s, pause_seconds = coalesce(%s, pause_seconds), "
+                    "checklist = coalesce(%s, checklist) WHERE id = %s").format(relation("cutover_attempt")),
+            (kind, pause_seconds, None if checklist is None else Jsonb(checklist), attempt),
+        )
+
+
+@dataclass(frozen=True)
+class PoolerEntry:
+    name: str
+    ini_path: str
+    legacy_entry: str
+    target_entry: str
+    pointing: str
+
+
+def save_pooler_entry(conn: Conn, attempt: int, entry: PoolerEntry) -> None:
+    """Record an entry before the file is rewritten (the legacy entry is kept from the first cutover on)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            sql.SQL("INSERT INTO {} (name, ini_path, legacy_entry, target_entry, pointing, attempt_id) "
+                    "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO UPDATE SET ini_path = excluded.ini_path, "
+                    "target_entry = excluded.target_entry, pointing = excluded.pointing, "
+                    "attempt_id = excluded.attempt_id, updated_at = now()").format(relation("pooler_entry")),
+            (entry.name, entry.ini_path, entry.legacy_entry, entry.target_entry, entry.pointing, attempt),
+        )
+
+
+def pooler_entries(conn: Conn) -> dict[str, PoolerEntry]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(sql.SQL("SELECT name, ini_path, legacy_entry, target_entry, pointing FROM {}")
+                    .format(relation("pooler_entry")))
+        return {r["name"]: PoolerEntry(**r) for r in cur.fetchall()}
+
+
+def set_pointing(conn: Conn, names: list[str], pointing: str) -> None:
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("UPDATE {} SET pointing = %s, updated_at = now() WHERE name = ANY(%s)")
+                    .format(relation("pooler_entry")), (pointing, names))

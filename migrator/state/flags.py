@@ -1,0 +1,133 @@
+"""Operator flags, and the values passed between phases as flags: each name declared once here, read and written
+through typed functions. The copy's pause, the cutover's hold, the end of the migration (cleanup), the last verify of
+every table, and the tables whose post-data waits for copy."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from psycopg import sql
+
+from migrator.state.control import Conn, relation
+
+COPY_PAUSED_FLAG = "copy_paused"
+"""Set by `migrator copy --pause`: every copy worker stops reading the source while it is set."""
+HOLD_FLAG = "cutover.hold"
+"""Set by `migrator cutover --hold`: a cutover waits at the go/no-go point while it is set."""
+CLEANUP_FLAG = "cleanup.done"
+"""Set by `migrator cleanup` when it removes capture from the legacy database: the migration is over."""
+VERIFY_FLAG = "verify.last"
+"""JSON {"identical": bool, "differences": n, "not_verified": n, "started_at": iso}, written by whoever records a
+verify of every table (record_verify)."""
+POST_DATA_PENDING_FLAG = "post_data_pending"
+"""JSON list of [schema, table]: tables prepare created on the target after its first post-data; copy restores their
+post-data once it has copied them (post_data_pending, add_post_data_pending, clear_post_data_pending)."""
+
+
+def set_flag(conn: Conn, name: str, value: str) -> None:
+    with conn.cursor() as cur:
+        cur.execute(
+            sql.SQL("INSERT INTO {} (name, value) VALUES (%s, %s) ON CONFLICT (name) DO UPDATE "
+                    "SET value = excluded.value, set_at = now()").format(relation("flag")),
+            (name, value),
+        )
+
+
+def clear_flag(conn: Conn, name: str) -> None:
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("DELETE FROM {} WHERE name = %s").format(relation("flag")), (name,))
+
+
+def record_cleanup(conn: Conn) -> None:
+    """Record the first cleanup (a second one keeps its time: that is when changes stopped being recorded)."""
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("INSERT INTO {} (name, value) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING")
+                    .format(relation("flag")), (CLEANUP_FLAG, "capture removed from the legacy database"))
+
+
+def cleaned_up(conn: Conn) -> dt.datetime | None:
+    """When `migrator cleanup` removed capture from the legacy database, or None."""
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT set_at FROM {} WHERE name = %s").format(relation("flag")), (CLEANUP_FLAG,))
+        row = cur.fetchone()
+    return row[0] if row else None
+
+
+def flag(conn: Conn, name: str) -> str | None:
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT value FROM {} WHERE name = %s").format(relation("flag")), (name,))
+        row = cur.fetchone()
+    return row[0] if row else None
+
+
+# --- the copy's pause ----------------------------------------------------------------------------------------------
+
+def pause_copy(conn: Conn) -> None:
+    set_flag(conn, COPY_PAUSED_FLAG, "paused by the operator")
+
+
+def resume_copy(conn: Conn) -> None:
+    clear_flag(conn, COPY_PAUSED_FLAG)
+
+
+def copy_paused(conn: Conn) -> bool:
+    return flag(conn, COPY_PAUSED_FLAG) is not None
+
+
+
+# --- the cutover's hold ---------------------------------------------------------------------------------------------
+
+def hold_cutover(conn: Conn, reason: str) -> None:
+    set_flag(conn, HOLD_FLAG, reason)
+
+
+def cutover_held(conn: Conn) -> bool:
+    return flag(conn, HOLD_FLAG) is not None
+
+
+def release_cutover_hold(conn: Conn) -> None:
+    clear_flag(conn, HOLD_FLAG)
+
+# --- tables whose post-data waits for copy -------------------------------------------------------------------------
+
+def post_data_pending(conn: Conn) -> list[tuple[str, str]]:
+    """The (schema, table) pairs prepare created after the first post-data, whose post-data copy still owes."""
+    return [(str(s), str(n)) for s, n in json.loads(flag(conn, POST_DATA_PENDING_FLAG) or "[]")]
+
+
+def add_post_data_pending(conn: Conn, tables: Iterable[tuple[str, str]]) -> None:
+    """Add tables to those whose post-data copy owes (kept sorted, each once); the caller commits."""
+    have = post_data_pending(conn)
+    set_flag(conn, POST_DATA_PENDING_FLAG, json.dumps(sorted({*have, *((s, n) for s, n in tables)})))
+
+
+def clear_post_data_pending(conn: Conn) -> None:
+    clear_flag(conn, POST_DATA_PENDING_FLAG)
+
+
+# --- the last verify ------------------------------------------------------------------------------------------------
+
+def record_verify(conn: Conn, identical: bool, differences: int, started_at: dt.datetime | None = None, *,
+                  not_verified: int = 0) -> None:
+    """Remember the outcome of a verify of every table, for the cutover's go/no-go checklist (`not_verified`: tables
+    it could not compare, which make it not identical); `started_at` (the target's clock when it began) is what the
+    checklist compares with later events, since rows compared early in a long verify say nothing about a re-copy or a
+    rollback that happened while it ran."""
+    set_flag(conn, VERIFY_FLAG, json.dumps({"identical": identical and not not_verified, "differences": differences,
+                                            "not_verified": not_verified,
+                                            "started_at": started_at.isoformat() if started_at else None}))
+
+
+def last_verify(conn: Conn) -> tuple[dict[str, Any], dt.datetime] | None:
+    """The last recorded verify and when it started (when it was recorded, for one that did not say)."""
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT value, set_at FROM {} WHERE name = %s").format(relation("flag")), (VERIFY_FLAG,))
+        row = cur.fetchone()
+    if row is None:
+        return None
+    found = json.loads(row[0])
+    started = found.get("started_at")
+    return found, dt.datetime.fromisoformat(started) if started else row[1]
