@@ -39,9 +39,11 @@ class Recheck:
 
 
 def verify_table(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connection[Any], table: Table,
-                  target: Table | None, show_values: bool, progress: Callable[[str, int], None] | None,
-                  window: Window | None = None, options: Options | None = None,
-                  ) -> tuple[TableParity, Recheck | None]:
+                 target: Table | None, show_values: bool, progress: Callable[[str, int], None] | None,
+                 window: Window | None = None, options: Options | None = None,
+                 ) -> tuple[TableParity, Recheck | None]:
+    """Compare one table in its worker's snapshots (in `window` while sync follows): its result, and what to read
+    again once sync has passed the window when rows were in flight."""
     if target is None:
         return TableParity(table.display, "error", key_columns=table.key,
                            error=f"{table.display} does not exist on the target"), None

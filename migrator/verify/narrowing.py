@@ -42,7 +42,7 @@ class Narrowed:
 
 
 def both(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connection[Any],
-          query: sql.Composed) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+         query: sql.Composed) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     """Run one query on both sides at once (each on its own session) and return both results."""
 
     def run(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
@@ -100,7 +100,7 @@ class Found:
 
 
 def leaf(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connection[Any], plan: Plan,
-          narrowed: Narrowed, in_flight: InFlight | None = None) -> Found:
+         narrowed: Narrowed, in_flight: InFlight | None = None) -> Found:
     """Stream (key, row md5) of the differing ranges from both sides and merge them: every differing row, by key.
 
     A row whose key (without a key: whose row hash) a change in the live window touched is in flight, not different.

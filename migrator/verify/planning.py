@@ -153,7 +153,7 @@ _CORRELATED = 0.9
 
 
 def index_friendly(source_conn: psycopg.Connection[Any], target_conn: psycopg.Connection[Any], table: Table,
-                    target: Table) -> bool:
+                   target: Table) -> bool:
     """Whether reading the table one key range at a time through its index is cheap: both sides have a btree index
     leading with the key's first column that a range scan can use (whole table, default operator class, the column's
     collation), and on the source the heap follows the key (planner statistics) or the

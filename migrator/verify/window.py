@@ -6,8 +6,8 @@ together). The target snapshot is opened first and reads A; the source snapshot 
 target differs from S there, the difference is real. A row such a change touched is in flight (`in_flight`): its
 range is read again once sync has applied everything S contains (`wait_for_sync`), under a new window.
 
-Which delta-log events a window holds (`window_events`) and how a logged key is decoded (`logged_key`) are each
-written once here.
+Verify's reading of the delta log is written once, here: which events a window holds (`window_events`) and the key
+an event logged, decoded to the table's key columns (`logged_key`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ _WINDOW_TRIES = 20
 
 @dataclass(frozen=True)
 class Window:
+    """The two snapshots a live comparison reads: the target's sync position and the source's newer snapshot."""
+
     applied: str
     """The sync position (a source snapshot) the target snapshot holds."""
     snapshot: str
@@ -39,6 +41,8 @@ class Window:
 
 @dataclass(frozen=True)
 class InFlight:
+    """What changes in the window touched: keys as the leaf streams them (without a key: row md5s)."""
+
     keys: frozenset[tuple[Any, ...]]
     everything: bool = False
     """A TRUNCATE in the window: every row of the table is in flight."""
@@ -107,6 +111,7 @@ class Pair:
 
 
 def has_delta_log(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the source has a delta log (a capture is installed), so a verify may run while sync follows."""
     with conn.cursor() as cur:
         row = cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{CAPTURE_SCHEMA}.delta_log",)).fetchone()
     conn.rollback()
