@@ -211,10 +211,10 @@ def _work(cfg: Config, jobs: queue.SimpleQueue[tuple[int, Table, Table | None]],
                 pair.close()
                 result = TableParity(table.display, "error", key_columns=table.key, error=_message(exc))
             if result.status == "error":
-                logger.warning("table not verified", error=result.error)
+                logger.warning("verify.table_not_verified", error=result.error)
             else:
                 logger.info(
-                    "table verified", status=result.status, source_rows=result.source_rows,
+                    "verify.table", status=result.status, source_rows=result.source_rows,
                     target_rows=result.target_rows, differences=result.difference_count, in_flight=result.in_flight,
                 )
             results[index] = result

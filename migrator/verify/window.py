@@ -178,6 +178,6 @@ def wait_for_sync(cfg: Config, snapshots: list[str], live_wait: float) -> bool:
             if applied is not None and all(applied.includes(w) for w in wanted):
                 return True
             if time.monotonic() >= deadline:
-                logger.warning("sync has not passed the first pass; rows stay in flight", waited=live_wait)
+                logger.warning("verify.sync_behind_first_pass", waited=live_wait)
                 return False
             time.sleep(0.2)
