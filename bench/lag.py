@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from bench._common import config, create_db, databases, dsn_for
-from migrator import capture, copy, parity, replay
+from migrator import capture, copy, replay, verify
 from migrator.rehearse import pacs
 from migrator.rehearse.workload import Workload, WorkloadSpec
 
@@ -60,7 +60,7 @@ def main() -> int:
             follower.send_signal(signal.SIGTERM)
             follower.wait(timeout=60)
         replay.sync(cfg)
-        report = parity.verify(cfg)
+        report = verify.verify(cfg)
         samples.sort()
         p95 = samples[int(0.95 * (len(samples) - 1))]
         print(f"\nworkload: {stats.committed} transactions in {stats.seconds:.0f}s "

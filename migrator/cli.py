@@ -292,16 +292,16 @@ def verify(obj: Ctx, tables: tuple[str, ...], with_objects: bool, show_values: b
            as_json: bool) -> None:
     """Row parity (and, with --objects, the files): exit 0 identical, 1 differences (listed by key), 2 could not
     verify."""
-    from migrator import parity
     from migrator import status as status_mod
+    from migrator import verify as verify_mod
 
     live = not as_json and sys.stderr.isatty()
 
     def show(what: str, done: int) -> None:
         click.echo(f"\r  {what}: {done:,} ", err=True, nl=False)
 
-    report = parity.verify(obj.cfg, tables=list(tables) or None, show_values=show_values,
-                           progress=show if live else None, buckets=cast(parity.Buckets, buckets))
+    report = verify_mod.verify(obj.cfg, tables=list(tables) or None, show_values=show_values,
+                               progress=show if live else None, buckets=cast(verify_mod.Buckets, buckets))
     if live:
         click.echo("", err=True)
     if report.exit_code == ExitCode.ERROR:

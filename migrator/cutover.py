@@ -25,7 +25,8 @@ from typing import Any
 
 import psycopg
 
-from migrator import capture, catalog, db, gonogo, ownership, parity, replay, rollback, state
+from migrator import capture, catalog, db, gonogo, ownership, replay, rollback, state
+from migrator import verify as verify_mod
 from migrator.config import Config
 from migrator.errors import Blocked, ConnectionFailed, CutoverFailed, MigratorError, NoGo, NotReady
 from migrator.log import get
@@ -208,7 +209,7 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
                 if mode == "none":
                     return "every event applied; rows not compared"
                 if mode == "full":
-                    rep = parity.verify(cfg)
+                    rep = verify_mod.verify(cfg)
                     if not rep.rows_identical:
                         raise MigratorError("parity check found differences; run `migrator verify` for the keys")
                     return "every event applied; rows identical"

@@ -32,7 +32,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from migrator import capture, catalog, db, gonogo, parity, replay, state
+from migrator import capture, catalog, db, gonogo, replay, state
+from migrator import verify as verify_mod
 from migrator.catalog import Table
 from migrator.config import CAPTURE_SCHEMA, Config
 from migrator.errors import Blocked, CutoverFailed, MigratorError, NoGo, NotReady, SchemaChanged
@@ -356,7 +357,7 @@ def run(cfg: Config, *, overrides: Iterable[str] = (),
                 if cfg.cutover.verify == "none":
                     return "every event replayed; rows not compared"
                 if cfg.cutover.verify == "full":
-                    if not parity.verify(cfg).rows_identical:
+                    if not verify_mod.verify(cfg).rows_identical:
                         raise MigratorError("parity check found differences; run `migrator verify` for the keys")
                     return "every event replayed; rows identical"
                 differ = count_differences(legacy, target, list(tables.values()))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from migrator import capture, copy, gonogo, parity, replay, state, status
+from migrator import capture, copy, gonogo, replay, state, status, verify
 from migrator.config import Config
 from migrator.console import render_status
 from migrator.db import session
@@ -83,7 +83,7 @@ def test_overridden_large_objects_are_recorded_shown_and_verify_says_their_conte
 
     # The rows are equal (the oid values were copied), but the large object they name does not exist on the target.
     assert fetch(target_dsn, "SELECT count(*) FROM pg_largeobject_metadata") == [(0,)]
-    report = parity.verify(cfg)
+    report = verify.verify(cfg)
     by_name = {t.name: t for t in report.tables}
     assert by_name["public.report"].status == "not_compared"
     assert "doc" in (by_name["public.report"].not_compared or "")
@@ -94,7 +94,7 @@ def test_overridden_large_objects_are_recorded_shown_and_verify_says_their_conte
     assert "NOT COMPARED  public.report" in text and "large objects are not migrated" in text
     assert [n["kind"] for n in report.to_dict()["not_compared"]] == ["large objects"]
     # Only the table asked about: its rows are fully compared.
-    assert parity.verify(cfg, tables=["public.patient"]).exit_code == 0
+    assert verify.verify(cfg, tables=["public.patient"]).exit_code == 0
     # Go/no-go shows the override, who and when; the verify it records is the rows' answer.
     checklist = gonogo.run(cfg)
     blockers = _item(checklist, "blockers")
@@ -102,7 +102,7 @@ def test_overridden_large_objects_are_recorded_shown_and_verify_says_their_conte
     assert f"large-objects overridden at prepare by {recorded.os_user} (role {recorded.db_role})" in blockers.detail
     assert _item(checklist, "verify").state == "pass"
     run_sql(target_dsn, "DELETE FROM public.patient")
-    assert parity.verify(cfg).exit_code == 2
+    assert verify.verify(cfg).exit_code == 2
     assert _item(gonogo.run(cfg), "verify").state == "fail"  # a real difference is not hidden by the exit 2
 
 
@@ -137,7 +137,7 @@ def test_unlogged_table_is_captured_copied_replayed_and_verified(cfg: Config, so
 
     assert fetch(target_dsn, "SELECT relpersistence FROM pg_class WHERE oid = 'public.worklist'::regclass") == [("u",)]
     assert fetch(target_dsn, "SELECT count(*), max(id) FROM public.worklist") == [(50, 51)]
-    report = parity.verify(cfg)
+    report = verify.verify(cfg)
     assert [(t.name, t.status, t.source_rows) for t in report.tables] == [("public.worklist", "identical", 50)]
     assert report.exit_code == 0
 
@@ -162,7 +162,7 @@ def test_materialized_views_are_populated_by_copy_and_listed_by_verify_as_not_co
     assert fetch(target_dsn, "SELECT n FROM public.ct_count") == [(5,)]
     assert fetch(target_dsn, "SELECT relispopulated FROM pg_class WHERE oid = 'public.never_refreshed'::regclass") \
         == [(False,)]
-    report = parity.verify(cfg)
+    report = verify.verify(cfg)
     listed = {n.name: n for n in report.not_compared}
     assert set(listed) == {"public.ct_count", "public.modality_count", "public.never_refreshed", "public.ris_order"}
     assert listed["public.modality_count"].kind == "materialized view" and not listed["public.modality_count"].data

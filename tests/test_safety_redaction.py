@@ -17,7 +17,7 @@ import psycopg
 import pytest
 import structlog
 
-from migrator import capture, copy, gonogo, parity, replay, state
+from migrator import capture, copy, gonogo, replay, state, verify
 from migrator import inspect as inspect_mod
 from migrator import log as log_mod
 from migrator.config import Config
@@ -143,7 +143,7 @@ def test_verify_prints_a_patient_name_key_as_a_keyed_hash_unless_show_values(
     assert shown.returncode == 1 and f'name="{NAME}"' in shown.stdout
     # The same key hashes alike in every run of this migration (the secret is kept on the target, not on the legacy
     # database), and differently in another migration.
-    again = parity.verify(cfg)
+    again = verify.verify(cfg)
     assert f"name={hashed}" in again.render_text() and NAME not in json.dumps(again.to_dict())
     assert fetch(target_dsn, "SELECT count(*) FROM migrator_control.key_secret")[0][0] == 1
     assert fetch(source_dsn, "SELECT count(*) FROM pg_class WHERE relname = 'key_secret'")[0][0] == 0
@@ -190,14 +190,14 @@ def test_a_table_and_column_named_with_percent_s_migrate_sync_and_verify(
     replay.sync(cfg)
 
     for buckets in ("ranges", "hashes"):
-        report = parity.verify(cfg, buckets=buckets)  # type: ignore[arg-type]
+        report = verify.verify(cfg, buckets=buckets)  # type: ignore[arg-type]
         assert report.identical, report.render_text()
         assert {t.name for t in report.tables} == {"public.pct%s", "public.bag%s"}
 
     # A difference is found, named and shown (the paths that list rows and fetch their values).
     run_sql(target_dsn, """UPDATE public."pct%s" SET "a%sb" = 'other' WHERE id = 4000""",
             """DELETE FROM public."bag%s" WHERE "a%sb" = 'new'""")
-    report = parity.verify(cfg, show_values=True)
+    report = verify.verify(cfg, show_values=True)
     by_name = {t.name: t for t in report.tables}
     assert [d.key for d in by_name["public.pct%s"].differences] == [("4000",)]
     assert by_name["public.pct%s"].differences[0].target_row == "(4000,other,4000)"
@@ -217,11 +217,11 @@ def test_a_verify_that_could_not_compare_a_table_records_a_failure_go_no_go_refu
             "INSERT INTO public.study SELECT g, 'n' FROM generate_series(1, 100) g")
     capture.prepare(cfg)
     copy.run(cfg)
-    assert parity.verify(cfg).identical
+    assert verify.verify(cfg).identical
     assert _verify_item(cfg).state == "pass"
     run_sql(target_dsn, "ALTER TABLE public.study DROP COLUMN note")
 
-    report = parity.verify(cfg)
+    report = verify.verify(cfg)
 
     assert report.exit_code == 2
     item = _verify_item(cfg)

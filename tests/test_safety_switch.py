@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from migrator import capture, copy, cutover, gonogo, parity, rehearse, replay, rollback
+from migrator import capture, copy, cutover, gonogo, rehearse, replay, rollback, verify
 from migrator.config import Config
 from migrator.errors import Blocked, NoGo
 from migrator.switch import NOT_MOVED, signals_deferred
@@ -136,7 +136,7 @@ def test_a_verify_from_before_a_rollback_no_longer_lets_a_cutover_go(
         make_config: Callable[..., Config], source_dsn: str, target_dsn: str) -> None:
     cfg = make_config(copy={"workers": 2}, cutover={"switch_command": "true", "rollback_command": "true"})
     migrated(cfg, source_dsn)
-    assert parity.verify(cfg).identical
+    assert verify.verify(cfg).identical
     assert verify_item(cfg).state == "pass"
     assert cutover.run(cfg).ok
     run_sql(target_dsn, "UPDATE public.study SET note = 'written on the new server' WHERE id = 5")
@@ -150,7 +150,7 @@ def test_a_verify_from_before_a_rollback_no_longer_lets_a_cutover_go(
     assert sqlstate_of_write(source_dsn, "INSERT INTO public.study (uid) VALUES ('not frozen')") is None
     # A verify now (sync caught up with the write above), then the same cutover goes.
     replay.sync(cfg)
-    assert parity.verify(cfg).identical
+    assert verify.verify(cfg).identical
     assert verify_item(cfg).state == "pass"
     assert cutover.run(cfg).ok
 
@@ -158,7 +158,7 @@ def test_a_verify_from_before_a_rollback_no_longer_lets_a_cutover_go(
 def test_a_verify_from_before_a_recopy_does_not_count_nor_does_one_of_some_tables(
         cfg: Config, source_dsn: str, target_dsn: str) -> None:
     migrated(cfg, source_dsn)
-    assert parity.verify(cfg).identical
+    assert verify.verify(cfg).identical
     assert verify_item(cfg).state == "pass"
 
     copy.run(cfg, only=["public.audit"])
@@ -166,15 +166,15 @@ def test_a_verify_from_before_a_recopy_does_not_count_nor_does_one_of_some_table
     stale = verify_item(cfg)
     assert stale.state == "fail", stale
     assert "the copy of public.audit" in stale.detail and "run `migrator verify`" in stale.detail
-    assert parity.verify(cfg, tables=["public.audit"]).identical  # `verify --tables`: not a verify of every table
+    assert verify.verify(cfg, tables=["public.audit"]).identical  # `verify --tables`: not a verify of every table
     assert verify_item(cfg).state == "fail"
-    assert parity.verify(cfg).identical
+    assert verify.verify(cfg).identical
     assert verify_item(cfg).state == "pass"
 
 
 def test_a_verify_from_before_a_ddl_recovery_does_not_count(cfg: Config, source_dsn: str, target_dsn: str) -> None:
     migrated(cfg, source_dsn)
-    assert parity.verify(cfg).identical
+    assert verify.verify(cfg).identical
     for dsn in (target_dsn, source_dsn):
         run_sql(dsn, "ALTER TABLE public.audit ADD COLUMN site text")
 
@@ -186,7 +186,7 @@ def test_a_verify_from_before_a_ddl_recovery_does_not_count(cfg: Config, source_
     copied = verify_item(cfg)
     assert copied.state == "fail" and "the copy of public.audit" in copied.detail
     replay.sync(cfg)
-    assert parity.verify(cfg).identical
+    assert verify.verify(cfg).identical
     assert verify_item(cfg).state == "pass"
 
 
@@ -195,7 +195,7 @@ def test_a_verify_older_than_max_verify_age_does_not_count(
     cfg = make_config(copy={"workers": 2})
     bounded = make_config(copy={"workers": 2}, cutover={"max_verify_age": 0.001})
     migrated(cfg, source_dsn)
-    assert parity.verify(cfg).identical
+    assert verify.verify(cfg).identical
     assert verify_item(cfg).state == "pass"  # default bound: a day
 
     old = verify_item(bounded)  # the verify started longer ago than it took to run

@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 
-from migrator import capture, copy, cutover, gonogo, parity, replay
+from migrator import capture, copy, cutover, gonogo, replay, verify
 from migrator import inspect as inspect_mod
 from migrator.config import Config, from_dict
 from migrator.errors import ConnectionFailed
@@ -170,7 +170,7 @@ def run(*, scale: float = 0.01, tps: float = 40.0, writers: int = 2, keep: bool 
             assert workload is not None
             stats = workload.stop()
             report.workload = stats.to_dict()
-            rep = parity.verify(cfg)
+            rep = verify.verify(cfg)
             report.parity = {"identical": rep.identical, "summary": "identical" if rep.identical else "DIFFERENT",
                              "exit_code": rep.exit_code}
             if not rep.identical:

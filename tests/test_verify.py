@@ -13,10 +13,11 @@ from typing import Any
 import psycopg
 import pytest
 
-from migrator import parity
+from migrator import verify
 from migrator.config import Config, SyncSettings, from_dict
 from migrator.errors import ConnectionFailed, MigratorError
-from migrator.parity import ParityReport
+from migrator.verify import ParityReport, planning
+from migrator.verify.rows import Stream, merge
 from tests.helpers import fetch, run_sql
 
 
@@ -25,7 +26,7 @@ def both(source_dsn: str, target_dsn: str, *statements: str) -> None:
     run_sql(target_dsn, *statements)
 
 
-def table(report: ParityReport, name: str) -> parity.TableParity:
+def table(report: ParityReport, name: str) -> verify.TableParity:
     (found,) = [t for t in report.tables if t.name == name]
     return found
 
@@ -51,7 +52,7 @@ def test_identical_databases_verify_with_exit_code_zero(source_dsn: str, target_
     )
     seen: list[tuple[str, int]] = []
 
-    report = parity.verify(cfg, progress=lambda name, rows: seen.append((name, rows)))
+    report = verify.verify(cfg, progress=lambda name, rows: seen.append((name, rows)))
 
     assert report.identical and report.exit_code == 0
     assert [(t.name, t.status, t.source_rows, t.target_rows) for t in report.tables] == [
@@ -71,12 +72,12 @@ def test_one_changed_value_in_a_50k_row_table_is_found_by_its_key(
     both(source_dsn, target_dsn, PATIENTS.format(n=50_000))
     run_sql(target_dsn, "UPDATE public.patient SET note = 'CONFIDENTIAL-diagnosis' WHERE id = 31337")
 
-    report = parity.verify(cfg)
+    report = verify.verify(cfg)
 
     result = table(report, "public.patient")
     assert (result.status, result.source_rows, result.target_rows) == ("different", 50_000, 50_000)
     assert result.difference_count == 1
-    assert result.differences == (parity.RowDifference("different", ("31337",)),)
+    assert result.differences == (verify.RowDifference("different", ("31337",)),)
     assert report.exit_code == 1
     assert "id=31337" in report.render_text()
     assert "CONFIDENTIAL" not in as_text(report)
@@ -87,7 +88,7 @@ def test_show_values_adds_the_row_text_of_each_side(source_dsn: str, target_dsn:
     both(source_dsn, target_dsn, PATIENTS.format(n=100))
     run_sql(target_dsn, "UPDATE public.patient SET note = 'CONFIDENTIAL-diagnosis' WHERE id = 42")
 
-    (diff,) = table(parity.verify(cfg, show_values=True), "public.patient").differences
+    (diff,) = table(verify.verify(cfg, show_values=True), "public.patient").differences
 
     assert diff.source_row == "(42,MRN42,\"note 42\",42.00)"
     assert diff.target_row == "(42,MRN42,CONFIDENTIAL-diagnosis,42.00)"
@@ -101,7 +102,7 @@ def test_a_missing_row_and_an_extra_row_are_reported(source_dsn: str, target_dsn
         "INSERT INTO public.patient VALUES (5000, 'MRN5000', NULL, 1)",
     )
 
-    result = table(parity.verify(cfg), "public.patient")
+    result = table(verify.verify(cfg), "public.patient")
 
     assert (result.source_rows, result.target_rows, result.difference_count) == (2000, 1999, 3)
     assert [(d.kind, d.key, d.source_count, d.target_count) for d in result.differences] == [
@@ -145,7 +146,7 @@ def test_composite_text_key_in_awkward_names_merges_whatever_each_sides_collatio
         """DELETE FROM "Radiology Dept"."Order" WHERE "Patient ID" = 'b' AND "Séq" = 'A'""",
     )
 
-    report = parity.verify(cfg)
+    report = verify.verify(cfg)
 
     result = table(report, "Radiology Dept.Order")
     assert result.key_columns == ("Patient ID", "Séq")
@@ -187,7 +188,7 @@ def test_composite_key_of_mixed_types_finds_exactly_the_rows_that_differ(
         "INSERT INTO public.image VALUES (9, '2000-01-01 00:00+00', 3, gen_random_uuid(), 'new')",
     )
 
-    result = table(parity.verify(cfg), "public.image")
+    result = table(verify.verify(cfg), "public.image")
 
     assert (result.source_rows, result.target_rows) == (270, 270)
     assert sorted((d.kind, d.key[:3]) for d in result.differences) == [
@@ -208,18 +209,18 @@ def test_table_without_key_is_compared_as_a_multiset_and_reports_a_missing_dupli
     )
     run_sql(source_dsn, "INSERT INTO public.log VALUES ('2024-06-01', 'DUPLICATE-PAYLOAD')")
 
-    report = parity.verify(cfg)
+    report = verify.verify(cfg)
 
     result = table(report, "public.log")
     assert (result.status, result.source_rows, result.target_rows) == ("different", 1003, 1002)
     ((row_md5,),) = fetch(source_dsn, "SELECT md5(record_send(ROW('2024-06-01'::date, 'DUPLICATE-PAYLOAD'::text)))")
     assert result.differences == (
-        parity.RowDifference("missing", (), row_md5=row_md5, source_count=3, target_count=2),
+        verify.RowDifference("missing", (), row_md5=row_md5, source_count=3, target_count=2),
     )
     assert "DUPLICATE-PAYLOAD" not in as_text(report)
     assert f"row md5 {row_md5}: 3 on source, 2 on target" in report.render_text()
 
-    (shown,) = table(parity.verify(cfg, show_values=True), "public.log").differences
+    (shown,) = table(verify.verify(cfg, show_values=True), "public.log").differences
     assert shown.source_row == shown.target_row == "(2024-06-01,DUPLICATE-PAYLOAD)"
 
 
@@ -253,7 +254,7 @@ def test_special_values_equal_on_both_sides_are_identical_whatever_the_databases
         "INSERT INTO public.by_time VALUES ('infinity', 'NaN'), ('-infinity', -1), ('2024-01-01 00:00+14', 2), ('2023-12-31 23:00-12', 10)",
     )
 
-    report = parity.verify(cfg)
+    report = verify.verify(cfg)
 
     assert [(t.name, t.status) for t in report.tables] == [
         ("public.by_float", "identical"), ("public.by_time", "identical"), ("public.measure", "identical"),
@@ -265,7 +266,7 @@ def test_a_table_missing_on_the_target_cannot_be_verified(source_dsn: str, targe
     both(source_dsn, target_dsn, PATIENTS.format(n=10))
     run_sql(source_dsn, "CREATE TABLE public.series (id int PRIMARY KEY)")
 
-    report = parity.verify(cfg)
+    report = verify.verify(cfg)
 
     assert table(report, "public.patient").status == "identical"
     missing = table(report, "public.series")
@@ -278,11 +279,11 @@ def test_tables_narrows_the_comparison_to_the_named_tables(source_dsn: str, targ
     both(source_dsn, target_dsn, PATIENTS.format(n=10), "CREATE TABLE public.other (id int PRIMARY KEY)")
     run_sql(target_dsn, "INSERT INTO public.other VALUES (1)")
 
-    assert parity.verify(cfg).exit_code == 1
-    narrowed = parity.verify(cfg, tables=["public.patient"])
+    assert verify.verify(cfg).exit_code == 1
+    narrowed = verify.verify(cfg, tables=["public.patient"])
     assert [(t.name, t.status) for t in narrowed.tables] == [("public.patient", "identical")]
     assert narrowed.exit_code == 0
-    unknown = parity.verify(cfg, tables=["public.patient", "public.nope"])
+    unknown = verify.verify(cfg, tables=["public.patient", "public.nope"])
     assert table(unknown, "public.nope").status == "error" and unknown.exit_code == 2
 
 
@@ -297,7 +298,7 @@ def test_permission_denied_on_one_table_is_reported_for_that_table(
         limited = psycopg.conninfo.make_conninfo(target_dsn, user=role)
         cfg = from_dict({"source": {"dsn": source_dsn}, "target": {"dsn": limited}, "copy": {"workers": 1}}, env={})
 
-        report = parity.verify(cfg)
+        report = verify.verify(cfg)
 
         assert table(report, "public.patient").status == "identical"
         denied = table(report, "public.restricted")
@@ -315,13 +316,13 @@ def test_a_dsn_password_never_appears_in_the_report_or_errors(source_dsn: str, t
     run_sql(source_dsn, "CREATE TABLE public.series (id int PRIMARY KEY)")
     cfg = from_dict({"source": {"dsn": with_password[0]}, "target": {"dsn": with_password[1]}}, env={})
 
-    report = parity.verify(cfg)
+    report = verify.verify(cfg)
 
     assert report.exit_code == 2
     assert secret not in as_text(report)
     unreachable = psycopg.conninfo.make_conninfo(with_password[1], dbname="mt_no_such_database")
     with pytest.raises(ConnectionFailed) as raised:
-        parity.verify(from_dict({"source": {"dsn": with_password[0]}, "target": {"dsn": unreachable}}, env={}))
+        verify.verify(from_dict({"source": {"dsn": with_password[0]}, "target": {"dsn": unreachable}}, env={}))
     assert secret not in str(raised.value)
 
 
@@ -331,10 +332,10 @@ def test_only_the_first_differences_are_listed_but_all_are_counted(
     both(source_dsn, target_dsn, PATIENTS.format(n=1000))
     run_sql(target_dsn, "UPDATE public.patient SET weight = weight + 1 WHERE id % 4 = 0")
 
-    result = table(parity.verify(cfg), "public.patient")
+    result = table(verify.verify(cfg), "public.patient")
 
     assert result.difference_count == 250
-    assert len(result.differences) == parity.MAX_LISTED
+    assert len(result.differences) == verify.MAX_LISTED
     assert result.differences[0].key == ("4",)
 
 
@@ -346,17 +347,17 @@ def test_merge_yields_only_keys_that_differ_or_are_on_one_side() -> None:
     source = stream((1, "a"), (2, "b"), (4, "d"), (6, "f"))
     target = stream((0, "z"), (2, "b"), (4, "D"), (5, "e"))
 
-    assert list(parity._merge(source, target)) == [
+    assert list(merge(source, target)) == [
         ((0,), None, "z"), ((1,), "a", None), ((4,), "d", "D"), ((5,), None, "e"), ((6,), "f", None),
     ]
-    assert list(parity._merge([], [])) == []
-    assert list(parity._merge(source, source)) == []
+    assert list(merge([], [])) == []
+    assert list(merge(source, source)) == []
 
 
 def test_a_stream_out_of_key_order_stops_the_comparison(source_dsn: str) -> None:
     query = psycopg.sql.SQL("SELECT k, 'x'::bytea FROM (VALUES (1::int8), (3), (2)) AS v(k)")
     with psycopg.connect(source_dsn) as conn:
-        rows = parity._Stream(conn, query, 1, False, "source")
+        rows = Stream(conn, query, 1, False, "source")
         with pytest.raises(MigratorError, match="out of key order"):
             list(rows)
 
@@ -366,8 +367,8 @@ def test_a_stream_out_of_key_order_stops_the_comparison(source_dsn: str) -> None
 @pytest.fixture
 def small_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ranges of a few hundred rows and leaves of 50, so that bisection runs on tables a test can build quickly."""
-    monkeypatch.setattr(parity, "RANGE_ROWS", 4000)
-    monkeypatch.setattr(parity, "LEAF_ROWS", 50)
+    monkeypatch.setattr("migrator.verify.buckets.RANGE_ROWS", 4000)
+    monkeypatch.setattr("migrator.verify.buckets.LEAF_ROWS", 50)
 
 
 @pytest.mark.parametrize("buckets", ["ranges", "hashes"])
@@ -377,7 +378,7 @@ def test_one_changed_row_is_narrowed_by_bisection_to_its_key(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     if buckets == "hashes":  # what a large table whose heap does not follow its key gets
-        monkeypatch.setattr(parity, "_index_friendly", lambda *args: False)
+        monkeypatch.setattr(planning, "index_friendly", lambda *args: False)
     value = {"bigint": "g", "text": "'1.2.840.' || g", "uuid": "md5(g::text)::uuid"}[key]
     both(source_dsn, target_dsn,
          f"CREATE TABLE public.instance (uid {key} PRIMARY KEY, path text, size bigint)",
@@ -386,9 +387,9 @@ def test_one_changed_row_is_narrowed_by_bisection_to_its_key(
     run_sql(target_dsn, f"UPDATE public.instance SET size = -1 WHERE uid = (SELECT {value} FROM (SELECT 4242 g) s)")
     ((uid,),) = fetch(source_dsn, f"SELECT ({value})::text FROM (SELECT 4242 g) s")
 
-    result = table(parity.verify(cfg), "public.instance")
+    result = table(verify.verify(cfg), "public.instance")
 
-    assert result.differences == (parity.RowDifference("different", (uid,)),)
+    assert result.differences == (verify.RowDifference("different", (uid,)),)
     assert (result.source_rows, result.target_rows, result.difference_count) == (60000, 60000, 1)
     assert result.ranges >= 10 and result.ranges_different == 1
     assert result.passes >= 2, "the differing range was split again"
@@ -401,7 +402,7 @@ def test_scattered_differences_in_many_ranges_are_all_found(
     run_sql(target_dsn, "UPDATE public.patient SET note = 'x' WHERE id IN (1, 17000, 59999)",
             "DELETE FROM public.patient WHERE id = 30000", "INSERT INTO public.patient VALUES (70000, 'M', NULL, 1)")
 
-    result = table(parity.verify(cfg), "public.patient")
+    result = table(verify.verify(cfg), "public.patient")
 
     assert [(d.kind, d.key) for d in result.differences] == [
         ("different", ("1",)), ("different", ("17000",)), ("missing", ("30000",)), ("different", ("59999",)),
@@ -417,10 +418,10 @@ def test_a_key_less_table_with_duplicates_is_narrowed_as_a_multiset(
     run_sql(target_dsn, "DELETE FROM public.audit WHERE ctid = (SELECT ctid FROM public.audit WHERE at = 777 LIMIT 1)")
     ((row_md5,),) = fetch(source_dsn, "SELECT md5(record_send(ROW(777, 'event'::text)))")
 
-    result = table(parity.verify(cfg), "public.audit")
+    result = table(verify.verify(cfg), "public.audit")
 
     assert result.differences == (
-        parity.RowDifference("missing", (), row_md5=row_md5, source_count=2, target_count=1),
+        verify.RowDifference("missing", (), row_md5=row_md5, source_count=2, target_count=1),
     )
     assert result.ranges > 1 and result.passes >= 2
 
@@ -444,10 +445,10 @@ def test_columns_of_user_defined_types_compare_by_value_whatever_their_oids(
     run_sql(target_dsn, "ALTER TABLE public.odd ALTER COLUMN widened TYPE bigint")
     assert fetch(source_dsn, "SELECT 'public.mood'::regtype::oid") != fetch(target_dsn, "SELECT 'public.mood'::regtype::oid")
 
-    assert table(parity.verify(cfg), "public.odd").status == "identical"
+    assert table(verify.verify(cfg), "public.odd").status == "identical"
 
     run_sql(target_dsn, "UPDATE public.odd SET ms = '{calm,calm}' WHERE id = 1234")
-    result = table(parity.verify(cfg), "public.odd")
+    result = table(verify.verify(cfg), "public.odd")
     assert [(d.kind, d.key) for d in result.differences] == [("different", ("1234",))]
 
 
@@ -461,7 +462,7 @@ def _binary_copy(source_dsn: str, target_dsn: str, name: str) -> None:
 
 @pytest.mark.parametrize("buckets", ["ranges", "hashes"])
 def test_an_array_that_lost_its_nulls_compares_equal_to_its_copy(
-    source_dsn: str, target_dsn: str, cfg: Config, buckets: parity.Buckets
+    source_dsn: str, target_dsn: str, cfg: Config, buckets: verify.Buckets
 ) -> None:
     # arr[2] = 2 leaves a null bitmap without a NULL in it on the source; binary COPY rebuilds the array without one,
     # and array_send tells the two apart: arrays must enter the digest by value (text), not by their send form.
@@ -472,12 +473,12 @@ def test_an_array_that_lost_its_nulls_compares_equal_to_its_copy(
     assert fetch(source_dsn, "SELECT array_send(arr) FROM public.a WHERE id = 1") != \
         fetch(target_dsn, "SELECT array_send(arr) FROM public.a WHERE id = 1")
 
-    assert table(parity.verify(cfg, buckets=buckets), "public.a").status == "identical"
+    assert table(verify.verify(cfg, buckets=buckets), "public.a").status == "identical"
 
 
 @pytest.mark.parametrize("buckets", ["auto", "ranges", "hashes"])
 def test_a_key_column_typed_otherwise_on_the_target_compares_by_value(
-    source_dsn: str, target_dsn: str, cfg: Config, buckets: parity.Buckets
+    source_dsn: str, target_dsn: str, cfg: Config, buckets: verify.Buckets
 ) -> None:
     run_sql(source_dsn, "CREATE TABLE public.c (a int, b text, v int, PRIMARY KEY (a, b))",
             "INSERT INTO public.c SELECT g % 3, md5(g::text)::uuid::text, g FROM generate_series(1, 9000) g")
@@ -485,7 +486,7 @@ def test_a_key_column_typed_otherwise_on_the_target_compares_by_value(
             "INSERT INTO public.c SELECT g % 3, md5(g::text)::uuid, g FROM generate_series(1, 9000) g",
             "UPDATE public.c SET v = -1 WHERE v = 4242")
 
-    result = table(parity.verify(cfg, buckets=buckets), "public.c")
+    result = table(verify.verify(cfg, buckets=buckets), "public.c")
 
     assert [(d.kind, d.key) for d in result.differences] == [
         ("different", ("0", str(uuid.UUID(fetch(source_dsn, "SELECT md5('4242')")[0][0]))))]
@@ -510,7 +511,7 @@ def test_a_target_sorting_text_otherwise_under_the_same_collation_name_is_compar
              "ANALYZE public.k")
         run_sql(target_dsn, "UPDATE public.k SET v = -v WHERE code = 'Ab26'")
 
-        result = table(parity.verify(cfg, buckets="ranges"), "public.k")
+        result = table(verify.verify(cfg, buckets="ranges"), "public.k")
 
         assert (result.source_rows, result.target_rows) == (40000, 40000)
         assert [(d.kind, d.key) for d in result.differences] == [("different", ("Ab26",))]
@@ -530,7 +531,7 @@ def test_a_partition_whose_key_starts_with_its_list_value_is_still_split_finely(
          "ANALYZE public.ev_eu")
     run_sql(target_dsn, "UPDATE public.ev SET body = 'y' WHERE id = 31337")
 
-    result = table(parity.verify(cfg), "public.ev_eu")
+    result = table(verify.verify(cfg), "public.ev_eu")
 
     assert result.ranges >= 8 and result.ranges_different == 1
     assert [(d.kind, d.key) for d in result.differences] == [("different", ("eu", "31337"))]
@@ -538,7 +539,7 @@ def test_a_partition_whose_key_starts_with_its_list_value_is_still_split_finely(
 
 @pytest.mark.parametrize("buckets", ["auto", "ranges", "hashes"])
 def test_a_target_that_lost_its_primary_key_and_holds_a_null_key_cannot_pass(
-    source_dsn: str, target_dsn: str, cfg: Config, buckets: parity.Buckets
+    source_dsn: str, target_dsn: str, cfg: Config, buckets: verify.Buckets
 ) -> None:
     run_sql(source_dsn, "CREATE TABLE public.p (id int PRIMARY KEY, v text)",
             "INSERT INTO public.p SELECT g, 'v' FROM generate_series(1, 30000) g", "ANALYZE public.p")
@@ -546,7 +547,7 @@ def test_a_target_that_lost_its_primary_key_and_holds_a_null_key_cannot_pass(
             "INSERT INTO public.p SELECT g, 'v' FROM generate_series(1, 30000) g", "INSERT INTO public.p VALUES (NULL, 'x')",
             "ANALYZE public.p")
 
-    report = parity.verify(cfg, buckets=buckets)
+    report = verify.verify(cfg, buckets=buckets)
 
     result = table(report, "public.p")
     assert result.status == "error" and report.exit_code == 2, result
@@ -562,9 +563,9 @@ def test_key_ranges_only_through_an_index_a_range_scan_can_use(source_dsn: str, 
 
         (source,) = catalog.list_tables(s, TableFilter())
         (target,) = catalog.list_tables(t, TableFilter())
-        assert not parity._index_friendly(s, t, source, target), "a text_pattern_ops index does not serve ranges"
+        assert not planning.index_friendly(s, t, source, target), "a text_pattern_ops index does not serve ranges"
         t.execute("CREATE UNIQUE INDEX ON public.u (uid)")
-        assert parity._index_friendly(s, t, source, target)
+        assert planning.index_friendly(s, t, source, target)
 
 
 def test_a_key_whose_first_column_is_one_tenant_for_most_rows_is_still_narrowed(
@@ -577,7 +578,7 @@ def test_a_key_whose_first_column_is_one_tenant_for_most_rows_is_still_narrowed(
          "ANALYZE public.t")
     run_sql(target_dsn, "UPDATE public.t SET v = 'w' WHERE id = 40000")
 
-    result = table(parity.verify(cfg), "public.t")
+    result = table(verify.verify(cfg), "public.t")
 
     assert [(d.kind, d.key) for d in result.differences] == [("different", ("0", "40000"))]
     assert result.passes >= 2, "the heavy tenant was split by key hash, not listed whole"
@@ -590,7 +591,7 @@ def test_an_array_key_is_compared_by_hash_buckets(source_dsn: str, target_dsn: s
          "ANALYZE public.grid")
     run_sql(target_dsn, "UPDATE public.grid SET v = -1 WHERE cell = '{42,42}'")
 
-    result = table(parity.verify(cfg), "public.grid")
+    result = table(verify.verify(cfg), "public.grid")
 
     assert [(d.kind, d.key) for d in result.differences] == [("different", ("{42,42}",))]
 
@@ -602,7 +603,7 @@ def test_a_composite_key_whose_first_column_cannot_split_is_listed_by_key(
          "INSERT INTO public.slot SELECT g % 3, g, 'v' FROM generate_series(1, 30000) g", "ANALYZE public.slot")
     run_sql(target_dsn, "UPDATE public.slot SET v = 'w' WHERE n = 12345")
 
-    result = table(parity.verify(cfg), "public.slot")
+    result = table(verify.verify(cfg), "public.slot")
 
     assert [d.key for d in result.differences] == [("0", "12345")]
 
@@ -680,7 +681,7 @@ def test_verify_while_sync_follows_a_workload_reports_no_false_differences(
         follower.start()
         time.sleep(1.0)
         for _ in range(3):
-            reports.append(parity.verify(live, live_wait=60))
+            reports.append(verify.verify(live, live_wait=60))
     finally:
         stop.set()
         for w in writers:
@@ -693,7 +694,7 @@ def test_verify_while_sync_follows_a_workload_reports_no_false_differences(
     for report in reports:
         statuses = {t.name: (t.status, t.difference_count) for t in report.tables}
         assert statuses["public.still"] == ("different", 1), report.render_text()
-        assert table(report, "public.still").differences == (parity.RowDifference("different", ("777",)),)
+        assert table(report, "public.still").differences == (verify.RowDifference("different", ("777",)),)
         for name in ("public.item", "public.tally"):
             assert statuses[name][0] in ("identical", "in_flight"), report.render_text()
         assert report.exit_code == 1
