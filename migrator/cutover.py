@@ -29,6 +29,7 @@ from migrator import capture, catalog, db, gonogo, ownership, parity, replay, ro
 from migrator.config import Config
 from migrator.errors import Blocked, ConnectionFailed, MigratorError, NoGo, NotReady
 from migrator.log import get
+from migrator.state.lock import action_lock
 from migrator.switchover import (
     NOT_MOVED,
     PoolerSession,
@@ -96,7 +97,7 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
     if unknown:
         raise Blocked(f"unknown go/no-go item(s): {', '.join(sorted(unknown))}; items: {', '.join(gonogo.OVERRIDES)}")
     _require_target(cfg, overrides, on_checklist)
-    with db.session(cfg.target_dsn, role="target", autocommit=True) as target, \
+    with db.session(cfg.target_dsn, role="target", autocommit=True) as target, action_lock(target, "cutover"), \
             db.session(cfg.source_dsn, role="source") as source:
         m = state.require_prepared(target)
         if m.copy_finished_at is None:

@@ -37,6 +37,7 @@ from migrator.catalog import Table
 from migrator.config import CAPTURE_SCHEMA, Config
 from migrator.errors import Blocked, MigratorError, NoGo, NotReady, SchemaChanged
 from migrator.log import get
+from migrator.state.lock import action_lock
 from migrator.switchover import (
     NOT_MOVED,
     PoolerSession,
@@ -265,7 +266,7 @@ def run(cfg: Config, *, overrides: Iterable[str] = (),
     unknown = set(overrides) - {gonogo.NO_SWITCH}
     if unknown:
         raise Blocked(f"unknown override(s) for a rollback: {', '.join(sorted(unknown))}; only {gonogo.NO_SWITCH}")
-    with db.session(cfg.target_dsn, role="target", autocommit=True) as target, \
+    with db.session(cfg.target_dsn, role="target", autocommit=True) as target, action_lock(target, "rollback"), \
             db.session(cfg.source_dsn, role="source", autocommit=True) as legacy:
         checklist = _ready(cfg, target, legacy, overrides)
         flow = _Rollback(cfg, target, legacy, checklist)
