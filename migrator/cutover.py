@@ -13,7 +13,9 @@ Clients see one slow query: the pause, from PAUSE to RESUME, reported in seconds
 frozen unless the operator accepts a cutover that moves nobody (`--override no-switch`, recorded and reported). Either the cutover completes, leaving the legacy database frozen (it
 rejects writes until `migrator release`, even after migrator exits), or it stops: the pooler's entries are put back
 and reloaded, the legacy database is writable again, and RESUME is sent, in that order, so that a client let through
-never meets a frozen database. Every step is timed and recorded in the control schema.
+never meets a frozen database. Every step is timed and recorded in the control schema, and each undo is declared
+with its step (`_Cutover.steps`, run by migrator/switchover.py's StepRunner); the switch (through a pooler, the
+RESUME) is the point of no return. One cutover or rollback runs at a time (migrator/state/lock.py).
 """
 
 from __future__ import annotations

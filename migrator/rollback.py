@@ -19,7 +19,9 @@ not stop the reverse replay: like the application's ALWAYS triggers during sync,
 transaction and enabled again before it commits, so no other session ever sees them off, and no client can open
 that door (no session setting lets a write through the freeze). Either the rollback completes, or it stops before
 clients move and leaves them on the target: pooler entries restored, legacy frozen again, target writable, RESUME.
-`migrator cleanup` ends the rollback window (`disarm`).
+`migrator cleanup` ends the rollback window (`disarm`). The steps and their undos are `_Rollback.steps`, run by
+migrator/switchover.py's StepRunner; the point of no return is the switch (through a pooler, the RESUME), as in the
+cutover: the release of the legacy database is still undone (frozen again) when a later step fails.
 """
 
 from __future__ import annotations
