@@ -363,7 +363,7 @@ def status(obj: Ctx, as_json: bool) -> None:
     _emit(status_mod.read(obj.cfg), as_json)
 
 
-@exits({ExitCode.FINDING: "no-go (also --check), or declined",
+@exits({ExitCode.FINDING: "no-go (also --check), or declined, or refused: another cutover or rollback is running",
         ExitCode.CUTOVER_STOPPED: ExitCode.CUTOVER_STOPPED.meaning})
 @main.command()
 @yes_option
@@ -451,7 +451,8 @@ def cleanup(obj: Ctx, yes: bool, release_freeze: bool, migration_id: str | None,
                   + (f"; {on_target} triggers on the target (the rollback window is over)" if on_target else ""))
 
 
-@exits({ExitCode.FINDING: "declined, or refused: nothing moves the clients back (--override no-switch)",
+@exits({ExitCode.FINDING: "declined, or refused: nothing moves the clients back (--override no-switch), or another "
+                          "cutover or rollback is running",
         ExitCode.CUTOVER_STOPPED: "the rollback stopped; clients stay on the target, which takes writes"})
 @main.command(name="rollback")
 @yes_option

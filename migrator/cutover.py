@@ -13,7 +13,9 @@ Clients see one slow query: the pause, from PAUSE to RESUME, reported in seconds
 frozen unless the operator accepts a cutover that moves nobody (`--override no-switch`, recorded and reported). Either the cutover completes, leaving the legacy database frozen (it
 rejects writes until `migrator release`, even after migrator exits), or it stops: the pooler's entries are put back
 and reloaded, the legacy database is writable again, and RESUME is sent, in that order, so that a client let through
-never meets a frozen database. Every step is timed and recorded in the control schema.
+never meets a frozen database. Every step is timed and recorded in the control schema, and each undo is declared
+with its step (`_Cutover.steps`, run by migrator/switchover.py's StepRunner); the switch (through a pooler, the
+RESUME) is the point of no return. One cutover or rollback runs at a time (migrator/state/lock.py).
 """
 
 from __future__ import annotations
@@ -28,16 +30,18 @@ import psycopg
 from migrator import capture, catalog, db, gonogo, ownership, replay, rollback, state
 from migrator import verify as verify_mod
 from migrator.config import Config
-from migrator.errors import Blocked, ConnectionFailed, CutoverFailed, MigratorError, NoGo, NotReady
+from migrator.errors import Blocked, ConnectionFailed, MigratorError, NoGo, NotReady
 from migrator.log import get
-from migrator.redaction import scrub
-from migrator.switch import (
+from migrator.state.lock import action_lock
+from migrator.switchover import (
     NOT_MOVED,
     PoolerSession,
+    Step,
+    StepRunner,
+    StepTiming,
     carry_sequences,
     count_differences,
     run_command,
-    signals_deferred,
 )
 
 STEPS = ("catch_up", "preflight", "stage_rollback", "freeze", "drain", "verify", "sequences", "arm_rollback", "switch")
@@ -46,13 +50,6 @@ POOLER_STEPS = ("catch_up", "preflight", "stage_rollback", "pause", "freeze", "d
                 "resume")
 """The steps through PgBouncer."""
 HOLD_POLL = 1.0
-
-
-@dataclass
-class StepTiming:
-    step: str
-    seconds: float
-    detail: str | None = None
 
 
 @dataclass
@@ -98,237 +95,257 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
         on_checklist: Callable[[gonogo.Checklist], None] | None = None) -> CutoverReport:
     """Run the cutover. Returns the report; raises NoGo when the go/no-go checklist refuses (nothing touched),
     CutoverFailed when a later step fails (pooler resumed on the legacy database, legacy writable again)."""
-    log = get(phase="cutover")
     overrides = tuple(overrides)
     unknown = set(overrides) - set(gonogo.OVERRIDES)
     if unknown:
         raise Blocked(f"unknown go/no-go item(s): {', '.join(sorted(unknown))}; items: {', '.join(gonogo.OVERRIDES)}")
-    try:
-        db.connect(cfg.target_dsn, role="target", connect_timeout=5).close()
-    except ConnectionFailed as exc:
-        # The attempt cannot be recorded (the control schema lives on the target), but the operator still gets
-        # the checklist, with the target item failing, and nothing is touched.
-        checklist = gonogo.run(cfg, overrides=overrides)
-        if on_checklist:
-            on_checklist(checklist)
-        raise NoGo(f"go/no-go refused: {', '.join(checklist.failing) or 'target'}; nothing was paused or frozen "
-                   "(not recorded: the target holds the control schema)", checklist=checklist.render_text()) from exc
-    with db.session(cfg.target_dsn, role="target", autocommit=True) as target, \
+    _require_target(cfg, overrides, on_checklist)
+    with db.session(cfg.target_dsn, role="target", autocommit=True) as target, action_lock(target, "cutover"), \
             db.session(cfg.source_dsn, role="source") as source:
         m = state.require_prepared(target)
         if m.copy_finished_at is None:
             raise NotReady("copy has not finished", hint="Run `migrator copy` and `migrator sync` first.")
         if m.cutover_at is not None and m.frozen:
-            log.info("cutover.nothing_to_do")
+            get(phase="cutover").info("cutover.nothing_to_do")
             return CutoverReport(attempt=0, ok=True, already_done=True)
-        report = CutoverReport(attempt=state.start_attempt(target), ok=False)
-        pool = PoolerSession(cfg) if cfg.cutover.uses_pooler else None
-        report.mode = "pgbouncer" if pool else "switch_command"
-        frozen = False
-        armed = False
-        moved = False
-        freeze_started = 0.0
-        current = ""
+        flow = _Cutover(cfg, target, source, overrides, on_step, on_checklist)
+        runner = StepRunner("cutover", flow, on_step)
+        runner.run(flow.steps(), passthrough=(KeyboardInterrupt, NoGo),
+                   hint="Fix the cause and run `migrator cutover` again; `migrator status` shows the recorded steps.")
+        return flow.done(runner.timings)
 
-        def step(name: str, fn: Callable[[], str | None]) -> None:
-            nonlocal current
-            current = name
-            state.step_started(target, report.attempt, name)
-            if on_step:
-                on_step(name, "running")
-            t0 = time.monotonic()
-            detail = fn()
-            report.steps.append(StepTiming(name, time.monotonic() - t0, detail))
-            state.step_finished(target, report.attempt, name, "done", detail)
-            log.info("cutover.step", step=name, seconds=round(time.monotonic() - t0, 3))
-            if on_step:
-                on_step(name, "done")
 
-        tables: list[catalog.Table] = []
+def _require_target(cfg: Config, overrides: tuple[str, ...],
+                    on_checklist: Callable[[gonogo.Checklist], None] | None) -> None:
+    """Refuse with the checklist when the target is out of reach: the attempt cannot be recorded (the control schema
+    lives on the target), but the operator still gets the checklist, with the target item failing, and nothing is
+    touched."""
+    try:
+        db.connect(cfg.target_dsn, role="target", connect_timeout=5).close()
+    except ConnectionFailed as exc:
+        checklist = gonogo.run(cfg, overrides=overrides)
+        if on_checklist:
+            on_checklist(checklist)
+        raise NoGo(f"go/no-go refused: {', '.join(checklist.failing) or 'target'}; nothing was paused or frozen "
+                   "(not recorded: the target holds the control schema)", checklist=checklist.render_text()) from exc
+
+
+class _Cutover:
+    """One cutover attempt: its steps, their undos, and the values they pass on (the `Recorder` of its runner)."""
+
+    def __init__(self, cfg: Config, target: psycopg.Connection[Any], source: psycopg.Connection[Any],
+                 overrides: tuple[str, ...], on_step: Callable[[str, str], None] | None,
+                 on_checklist: Callable[[gonogo.Checklist], None] | None) -> None:
+        self.cfg = cfg
+        self.target = target
+        self.source = source
+        self.overrides = overrides
+        self.on_step = on_step
+        self.on_checklist = on_checklist
+        self.log = get(phase="cutover")
+        self.report = CutoverReport(attempt=state.start_attempt(target), ok=False)
+        self.pool = PoolerSession(cfg) if cfg.cutover.uses_pooler else None
+        self.report.mode = "pgbouncer" if self.pool else "switch_command"
+        self.tables: list[catalog.Table] = []
+        self.freeze_started = 0.0
+
+    def steps(self) -> list[Step]:
+        pooled = self.pool is not None
+        return [
+            Step("catch_up", self.catch_up),
+            Step("preflight", self.preflight),
+            # Undone even half way: a failure during staging still leaves triggers to remove.
+            Step("stage_rollback", self.stage_rollback, undo=self.disarm, undo_partial=True),
+            *([Step("pause", self.pause, undo=self.resume_after_failure, undo_partial=True)] if pooled else []),
+            Step("freeze", self.freeze, undo=self.unfreeze, then=self.mark_frozen),
+            Step("drain", self.drain),
+            Step("verify", self.verify),
+            Step("sequences", self.sequences),
+            Step("arm_rollback", self.arm_rollback),
+            Step("switch", self.switch, undo=self.restore_entries if pooled else None, undo_partial=True,
+                 point_of_no_return=not pooled),
+            *([Step("resume", self.resume, point_of_no_return=True, then=self.record_pointing)] if pooled else []),
+        ]
+
+    # --- the Recorder: the attempt's rows in the control schema -------------------------------------------------
+
+    def started(self, step: str) -> None:
+        state.step_started(self.target, self.report.attempt, step)
+
+    def finished(self, step: str, detail: str) -> None:
+        state.step_finished(self.target, self.report.attempt, step, "done", detail)
+
+    def stopped(self, step: str, error: str) -> None:
+        self.report.failed_step = step
+        self.report.error = error
         try:
-            def catch_up() -> str:
-                r = replay.sync(cfg)
-                return f"{r.events} events applied"
+            state.step_finished(self.target, self.report.attempt, step, "failed", error)
+            state.finish_attempt(self.target, self.report.attempt, "failed", failed_step=step, error=error)
+            state.record_attempt_pooler(self.target, self.report.attempt, pause_seconds=self.report.pause_seconds)
+        except psycopg.Error:
+            pass
+        self.log.error("cutover.failed", step=step, error=error, pause_seconds=self.report.pause_seconds)
 
-            def preflight() -> str:
-                nonlocal tables
-                held = 0.0
-                while True:
-                    checklist = gonogo.run(cfg, overrides=overrides)
-                    report.checklist = gonogo.recorded(checklist)
-                    state.record_attempt_pooler(target, report.attempt, checklist=report.checklist)
-                    if on_checklist:
-                        on_checklist(checklist)
-                    if not checklist.go:
-                        raise NoGo(f"go/no-go refused: {', '.join(checklist.failing)}; nothing was paused or frozen",
-                                   checklist=checklist.render_text())
-                    if state.flag(target, state.HOLD_FLAG) is None:
-                        break
-                    # Held by the operator: wait, then catch up again and re-check, since time has passed.
-                    log.info("cutover.held")
-                    if on_step:
-                        on_step("preflight", "held (`migrator cutover --release-hold` lets it go on)")
-                    t0 = time.monotonic()
-                    while state.flag(target, state.HOLD_FLAG) is not None:
-                        time.sleep(HOLD_POLL)
-                    held += time.monotonic() - t0
-                    replay.sync(cfg)
-                source.autocommit = True
-                tables = catalog.list_tables(source, cfg.tables)
-                source.autocommit = False
-                return "go" + (f" after a hold of {held:.1f}s" if held else "") + "".join(
-                    f"; {c['item']} {c['state']}" for c in report.checklist if c["state"] != "pass")
-
-            def pause() -> str:
-                assert pool is not None
-                return pool.pause(cfg.cutover.pause_timeout)
-
-            def freeze() -> str:
-                nonlocal frozen, freeze_started
-                freeze_started = time.monotonic()
-                r = capture.freeze(source, tables, cfg.cutover.freeze_lock_timeout)
-                freeze_started += r.waited  # before the attempt that froze, writers were not held
-                frozen = True
-                state.mark(target, "frozen", True)
-                return f"{len(tables)} tables frozen" + (
-                    f" (attempt {r.attempts}, after {r.waited:.2f}s of writers in flight)" if r.attempts > 1 else "")
-
-            def drain() -> str:
-                r = replay.sync(cfg)
-                report.events_drained = r.events
-                left = replay.lag(cfg)
-                if left.pending_events:
-                    raise MigratorError(f"{left.pending_events} events still pending after the drain")
-                return f"{r.events} events applied"
-
-            def verify() -> str:
-                left = replay.lag(cfg)
-                if left.pending_events:
-                    raise MigratorError(f"{left.pending_events} events not applied on the target")
-                mode = cfg.cutover.verify
-                if mode == "none":
-                    return "every event applied; rows not compared"
-                if mode == "full":
-                    rep = verify_mod.verify(cfg)
-                    if not rep.rows_identical:
-                        raise MigratorError("parity check found differences; run `migrator verify` for the keys")
-                    return "every event applied; rows identical"
-                with db.session(cfg.source_dsn, role="source", autocommit=True) as s, \
-                        db.session(cfg.target_dsn, role="target", autocommit=True) as t:
-                    differ = count_differences(s, t, tables)
-                if differ:
-                    raise MigratorError(f"row counts differ: {', '.join(differ[:10])}")
-                return f"every event applied; counts equal in {len(tables)} tables"
-
-            def sequences() -> str:
-                seqs = catalog.list_sequences(source, cfg.tables)
-                with db.session(cfg.target_dsn, role="target") as t:
-                    behind = carry_sequences(seqs, t)
-                    t.commit()
-                if behind:
-                    raise MigratorError(f"sequences still behind the source on the target: {', '.join(behind[:10])}")
-                report.sequences_set = len(seqs)
-                source.rollback()
-                return f"{report.sequences_set} sequences at or past the source's"
-
-            def stage_rollback() -> str:
-                nonlocal armed
-                armed = True  # marked first: a failure half way still leaves triggers to remove
-                return rollback.stage(cfg)
-
-            def arm_rollback() -> str:
-                return rollback.arm(cfg)  # `armed` is already set by stage_rollback
-
-            def switch() -> str:
-                nonlocal moved
-                if pool is None:
-                    detail = run_command(cfg, cfg.cutover.switch_command, "switch_command")
-                    moved = True
-                    report.clients_moved = bool(cfg.cutover.switch_command)
-                    return detail
-                entries = pool.entries()
-                for e in entries.values():  # recorded before the file changes, for a rollback days later
-                    state.save_pooler_entry(target, report.attempt, e)
-                pool.point({n: e.target_entry for n, e in entries.items()})
-                return f"{', '.join(entries)} -> {db.describe_dsn(cfg.target_dsn)}; reloaded"
-
-            def resume() -> str:
-                nonlocal moved
-                assert pool is not None
-                said = pool.resume()
-                if pool.paused:
-                    raise MigratorError(said)
-                moved = True
-                pool.former_text = None
-                state.set_pointing(target, pool.names, "target")
-                return f"clients paused {pool.pause_seconds or 0:.3f}s"
-
-            step("catch_up", catch_up)
-            step("preflight", preflight)
-            step("stage_rollback", stage_rollback)
-            if pool is not None:
-                step("pause", pause)
-            step("freeze", freeze)
-            step("drain", drain)
-            step("verify", verify)
-            step("sequences", sequences)
-            step("arm_rollback", arm_rollback)
-            step("switch", switch)
-            if pool is not None:
-                step("resume", resume)
-        except BaseException as exc:
-            with signals_deferred("cutover"):
-                if moved:  # clients are on the target: undoing the freeze now would split them; say so, keep it
-                    log.error("cutover.after_move_failed", error=str(exc))
-                    raise
-                report.failed_step = current
-                report.error = scrub(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-                undone = []
-                if pool is not None:
-                    undone.append(pool.restore())  # entries back first, RESUME only after the release below
-                if frozen:
-                    try:
-                        source.rollback()
-                        capture.release(source)
-                        state.mark(target, "frozen", False)
-                        undone.append("the legacy database is writable again")
-                    except psycopg.Error as rel_exc:  # the freeze holds: say so loudly, never claim otherwise
-                        undone.append(f"RELEASING THE FREEZE FAILED ({rel_exc.__class__.__name__}): run "
-                                      "`migrator release --yes` once the source is reachable")
-                if pool is not None:
-                    undone.append(pool.resume())
-                    report.pause_seconds = pool.pause_seconds
-                    pool.close()
-                if armed:  # after RESUME: nobody but migrator writes the target, and the clients wait no longer
-                    try:
-                        rollback.disarm(cfg)
-                    except (MigratorError, psycopg.Error) as dis_exc:
-                        undone.append(f"removing capture from the target failed ({dis_exc.__class__.__name__}): "
-                                      "`migrator cleanup` removes it")
-                try:
-                    state.step_finished(target, report.attempt, current, "failed", report.error)
-                    state.finish_attempt(target, report.attempt, "failed", failed_step=current, error=report.error)
-                    state.record_attempt_pooler(target, report.attempt, pause_seconds=report.pause_seconds)
-                except psycopg.Error:
-                    pass
-                log.error("cutover.failed", step=current, error=report.error, pause_seconds=report.pause_seconds)
-                if isinstance(exc, KeyboardInterrupt | NoGo):
-                    raise
-                said = "; ".join(u for u in undone if u)
-                raise CutoverFailed(f"cutover stopped at step {current}: {report.error}{'; ' + said if said else ''}",
-                                    hint="Fix the cause and run `migrator cutover` again; `migrator status` shows the "
-                                         "recorded steps.") from exc
-        report.freeze_seconds = time.monotonic() - freeze_started
+    def done(self, timings: list[StepTiming]) -> CutoverReport:
+        report = self.report
+        report.steps = timings
+        report.freeze_seconds = time.monotonic() - self.freeze_started
         report.ok = True
-        if pool is not None:
-            report.pause_seconds = pool.pause_seconds
-            pool.close()
-        state.mark(target, "cutover_at")
-        state.finish_attempt(target, report.attempt, "done", freeze_seconds=report.freeze_seconds)
-        state.record_attempt_pooler(target, report.attempt, pause_seconds=report.pause_seconds)
-        log.info("cutover.done", freeze_seconds=round(report.freeze_seconds, 3),
-                 pause_seconds=None if report.pause_seconds is None else round(report.pause_seconds, 3))
+        if self.pool is not None:
+            report.pause_seconds = self.pool.pause_seconds
+            self.pool.close()
+        state.mark(self.target, "cutover_at")
+        state.finish_attempt(self.target, report.attempt, "done", freeze_seconds=report.freeze_seconds)
+        state.record_attempt_pooler(self.target, report.attempt, pause_seconds=report.pause_seconds)
+        self.log.info("cutover.done", freeze_seconds=round(report.freeze_seconds, 3),
+                      pause_seconds=None if report.pause_seconds is None else round(report.pause_seconds, 3))
         return report
+
+    # --- the steps ----------------------------------------------------------------------------------------------
+
+    def catch_up(self) -> str:
+        r = replay.sync(self.cfg)
+        return f"{r.events} events applied"
+
+    def preflight(self) -> str:
+        held = 0.0
+        while not self._checked_go():
+            # Held by the operator: wait, then catch up again and re-check, since time has passed.
+            self.log.info("cutover.held")
+            if self.on_step:
+                self.on_step("preflight", "held (`migrator cutover --release-hold` lets it go on)")
+            t0 = time.monotonic()
+            while state.flag(self.target, state.HOLD_FLAG) is not None:
+                time.sleep(HOLD_POLL)
+            held += time.monotonic() - t0
+            replay.sync(self.cfg)
+        self.source.autocommit = True
+        self.tables = catalog.list_tables(self.source, self.cfg.tables)
+        self.source.autocommit = False
+        return "go" + (f" after a hold of {held:.1f}s" if held else "") + "".join(
+            f"; {c['item']} {c['state']}" for c in self.report.checklist if c["state"] != "pass")
+
+    def _checked_go(self) -> bool:
+        """Run and record the checklist; NoGo when it refuses; whether the cutover may go on (no operator hold)."""
+        checklist = gonogo.run(self.cfg, overrides=self.overrides)
+        self.report.checklist = gonogo.recorded(checklist)
+        state.record_attempt_pooler(self.target, self.report.attempt, checklist=self.report.checklist)
+        if self.on_checklist:
+            self.on_checklist(checklist)
+        if not checklist.go:
+            raise NoGo(f"go/no-go refused: {', '.join(checklist.failing)}; nothing was paused or frozen",
+                       checklist=checklist.render_text())
+        return state.flag(self.target, state.HOLD_FLAG) is None
+
+    def stage_rollback(self) -> str:
+        return rollback.stage(self.cfg)
+
+    def disarm(self) -> str:
+        # Last of the undos, after RESUME: nobody but migrator writes the target, and the clients wait no longer.
+        try:
+            rollback.disarm(self.cfg)
+        except (MigratorError, psycopg.Error) as exc:
+            return f"removing capture from the target failed ({exc.__class__.__name__}): `migrator cleanup` removes it"
+        return ""
+
+    def pause(self) -> str:
+        assert self.pool is not None
+        return self.pool.pause(self.cfg.cutover.pause_timeout)
+
+    def resume_after_failure(self) -> str:
+        assert self.pool is not None
+        said = self.pool.resume()
+        self.report.pause_seconds = self.pool.pause_seconds
+        self.pool.close()
+        return said
+
+    def freeze(self) -> str:
+        self.freeze_started = time.monotonic()
+        r = capture.freeze(self.source, self.tables, self.cfg.cutover.freeze_lock_timeout)
+        self.freeze_started += r.waited  # before the attempt that froze, writers were not held
+        return f"{len(self.tables)} tables frozen" + (
+            f" (attempt {r.attempts}, after {r.waited:.2f}s of writers in flight)" if r.attempts > 1 else "")
+
+    def mark_frozen(self) -> None:
+        state.mark(self.target, "frozen", True)
+
+    def unfreeze(self) -> str:
+        try:
+            self.source.rollback()
+            capture.release(self.source)
+            state.mark(self.target, "frozen", False)
+        except psycopg.Error as exc:  # the freeze holds: say so loudly, never claim otherwise
+            return (f"RELEASING THE FREEZE FAILED ({exc.__class__.__name__}): run `migrator release --yes` once the "
+                    "source is reachable")
+        return "the legacy database is writable again"
+
+    def drain(self) -> str:
+        r = replay.sync(self.cfg)
+        self.report.events_drained = r.events
+        left = replay.lag(self.cfg)
+        if left.pending_events:
+            raise MigratorError(f"{left.pending_events} events still pending after the drain")
+        return f"{r.events} events applied"
+
+    def verify(self) -> str:
+        left = replay.lag(self.cfg)
+        if left.pending_events:
+            raise MigratorError(f"{left.pending_events} events not applied on the target")
+        mode = self.cfg.cutover.verify
+        if mode == "none":
+            return "every event applied; rows not compared"
+        if mode == "full":
+            rep = verify_mod.verify(self.cfg)
+            if not rep.rows_identical:
+                raise MigratorError("parity check found differences; run `migrator verify` for the keys")
+            return "every event applied; rows identical"
+        with db.session(self.cfg.source_dsn, role="source", autocommit=True) as s, \
+                db.session(self.cfg.target_dsn, role="target", autocommit=True) as t:
+            differ = count_differences(s, t, self.tables)
+        if differ:
+            raise MigratorError(f"row counts differ: {', '.join(differ[:10])}")
+        return f"every event applied; counts equal in {len(self.tables)} tables"
+
+    def sequences(self) -> str:
+        seqs = catalog.list_sequences(self.source, self.cfg.tables)
+        with db.session(self.cfg.target_dsn, role="target") as t:
+            behind = carry_sequences(seqs, t)
+            t.commit()
+        if behind:
+            raise MigratorError(f"sequences still behind the source on the target: {', '.join(behind[:10])}")
+        self.report.sequences_set = len(seqs)
+        self.source.rollback()
+        return f"{self.report.sequences_set} sequences at or past the source's"
+
+    def arm_rollback(self) -> str:
+        return rollback.arm(self.cfg)  # undone by stage_rollback's undo
+
+    def switch(self) -> str:
+        if self.pool is None:
+            detail = run_command(self.cfg, self.cfg.cutover.switch_command, "switch_command")
+            self.report.clients_moved = bool(self.cfg.cutover.switch_command)
+            return detail
+        entries = self.pool.entries()
+        for e in entries.values():  # recorded before the file changes, for a rollback days later
+            state.save_pooler_entry(self.target, self.report.attempt, e)
+        self.pool.point({n: e.target_entry for n, e in entries.items()})
+        return f"{', '.join(entries)} -> {db.describe_dsn(self.cfg.target_dsn)}; reloaded"
+
+    def restore_entries(self) -> str:
+        assert self.pool is not None
+        return self.pool.restore()  # entries back first, RESUME only after the freeze's release
+
+    def resume(self) -> str:
+        assert self.pool is not None
+        said = self.pool.resume()
+        if self.pool.paused:
+            raise MigratorError(said)
+        self.pool.former_text = None
+        return f"clients paused {self.pool.pause_seconds or 0:.3f}s"
+
+    def record_pointing(self) -> None:
+        assert self.pool is not None
+        state.set_pointing(self.target, self.pool.names, "target")
 
 
 def hold(cfg: Config, reason: str = "held by the operator") -> None:

@@ -19,7 +19,9 @@ not stop the reverse replay: like the application's ALWAYS triggers during sync,
 transaction and enabled again before it commits, so no other session ever sees them off, and no client can open
 that door (no session setting lets a write through the freeze). Either the rollback completes, or it stops before
 clients move and leaves them on the target: pooler entries restored, legacy frozen again, target writable, RESUME.
-`migrator cleanup` ends the rollback window (`disarm`).
+`migrator cleanup` ends the rollback window (`disarm`). The steps and their undos are `_Rollback.steps`, run by
+migrator/switchover.py's StepRunner; the point of no return is the switch (through a pooler, the RESUME), as in the
+cutover: the release of the legacy database is still undone (frozen again) when a later step fails.
 """
 
 from __future__ import annotations
@@ -36,16 +38,18 @@ from migrator import capture, catalog, db, gonogo, replay, state
 from migrator import verify as verify_mod
 from migrator.catalog import Table
 from migrator.config import CAPTURE_SCHEMA, Config
-from migrator.errors import Blocked, CutoverFailed, MigratorError, NoGo, NotReady, SchemaChanged
+from migrator.errors import Blocked, MigratorError, NoGo, NotReady, SchemaChanged
 from migrator.log import get
-from migrator.redaction import scrub
-from migrator.switch import (
+from migrator.state.lock import action_lock
+from migrator.switchover import (
     NOT_MOVED,
     PoolerSession,
+    Step,
+    StepRunner,
+    StepTiming,
     carry_sequences,
     count_differences,
     run_command,
-    signals_deferred,
 )
 
 STEPS = ("preflight", "catch_up", "freeze", "drain", "verify", "sequences", "release", "switch", "disarm")
@@ -261,226 +265,247 @@ def run(cfg: Config, *, overrides: Iterable[str] = (),
     """Roll back a completed cutover. Returns the report; raises NotReady when there is nothing to roll back, NoGo
     when nothing would move the clients back and `overrides` lacks "no-switch" (nothing touched in either case),
     CutoverFailed when a step fails before clients move (they stay on the target, which takes writes)."""
-    log = get(phase="rollback")
     overrides = tuple(overrides)
     unknown = set(overrides) - {gonogo.NO_SWITCH}
     if unknown:
         raise Blocked(f"unknown override(s) for a rollback: {', '.join(sorted(unknown))}; only {gonogo.NO_SWITCH}")
-    with db.session(cfg.target_dsn, role="target", autocommit=True) as target, \
+    with db.session(cfg.target_dsn, role="target", autocommit=True) as target, action_lock(target, "rollback"), \
             db.session(cfg.source_dsn, role="source", autocommit=True) as legacy:
-        m = state.require_prepared(target)
-        if m.cutover_at is None:
-            raise NotReady("there is no completed cutover to roll back",
-                           hint="`migrator status` shows the recorded cutover attempts.")
-        if _armed_at(legacy) is None or not _has_capture(target):
-            raise NotReady("the rollback is not armed: the target's changes since cutover were not captured",
-                           hint="Only a cutover that armed the rollback (and no `migrator cleanup` since) can be "
-                                "rolled back without losing the target's writes.")
-        checklist = gonogo.rollback_checklist(cfg, overrides=overrides)
-        if not checklist.go:
-            raise NoGo(f"rollback refused: {', '.join(checklist.failing)}; nothing was frozen or replayed",
-                       checklist=checklist.render_text(),
-                       hint="Configure [cutover] rollback_command (or the pooler) and run `migrator rollback` again, "
-                            f"or accept a rollback that moves no client with `--override {gonogo.NO_SWITCH}`.")
-        report = RollbackReport(attempt=state.start_attempt(target), ok=False, checklist=gonogo.recorded(checklist))
-        state.record_attempt_pooler(target, report.attempt, kind="rollback", checklist=report.checklist)
-        pool = PoolerSession(cfg) if cfg.cutover.uses_pooler else None
-        report.mode = "pgbouncer" if pool else "rollback_command"
-        reverse: _Reverse | None = None
-        tables: dict[int, Table] = {}
-        target_frozen = legacy_released = moved = False
-        current = ""
-
-        def step(name: str, fn: Callable[[], str]) -> None:
-            nonlocal current
-            current = name
-            state.step_started(target, report.attempt, name)
-            if on_step:
-                on_step(name, "running")
-            t0 = time.monotonic()
-            detail = fn()
-            report.steps.append({"step": name, "seconds": round(time.monotonic() - t0, 3), "detail": detail})
-            state.step_finished(target, report.attempt, name, "done", detail)
-            log.info("rollback.step", step=name, seconds=round(time.monotonic() - t0, 3))
-            if on_step:
-                on_step(name, "done")
-
+        checklist = _ready(cfg, target, legacy, overrides)
+        flow = _Rollback(cfg, target, legacy, checklist)
+        runner = StepRunner("rollback", flow, on_step)
         try:
-            def preflight() -> str:
-                nonlocal tables, reverse
-                tables = _target_tables(cfg, target, legacy)
-                if not capture.is_frozen(legacy):
-                    raise Blocked("the legacy database is not frozen: it may have taken writes since cutover, and "
-                                  "replaying the target's changes over them could lose some",
-                                  hint="Compare both sides with `migrator verify` and decide by hand.")
-                if pool is not None:
-                    missing = set(pool.names) - set(state.pooler_entries(target))
-                    if missing:
-                        raise Blocked(f"no recorded legacy pooler entry for {', '.join(sorted(missing))}")
-                reverse = _Reverse(cfg, tables)
-                return f"{len(tables)} tables; legacy frozen; rollback armed"
+            runner.run(flow.steps(), hint="Clients stay on the target. Fix the cause and run `migrator rollback` "
+                                          "again; `migrator status` shows the recorded steps.")
+        finally:
+            flow.close_reverse()
+        flow.finish()
+        # Clients are on the legacy database: this step never fails (it says what it left behind).
+        runner.run([Step("disarm", flow.disarm)], hint="")
+        return flow.done(runner.timings)
 
-            def catch_up() -> str:
-                assert reverse is not None
-                n = 0
-                for _ in range(CATCH_UP_BATCHES):
-                    t0 = time.monotonic()
-                    events = reverse.batch()
-                    n += events
-                    if events == 0 or time.monotonic() - t0 < cfg.sync.poll_interval:
-                        break
-                report.events_replayed += n
-                return f"{n} events replayed while clients still wrote to the target"
 
-            def pause() -> str:
-                assert pool is not None
-                return pool.pause(cfg.cutover.pause_timeout)
+def _ready(cfg: Config, target: psycopg.Connection[Any], legacy: psycopg.Connection[Any],
+           overrides: tuple[str, ...]) -> gonogo.Checklist:
+    """The rollback's checks before anything is recorded or touched: a completed, armed cutover, and something that
+    moves the clients back (or the operator's override)."""
+    m = state.require_prepared(target)
+    if m.cutover_at is None:
+        raise NotReady("there is no completed cutover to roll back",
+                       hint="`migrator status` shows the recorded cutover attempts.")
+    if _armed_at(legacy) is None or not _has_capture(target):
+        raise NotReady("the rollback is not armed: the target's changes since cutover were not captured",
+                       hint="Only a cutover that armed the rollback (and no `migrator cleanup` since) can be "
+                            "rolled back without losing the target's writes.")
+    checklist = gonogo.rollback_checklist(cfg, overrides=overrides)
+    if not checklist.go:
+        raise NoGo(f"rollback refused: {', '.join(checklist.failing)}; nothing was frozen or replayed",
+                   checklist=checklist.render_text(),
+                   hint="Configure [cutover] rollback_command (or the pooler) and run `migrator rollback` again, "
+                        f"or accept a rollback that moves no client with `--override {gonogo.NO_SWITCH}`.")
+    return checklist
 
-            def freeze() -> str:
-                nonlocal target_frozen
-                r = capture.freeze(target, list(tables.values()), cfg.cutover.freeze_lock_timeout, side="the target")
-                target_frozen = True
-                return f"{len(tables)} target tables frozen" + (f" (attempt {r.attempts})" if r.attempts > 1 else "")
 
-            def drain() -> str:
-                assert reverse is not None
-                n = 0
-                while (events := reverse.batch()) != 0:
-                    n += events
-                report.events_replayed += n
-                left = reverse.pending()
-                if left:
-                    raise MigratorError(f"{left} target events still pending after the drain")
-                return f"{n} events replayed"
+class _Rollback:
+    """One rollback attempt: its steps, their undos, and the values they pass on (the `Recorder` of its runner)."""
 
-            def verify() -> str:
-                if cfg.cutover.verify == "none":
-                    return "every event replayed; rows not compared"
-                if cfg.cutover.verify == "full":
-                    if not verify_mod.verify(cfg).rows_identical:
-                        raise MigratorError("parity check found differences; run `migrator verify` for the keys")
-                    return "every event replayed; rows identical"
-                differ = count_differences(legacy, target, list(tables.values()))
-                if differ:
-                    raise MigratorError(f"row counts differ: {', '.join(differ[:10])}")
-                return f"every event replayed; counts equal in {len(tables)} tables"
+    def __init__(self, cfg: Config, target: psycopg.Connection[Any], legacy: psycopg.Connection[Any],
+                 checklist: gonogo.Checklist) -> None:
+        self.cfg = cfg
+        self.target = target
+        self.legacy = legacy
+        self.log = get(phase="rollback")
+        self.report = RollbackReport(attempt=state.start_attempt(target), ok=False,
+                                     checklist=gonogo.recorded(checklist))
+        state.record_attempt_pooler(target, self.report.attempt, kind="rollback", checklist=self.report.checklist)
+        self.pool = PoolerSession(cfg) if cfg.cutover.uses_pooler else None
+        self.report.mode = "pgbouncer" if self.pool else "rollback_command"
+        self.reverse: _Reverse | None = None
+        self.tables: dict[int, Table] = {}
 
-            def sequences() -> str:
-                # Every legacy sequence at least at the target's position: the first insert after the rollback is free.
-                seqs = catalog.list_sequences(target, cfg.tables)
-                behind = carry_sequences(seqs, legacy)
-                if behind:
-                    raise MigratorError(
-                        f"sequences still behind the target on the legacy database: {', '.join(behind[:10])}")
-                report.sequences_set = len(seqs)
-                return f"{report.sequences_set} legacy sequences at or past the target's"
+    def steps(self) -> list[Step]:
+        pooled = self.pool is not None
+        return [
+            Step("preflight", self.preflight),
+            Step("catch_up", self.catch_up),
+            *([Step("pause", self.pause, undo=self.resume_after_failure, undo_partial=True)] if pooled else []),
+            Step("freeze", self.freeze, undo=self.release_target),
+            Step("drain", self.drain),
+            Step("verify", self.verify),
+            Step("sequences", self.sequences),
+            Step("release", self.release, undo=self.refreeze_legacy),
+            Step("switch", self.switch, undo=self.restore_entries if pooled else None, undo_partial=True,
+                 point_of_no_return=not pooled),
+            *([Step("resume", self.resume, point_of_no_return=True, then=self.record_pointing)] if pooled else []),
+        ]
 
-            def release() -> str:
-                nonlocal legacy_released
-                capture.release(legacy)
-                legacy_released = True
-                return "the legacy database takes writes again (capture on)"
+    # --- the Recorder: the attempt's rows in the control schema -------------------------------------------------
 
-            def switch() -> str:
-                nonlocal moved
-                if pool is None:
-                    detail = run_command(cfg, cfg.cutover.rollback_command, "rollback_command",
-                                         MIGRATOR_DIRECTION="rollback")
-                    moved = True
-                    report.clients_moved = bool(cfg.cutover.rollback_command)
-                    return detail
-                entries = state.pooler_entries(target)
-                pool.point({n: entries[n].legacy_entry for n in pool.names})
-                return f"{', '.join(pool.names)} -> the legacy entries; reloaded"
+    def started(self, step: str) -> None:
+        state.step_started(self.target, self.report.attempt, step)
 
-            def resume() -> str:
-                nonlocal moved
-                assert pool is not None
-                said = pool.resume()
-                if pool.paused:
-                    raise MigratorError(said)
-                moved = True
-                pool.former_text = None
-                state.set_pointing(target, pool.names, "legacy")
-                return f"clients paused {pool.pause_seconds or 0:.3f}s"
+    def finished(self, step: str, detail: str) -> None:
+        state.step_finished(self.target, self.report.attempt, step, "done", detail)
 
-            step("preflight", preflight)
-            step("catch_up", catch_up)
-            if pool is not None:
-                step("pause", pause)
-            step("freeze", freeze)
-            step("drain", drain)
-            step("verify", verify)
-            step("sequences", sequences)
-            step("release", release)
-            step("switch", switch)
-            if pool is not None:
-                step("resume", resume)
-        except BaseException as exc:
-            with signals_deferred("rollback"):
-                if reverse is not None:
-                    reverse.close()
-                if moved:
-                    log.error("rollback.after_move_failed", error=str(exc))
-                    raise
-                report.failed_step = current
-                report.error = scrub(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-                undone = []
-                if pool is not None:
-                    undone.append(pool.restore())  # entries back to the target first, RESUME last
-                if legacy_released:
-                    try:
-                        capture.freeze(legacy, catalog.list_tables(legacy, cfg.tables), cfg.cutover.freeze_lock_timeout)
-                        undone.append("the legacy database is frozen again")
-                    except (psycopg.Error, MigratorError) as fr_exc:
-                        undone.append(f"REFREEZING THE LEGACY DATABASE FAILED ({fr_exc.__class__.__name__}): clients "
-                                      "not behind the pooler could write there")
-                if target_frozen:
-                    try:
-                        capture.release(target)
-                        undone.append("the target takes writes again")
-                    except psycopg.Error as rel_exc:
-                        undone.append(f"RELEASING THE TARGET FAILED ({rel_exc.__class__.__name__}): the target rejects "
-                                      "writes; run `migrator rollback --yes` again or release it by hand")
-                if pool is not None:
-                    undone.append(pool.resume())
-                    report.pause_seconds = pool.pause_seconds
-                    pool.close()
-                try:
-                    if current:
-                        state.step_finished(target, report.attempt, current, "failed", report.error)
-                    state.finish_attempt(target, report.attempt, "failed", failed_step=current or None,
-                                         error=report.error)
-                    state.record_attempt_pooler(target, report.attempt, kind="rollback",
-                                                pause_seconds=report.pause_seconds)
-                except psycopg.Error:
-                    pass
-                log.error("rollback.failed", step=current, error=report.error)
-                if isinstance(exc, KeyboardInterrupt):
-                    raise
-                said = "; ".join(u for u in undone if u)
-                raise CutoverFailed(f"rollback stopped at step {current}: {report.error}{'; ' + said if said else ''}",
-                                    hint="Clients stay on the target. Fix the cause and run `migrator rollback` again; "
-                                         "`migrator status` shows the recorded steps.") from exc
-        if reverse is not None:
-            reverse.close()
-        if pool is not None:
-            report.pause_seconds = pool.pause_seconds
-            pool.close()
-        state.mark(target, "frozen", False)
-        state.clear(target, "cutover_at")
-        state.finish_attempt(target, report.attempt, "done")
-        state.record_attempt_pooler(target, report.attempt, kind="rollback", pause_seconds=report.pause_seconds)
+    def stopped(self, step: str, error: str) -> None:
+        self.report.failed_step = step
+        self.report.error = error
+        try:
+            if step:
+                state.step_finished(self.target, self.report.attempt, step, "failed", error)
+            state.finish_attempt(self.target, self.report.attempt, "failed", failed_step=step or None, error=error)
+            state.record_attempt_pooler(self.target, self.report.attempt, kind="rollback",
+                                        pause_seconds=self.report.pause_seconds)
+        except psycopg.Error:
+            pass
+        self.log.error("rollback.failed", step=step, error=error)
 
-        def disarm_step() -> str:
-            # Clients are on the legacy database: a failure here leaves only the target's capture behind.
-            try:
-                return f"{disarm(cfg)} target triggers removed"
-            except (MigratorError, psycopg.Error) as exc:
-                return f"target capture left in place ({exc.__class__.__name__}); `migrator cleanup` removes it"
+    def close_reverse(self) -> None:
+        if self.reverse is not None:
+            self.reverse.close()
 
-        step("disarm", disarm_step)
-        log.info("rollback.done", events=report.events_replayed, pause_seconds=report.pause_seconds)
+    def finish(self) -> None:
+        """The clients are on the legacy database: record the rollback done."""
+        if self.pool is not None:
+            self.report.pause_seconds = self.pool.pause_seconds
+            self.pool.close()
+        state.mark(self.target, "frozen", False)
+        state.clear(self.target, "cutover_at")
+        state.finish_attempt(self.target, self.report.attempt, "done")
+        state.record_attempt_pooler(self.target, self.report.attempt, kind="rollback",
+                                    pause_seconds=self.report.pause_seconds)
+
+    def done(self, timings: list[StepTiming]) -> RollbackReport:
+        report = self.report
+        report.steps = [{"step": t.step, "seconds": round(t.seconds, 3), "detail": t.detail} for t in timings]
+        self.log.info("rollback.done", events=report.events_replayed, pause_seconds=report.pause_seconds)
         report.ok = True
         return report
 
+    # --- the steps ----------------------------------------------------------------------------------------------
+
+    def preflight(self) -> str:
+        self.tables = _target_tables(self.cfg, self.target, self.legacy)
+        if not capture.is_frozen(self.legacy):
+            raise Blocked("the legacy database is not frozen: it may have taken writes since cutover, and "
+                          "replaying the target's changes over them could lose some",
+                          hint="Compare both sides with `migrator verify` and decide by hand.")
+        if self.pool is not None:
+            missing = set(self.pool.names) - set(state.pooler_entries(self.target))
+            if missing:
+                raise Blocked(f"no recorded legacy pooler entry for {', '.join(sorted(missing))}")
+        self.reverse = _Reverse(self.cfg, self.tables)
+        return f"{len(self.tables)} tables; legacy frozen; rollback armed"
+
+    def catch_up(self) -> str:
+        assert self.reverse is not None
+        n = 0
+        for _ in range(CATCH_UP_BATCHES):
+            t0 = time.monotonic()
+            events = self.reverse.batch()
+            n += events
+            if events == 0 or time.monotonic() - t0 < self.cfg.sync.poll_interval:
+                break
+        self.report.events_replayed += n
+        return f"{n} events replayed while clients still wrote to the target"
+
+    def pause(self) -> str:
+        assert self.pool is not None
+        return self.pool.pause(self.cfg.cutover.pause_timeout)
+
+    def resume_after_failure(self) -> str:
+        assert self.pool is not None
+        said = self.pool.resume()
+        self.report.pause_seconds = self.pool.pause_seconds
+        self.pool.close()
+        return said
+
+    def freeze(self) -> str:
+        r = capture.freeze(self.target, list(self.tables.values()), self.cfg.cutover.freeze_lock_timeout,
+                           side="the target")
+        return f"{len(self.tables)} target tables frozen" + (f" (attempt {r.attempts})" if r.attempts > 1 else "")
+
+    def release_target(self) -> str:
+        try:
+            capture.release(self.target)
+        except psycopg.Error as exc:
+            return (f"RELEASING THE TARGET FAILED ({exc.__class__.__name__}): the target rejects writes; run "
+                    "`migrator rollback --yes` again or release it by hand")
+        return "the target takes writes again"
+
+    def drain(self) -> str:
+        assert self.reverse is not None
+        n = 0
+        while (events := self.reverse.batch()) != 0:
+            n += events
+        self.report.events_replayed += n
+        left = self.reverse.pending()
+        if left:
+            raise MigratorError(f"{left} target events still pending after the drain")
+        return f"{n} events replayed"
+
+    def verify(self) -> str:
+        if self.cfg.cutover.verify == "none":
+            return "every event replayed; rows not compared"
+        if self.cfg.cutover.verify == "full":
+            if not verify_mod.verify(self.cfg).rows_identical:
+                raise MigratorError("parity check found differences; run `migrator verify` for the keys")
+            return "every event replayed; rows identical"
+        differ = count_differences(self.legacy, self.target, list(self.tables.values()))
+        if differ:
+            raise MigratorError(f"row counts differ: {', '.join(differ[:10])}")
+        return f"every event replayed; counts equal in {len(self.tables)} tables"
+
+    def sequences(self) -> str:
+        # Every legacy sequence at least at the target's position: the first insert after the rollback is free.
+        seqs = catalog.list_sequences(self.target, self.cfg.tables)
+        behind = carry_sequences(seqs, self.legacy)
+        if behind:
+            raise MigratorError(f"sequences still behind the target on the legacy database: {', '.join(behind[:10])}")
+        self.report.sequences_set = len(seqs)
+        return f"{self.report.sequences_set} legacy sequences at or past the target's"
+
+    def release(self) -> str:
+        capture.release(self.legacy)
+        return "the legacy database takes writes again (capture on)"
+
+    def refreeze_legacy(self) -> str:
+        try:
+            capture.freeze(self.legacy, catalog.list_tables(self.legacy, self.cfg.tables),
+                           self.cfg.cutover.freeze_lock_timeout)
+        except (psycopg.Error, MigratorError) as exc:
+            return (f"REFREEZING THE LEGACY DATABASE FAILED ({exc.__class__.__name__}): clients not behind the pooler "
+                    "could write there")
+        return "the legacy database is frozen again"
+
+    def switch(self) -> str:
+        if self.pool is None:
+            detail = run_command(self.cfg, self.cfg.cutover.rollback_command, "rollback_command",
+                                 MIGRATOR_DIRECTION="rollback")
+            self.report.clients_moved = bool(self.cfg.cutover.rollback_command)
+            return detail
+        entries = state.pooler_entries(self.target)
+        self.pool.point({n: entries[n].legacy_entry for n in self.pool.names})
+        return f"{', '.join(self.pool.names)} -> the legacy entries; reloaded"
+
+    def restore_entries(self) -> str:
+        assert self.pool is not None
+        return self.pool.restore()  # entries back to the target first, RESUME last
+
+    def resume(self) -> str:
+        assert self.pool is not None
+        said = self.pool.resume()
+        if self.pool.paused:
+            raise MigratorError(said)
+        self.pool.former_text = None
+        return f"clients paused {self.pool.pause_seconds or 0:.3f}s"
+
+    def record_pointing(self) -> None:
+        assert self.pool is not None
+        state.set_pointing(self.target, self.pool.names, "legacy")
+
+    def disarm(self) -> str:
+        try:
+            return f"{disarm(self.cfg)} target triggers removed"
+        except (MigratorError, psycopg.Error) as exc:
+            return f"target capture left in place ({exc.__class__.__name__}); `migrator cleanup` removes it"

@@ -22,7 +22,7 @@ import pytest
 from migrator import capture, copy, cutover, gonogo, rehearse, replay, rollback, verify
 from migrator.config import Config
 from migrator.errors import Blocked, NoGo
-from migrator.switch import NOT_MOVED, signals_deferred
+from migrator.switchover import NOT_MOVED, signals_deferred
 from tests.helpers import fetch, run_sql
 from tests.test_cutover import READ_ONLY, cli, migrated, sqlstate_of_write, write_config
 

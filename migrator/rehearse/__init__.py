@@ -28,7 +28,7 @@ from migrator.log import get
 from migrator.rehearse import pacs
 from migrator.rehearse.workload import Workload, WorkloadSpec
 from migrator.rehearse.workload import verify as workload_verify
-from migrator.switch import NOT_MOVED
+from migrator.switchover import NOT_MOVED
 
 ADMIN_CANDIDATES = (
     "host=127.0.0.1 port=5432 dbname=postgres user=postgres",

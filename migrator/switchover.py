@@ -3,6 +3,14 @@
 The pooler side of a switch (PAUSE, rewrite the [databases] entries and RELOAD, restore, RESUME), the client command
 for sites without a pooler, and the two checks made at the moment of switching: row counts equal on both sides,
 and the sequences of the database clients move to at least where the other side's are.
+
+And the step runner both flows are written with (`StepRunner`): a list of `Step`s, each timed and recorded as it
+starts and ends (through a `Recorder`: the control schema, or a fake in unit tests). A step may declare its undo; when
+a step fails, the undos of the steps already done run in reverse order (and the failing step's own, when it may have
+half happened), with SIGINT/SIGTERM held, and the run stops with `CutoverFailed`. One step per flow is the point of
+no return: the one after which the clients are on the other side (the switch, or the RESUME through a pooler). A
+failure after it undoes nothing, since undoing then would split the clients between the two databases; it is logged
+as such and raised as it came.
 """
 
 from __future__ import annotations
@@ -13,17 +21,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
 
 from migrator import catalog, db, pooler, state
 from migrator.config import Config
-from migrator.errors import MigratorError
+from migrator.errors import CutoverFailed, MigratorError
 from migrator.log import get
 from migrator.redaction import scrub
 
@@ -173,3 +182,114 @@ class PoolerSession:
     def close(self) -> None:
         if self.admin is not None:
             self.admin.close()
+
+
+# --- the step runner ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a cutover or rollback: `run` does it and returns the detail recorded with it."""
+
+    name: str
+    run: Callable[[], str]
+    undo: Callable[[], str] | None = None
+    """Puts back what `run` did, when a later step fails; returns what it did ("" for nothing to say). Never raises:
+    a failed undo says so in its message, which the operator reads."""
+    undo_partial: bool = False
+    """The step may have half happened when it fails (some databases paused, the file rewritten but not reloaded):
+    its own undo runs too, first. The undo then puts back only what it finds done."""
+    point_of_no_return: bool = False
+    """The clients are on the other side once `run` returns: from then on nothing is undone."""
+    then: Callable[[], None] | None = None
+    """Records what `run` made true; runs after it returned, timed with the step. The step counts as done from the
+    moment `run` returns: if `then` fails, the step's undo runs (or, past the point of no return, nothing)."""
+
+
+@dataclass
+class StepTiming:
+    step: str
+    seconds: float
+    detail: str | None = None
+
+
+class Recorder(Protocol):
+    """Where a run's steps are recorded (the attempt's rows in the control schema)."""
+
+    def started(self, step: str) -> None: ...
+
+    def finished(self, step: str, detail: str) -> None: ...
+
+    def stopped(self, step: str, error: str) -> None:
+        """The run stopped at `step` with `error` and the undo has run: record the step and the attempt as failed.
+        Never raises (the undo's message matters more than the record)."""
+        ...
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as the one line recorded and reported, scrubbed of passwords."""
+    return scrub(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+class StepRunner:
+    """Runs one flow's steps in order (see the module docstring); `timings` holds the steps done, `current` the one
+    running or last run."""
+
+    def __init__(self, phase: str, recorder: Recorder, on_step: Callable[[str, str], None] | None = None) -> None:
+        self.phase = phase
+        self.recorder = recorder
+        self.on_step = on_step
+        self.timings: list[StepTiming] = []
+        self.current = ""
+        self.moved = False
+        """The point of no return is passed: the clients are on the other side."""
+        self.log = get(phase=phase)
+
+    def run(self, steps: Sequence[Step], *, hint: str,
+            passthrough: tuple[type[BaseException], ...] = (KeyboardInterrupt,)) -> None:
+        """Run `steps`; on a failure before the point of no return, undo and raise `CutoverFailed` with `hint` (or the
+        exception itself when it is one of `passthrough`, after the same undo)."""
+        done: list[Step] = []
+        running: Step | None = None
+        try:
+            for running in steps:
+                self._one(running, done)
+        except BaseException as exc:
+            with signals_deferred(self.phase):
+                if self.moved:
+                    self.log.error(f"{self.phase}.after_move_failed", step=self.current, error=str(exc))
+                    raise
+                error = first_line(exc)
+                half_done = None if done and done[-1] is running else running
+                undone = self._undo(done, half_done)
+                self.recorder.stopped(self.current, error)
+                if isinstance(exc, passthrough):
+                    raise
+                said = "; ".join(u for u in undone if u)
+                raise CutoverFailed(f"{self.phase} stopped at step {self.current}: {error}{'; ' + said if said else ''}",
+                                    hint=hint) from exc
+
+    def _one(self, step: Step, done: list[Step]) -> None:
+        self.current = step.name
+        self.recorder.started(step.name)
+        if self.on_step:
+            self.on_step(step.name, "running")
+        t0 = time.monotonic()
+        detail = step.run()
+        done.append(step)
+        if step.point_of_no_return:
+            self.moved = True
+        if step.then:
+            step.then()
+        seconds = time.monotonic() - t0
+        self.timings.append(StepTiming(step.name, seconds, detail))
+        self.recorder.finished(step.name, detail)
+        self.log.info(f"{self.phase}.step", step=step.name, seconds=round(seconds, 3))
+        if self.on_step:
+            self.on_step(step.name, "done")
+
+    def _undo(self, done: list[Step], failed: Step | None) -> list[str]:
+        """The undos of the steps done, last first, after the failing step's own when it may have half happened."""
+        undos = [s.undo for s in reversed(done) if s.undo]
+        if failed is not None and failed.undo_partial and failed.undo:
+            undos.insert(0, failed.undo)
+        return [undo() for undo in undos]
