@@ -215,7 +215,7 @@ class _Cutover:
             if self.on_step:
                 self.on_step("preflight", "held (`migrator cutover --release-hold` lets it go on)")
             t0 = time.monotonic()
-            while state.flag(self.target, state.HOLD_FLAG) is not None:
+            while state.cutover_held(self.target):
                 time.sleep(HOLD_POLL)
             held += time.monotonic() - t0
             replay.sync(self.cfg)
@@ -235,7 +235,7 @@ class _Cutover:
         if not checklist.go:
             raise NoGo(f"go/no-go refused: {', '.join(checklist.failing)}; nothing was paused or frozen",
                        checklist=checklist.render_text())
-        return state.flag(self.target, state.HOLD_FLAG) is None
+        return not state.cutover_held(self.target)
 
     def stage_rollback(self) -> str:
         return rollback.stage(self.cfg)
@@ -352,15 +352,15 @@ def hold(cfg: Config, reason: str = "held by the operator") -> None:
     """Postpone: a cutover (running or to come) waits at the go/no-go point until `release_hold`."""
     with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
         state.require_prepared(target)
-        state.set_flag(target, state.HOLD_FLAG, reason)
+        state.hold_cutover(target, reason)
 
 
 def release_hold(cfg: Config) -> bool:
     """Clear the hold; returns whether one was set."""
     with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
-        if not state.exists(target) or state.flag(target, state.HOLD_FLAG) is None:
+        if not state.exists(target) or not state.cutover_held(target):
             return False
-        state.clear_flag(target, state.HOLD_FLAG)
+        state.release_cutover_hold(target)
         return True
 
 
