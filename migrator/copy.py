@@ -41,10 +41,11 @@ from typing import Any
 import psycopg
 from psycopg import pq, sql
 
-from migrator import capture, catalog, db, schema, state
+from migrator import catalog, db, prepare, schema, state
 from migrator import log as log_mod
 from migrator.catalog import Table
 from migrator.config import Config
+from migrator.deltalog import freeze
 from migrator.errors import CopyError, MigratorError, NotReady
 from migrator.log import get
 from migrator.redaction import KeyMask, database_error, scrub
@@ -466,7 +467,7 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
     rate = max_rate if max_rate is not None else cfg.copy.max_rate
     with db.session(cfg.target_dsn, role="target") as target, db.session(cfg.source_dsn, role="source") as holder:
         m = state.require_prepared(target)
-        if capture.is_frozen(holder):
+        if freeze.is_frozen(holder):
             raise NotReady("the legacy database is frozen after cutover; there is nothing to copy")
         holder.rollback()
         states = {s.display: s for s in state.tables(target)}
@@ -553,18 +554,18 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
         m = state.require_prepared(target)
         target.commit()
         t0 = time.monotonic()
-        pending_post_data = [tuple(n) for n in json.loads(state.flag(target, capture.POST_DATA_PENDING) or "[]")]
+        pending_post_data = [tuple(n) for n in json.loads(state.flag(target, prepare.POST_DATA_PENDING) or "[]")]
         if m.post_data_at is None:
             schema.load_section(cfg.source_dsn, cfg.target_dsn, "post-data", jobs=workers)
             state.mark(target, "post_data_at")
-            state.clear_flag(target, capture.POST_DATA_PENDING)
+            state.clear_flag(target, prepare.POST_DATA_PENDING)
             target.commit()
         elif pending_post_data:
             # Tables prepare created after the first post-data (new on the legacy database): now that they are
             # filled, their indexes, constraints and triggers.
             schema.load_section(cfg.source_dsn, cfg.target_dsn, "post-data", jobs=workers,
                                 tables=[(s, n) for s, n in pending_post_data])
-            state.clear_flag(target, capture.POST_DATA_PENDING)
+            state.clear_flag(target, prepare.POST_DATA_PENDING)
             target.commit()
         result.post_data_seconds = time.monotonic() - t0
         t0 = time.monotonic()

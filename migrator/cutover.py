@@ -25,8 +25,9 @@ from typing import Any
 
 import psycopg
 
-from migrator import capture, catalog, db, gonogo, ownership, parity, replay, rollback, state
+from migrator import catalog, db, gonogo, ownership, parity, rollback, state, sync
 from migrator.config import Config
+from migrator.deltalog import freeze as freezer
 from migrator.errors import Blocked, ConnectionFailed, CutoverFailed, MigratorError, NoGo, NotReady
 from migrator.log import get
 from migrator.redaction import scrub
@@ -146,7 +147,7 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
         tables: list[catalog.Table] = []
         try:
             def catch_up() -> str:
-                r = replay.sync(cfg)
+                r = sync.sync(cfg)
                 return f"{r.events} events applied"
 
             def preflight() -> str:
@@ -171,7 +172,7 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
                     while state.flag(target, state.HOLD_FLAG) is not None:
                         time.sleep(HOLD_POLL)
                     held += time.monotonic() - t0
-                    replay.sync(cfg)
+                    sync.sync(cfg)
                 source.autocommit = True
                 tables = catalog.list_tables(source, cfg.tables)
                 source.autocommit = False
@@ -185,7 +186,7 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
             def freeze() -> str:
                 nonlocal frozen, freeze_started
                 freeze_started = time.monotonic()
-                r = capture.freeze(source, tables, cfg.cutover.freeze_lock_timeout)
+                r = freezer.freeze(source, tables, cfg.cutover.freeze_lock_timeout)
                 freeze_started += r.waited  # before the attempt that froze, writers were not held
                 frozen = True
                 state.mark(target, "frozen", True)
@@ -193,15 +194,15 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
                     f" (attempt {r.attempts}, after {r.waited:.2f}s of writers in flight)" if r.attempts > 1 else "")
 
             def drain() -> str:
-                r = replay.sync(cfg)
+                r = sync.sync(cfg)
                 report.events_drained = r.events
-                left = replay.lag(cfg)
+                left = sync.lag(cfg)
                 if left.pending_events:
                     raise MigratorError(f"{left.pending_events} events still pending after the drain")
                 return f"{r.events} events applied"
 
             def verify() -> str:
-                left = replay.lag(cfg)
+                left = sync.lag(cfg)
                 if left.pending_events:
                     raise MigratorError(f"{left.pending_events} events not applied on the target")
                 mode = cfg.cutover.verify
@@ -288,7 +289,7 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
                 if frozen:
                     try:
                         source.rollback()
-                        capture.release(source)
+                        freezer.release(source)
                         state.mark(target, "frozen", False)
                         undone.append("the legacy database is writable again")
                     except psycopg.Error as rel_exc:  # the freeze holds: say so loudly, never claim otherwise
@@ -350,11 +351,11 @@ def release(cfg: Config) -> None:
     """Make the legacy database writable again after a cutover (explicit release; capture stays on)."""
     with db.session(cfg.source_dsn, role="source") as source, \
             db.session(cfg.target_dsn, role="target", autocommit=True) as target:
-        if not capture.is_frozen(source):
+        if not freezer.is_frozen(source):
             raise NotReady("the legacy database is not frozen; nothing to release")
         ownership.check(source, state.migration(target), "release")  # another migration's freeze: split brain
         source.rollback()
-        capture.release(source)
+        freezer.release(source)
         state.mark(target, "frozen", False)
         state.clear(target, "cutover_at")
         get(phase="release").info("release.done")

@@ -1260,7 +1260,7 @@ def _second_pass(cfg: Config, rechecks: list[_Recheck], results: list[TableParit
                  live_wait: float) -> None:
     """Once sync has applied everything the first pass's source snapshots contained, read the ranges with rows in
     flight again under a new window; what still differs and is not in flight again is a difference."""
-    from migrator.replay import Snapshot
+    from migrator.deltalog.snapshot import Snapshot
 
     logger = log.get(phase="verify")
     wanted = [Snapshot.parse(r.snapshot) for r in rechecks]
