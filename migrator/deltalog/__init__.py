@@ -1,5 +1,7 @@
-"""The delta log: the only code that reads or writes the engine's schema (`_migrator`) on the legacy database, and
-on the target during a rollback window.
+"""The delta log: the code that reads and writes the engine's schema (`_migrator`) on the legacy database, and on the
+target during a rollback window. Outside this package, still: rollback.py keeps its position there
+(triggers/rollback.sql), ownership.py the capture's owner (triggers/owner.sql), and sync.pending and verify read the
+log (through snapshot.window).
 
 The event format (triggers/capture.sql). Every INSERT, UPDATE, DELETE and TRUNCATE on a captured table inserts, in
 the writer's own transaction, rows of `_migrator.delta_log`:
