@@ -15,7 +15,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from migrator import catalog, cleanup, copy, cutover, inspect, prepare, state, sync
+from migrator import catalog, copy, cutover, inspect, prepare, state, sync
+from migrator import cleanup as cleanup_mod
 from migrator.config import Config
 from migrator.deltalog import freeze
 from migrator.errors import Blocked, ConnectionFailed, NotReady
@@ -89,7 +90,7 @@ def test_a_second_migration_from_one_legacy_database_is_refused_and_the_first_lo
     with pytest.raises(NotReady, match="not prepared"):
         sync.sync(second)
     with pytest.raises(Blocked, match="cleanup refused: the legacy database is captured for migration") as cleanup:
-        cleanup.run(second)
+        cleanup_mod.run(second)
     assert f"`migrator cleanup --migration {migration_id} --yes`" in cleanup.value.hint
     assert capture_triggers(source_dsn) == triggers and owner_row(source_dsn) == owner
 
@@ -113,7 +114,7 @@ def test_sync_and_cleanup_refuse_a_capture_that_another_migration_owns(
     # migration starts from the same legacy database.
     with psycopg.connect(target_dsn) as conn:
         old_id = str(state.migration(conn).migration_id)  # type: ignore[union-attr]
-    cleanup.run(new, migration=old_id)
+    cleanup_mod.run(new, migration=old_id)
     prepare.prepare(new)
     copy.run(new)
     run_sql(source_dsn, "UPDATE public.patient SET note = 'x' WHERE id <= 20", "TRUNCATE public.audit")
@@ -126,7 +127,7 @@ def test_sync_and_cleanup_refuse_a_capture_that_another_migration_owns(
         sync.sync(old)
     assert "new" in refused.value.hint.split("[target]")[1]
     with pytest.raises(Blocked, match="cleanup refused"):
-        cleanup.run(old)
+        cleanup_mod.run(old)
     with pytest.raises(Blocked, match="captured for migration"):
         prepare.prepare(old)
 
@@ -295,11 +296,11 @@ def test_the_capture_of_an_abandoned_migration_is_removed_only_by_naming_it(
     run_sql(admin_dsn, f'DROP DATABASE "{psycopg.conninfo.conninfo_to_dict(target_dsn)["dbname"]}" WITH (FORCE)')
 
     with pytest.raises(ConnectionFailed) as unreachable:
-        cleanup.run(cfg)
+        cleanup_mod.run(cfg)
     assert f"migrator cleanup --migration {migration_id} --yes" in unreachable.value.hint
     other = uuid.uuid4()
     with pytest.raises(Blocked, match=f"not migration {other} but migration {migration_id}"):
-        cleanup.run(cfg, migration=str(other))
+        cleanup_mod.run(cfg, migration=str(other))
     assert capture_triggers(source_dsn) == 7
 
     config = tmp_path / "migration.toml"
