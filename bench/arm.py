@@ -4,10 +4,10 @@
 
 The cutover installs the rollback's capture on the target. Installed inside the pause, that is a trigger function
 and five triggers per table, one transaction each. Staged before the pause (triggers disabled) it leaves only the
-enabling to the pause. Each round times, on a fresh database with N small keyed tables: `capture.install` with the
-triggers enabled (what the pause paid before), then on another fresh database `capture.install(enabled=False)`
-(outside the pause now) followed by what `rollback.arm` does inside it: list the tables, `capture.install`
-(which finds them staged) and `capture.enable_triggers`. Prints medians and the ratio.
+enabling to the pause. Each round times, on a fresh database with N small keyed tables: `triggers.install` with the
+triggers enabled (what the pause paid before), then on another fresh database `triggers.install(enabled=False)`
+(outside the pause now) followed by what `rollback.arm` does inside it: list the tables, `triggers.install`
+(which finds them staged) and `triggers.enable_triggers`. Prints medians and the ratio.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from psycopg import sql
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import create_db, databases, median, timed  # noqa: E402
-from migrator import capture, catalog  # noqa: E402
+from migrator import catalog  # noqa: E402
 from migrator.config import TableFilter  # noqa: E402
+from migrator.deltalog import triggers  # noqa: E402
 from migrator.log import configure  # noqa: E402
 
 
@@ -38,8 +39,8 @@ def fresh(name: str, tables: int) -> str:
 
 def arm_inside_pause(conn: psycopg.Connection[object]) -> int:
     tables = catalog.list_tables(conn, TableFilter(include=("public.*",)))
-    capture.install(conn, tables, enabled=False)
-    return capture.enable_triggers(conn, tables)
+    triggers.install(conn, tables, enabled=False)
+    return triggers.enable_triggers(conn, tables)
 
 
 def main() -> int:
@@ -56,12 +57,12 @@ def main() -> int:
             dsn = fresh(names["arm_a"], args.tables)
             with psycopg.connect(dsn, autocommit=True) as conn:
                 tables = catalog.list_tables(conn, TableFilter(include=("public.*",)))
-                inside_before.append(timed(lambda conn=conn, tables=tables: capture.install(conn, tables))[0])
+                inside_before.append(timed(lambda conn=conn, tables=tables: triggers.install(conn, tables))[0])
             dsn = fresh(names["arm_b"], args.tables)
             with psycopg.connect(dsn, autocommit=True) as conn:
                 tables = catalog.list_tables(conn, TableFilter(include=("public.*",)))
                 staged.append(timed(lambda conn=conn, tables=tables:
-                                    capture.install(conn, tables, enabled=False))[0])
+                                    triggers.install(conn, tables, enabled=False))[0])
                 # What rollback.arm does inside the pause: list the tables, install (every table is staged, so
                 # this only re-runs capture.sql), enable.
                 inside_now.append(timed(lambda conn=conn: arm_inside_pause(conn))[0])

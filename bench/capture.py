@@ -5,7 +5,7 @@
 Builds a PACS-like table set (study, series, instance with text UIDs, jsonb, bytea; 100k instances), then runs
 pgbench custom scripts: single-row insert transactions, 10-row insert transactions (one study arriving: a study, a
 series, eight instances), single-row updates; and times one UPDATE of 100k rows. Each round runs every case once
-without capture and once with it (triggers installed by `capture.install`, the delta log emptied between runs).
+without capture and once with it (triggers installed by `triggers.install`, the delta log emptied between runs).
 Prints median TPS and latency per case, the ratio of the medians, and the spread of each round's own ratio (both
 modes of a round run back to back, so a round's ratio is the steadier figure on a noisy machine).
 """
@@ -26,8 +26,9 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import create_db, databases, median  # noqa: E402
-from migrator import capture, catalog  # noqa: E402
+from migrator import catalog  # noqa: E402
 from migrator.config import TableFilter  # noqa: E402
+from migrator.deltalog import triggers  # noqa: E402
 
 SCHEMA = """
 CREATE TABLE study (study_uid text PRIMARY KEY, patient_id bigint, accession text, study_date timestamptz,
@@ -91,11 +92,11 @@ def set_capture(dsn: str, on: bool) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         tables = catalog.list_tables(conn, TableFilter(include=("public.*",)))
         if on:
-            capture.install(conn, tables)
+            triggers.install(conn, tables)
         else:
             for t in tables:
-                conn.execute(f'DROP TRIGGER IF EXISTS {capture.ROW_TRIGGER} ON "{t.name}"')
-                conn.execute(f'DROP TRIGGER IF EXISTS {capture.TRUNCATE_TRIGGER} ON "{t.name}"')
+                conn.execute(f'DROP TRIGGER IF EXISTS {triggers.ROW_TRIGGER} ON "{t.name}"')
+                conn.execute(f'DROP TRIGGER IF EXISTS {triggers.TRUNCATE_TRIGGER} ON "{t.name}"')
             conn.execute("DROP SCHEMA IF EXISTS _migrator CASCADE")
         conn.execute("VACUUM ANALYZE")
         conn.execute("CHECKPOINT")

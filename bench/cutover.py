@@ -34,7 +34,7 @@ from typing import Any  # noqa: E402
 import psycopg  # noqa: E402
 
 from bench._common import ADMIN_DSN, config, create_db, databases, dsn_for  # noqa: E402
-from migrator import capture, copy, pooler, replay  # noqa: E402
+from migrator import copy, pooler, prepare, sync  # noqa: E402
 from migrator.rehearse import pacs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,12 +141,12 @@ def main() -> None:
             load = Load(f"postgresql://{user}@127.0.0.1:{port}/pacs", args.clients, args.tps)
             load.start()
             t0 = time.perf_counter()
-            capture.prepare(cfg)
+            prepare.prepare(cfg)
             copy.run(cfg)
-            replay.sync(cfg)
+            sync.sync(cfg)
             print(f"prepared, copied and synced under load in {time.perf_counter() - t0:.1f}s", flush=True)
             time.sleep(3.0)
-            replay.sync(cfg)  # as `sync --follow` would have kept it: seconds behind
+            sync.sync(cfg)  # as `sync --follow` would have kept it: seconds behind
 
             toml = work / "migration.toml"
             toml.write_text("\n".join([

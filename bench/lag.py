@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from bench._common import config, create_db, databases, dsn_for
-from migrator import capture, copy, replay, verify
+from migrator import copy, prepare, sync, verify
 from migrator.rehearse import pacs
 from migrator.rehearse.workload import Workload, WorkloadSpec
 
@@ -40,7 +40,7 @@ def main() -> int:
         create_db(names["lag_tgt"])
         pacs.build(src, scale=args.scale)
         cfg = config(names["lag_src"], names["lag_tgt"])
-        capture.prepare(cfg)
+        prepare.prepare(cfg)
         copy.run(cfg)
         toml = Path(os.environ.get("TMPDIR", "/tmp")) / f"{names['lag_tgt']}.toml"
         toml.write_text(f'[source]\ndsn = "{dsn_for(names["lag_src"])}"\n[target]\ndsn = "{dsn_for(names["lag_tgt"])}"\n')
@@ -53,13 +53,13 @@ def main() -> int:
             t0 = time.monotonic()
             while time.monotonic() - t0 < args.seconds:
                 time.sleep(1.0)
-                lag = replay.lag(cfg)
+                lag = sync.lag(cfg)
                 samples.append(lag.oldest_pending_seconds or 0.0)
         finally:
             stats = workload.stop()
             follower.send_signal(signal.SIGTERM)
             follower.wait(timeout=60)
-        replay.sync(cfg)
+        sync.sync(cfg)
         report = verify.verify(cfg)
         samples.sort()
         p95 = samples[int(0.95 * (len(samples) - 1))]

@@ -23,7 +23,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import config, create_db, databases, dsn_for  # noqa: E402
-from migrator import capture, copy, db  # noqa: E402
+from migrator import copy, db, prepare  # noqa: E402
 from migrator.rehearse import pacs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,7 +103,7 @@ def main() -> int:
         print(f"building source at scale {args.scale} ...", flush=True)
         pacs.build(src, scale=args.scale)
         cfg = config(names["src"], names["tgt"])
-        capture.prepare(cfg)
+        prepare.prepare(cfg)
         copy.run(cfg)
         base = create_db(names["base"], template=names["tgt"])
         print(f"writing ~{args.events} events ...", flush=True)

@@ -201,10 +201,10 @@ def inspect(obj: Ctx, as_json: bool) -> None:
 def prepare(obj: Ctx, yes: bool, overrides: tuple[str, ...], as_json: bool) -> None:
     """Create the control schema and target schema, and install capture triggers on the legacy database. Refuses
     (exit 1, creating nothing) while a blocker stands that --override does not name."""
-    from migrator import capture
+    from migrator import prepare as prepare_mod
 
     _confirm(yes, "This installs capture triggers and the _migrator schema on the legacy database")
-    result = capture.prepare(obj.cfg, overrides=overrides)
+    result = prepare_mod.prepare(obj.cfg, overrides=overrides)
     _emit(result, as_json, lambda: (
         f"prepared: {len(result.tables)} tables captured ({result.triggers_installed} newly), target schema "
         f"{'created' if result.target_schema_created else 'already present'}"
@@ -255,10 +255,10 @@ def copy(obj: Ctx, workers: int | None, only: tuple[str, ...], max_rate: float |
 @click.pass_obj
 def sync(obj: Ctx, mode: str, check_lag: float | None, as_json: bool) -> None:
     """Replay the delta log onto the target."""
-    from migrator import replay
+    from migrator import sync as sync_mod
 
     if check_lag is not None:
-        lag = replay.lag(obj.cfg)
+        lag = sync_mod.lag(obj.cfg)
         behind = (lag.oldest_pending_seconds or 0.0) > check_lag
         _emit(lag, as_json, lambda: f"{lag.pending_events} events pending, oldest "
                                     f"{lag.oldest_pending_seconds or 0:.1f}s ({'over' if behind else 'within'} {check_lag}s)")
@@ -266,12 +266,12 @@ def sync(obj: Ctx, mode: str, check_lag: float | None, as_json: bool) -> None:
     stop = _stop_on_signals()
     live = mode == "follow" and not as_json
 
-    def on_batch(info: replay.BatchInfo, lag: replay.Lag) -> None:
+    def on_batch(info: sync_mod.BatchInfo, lag: sync_mod.Lag) -> None:
         if live and info.events:
             click.echo(f"applied {info.events} events in {info.seconds:.2f}s; pending {lag.pending_events}, "
                        f"lag {lag.oldest_pending_seconds or 0:.1f}s", err=True)
 
-    result = replay.sync(obj.cfg, follow=mode == "follow", stop=stop, on_batch=on_batch)
+    result = sync_mod.sync(obj.cfg, follow=mode == "follow", stop=stop, on_batch=on_batch)
     _emit(result, as_json, lambda: (
         f"applied {result.events} events in {result.batches} batches ({result.seconds:.1f}s); "
         f"{'caught up' if result.caught_up else 'stopped'}"))
@@ -440,15 +440,12 @@ def release(obj: Ctx, yes: bool) -> None:
 @click.pass_obj
 def cleanup(obj: Ctx, yes: bool, release_freeze: bool, migration_id: str | None, as_json: bool) -> None:
     """Remove the capture triggers and the _migrator schema from the legacy database."""
-    from migrator import capture, rollback
+    from migrator import cleanup as cleanup_mod
 
     _confirm(yes, "This removes capture from the legacy database (and from the target: the rollback window ends); "
                   "changes after it are no longer recorded")
-    result = capture.cleanup(obj.cfg, release_freeze=release_freeze, migration=migration_id)
-    on_target = 0 if migration_id else rollback.disarm(obj.cfg)
-    _emit({**result.to_dict(), "target_triggers_removed": on_target}, as_json,
-          lambda: f"removed {result.triggers_removed} triggers and the _migrator schema"
-                  + (f"; {on_target} triggers on the target (the rollback window is over)" if on_target else ""))
+    result = cleanup_mod.run(obj.cfg, release_freeze=release_freeze, migration=migration_id)
+    _emit(result, as_json, result.render_text)
 
 
 @exits({ExitCode.FINDING: "declined, or refused: nothing moves the clients back (--override no-switch), or another "

@@ -40,10 +40,11 @@ from typing import Any
 import psycopg
 from psycopg import pq, sql
 
-from migrator import capture, catalog, db, schema, state
+from migrator import catalog, db, schema, state
 from migrator import log as log_mod
 from migrator.catalog import Table
 from migrator.config import Config
+from migrator.deltalog import freeze
 from migrator.errors import CopyError, MigratorError, NotReady
 from migrator.log import get
 from migrator.redaction import KeyMask, database_error, scrub
@@ -496,7 +497,7 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
     rate = max_rate if max_rate is not None else cfg.copy.max_rate
     with db.session(cfg.target_dsn, role="target") as target, db.session(cfg.source_dsn, role="source") as holder:
         m = state.require_prepared(target)
-        if capture.is_frozen(holder):
+        if freeze.is_frozen(holder):
             raise NotReady("the legacy database is frozen after cutover; there is nothing to copy")
         holder.rollback()
         states = {s.display: s for s in state.tables(target)}

@@ -27,9 +27,10 @@ from typing import Any
 
 import psycopg
 
-from migrator import capture, catalog, db, gonogo, ownership, replay, rollback, state
+from migrator import catalog, db, gonogo, ownership, rollback, state, sync
 from migrator import verify as verify_mod
 from migrator.config import Config
+from migrator.deltalog import freeze as freezer
 from migrator.errors import Blocked, ConnectionFailed, MigratorError, NoGo, NotReady
 from migrator.log import get
 from migrator.state.lock import action_lock
@@ -204,7 +205,7 @@ class _Cutover:
     # --- the steps ----------------------------------------------------------------------------------------------
 
     def catch_up(self) -> str:
-        r = replay.sync(self.cfg)
+        r = sync.sync(self.cfg)
         return f"{r.events} events applied"
 
     def preflight(self) -> str:
@@ -218,7 +219,7 @@ class _Cutover:
             while state.cutover_held(self.target):
                 time.sleep(HOLD_POLL)
             held += time.monotonic() - t0
-            replay.sync(self.cfg)
+            sync.sync(self.cfg)
         self.source.autocommit = True
         self.tables = catalog.list_tables(self.source, self.cfg.tables)
         self.source.autocommit = False
@@ -261,7 +262,7 @@ class _Cutover:
 
     def freeze(self) -> str:
         self.freeze_started = time.monotonic()
-        r = capture.freeze(self.source, self.tables, self.cfg.cutover.freeze_lock_timeout)
+        r = freezer.freeze(self.source, self.tables, self.cfg.cutover.freeze_lock_timeout)
         self.freeze_started += r.waited  # before the attempt that froze, writers were not held
         return f"{len(self.tables)} tables frozen" + (
             f" (attempt {r.attempts}, after {r.waited:.2f}s of writers in flight)" if r.attempts > 1 else "")
@@ -272,7 +273,7 @@ class _Cutover:
     def unfreeze(self) -> str:
         try:
             self.source.rollback()
-            capture.release(self.source)
+            freezer.release(self.source)
             state.mark(self.target, "frozen", False)
         except psycopg.Error as exc:  # the freeze holds: say so loudly, never claim otherwise
             return (f"RELEASING THE FREEZE FAILED ({exc.__class__.__name__}): run `migrator release --yes` once the "
@@ -280,15 +281,15 @@ class _Cutover:
         return "the legacy database is writable again"
 
     def drain(self) -> str:
-        r = replay.sync(self.cfg)
+        r = sync.sync(self.cfg)
         self.report.events_drained = r.events
-        left = replay.lag(self.cfg)
+        left = sync.lag(self.cfg)
         if left.pending_events:
             raise MigratorError(f"{left.pending_events} events still pending after the drain")
         return f"{r.events} events applied"
 
     def verify(self) -> str:
-        left = replay.lag(self.cfg)
+        left = sync.lag(self.cfg)
         if left.pending_events:
             raise MigratorError(f"{left.pending_events} events not applied on the target")
         mode = self.cfg.cutover.verify
@@ -368,11 +369,11 @@ def release(cfg: Config) -> None:
     """Make the legacy database writable again after a cutover (explicit release; capture stays on)."""
     with db.session(cfg.source_dsn, role="source") as source, \
             db.session(cfg.target_dsn, role="target", autocommit=True) as target:
-        if not capture.is_frozen(source):
+        if not freezer.is_frozen(source):
             raise NotReady("the legacy database is not frozen; nothing to release")
         ownership.check(source, state.migration(target), "release")  # another migration's freeze: split brain
         source.rollback()
-        capture.release(source)
+        freezer.release(source)
         state.mark(target, "frozen", False)
         state.clear(target, "cutover_at")
         get(phase="release").info("release.done")

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg import sql
 
-from migrator import catalog, db, inspect, pooler, replay, state, status
+from migrator import catalog, db, inspect, pooler, state, status, sync
 from migrator.config import Config
 from migrator.redaction import scrub
 
@@ -71,7 +71,7 @@ class Checklist:
 
 
 def _lag(cfg: Config) -> tuple[State, str]:
-    lag = replay.lag(cfg)
+    lag = sync.lag(cfg)
     age = lag.oldest_pending_seconds or 0.0
     text = f"{lag.pending_events} events pending, oldest {age:.1f}s (bound {cfg.cutover.max_lag_seconds:g}s)"
     return ("pass" if age <= cfg.cutover.max_lag_seconds else "fail"), text

@@ -23,6 +23,7 @@ from psycopg import sql
 
 from migrator import db, state
 from migrator.config import CAPTURE_SCHEMA, CONTROL_SCHEMA
+from migrator.deltalog.triggers import trigger_sql
 from migrator.errors import Blocked, ConnectionFailed
 from migrator.log import get
 
@@ -114,8 +115,6 @@ def check_prepare(source: Conn, target: Conn) -> None:
 def claim(source: Conn, target: Conn, target_dsn: str) -> None:
     """Record this migration (the target's migration row) as the owner of the legacy database's capture, before
     prepare installs it; refuse when another migration recorded itself first (its prepare ran at the same time)."""
-    from migrator.capture import trigger_sql
-
     m = state.migration(target)
     assert m is not None and m.migration_id is not None
     with source.transaction(), source.cursor() as cur:

@@ -4,7 +4,7 @@ The cutover arms the rollback (`arm`) once the target holds everything and befor
 capture on the target (triggers/capture.sql and a key function per table, enabled ALWAYS), and records in the legacy
 database the target snapshot of that moment (triggers/rollback.sql). From then on every change written on the target
 is in the target's delta log. `run` replays that log onto the legacy database with the forward algorithm, roles
-swapped: batches cut by target snapshots, each applied by replay's applier in one legacy transaction that also
+swapped: batches cut by target snapshots, each applied by the delta log's Applier in one legacy transaction that also
 advances the recorded position. With a pooler the clients never reconnect:
 
     preflight → catch_up (reverse batches while clients still write) → pause (PgBouncer PAUSE) → freeze (the target
@@ -34,10 +34,14 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from migrator import capture, catalog, db, gonogo, replay, state
+from migrator import catalog, db, gonogo, prepare, state, sync
 from migrator import verify as verify_mod
 from migrator.catalog import Table
 from migrator.config import CAPTURE_SCHEMA, Config
+from migrator.deltalog import freeze as freezer
+from migrator.deltalog import snapshot, triggers
+from migrator.deltalog.apply import Applier
+from migrator.deltalog.snapshot import Snapshot
 from migrator.errors import Blocked, MigratorError, NoGo, NotReady, SchemaChanged
 from migrator.log import get
 from migrator.state.lock import action_lock
@@ -75,7 +79,7 @@ def stage(cfg: Config) -> str:
     """
     with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
         tables = catalog.list_tables(target, cfg.tables)
-        installed = capture.install(target, tables, lock_timeout=cfg.sync.lock_timeout, enabled=False)
+        installed = triggers.install(target, tables, lock_timeout=cfg.sync.lock_timeout, enabled=False)
     get(phase="cutover").info("rollback.staged", tables=len(tables), triggers_installed=installed)
     return f"capture staged (disabled) on {len(tables)} target tables"
 
@@ -91,12 +95,12 @@ def arm(cfg: Config) -> str:
             db.session(cfg.source_dsn, role="source", autocommit=True) as legacy:
         tables = catalog.list_tables(target, cfg.tables)
         # Staged tables are skipped (present, disabled); any other is installed, disabled, and enabled with them.
-        installed = capture.install(target, tables, lock_timeout=cfg.sync.lock_timeout, enabled=False)
-        enabled = capture.enable_triggers(target, tables, lock_timeout=cfg.sync.lock_timeout)
+        installed = triggers.install(target, tables, lock_timeout=cfg.sync.lock_timeout, enabled=False)
+        enabled = triggers.enable_triggers(target, tables, lock_timeout=cfg.sync.lock_timeout)
         row = target.execute("SELECT pg_current_snapshot()::text").fetchone()
         assert row is not None
         with legacy.transaction(), legacy.cursor() as cur:
-            cur.execute(sql.SQL(capture.trigger_sql("rollback.sql")))  # type: ignore[arg-type]
+            cur.execute(sql.SQL(triggers.trigger_sql("rollback.sql")))  # type: ignore[arg-type]
             cur.execute(sql.SQL("INSERT INTO {} (id, target_snapshot) VALUES (1, %s) ON CONFLICT (id) DO UPDATE "
                                 "SET target_snapshot = excluded.target_snapshot, armed_at = now(), "
                                 "events_applied = 0, updated_at = now()").format(_position_table()), (row[0],))
@@ -115,7 +119,7 @@ def disarm(cfg: Config) -> int:
     removed = 0
     with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
         if _has_capture(target):
-            removed = capture.remove(target, cfg.sync.lock_timeout, where="target ")
+            removed = triggers.remove(target, cfg.sync.lock_timeout, where="target ")
     with db.session(cfg.source_dsn, role="source", autocommit=True) as legacy:
         if _has_capture(legacy):
             legacy.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(_position_table()))
@@ -134,7 +138,7 @@ def _armed_at(legacy: psycopg.Connection[Any]) -> str | None:
 # --- the reverse replay -------------------------------------------------------------------------------------------
 
 class _Reverse:
-    """Replays the target's delta log onto the legacy database: replay's applier with the roles swapped."""
+    """Replays the target's delta log onto the legacy database: the delta log's Applier with the roles swapped."""
 
     def __init__(self, cfg: Config, tables: dict[int, Table]) -> None:
         self.cfg = cfg
@@ -143,7 +147,7 @@ class _Reverse:
         self.reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         self.reader.read_only = True
         self.legacy = db.connect(cfg.source_dsn, role="source")
-        self.applier = replay._Applier(self.legacy, tables)
+        self.applier = Applier(self.legacy, tables)
 
     def close(self) -> None:
         for conn in (self.reader, self.legacy):
@@ -161,24 +165,18 @@ class _Reverse:
                     sql.Literal(f"{int(self.cfg.sync.statement_timeout * 1000)}ms")))
                 row = scur.execute("SELECT pg_current_snapshot()::text").fetchone()
                 assert row is not None
-                cur_snap = replay.Snapshot.parse(row[0])
+                cur_snap = Snapshot.parse(row[0])
                 lcur.execute("SET LOCAL session_replication_role = replica")
                 row = lcur.execute(sql.SQL("SELECT target_snapshot FROM {} WHERE id = 1 FOR UPDATE")
                                    .format(_position_table())).fetchone()
                 if row is None:
                     raise NotReady("the rollback position vanished from the legacy database (cleanup ran?)")
-                applied = replay.Snapshot.parse(row[0])
+                applied = Snapshot.parse(row[0])
                 if not cur_snap.includes(applied):
                     legacy.rollback()  # another rollback run applied a newer snapshot meanwhile
                     return 0
-                window = sql.SQL(
-                    "e.txid >= pg_snapshot_xmin({prev}::pg_snapshot) AND e.txid < pg_snapshot_xmax({cur}::pg_snapshot) "
-                    "AND pg_visible_in_snapshot(e.txid, {cur}::pg_snapshot) "
-                    "AND NOT pg_visible_in_snapshot(e.txid, {prev}::pg_snapshot)"
-                ).format(prev=sql.Literal(applied.text), cur=sql.Literal(cur_snap.text))
-                scur.execute(sql.SQL("SELECT e.rel::bigint, count(*), bool_or(e.op = 'T') FROM {}.delta_log AS e "
-                                     "WHERE {} GROUP BY e.rel").format(sql.Identifier(CAPTURE_SCHEMA), window))
-                changed = [(int(r[0]), int(r[1]), bool(r[2])) for r in scur.fetchall()]
+                window = snapshot.window(applied, cur_snap)
+                changed = self.applier.changed(scur, window)
                 events = sum(n for _, n, _ in changed)
                 if changed:
                     # Tables without a key have no copy boundary here: the position was taken with nothing in flight.
@@ -203,7 +201,7 @@ class _Reverse:
         self.legacy.rollback()
         assert row is not None
         try:
-            return replay.pending(self.reader, row[0]).pending_events
+            return sync.pending(self.reader, row[0]).pending_events
         finally:
             self.reader.rollback()
 
@@ -211,7 +209,7 @@ class _Reverse:
 def _target_tables(cfg: Config, target: psycopg.Connection[Any], legacy: psycopg.Connection[Any]) -> dict[int, Table]:
     """The captured target tables by oid; SchemaChanged when DDL changed one since cutover or the legacy side differs."""
     tables = catalog.list_tables(target, cfg.tables)
-    captured = capture.installed_tables(target)
+    captured = triggers.installed_tables(target)
     changed = [t.display for t in tables
                if t.oid not in captured or captured[t.oid][2] != t.fingerprint or captured[t.oid][3] != t.key]
     if changed:
@@ -219,7 +217,7 @@ def _target_tables(cfg: Config, target: psycopg.Connection[Any], legacy: psycopg
                             hint="Undo the schema change on the target (or apply it to the legacy database and run "
                                  "`migrator cleanup` to end the rollback window); rollback replays rows only.")
     try:
-        capture.check_target_columns(legacy, tables)
+        prepare.check_target_columns(legacy, tables)
     except MigratorError as exc:
         raise SchemaChanged(f"the legacy database's tables differ from the target's: {exc}") from exc
     return {t.oid: t for t in tables}
@@ -386,7 +384,7 @@ class _Rollback:
 
     def preflight(self) -> str:
         self.tables = _target_tables(self.cfg, self.target, self.legacy)
-        if not capture.is_frozen(self.legacy):
+        if not freezer.is_frozen(self.legacy):
             raise Blocked("the legacy database is not frozen: it may have taken writes since cutover, and "
                           "replaying the target's changes over them could lose some",
                           hint="Compare both sides with `migrator verify` and decide by hand.")
@@ -421,13 +419,13 @@ class _Rollback:
         return said
 
     def freeze(self) -> str:
-        r = capture.freeze(self.target, list(self.tables.values()), self.cfg.cutover.freeze_lock_timeout,
+        r = freezer.freeze(self.target, list(self.tables.values()), self.cfg.cutover.freeze_lock_timeout,
                            side="the target")
         return f"{len(self.tables)} target tables frozen" + (f" (attempt {r.attempts})" if r.attempts > 1 else "")
 
     def release_target(self) -> str:
         try:
-            capture.release(self.target)
+            freezer.release(self.target)
         except psycopg.Error as exc:
             return (f"RELEASING THE TARGET FAILED ({exc.__class__.__name__}): the target rejects writes; run "
                     "`migrator rollback --yes` again or release it by hand")
@@ -466,12 +464,12 @@ class _Rollback:
         return f"{self.report.sequences_set} legacy sequences at or past the target's"
 
     def release(self) -> str:
-        capture.release(self.legacy)
+        freezer.release(self.legacy)
         return "the legacy database takes writes again (capture on)"
 
     def refreeze_legacy(self) -> str:
         try:
-            capture.freeze(self.legacy, catalog.list_tables(self.legacy, self.cfg.tables),
+            freezer.freeze(self.legacy, catalog.list_tables(self.legacy, self.cfg.tables),
                            self.cfg.cutover.freeze_lock_timeout)
         except (psycopg.Error, MigratorError) as exc:
             return (f"REFREEZING THE LEGACY DATABASE FAILED ({exc.__class__.__name__}): clients not behind the pooler "

@@ -8,8 +8,9 @@ from typing import Any
 
 import psycopg
 
-from migrator import capture, db, replay, state
+from migrator import db, state, sync
 from migrator.config import Config
+from migrator.deltalog import freeze, rotation
 from migrator.errors import ConnectionFailed
 from migrator.redaction import scrub
 
@@ -86,12 +87,12 @@ def read(cfg: Config) -> Status:
         return st
     try:
         with db.session(cfg.source_dsn, role="source", autocommit=True) as source:
-            st.frozen = capture.is_frozen(source)
-            lag = replay.pending(source, pos.applied_snapshot if pos else None)
+            st.frozen = freeze.is_frozen(source)
+            lag = sync.pending(source, pos.applied_snapshot if pos else None)
             st.sync.update(pending_events=lag.pending_events, lag_seconds=lag.oldest_pending_seconds)
             if lag.oldest_pending_seconds and lag.oldest_pending_seconds > 60 and m.copy_finished_at is not None:
                 st.warnings.append(f"sync is {lag.oldest_pending_seconds:.0f}s behind: is `migrator sync --follow` running?")
-            children = capture.log_children(source)
+            children = rotation.log_children(source)
             st.sync["delta_log"] = {"rows": sum(c.rows for c in children), "bytes": sum(c.bytes for c in children),
                                     "children": [c.to_dict() for c in children]}
             st.warnings += _log_warnings(cfg, children, lag, pos, now[0] if now else None)
@@ -111,7 +112,7 @@ def require_prepared(cfg: Config, *, after_cleanup: bool = False) -> None:
         return
 
 
-def _log_warnings(cfg: Config, children: list[capture.LogChild], lag: replay.Lag, pos: state.Position | None,
+def _log_warnings(cfg: Config, children: list[rotation.LogChild], lag: sync.Lag, pos: state.Position | None,
                   now: dt.datetime | None) -> list[str]:
     """The delta log grows on the legacy server, or sync stopped moving while changes wait."""
     warnings = []

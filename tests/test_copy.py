@@ -14,9 +14,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from migrator import capture, copy, replay, state
+from migrator import copy, prepare, state, sync
 from migrator.config import CONTROL_SCHEMA, Config
-from migrator.replay import Snapshot
+from migrator.deltalog.snapshot import Snapshot
 from tests.helpers import fetch, run_sql
 from tests.test_crash_and_concurrency import Processes, assert_same_rows, wait_for
 
@@ -57,7 +57,7 @@ def test_text_keyed_table_is_split_into_chunks_and_copied_exactly(
 ) -> None:
     run_sql(source_dsn, STUDY.format(rows=30_000), "VACUUM ANALYZE")
     cfg = chunked(make_config)
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
 
     result = copy.run(cfg)
 
@@ -77,7 +77,7 @@ def test_text_keyed_table_is_split_into_chunks_and_copied_exactly(
 def test_several_worker_processes_share_the_chunks(source_dsn: str, target_dsn: str, tmp_path: Path,
                                                    make_config: Any) -> None:
     run_sql(source_dsn, STUDY.format(rows=40_000), "VACUUM ANALYZE")
-    capture.prepare(chunked(make_config))
+    prepare.prepare(chunked(make_config))
     procs = Processes(config_file(tmp_path, source_dsn, target_dsn, chunk_mb=0.3))
     try:
         # Workers started first wait for the coordinator's snapshot, then claim chunks beside its own worker.
@@ -110,7 +110,7 @@ def _progress(target_dsn: str) -> int:
 def test_pause_is_honoured_within_seconds(make_config: Any, source_dsn: str, target_dsn: str, tmp_path: Path) -> None:
     run_sql(source_dsn, STUDY.format(rows=80_000), "VACUUM ANALYZE")
     cfg = chunked(make_config)
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     procs = Processes(config_file(tmp_path, source_dsn, target_dsn))
     try:
         proc = procs.start("copy", "--max-rate", "1", "--json")
@@ -183,7 +183,7 @@ def test_copy_killed_mid_table_resumes_chunks_and_meets_the_delta_log(
 ) -> None:
     run_sql(source_dsn, STUDY.format(rows=40_000), "VACUUM ANALYZE")
     cfg = chunked(make_config)
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     writer = UidWriter(source_dsn)
     writer.start()
     procs = Processes(config_file(tmp_path, source_dsn, target_dsn, chunk_mb=0.3))
@@ -207,12 +207,12 @@ def test_copy_killed_mid_table_resumes_chunks_and_meets_the_delta_log(
         resumed = json.loads(procs.run("copy", "--json", timeout=120).stdout)
 
         time.sleep(0.5)
-        replay.sync(cfg)
+        sync.sync(cfg)
         time.sleep(0.5)
     finally:
         writer.finish()
         procs.kill_all()
-    final = replay.sync(cfg)
+    final = sync.sync(cfg)
 
     second = {(r[0], r[1]): r for r in chunk_rows(target_dsn)}
     first_snapshot = Snapshot.parse(next(first[k][5] for k in kept))
@@ -236,9 +236,9 @@ def test_copy_tables_while_sync_follows_stops_sync_until_the_table_is_copied_aga
 ) -> None:
     run_sql(source_dsn, STUDY.format(rows=20_000), "VACUUM ANALYZE")
     cfg = chunked(make_config)
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
-    replay.sync(cfg)
+    sync.sync(cfg)
     procs = Processes(config_file(tmp_path, source_dsn, target_dsn))
     try:
         follower = procs.start("sync", "--follow")

@@ -29,9 +29,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from migrator import capture, copy, db, replay
+from migrator import copy, db, prepare, sync
 from migrator.config import CAPTURE_SCHEMA, CONTROL_SCHEMA, Config
-from migrator.replay import Snapshot
+from migrator.deltalog.snapshot import Snapshot
 from tests.helpers import fetch, run_sql
 
 pytestmark = pytest.mark.slow
@@ -388,11 +388,11 @@ def test_copy_and_delta_log_meet_exactly_under_concurrent_writers(
     follower: Background | None = None
     try:
         time.sleep(0.3)
-        capture.prepare(cfg)
+        prepare.prepare(cfg)
         before = writers.commits
         result = copy.run(cfg)
         during_copy = writers.commits - before
-        follower = Background(lambda: replay.sync(fast(cfg), follow=True, stop=stop_sync))
+        follower = Background(lambda: sync.sync(fast(cfg), follow=True, stop=stop_sync))
         follower.start()
         time.sleep(2.0)
         writers.stop()
@@ -405,7 +405,7 @@ def test_copy_and_delta_log_meet_exactly_under_concurrent_writers(
         if follower is not None:
             follower.join(timeout=60)
 
-    final = replay.sync(cfg)
+    final = sync.sync(cfg)
 
     print(f"copy {result.seconds:.2f}s with {during_copy} writer commits meanwhile; {writers.commits} commits, "
           f"{writers.rollbacks} rollbacks; follow applied {followed.events}, final sync {final.events}")
@@ -420,7 +420,7 @@ def test_long_transaction_committing_after_copy_is_replayed(
     cfg: Config, source_dsn: str, target_dsn: str, touch_copied_rows: bool
 ) -> None:
     make_source(source_dsn, {"item": 2_000}, {"tally": 1_000})
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     with psycopg.connect(source_dsn, application_name="test-long-transaction") as long:
         long.execute("INSERT INTO item (id, val, note) SELECT g, 1, 'long' FROM generate_series(100001, 100020) g")
         long.execute("INSERT INTO tally (a, b) SELECT 7, 'long' FROM generate_series(1, 5)")
@@ -440,7 +440,7 @@ def test_long_transaction_committing_after_copy_is_replayed(
                 "DELETE FROM item WHERE id = 8",
                 "INSERT INTO tally (a, b) VALUES (3, 'short'), (3, 'short')")
 
-        first = replay.sync(cfg)
+        first = sync.sync(cfg)
 
         moved = position(target_dsn)
         assert first.events == 5
@@ -451,7 +451,7 @@ def test_long_transaction_committing_after_copy_is_replayed(
             assert fetch(target_dsn, "SELECT note FROM item WHERE id = 5") == [(copied_note(5),)]
         long.commit()
 
-    second = replay.sync(cfg)
+    second = sync.sync(cfg)
 
     assert second.events == 20 + 5 + (3 if touch_copied_rows else 0)
     assert fetch(target_dsn, "SELECT count(*) FROM item WHERE note = 'long'") == [(20,)]
@@ -506,7 +506,7 @@ def test_sync_killed_at_random_moments_loses_and_doubles_nothing(
     cfg: Config, source_dsn: str, target_dsn: str, processes: Processes
 ) -> None:
     make_source(source_dsn, {"item": 20_000}, {"tally": 20_000})
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     writers = Writers(source_dsn, {"item": 20_000}, ["tally"], n=2, pause=0.002).start()
     rng = random.Random()
     seed = rng.randrange(1 << 30)
@@ -550,7 +550,7 @@ def test_copy_killed_then_resumed_keeps_boundary(
 ) -> None:
     keyed = {"big": 300_000, "medium": 150_000, "small": 2_000}
     make_source(source_dsn, keyed, {"tally": 60_000})
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     writers = Writers(source_dsn, keyed, ["tally"], n=2, pause=0.002).start()
     state_query = sql.SQL("SELECT table_name, status, copy_snapshot, copy_finished_at FROM {}.table_state "
                           "ORDER BY table_name").format(sql.Identifier(CONTROL_SCHEMA)).as_string(None)
@@ -598,7 +598,7 @@ def test_terminated_source_backend_is_retried(
     cfg: Config, source_dsn: str, target_dsn: str, processes: Processes
 ) -> None:
     make_source(source_dsn, {"item": 5_000}, {"tally": 5_000})
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     writers = Writers(source_dsn, {"item": 5_000}, ["tally"], n=2, pause=0.002).start()
     backends = Backends(source_dsn, target_dsn)
     terminated: list[str] = []
@@ -683,7 +683,7 @@ def test_two_syncs_at_once_never_apply_a_batch_twice(
     cfg: Config, source_dsn: str, target_dsn: str, processes: Processes, tmp_path: Path
 ) -> None:
     make_source(source_dsn, {"item": 5_000}, {"tally": 5_000})
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     # Next to no pause between batches: the two processes race for every batch.
     write_config(tmp_path, source_dsn, target_dsn, poll_interval=0.001)
     writers = Writers(source_dsn, {"item": 5_000}, ["tally"], n=3).start()

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from migrator import capture, copy, cutover, replay
+from migrator import copy, cutover, prepare, sync
 from migrator.config import Config
 from tests.helpers import fetch, run_sql
 
@@ -35,9 +35,9 @@ SCHEMA = (
 def migrated(cfg: Config, source_dsn: str) -> None:
     """A source with the schema above, prepared, copied and caught up."""
     run_sql(source_dsn, *SCHEMA)
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
-    replay.sync(cfg)
+    sync.sync(cfg)
 
 
 def write_config(path: Path, source_dsn: str, target_dsn: str, **cutover_settings: Any) -> Path:
@@ -323,7 +323,7 @@ def test_serial_identity_and_free_sequences_continue_past_the_source_after_cutov
         "INSERT INTO public.ib (v) SELECT 'a' FROM generate_series(1, 40)",
         "SELECT nextval('public.accession_no') FROM generate_series(1, 3)",
     )
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
     # Values drawn after the copy reach the target only through replay and the sequences step.
     run_sql(
@@ -335,7 +335,7 @@ def test_serial_identity_and_free_sequences_continue_past_the_source_after_cutov
         "DELETE FROM public.s WHERE id > 50",  # the highest values are gone, the sequence still moved past them
         "SELECT nextval('public.accession_no') FROM generate_series(1, 4)",
     )
-    replay.sync(cfg)
+    sync.sync(cfg)
 
     report = cutover.run(cfg)
 

@@ -12,8 +12,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from migrator import capture, copy, cutover, replay, rollback
+from migrator import cleanup, copy, cutover, prepare, rollback, sync
 from migrator.config import Config
+from migrator.deltalog import triggers
 from migrator.errors import NotReady, SchemaChanged
 from tests.helpers import fetch, run_sql
 
@@ -54,11 +55,11 @@ def position(target_dsn: str) -> list[tuple[Any, ...]]:
 
 def synced(cfg: Config, source_dsn: str) -> None:
     run_sql(source_dsn, *SCHEMA)
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
     run_sql(source_dsn, "INSERT INTO public.study VALUES (101, '1.2.101', 'after copy')",
             "UPDATE public.series SET modality = 'MR' WHERE id <= 10")
-    replay.sync(cfg)
+    sync.sync(cfg)
 
 
 def cli(source_dsn: str, target_dsn: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -79,7 +80,7 @@ def test_added_column_stops_sync_naming_the_table_and_leaves_the_position_unchan
             "INSERT INTO public.study VALUES (102, '1.2.102', 'after alter', 'ACC-1')")
 
     with pytest.raises(SchemaChanged, match=r"public\.study was altered"):
-        replay.sync(cfg)
+        sync.sync(cfg)
     proc = cli(source_dsn, target_dsn, tmp_path, "sync", "--until-caught-up")
 
     assert proc.returncode != 0
@@ -98,13 +99,13 @@ def test_a_key_columns_type_change_is_refused_naming_the_trigger_and_other_ddl_s
     # database while capture is installed (a clear DDL error, rather than sessions that cached the old type failing
     # their updates later). Other columns change as before, and sync stops naming the table.
     synced(cfg, source_dsn)
-    with pytest.raises(psycopg.errors.FeatureNotSupported, match=capture.KEY_CHANGE_TRIGGER):
+    with pytest.raises(psycopg.errors.FeatureNotSupported, match=triggers.KEY_CHANGE_TRIGGER):
         run_sql(source_dsn, "ALTER TABLE public.study ALTER COLUMN id TYPE bigint")
     run_sql(source_dsn, "UPDATE public.study SET note = 'still written' WHERE id = 3")
     run_sql(source_dsn, "ALTER TABLE public.study ALTER COLUMN note TYPE varchar(200)")
 
     with pytest.raises(SchemaChanged, match=r"public\.study was altered"):
-        replay.sync(cfg)
+        sync.sync(cfg)
 
 
 def test_a_leftover_subclass_flag_does_not_stop_sync(cfg: Config, source_dsn: str, target_dsn: str) -> None:
@@ -113,14 +114,14 @@ def test_a_leftover_subclass_flag_does_not_stop_sync(cfg: Config, source_dsn: st
     run_sql(source_dsn, "CREATE TEMP TABLE scratch () INHERITS (public.study)", "DROP TABLE scratch",
             "UPDATE public.study SET note = 'after the temp child' WHERE id = 4")
 
-    replay.sync(cfg)
+    sync.sync(cfg)
 
     assert fetch(target_dsn, "SELECT note FROM public.study WHERE id = 4") == [("after the temp child",)]
     # While a child exists, statement-level capture would not see rows written through the parent: sync says why.
     with psycopg.connect(source_dsn, autocommit=True) as holder:
         holder.execute("CREATE TEMP TABLE scratch () INHERITS (public.study)")
         with pytest.raises(SchemaChanged, match=r"public\.study \(now in an inheritance tree"):
-            replay.sync(cfg)
+            sync.sync(cfg)
 
 
 def test_a_new_key_is_ddl_that_stops_sync(cfg: Config, source_dsn: str, target_dsn: str) -> None:
@@ -128,7 +129,7 @@ def test_a_new_key_is_ddl_that_stops_sync(cfg: Config, source_dsn: str, target_d
     # keyed differently from then on, which sync must not apply with the old key's triggers.
     run_sql(source_dsn, *SCHEMA, "CREATE TABLE public.device (serial text NOT NULL UNIQUE, n int NOT NULL)",
             "INSERT INTO public.device SELECT 'SN' || g, g FROM generate_series(1, 5) g")
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
     # Logged by the old key (serial), not yet applied when the key changes:
     run_sql(source_dsn, "UPDATE public.device SET n = n + 100 WHERE serial IN ('SN1', 'SN2')",
@@ -137,16 +138,16 @@ def test_a_new_key_is_ddl_that_stops_sync(cfg: Config, source_dsn: str, target_d
             "UPDATE public.device SET serial = 'SN4b' WHERE n = 4")
 
     with pytest.raises(SchemaChanged, match=r"public\.device's key changed \(from serial to n\)"):
-        replay.sync(cfg)
+        sync.sync(cfg)
 
     # The runbook: the same DDL on the target, prepare (the table goes back to pending), copy, sync.
     run_sql(target_dsn, "ALTER TABLE public.device ADD PRIMARY KEY (n)")
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     assert fetch(target_dsn, "SELECT status FROM migrator_control.table_state WHERE table_name = 'device'") == [
         ("pending",)]
     copy.run(cfg)
     run_sql(source_dsn, "UPDATE public.device SET serial = 'SN5b' WHERE n = 5")
-    replay.sync(cfg)
+    sync.sync(cfg)
     assert fetch(target_dsn, "SELECT serial, n FROM public.device ORDER BY n") == fetch(
         source_dsn, "SELECT serial, n FROM public.device ORDER BY n")
 
@@ -159,7 +160,7 @@ def test_new_table_in_an_included_schema_stops_sync_naming_it(
             "INSERT INTO public.study VALUES (102, '1.2.102', 'pending')")
 
     with pytest.raises(SchemaChanged, match=r"new table public\.dose_report"):
-        replay.sync(cfg)
+        sync.sync(cfg)
     assert position(target_dsn) == before
 
     # The hint's way out for a new table: prepare (creates it on the target and captures it), copy, sync.
@@ -167,10 +168,10 @@ def test_new_table_in_an_included_schema_stops_sync_naming_it(
             "CREATE INDEX dose_report_gy ON public.dose_report (gy)",
             # A name pg_dump would read as a pattern unless quoted exactly: a dot, a wildcard, capitals.
             'CREATE TABLE public."Plan.V*" (id serial PRIMARY KEY, note text DEFAULT \'x\')', 'INSERT INTO public."Plan.V*" DEFAULT VALUES')
-    assert capture.prepare(cfg).triggers_installed == 2
+    assert prepare.prepare(cfg).triggers_installed == 2
     assert sorted(c.table for c in copy.run(cfg).copied) == ["public.Plan.V*", "public.dose_report"]
     run_sql(source_dsn, "INSERT INTO public.dose_report VALUES (2, 1.5)")
-    replay.sync(cfg)
+    sync.sync(cfg)
     for table in ("public.study", "public.dose_report", 'public."Plan.V*"'):
         assert rows(target_dsn, table) == rows(source_dsn, table), table
     indexes = "SELECT indexname FROM pg_indexes WHERE tablename = 'dose_report' ORDER BY 1"
@@ -194,11 +195,11 @@ def test_altered_table_is_recopied_after_the_ddl_reaches_the_target_and_sync_res
             "INSERT INTO public.series VALUES (151, 103, 'US')",
             "INSERT INTO public.audit (what) VALUES ('after alter')")
     with pytest.raises(SchemaChanged):
-        replay.sync(cfg)
+        sync.sync(cfg)
 
     # The way out: the same DDL on the target, prepare (new definition, table back to pending), copy, sync.
     run_sql(target_dsn, "ALTER TABLE public.study ADD COLUMN accession text")
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     assert fetch(target_dsn, "SELECT status FROM migrator_control.table_state WHERE table_name = 'study'") == \
         [("pending",)]
     result = copy.run(cfg)
@@ -208,7 +209,7 @@ def test_altered_table_is_recopied_after_the_ddl_reaches_the_target_and_sync_res
             "INSERT INTO public.study VALUES (104, '1.2.104', 'after recopy', 'ACC-104')",
             "UPDATE public.study SET accession = 'ACC-8', note = 'after recopy' WHERE id = 8",
             "INSERT INTO public.audit (what) VALUES ('after recopy')")
-    replay.sync(cfg)
+    sync.sync(cfg)
 
     for table in ("public.study", "public.series", "public.audit"):
         assert rows(target_dsn, table) == rows(source_dsn, table), table
@@ -219,22 +220,22 @@ def test_altered_table_is_recopied_after_the_ddl_reaches_the_target_and_sync_res
 def test_prepare_again_restores_a_capture_trigger_dropped_by_hand(
         cfg: Config, source_dsn: str, target_dsn: str) -> None:
     synced(cfg, source_dsn)
-    run_sql(source_dsn, f"DROP TRIGGER {capture.KEY_CHANGE_TRIGGER} ON public.study")
+    run_sql(source_dsn, f"DROP TRIGGER {triggers.KEY_CHANGE_TRIGGER} ON public.study")
     with pytest.raises(SchemaChanged, match=r"capture triggers of public\.study") as info:
-        replay.sync(cfg)  # changes could go unlogged: sync says so rather than go on
+        sync.sync(cfg)  # changes could go unlogged: sync says so rather than go on
     assert "migrator prepare" in info.value.hint
 
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     run_sql(source_dsn, "ALTER TABLE public.series DISABLE TRIGGER _migrator_capture_upd")
     with pytest.raises(SchemaChanged, match=r"capture triggers of public\.series"):
-        replay.sync(cfg)  # disabled is as bad as dropped
-    capture.prepare(cfg)
+        sync.sync(cfg)  # disabled is as bad as dropped
+    prepare.prepare(cfg)
 
     assert fetch(source_dsn, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.study'::regclass "
                              "AND tgname LIKE '\\_migrator%%'") == [(5,)]
     # The old key of a moved row is captured again: without it the target would keep the row under both keys.
     run_sql(source_dsn, "UPDATE public.study SET id = 1001 WHERE id = 101")
-    replay.sync(cfg)
+    sync.sync(cfg)
     assert fetch(target_dsn, "SELECT id FROM public.study WHERE id IN (101, 1001)") == [(1001,)]
 
 
@@ -244,22 +245,22 @@ def test_cleanup_removes_every_trace_from_the_legacy_database(
         cfg: Config, source_dsn: str, target_dsn: str) -> None:
     run_sql(source_dsn, *SCHEMA)
     before = catalog_counts(source_dsn)
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
     run_sql(source_dsn, "INSERT INTO public.study VALUES (101, '1.2.101', 'x')", "TRUNCATE public.audit")
-    replay.sync(cfg)
+    sync.sync(cfg)
     # Keyed tables: three statement-level key triggers, the key-change row trigger and a TRUNCATE trigger, and a key
     # function each; the keyless audit table: a row trigger and a TRUNCATE trigger on the shared capture() function.
     assert traces(source_dsn) == {"schema": 1, "triggers": 12, "functions": 3}
 
-    result = capture.cleanup(cfg)
+    result = cleanup.run(cfg)
 
     assert result.triggers_removed == 12
     assert traces(source_dsn) == {"schema": 0, "triggers": 0, "functions": 0}
     assert catalog_counts(source_dsn) == before
     # The application writes as before, and nothing is recorded any more; cleanup again is harmless.
     run_sql(source_dsn, "INSERT INTO public.study VALUES (102, '1.2.102', 'y')")
-    assert capture.cleanup(cfg).triggers_removed == 0
+    assert cleanup.run(cfg).triggers_removed == 0
     assert catalog_counts(source_dsn) == before
 
 
@@ -267,22 +268,22 @@ def test_cleanup_after_cutover_refuses_unless_the_freeze_is_released(
         make_config: Any, source_dsn: str, target_dsn: str) -> None:
     cfg = make_config(cutover={"switch_command": "true"})
     run_sql(source_dsn, *SCHEMA)
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
     assert cutover.run(cfg).ok
 
     with pytest.raises(NotReady, match="frozen") as info:
-        capture.cleanup(cfg)
+        cleanup.run(cfg)
     assert "--release-freeze" in info.value.hint
     with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
         run_sql(source_dsn, "INSERT INTO public.study VALUES (500, 'x', 'x')")
     assert traces(source_dsn)["triggers"] == 12
     with pytest.raises(NotReady, match="frozen"):
-        capture.prepare(cfg)  # writing the capture functions again would lift the freeze
+        prepare.prepare(cfg)  # writing the capture functions again would lift the freeze
     with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
         run_sql(source_dsn, "INSERT INTO public.study VALUES (500, 'x', 'x')")
 
-    capture.cleanup(cfg, release_freeze=True)
+    cleanup.run(cfg, release_freeze=True)
 
     assert traces(source_dsn) == {"schema": 0, "triggers": 0, "functions": 0}
     run_sql(source_dsn, "INSERT INTO public.study VALUES (500, 'x', 'x')")
@@ -295,7 +296,7 @@ def test_target_never_receives_engine_objects(make_config: Any, source_dsn: str,
             "CREATE FUNCTION public.touch() RETURNS trigger LANGUAGE plpgsql AS "
             "$$BEGIN NEW.note := coalesce(NEW.note, 'touched'); RETURN NEW; END$$",
             "CREATE TRIGGER study_touch BEFORE INSERT ON public.study FOR EACH ROW EXECUTE FUNCTION public.touch()")
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     assert traces(target_dsn) == {"schema": 0, "triggers": 0, "functions": 0}
     copy.run(cfg)  # post-data: indexes, constraints, triggers
 
@@ -303,13 +304,13 @@ def test_target_never_receives_engine_objects(make_config: Any, source_dsn: str,
     assert fetch(target_dsn, "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal") == [("study_touch",)]
 
     run_sql(source_dsn, "INSERT INTO public.study (id, uid) VALUES (101, '1.2.101')")
-    replay.sync(cfg)
+    sync.sync(cfg)
     assert cutover.run(cfg).ok
 
     # The rollback window: from cutover until cleanup, capture on the target records what clients write there.
     assert traces(target_dsn)["schema"] == 1
     assert fetch(target_dsn, "SELECT note FROM public.study WHERE id = 101") == [("touched",)]
-    capture.cleanup(cfg, release_freeze=True)
+    cleanup.run(cfg, release_freeze=True)
     rollback.disarm(cfg)
     assert traces(target_dsn) == {"schema": 0, "triggers": 0, "functions": 0}
     assert fetch(target_dsn, "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal") == [("study_touch",)]
@@ -329,7 +330,7 @@ def test_prepare_refuses_a_target_role_that_may_not_silence_triggers_and_names_t
         cfg = make_config(target={"dsn": psycopg.conninfo.make_conninfo(target_dsn, user=role)})
         run_sql(source_dsn, "CREATE TABLE public.t (id int PRIMARY KEY)")
         with pytest.raises(Blocked, match="session_replication_role") as refused:
-            capture.prepare(cfg)
+            prepare.prepare(cfg)
         assert "GRANT SET ON PARAMETER session_replication_role" in (refused.value.hint or "")
         assert fetch(target_dsn, "SELECT count(*) FROM pg_namespace WHERE nspname = 'migrator_control'") == [(0,)], \
             "nothing is created before the check"
@@ -337,10 +338,10 @@ def test_prepare_refuses_a_target_role_that_may_not_silence_triggers_and_names_t
         # With the grant, a role that owns the target database is enough for the whole migration.
         run_sql(admin_dsn, f'GRANT SET ON PARAMETER session_replication_role TO "{role}"')
         run_sql(source_dsn, "INSERT INTO public.t SELECT generate_series(1, 100)")
-        capture.prepare(cfg)
+        prepare.prepare(cfg)
         copy.run(cfg)
         run_sql(source_dsn, "DELETE FROM public.t WHERE id <= 10", "INSERT INTO public.t VALUES (1000)")
-        replay.sync(cfg)
+        sync.sync(cfg)
         assert fetch(target_dsn, "SELECT count(*), max(id) FROM public.t") == [(91, 1000)]
     finally:
         run_sql(admin_dsn, f'ALTER DATABASE "{dbname}" OWNER TO postgres')

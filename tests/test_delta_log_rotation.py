@@ -17,8 +17,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from migrator import capture, catalog, copy, status
+from migrator import catalog, copy, prepare, status
 from migrator.config import CAPTURE_SCHEMA, Config
+from migrator.deltalog import freeze, rotation
 from tests.helpers import fetch, run_sql
 from tests.test_crash_and_concurrency import (
     Processes,
@@ -90,7 +91,7 @@ def test_children_rotate_and_are_truncated_under_a_workload_and_every_row_arrive
     cfg: Config, source_dsn: str, target_dsn: str, rotating: Processes
 ) -> None:
     make_source(source_dsn, {"item": 10_000}, {"tally": 5_000})
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
     watch = LogWatch(source_dsn)
     writers = Writers(source_dsn, {"item": 10_000}, ["tally"], n=2, pause=0.002).start()
@@ -121,7 +122,7 @@ def test_long_transaction_writing_across_a_switch_holds_its_child_and_is_applied
     make_source(source_dsn, {"item": 5_000}, {"tally": 2_000})
     # Rows of values the writers never touch (their tally rows have a < 50), so that the counts below are exact.
     run_sql(source_dsn, "INSERT INTO tally VALUES (1009, 'before')")
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
     watch = LogWatch(source_dsn)
     writers = Writers(source_dsn, {"item": 5_000}, ["tally"], n=2, pause=0.002)
@@ -166,16 +167,16 @@ def test_rotation_keeps_a_freeze_and_release_writes_to_the_current_child(
     cfg: Config, source_dsn: str, target_dsn: str
 ) -> None:
     make_source(source_dsn, {"item": 100}, {"tally": 100})
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     with psycopg.connect(source_dsn, autocommit=True) as conn:
         tables = catalog.list_tables(conn, cfg.tables)
-        assert capture.switch_log(conn, 0, lock_timeout=1, statement_timeout=5) == 1
-        assert capture.switch_log(conn, 0, lock_timeout=1, statement_timeout=5) is None, "0 is no longer current"
-        capture.freeze(conn, tables, lock_timeout=2)
-        assert capture.switch_log(conn, 1, lock_timeout=1, statement_timeout=5) is None, "frozen"
+        assert rotation.switch_log(conn, 0, lock_timeout=1, statement_timeout=5) == 1
+        assert rotation.switch_log(conn, 0, lock_timeout=1, statement_timeout=5) is None, "0 is no longer current"
+        freeze.freeze(conn, tables, lock_timeout=2)
+        assert rotation.switch_log(conn, 1, lock_timeout=1, statement_timeout=5) is None, "frozen"
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
             conn.execute("INSERT INTO item (val) VALUES (1)")
-        capture.release(conn)
+        freeze.release(conn)
     run_sql(source_dsn, "INSERT INTO item (val, note) VALUES (1, 'after release')",
             "INSERT INTO tally VALUES (1, 'after release')")
     per_child = fetch(source_dsn, "SELECT tableoid::regclass::text, count(*) FROM _migrator.delta_log GROUP BY 1")
@@ -192,33 +193,33 @@ def test_truncate_keeps_a_child_holding_events_not_surely_applied_and_gives_up_r
     cfg: Config, source_dsn: str, target_dsn: str
 ) -> None:
     make_source(source_dsn, {"item": 100}, {"tally": 100})
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     straggle = "INSERT INTO _migrator.delta_log_0 (rel, op, key) VALUES ('public.item'::regclass, 'I', ARRAY['1000'])"
     bounds: dict[str, Any] = {"lock_timeout": 0.3, "statement_timeout": 5}
     with psycopg.connect(source_dsn, autocommit=True) as conn:
         run_sql(source_dsn, "INSERT INTO item (val) VALUES (1)")
-        assert capture.switch_log(conn, 0, **bounds) == 1
+        assert rotation.switch_log(conn, 0, **bounds) == 1
         applied_before = _xmin(conn)
         # A session that resolved the old function body before the switch inserts into the old child after it.
         run_sql(source_dsn, straggle)
 
-        assert capture.truncate_log_child(conn, 0, applied_before, **bounds) is None
+        assert rotation.truncate_log_child(conn, 0, applied_before, **bounds) is None
         assert fetch(source_dsn, "SELECT count(*) FROM _migrator.delta_log_0") == [(2,)]
 
         with psycopg.connect(source_dsn) as open_writer:
             open_writer.execute(straggle)
             started = time.monotonic()
             with pytest.raises(psycopg.errors.LockNotAvailable):
-                capture.truncate_log_child(conn, 0, _xmin(conn), **bounds)
+                rotation.truncate_log_child(conn, 0, _xmin(conn), **bounds)
             assert time.monotonic() - started < 2.0
             open_writer.rollback()
 
-        freed = capture.truncate_log_child(conn, 0, _xmin(conn), **bounds)
+        freed = rotation.truncate_log_child(conn, 0, _xmin(conn), **bounds)
 
         assert freed is not None and freed > 0
         assert fetch(source_dsn, "SELECT count(*) FROM _migrator.delta_log_0") == [(0,)]
-        assert [c.state for c in capture.log_children(conn)] == ["empty", "current", "empty"]
-        assert capture.truncate_log_child(conn, 0, _xmin(conn), **bounds) is None, "only a draining child goes"
+        assert [c.state for c in rotation.log_children(conn)] == ["empty", "current", "empty"]
+        assert rotation.truncate_log_child(conn, 0, _xmin(conn), **bounds) is None, "only a draining child goes"
 
 
 def test_status_warns_when_the_delta_log_grows_or_sync_stalls(
@@ -226,7 +227,7 @@ def test_status_warns_when_the_delta_log_grows_or_sync_stalls(
 ) -> None:
     quiet = make_config()
     make_source(source_dsn, {"item": 1_000}, {"tally": 100})
-    capture.prepare(quiet)
+    prepare.prepare(quiet)
     copy.run(quiet)
     run_sql(source_dsn, "UPDATE item SET val = val + 1", "INSERT INTO tally SELECT 1, 'x' FROM generate_series(1, 5000)")
     time.sleep(1.2)  # the statistics the row estimate comes from reach the collector

@@ -22,8 +22,9 @@ import pytest
 from psycopg import sql
 from structlog.testing import capture_logs
 
-from migrator import capture, catalog, copy, cutover, replay
+from migrator import catalog, copy, cutover, prepare, sync
 from migrator.config import Config
+from migrator.deltalog import freeze
 from migrator.errors import Blocked, CutoverFailed
 from tests.helpers import fetch, run_sql
 
@@ -103,7 +104,7 @@ def _writable(dsn: str) -> bool:
 def test_freeze_under_writers_spanning_two_tables_in_both_orders_never_deadlocks_them_or_itself(
         cfg: Config, source_dsn: str) -> None:
     run_sql(source_dsn, *SCHEMA)
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     with psycopg.connect(source_dsn, autocommit=True) as conn:
         tables = catalog.list_tables(conn, cfg.tables)
     outcomes: list[str] = []
@@ -113,18 +114,18 @@ def test_freeze_under_writers_spanning_two_tables_in_both_orders_never_deadlocks
                 time.sleep(0.4)  # writers in full flow, the slow one holding beta most of the time
                 started = time.monotonic()
                 try:
-                    frozen = capture.freeze(conn, tables, BUDGET)
+                    frozen = freeze.freeze(conn, tables, BUDGET)
                 except Blocked as exc:  # a clean stop: nothing frozen, writers carry on
                     assert "could not freeze" in str(exc) and exc.hint
-                    assert not capture.is_frozen(conn) and _writable(source_dsn)
+                    assert not freeze.is_frozen(conn) and _writable(source_dsn)
                     conn.rollback()
                     outcomes.append("blocked")
                 else:
-                    assert capture.is_frozen(conn) and not _writable(source_dsn)
+                    assert freeze.is_frozen(conn) and not _writable(source_dsn)
                     assert frozen.attempts >= 1 and 0 <= frozen.waited < BUDGET
                     conn.rollback()
                     time.sleep(0.2)  # writers meet the frozen database
-                    capture.release(conn)
+                    freeze.release(conn)
                     outcomes.append("frozen")
                 finally:
                     elapsed = time.monotonic() - started
@@ -147,9 +148,9 @@ def test_cutover_under_writers_spanning_two_tables_finishes_or_stops_cleanly_wit
         make_config: Callable[..., Config], source_dsn: str, target_dsn: str) -> None:
     cfg = make_config(cutover={"switch_command": "true", "freeze_lock_timeout": 2 * BUDGET})  # slack for a busy CI
     run_sql(source_dsn, *SCHEMA)
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
-    replay.sync(cfg)
+    sync.sync(cfg)
     results: list[Any] = []
     with Writers(source_dsn) as writers:
         time.sleep(0.5)
@@ -181,18 +182,18 @@ def test_cutover_under_writers_spanning_two_tables_finishes_or_stops_cleanly_wit
 def test_freeze_gives_up_within_its_bound_naming_the_table_and_leaves_the_database_writable(
         cfg: Config, source_dsn: str) -> None:
     run_sql(source_dsn, *SCHEMA)
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     with psycopg.connect(source_dsn, autocommit=True) as conn:
         tables = catalog.list_tables(conn, cfg.tables)
     with psycopg.connect(source_dsn) as writer, psycopg.connect(source_dsn) as conn, capture_logs() as logs:
         writer.execute("UPDATE public.beta SET n = n + 1 WHERE id = 1")  # in flight past the bound
         started = time.monotonic()
         with pytest.raises(Blocked) as caught:
-            capture.freeze(conn, tables, 1.0, side="the target")
+            freeze.freeze(conn, tables, 1.0, side="the target")
         elapsed = time.monotonic() - started
         writer.execute("UPDATE public.alpha SET n = n + 1 WHERE id = 1")  # the writer never noticed
         writer.commit()
-        assert not capture.is_frozen(conn)
+        assert not freeze.is_frozen(conn)
     assert 1.0 <= elapsed < 1.5
     assert str(caught.value).startswith("could not freeze the target: writers held locks")
     assert "stopped at public.beta" in str(caught.value) and "the target was left writable" in str(caught.value)

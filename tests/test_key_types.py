@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import psycopg
 
-from migrator import capture, copy, db, replay
+from migrator import copy, db, prepare, sync
 from migrator.config import Config
 from tests.helpers import run_sql
 
@@ -25,7 +25,7 @@ def test_date_time_float_and_bytea_keys_written_under_odd_settings_replay_exactl
             "INSERT INTO public.reading SELECT timestamptz '2020-01-01 00:00:00.123456+00' + g * interval '1 min', "
             "date '1999-12-31' + g, g / 3.0, decode(lpad(to_hex(g), 4, '0'), 'hex'), g * interval '1 day 1 us', 'x' "
             "FROM generate_series(1, 50) g")
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
     with psycopg.connect(source_dsn, autocommit=True) as w:
         for s in ODD:
@@ -37,5 +37,5 @@ def test_date_time_float_and_bytea_keys_written_under_odd_settings_replay_exactl
                   "-0.0, '\\x00ff', '-1 mon +2 days -00:00:01', 'new')")
         w.execute("INSERT INTO public.reading VALUES ('2021-06-01 12:00:00.000001+05:45', '0044-03-15 BC', "
                   "1e-310, '\\x', '1 day', 'denormal')")
-    replay.sync(cfg)
+    sync.sync(cfg)
     assert _rows(target_dsn, "public.reading") == _rows(source_dsn, "public.reading")

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from migrator import capture, copy, cutover, db, replay
+from migrator import copy, cutover, db, prepare, sync
 from migrator.config import CAPTURE_SCHEMA, CONTROL_SCHEMA, Config
 from tests.helpers import fetch, run_sql
 
@@ -174,7 +174,7 @@ def test_awkward_values_written_under_odd_session_settings_arrive_exactly(
     run_sql(source_dsn, VALUE_TYPES)
     insert_awkward(source_dsn, 1, odd=False)
     run_sql(source_dsn, f"INSERT INTO public.val (id, t, blob) VALUES (100, 'big before copy', {BIG})")
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     insert_awkward(source_dsn, 11, odd=True)
     write(source_dsn, "UPDATE public.val SET f8 = -f8, iv = -iv, t = t || E'\\\\' WHERE id IN (11, 12, 13)")
     copy.run(cfg)
@@ -199,7 +199,7 @@ def test_awkward_values_written_under_odd_session_settings_arrive_exactly(
         "UPDATE public.val SET f8 = 1.5 WHERE id = 102",
     )
 
-    replay.sync(cfg)
+    sync.sync(cfg)
 
     counts = assert_identical(source_dsn, target_dsn)
     assert counts["public.val"] == 6 * 3 - 1 + 5
@@ -226,7 +226,7 @@ def test_generated_and_identity_columns_keep_the_sources_values(
         "INSERT INTO public.series (uid) VALUES ('1.2.3'), ('1.2.4')",
         "INSERT INTO public.series (id, uid) VALUES (7, 'explicit')",
     )
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     write(source_dsn, "INSERT INTO public.scan (modality) VALUES ('PT')", "DELETE FROM public.scan WHERE id = 1")
     copy.run(cfg)
     with transaction(source_dsn) as a, transaction(source_dsn) as b:
@@ -240,7 +240,7 @@ def test_generated_and_identity_columns_keep_the_sources_values(
         b.execute("INSERT INTO public.dosage (id, mg, ml) VALUES (3, 1, 3)")
         a.execute("UPDATE public.scan SET modality = 'MR2' WHERE id = 2")
 
-    replay.sync(cfg)
+    sync.sync(cfg)
 
     assert_identical(source_dsn, target_dsn)
     assert fetch(target_dsn, "SELECT id, per_ml = mg / ml FROM public.dosage ORDER BY id") == [
@@ -268,7 +268,7 @@ def test_partitioned_table_with_rows_moving_between_partitions(cfg: Config, sour
         " FROM generate_series(1, 30) g",
         "INSERT INTO public.exam SELECT '2023-06-01'::date + g * 10, g, 'e' || g FROM generate_series(1, 40) g",
     )
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     write(source_dsn, "UPDATE public.visit SET site = 'B' WHERE id IN (3, 6)")  # A -> B before the copy
     copy.run(cfg)
     write(
@@ -288,7 +288,7 @@ def test_partitioned_table_with_rows_moving_between_partitions(cfg: Config, sour
         a.execute("UPDATE public.visit SET site = 'C' WHERE id = 9")
         a.execute("UPDATE public.visit SET site = 'B', note = 'back' WHERE id = 9")
 
-    replay.sync(cfg)
+    sync.sync(cfg)
 
     counts = assert_identical(source_dsn, target_dsn)
     assert [counts[f"public.visit_{p}"] for p in ("a", "b", "c", "other")] == [8, 12, 8, 2]
@@ -318,7 +318,7 @@ def test_awkward_names_and_keys(cfg: Config, source_dsn: str, target_dsn: str) -
         " generate_series(1, 3) n",
         "INSERT INTO public.device SELECT 'SN' || g, g % 2, 'dev' || g FROM generate_series(1, 10) g",
     )
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     write(source_dsn, "UPDATE \"Clinic Data\".code SET code = 'a2' WHERE code = 'a'")
     copy.run(cfg)
     write(
@@ -341,7 +341,7 @@ def test_awkward_names_and_keys(cfg: Config, source_dsn: str, target_dsn: str) -
         "INSERT INTO public.kid VALUES (3, 'kid', NULL)",
     )
 
-    replay.sync(cfg)
+    sync.sync(cfg)
 
     counts = assert_identical(source_dsn, target_dsn)
     assert counts == {"Clinic Data.Order": 20, "Clinic Data.code": 7, "public.base": 0, "public.device": 10,
@@ -360,7 +360,7 @@ def test_successive_updates_of_one_row_by_interleaved_transactions_apply_in_comm
     cfg: Config, source_dsn: str, target_dsn: str
 ) -> None:
     run_sql(source_dsn, ORDER_SCHEMA)
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     early = writer(source_dsn)  # begins before the copy, commits after it
     early.execute("UPDATE public.chart SET v = v || ' early', n = n + 1 WHERE id = 2")
     copy.run(cfg)
@@ -385,7 +385,7 @@ def test_successive_updates_of_one_row_by_interleaved_transactions_apply_in_comm
     for conn in (early, late, a, b, c):
         conn.close()
 
-    replay.sync(cfg)
+    sync.sync(cfg)
 
     assert_identical(source_dsn, target_dsn)
     assert fetch(target_dsn, "SELECT id, n, v FROM public.chart WHERE id <= 4 ORDER BY id") == [
@@ -397,7 +397,7 @@ def test_delete_and_reinsert_of_one_key_in_one_and_in_two_transactions(
 ) -> None:
     run_sql(source_dsn, ORDER_SCHEMA, "CREATE TABLE public.note (mrn text PRIMARY KEY, body text)",
             "INSERT INTO public.note VALUES ('M1', 'one'), ('M2', 'two')")
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
     with transaction(source_dsn) as t:
         t.execute("DELETE FROM public.chart WHERE id = 1")
@@ -414,7 +414,7 @@ def test_delete_and_reinsert_of_one_key_in_one_and_in_two_transactions(
     write(source_dsn, "INSERT INTO public.chart VALUES (50, 0, 'new'), (51, 0, 'new')")
     write(source_dsn, "DELETE FROM public.chart WHERE id = 51")
 
-    replay.sync(cfg)
+    sync.sync(cfg)
 
     assert_identical(source_dsn, target_dsn)
     assert fetch(target_dsn, "SELECT v FROM public.chart WHERE id IN (1, 2, 5, 50, 51) ORDER BY id") == [
@@ -423,7 +423,7 @@ def test_delete_and_reinsert_of_one_key_in_one_and_in_two_transactions(
 
 def test_key_updates_and_a_swap_through_a_temporary_value(cfg: Config, source_dsn: str, target_dsn: str) -> None:
     run_sql(source_dsn, ORDER_SCHEMA)
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
     write(source_dsn, "UPDATE public.chart SET id = id + 1000 WHERE id BETWEEN 11 AND 15")
     with transaction(source_dsn) as t:
@@ -436,7 +436,7 @@ def test_key_updates_and_a_swap_through_a_temporary_value(cfg: Config, source_ds
         t.execute("UPDATE public.chart SET id = 3, v = 'was 104' WHERE id = 104")
     write(source_dsn, "UPDATE public.chart SET id = id + 1000 WHERE id = 1011")  # a moved key moves again
 
-    replay.sync(cfg)
+    sync.sync(cfg)
 
     assert_identical(source_dsn, target_dsn)
     assert fetch(target_dsn, "SELECT id, v FROM public.chart WHERE id <= 4 ORDER BY id") == [
@@ -453,7 +453,7 @@ def test_key_swap_in_one_statement_under_a_deferrable_primary_key(
         "CREATE TABLE public.bed (bed int PRIMARY KEY DEFERRABLE INITIALLY IMMEDIATE, patient text)",
         "INSERT INTO public.bed SELECT g, 'patient ' || g FROM generate_series(1, 10) g",
     )
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
     write(source_dsn, "UPDATE public.bed SET bed = 3 - bed WHERE bed IN (1, 2)")
     with transaction(source_dsn) as t:
@@ -464,7 +464,7 @@ def test_key_swap_in_one_statement_under_a_deferrable_primary_key(
         t.execute("UPDATE public.bed SET bed = 5 WHERE bed = 10 AND patient = 'patient 9'")
         t.execute("UPDATE public.bed SET bed = 0 WHERE patient = 'patient 10'")
 
-    replay.sync(cfg)
+    sync.sync(cfg)
 
     assert_identical(source_dsn, target_dsn)
     assert fetch(target_dsn, "SELECT bed, patient FROM public.bed WHERE bed <= 5 ORDER BY bed") == [
@@ -484,7 +484,7 @@ def test_cascaded_deletes_and_rolled_back_work_leave_the_source_state(
         "INSERT INTO public.study SELECT g, (g % 20) + 1 FROM generate_series(1, 60) g",
         "INSERT INTO public.image SELECT g, (g % 60) + 1, 'sop' || g FROM generate_series(1, 240) g",
     )
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
     write(source_dsn, "DELETE FROM public.chart WHERE id IN (1, 2)")
     with transaction(source_dsn) as t:
@@ -505,7 +505,7 @@ def test_cascaded_deletes_and_rolled_back_work_leave_the_source_state(
     aborted.rollback()
     aborted.close()
 
-    replay.sync(cfg)
+    sync.sync(cfg)
 
     counts = assert_identical(source_dsn, target_dsn)
     assert (counts["public.chart"], counts["public.study"]) == (19, 54)
@@ -528,7 +528,7 @@ def test_truncate_is_replayed_where_it_happened(cfg: Config, source_dsn: str, ta
         "INSERT INTO public.bed SELECT g, g % 3 + 1, 'bed ' || g FROM generate_series(1, 12) g",
         "INSERT INTO public.order_ SELECT g, g FROM generate_series(1, 20) g",
     )
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
     with transaction(source_dsn) as t:
         t.execute("INSERT INTO public.worklist VALUES (11, 'before the truncate')")
@@ -547,32 +547,32 @@ def test_truncate_is_replayed_where_it_happened(cfg: Config, source_dsn: str, ta
     write(source_dsn, "TRUNCATE public.chart CASCADE",  # reaches order_ through the foreign key
           "INSERT INTO public.chart VALUES (1, 1, 'after cascade')", "INSERT INTO public.order_ VALUES (7, 1)")
 
-    replay.sync(cfg)
+    sync.sync(cfg)
 
     counts = assert_identical(source_dsn, target_dsn)
     assert counts == {"public.bed": 1, "public.chart": 1, "public.order_": 1, "public.scratch": 2,
                       "public.ward": 1, "public.worklist": 2}
     run_sql(source_dsn, "TRUNCATE public.worklist", "INSERT INTO public.worklist VALUES (3, 'next sync')")
-    replay.sync(cfg)
+    sync.sync(cfg)
     assert assert_identical(source_dsn, target_dsn)["public.worklist"] == 1
 
 
 def test_changes_spread_over_several_syncs(cfg: Config, source_dsn: str, target_dsn: str) -> None:
     run_sql(source_dsn, ORDER_SCHEMA, "CREATE TABLE public.tally (k text, n int)",
             "INSERT INTO public.tally SELECT 'k', 1 FROM generate_series(1, 3)")
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
     spanning = writer(source_dsn)  # open across the first two syncs
     spanning.execute("UPDATE public.chart SET v = 'spanning' WHERE id = 10")
     spanning.execute("INSERT INTO public.tally VALUES ('spanning', 1)")
     write(source_dsn, "UPDATE public.chart SET n = n + 1 WHERE id <= 5", "INSERT INTO public.tally VALUES ('k', 1)")
-    replay.sync(cfg)
+    sync.sync(cfg)
     assert_identical(source_dsn, target_dsn)
 
     batches: list[int] = []
     stop = threading.Event()
 
-    def between_batches(info: replay.BatchInfo, lag: replay.Lag) -> None:
+    def between_batches(info: sync.BatchInfo, lag: sync.Lag) -> None:
         # A change committed between two batches of one sync: the second batch applies it, and the next sync,
         # which finds it still in the delta log, must not apply it again.
         batches.append(info.events)
@@ -584,7 +584,7 @@ def test_changes_spread_over_several_syncs(cfg: Config, source_dsn: str, target_
 
     write(source_dsn, "UPDATE public.chart SET n = n + 1 WHERE id <= 3", "DELETE FROM public.chart WHERE id = 20",
           "DELETE FROM public.tally WHERE ctid = (SELECT ctid FROM public.tally WHERE k = 'k' LIMIT 1)")
-    replay.sync(cfg, follow=True, stop=stop, on_batch=between_batches)
+    sync.sync(cfg, follow=True, stop=stop, on_batch=between_batches)
     assert batches == [5, 2]
     assert_identical(source_dsn, target_dsn)
 
@@ -593,7 +593,7 @@ def test_changes_spread_over_several_syncs(cfg: Config, source_dsn: str, target_
     write(source_dsn, "UPDATE public.chart SET v = v || ' then' WHERE id = 10",
           "INSERT INTO public.chart VALUES (20, 0, 'back')",
           "UPDATE public.tally SET n = 2 WHERE k = 'between batches'")
-    replay.sync(cfg)
+    sync.sync(cfg)
 
     assert_identical(source_dsn, target_dsn)
     assert fetch(target_dsn, "SELECT v FROM public.chart WHERE id = 10") == [("spanning then",)]
@@ -622,7 +622,7 @@ def test_tables_without_a_key_keep_their_duplicates(cfg: Config, source_dsn: str
         "INSERT INTO public.event_log (msg) VALUES ('start'), ('start')",
         "INSERT INTO public.event_log OVERRIDING SYSTEM VALUE VALUES (1, 'start')",
     )
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     write(source_dsn, "INSERT INTO public.reading SELECT 'ecg', 1.5, '2024-01-01 00:00+00', '\\x00'")
     copy.run(cfg)
     write(
@@ -650,7 +650,7 @@ def test_tables_without_a_key_keep_their_duplicates(cfg: Config, source_dsn: str
                   " (SELECT ctid FROM public.reading WHERE device = 'ecg' LIMIT 1)")
         t.execute("INSERT INTO public.reading VALUES ('ecg', 1.5, '2024-01-01 00:00+00', '\\x00')")
 
-    replay.sync(cfg)
+    sync.sync(cfg)
 
     assert_identical(source_dsn, target_dsn)
     for table in ("reading", "event_log"):
@@ -695,7 +695,7 @@ def test_application_triggers_and_foreign_keys_do_not_fire_on_the_target_and_sta
     cfg: Config, source_dsn: str, target_dsn: str
 ) -> None:
     run_sql(source_dsn, APP_SCHEMA)
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     write(source_dsn, "INSERT INTO public.patient (id, name) VALUES (6, 'before copy')")
     copy.run(cfg)
     write(
@@ -716,7 +716,7 @@ def test_application_triggers_and_foreign_keys_do_not_fire_on_the_target_and_sta
         t.execute("DELETE FROM public.bed WHERE ward = 1")
         t.execute("DELETE FROM public.ward WHERE id = 1")
 
-    replay.sync(cfg)
+    sync.sync(cfg)
 
     assert_identical(source_dsn, target_dsn)
     assert fetch(target_dsn, "SELECT op, count(*) FROM public.audit GROUP BY op ORDER BY op") == [
@@ -765,7 +765,7 @@ def test_sequences_after_cutover_are_ahead_of_every_source_value(
     cfg = make_config(cutover={"verify": "counts", "switch_command": "true"}, copy={"workers": 2})
     run_sql(source_dsn, SEQUENCE_SCHEMA,
             *(f"INSERT INTO {t} (v) SELECT 'x' FROM generate_series(1, 5)" for t in SEQ_TABLES))
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
     write(source_dsn, *(f"INSERT INTO {t} (v) SELECT 'after copy' FROM generate_series(1, 3)" for t in SEQ_TABLES))
     aborted = writer(source_dsn)  # values drawn and never used still count
@@ -773,7 +773,7 @@ def test_sequences_after_cutover_are_ahead_of_every_source_value(
         aborted.execute(f"INSERT INTO {t} (v) SELECT 'rolled back' FROM generate_series(1, 4)")  # type: ignore
     aborted.rollback()
     aborted.close()
-    replay.sync(cfg)
+    sync.sync(cfg)
 
     report = cutover.run(cfg)
 

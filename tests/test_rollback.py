@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from migrator import cutover, replay, rollback
+from migrator import cutover, rollback, sync
 from migrator.config import Config
 from migrator.errors import CutoverFailed, NotReady
 from tests.helpers import fetch, run_sql
@@ -154,7 +154,7 @@ def test_the_rollback_capture_is_staged_disabled_before_the_pause_and_only_enabl
     # Sync's drain writes the target while the staged triggers are there: they neither fire nor get in its way.
     run_sql(source_dsn, "INSERT INTO public.study (uid, note) VALUES ('late', 'x')",
             "UPDATE public.study SET note = 'late change' WHERE id <= 5")
-    replay.sync(cfg)
+    sync.sync(cfg)
     assert fetch(target_dsn, "SELECT count(*) FROM _migrator.delta_log") == [(0,)]
     assert fetch(target_dsn, "SELECT count(*) FROM public.study WHERE uid = 'late'") == [(1,)]
 

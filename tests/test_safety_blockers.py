@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from migrator import capture, copy, gonogo, replay, state, status, verify
+from migrator import copy, gonogo, prepare, state, status, sync, verify
 from migrator.config import Config
 from migrator.console import render_status
 from migrator.db import session
@@ -37,7 +37,7 @@ def test_prepare_refuses_a_source_with_a_large_object_and_creates_nothing(
             "INSERT INTO public.report VALUES (1, lo_from_bytea(0, 'scanned referral'))")
 
     with pytest.raises(Blocked) as refused:
-        capture.prepare(cfg)
+        prepare.prepare(cfg)
 
     assert "[large-objects]" in str(refused.value) and "1 large object" in str(refused.value)
     assert "--override large-objects" in refused.value.hint
@@ -68,7 +68,7 @@ def test_overridden_large_objects_are_recorded_shown_and_verify_says_their_conte
             "INSERT INTO public.report VALUES (1, lo_from_bytea(0, 'scanned referral'), 'a'), (2, NULL, 'b')",
             "INSERT INTO public.patient VALUES (1, 'x')")
 
-    result = capture.prepare(cfg, overrides=["large-objects"])
+    result = prepare.prepare(cfg, overrides=["large-objects"])
     copy.run(cfg)
 
     assert result.overridden == ("large-objects",)
@@ -108,9 +108,9 @@ def test_overridden_large_objects_are_recorded_shown_and_verify_says_their_conte
 
 def test_cutover_check_is_no_go_while_a_blocker_stands(cfg: Config, source_dsn: str, tmp_path: Path) -> None:
     run_sql(source_dsn, "CREATE TABLE public.report (id int PRIMARY KEY, doc oid)")
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
-    replay.sync(cfg)
+    sync.sync(cfg)
     run_sql(source_dsn, "SELECT lo_create(0)")  # a large object written after prepare: no trigger saw it
 
     checklist = gonogo.run(cfg)
@@ -129,11 +129,11 @@ def test_unlogged_table_is_captured_copied_replayed_and_verified(cfg: Config, so
     run_sql(source_dsn, "CREATE UNLOGGED TABLE public.worklist (id int PRIMARY KEY, station text)",
             "INSERT INTO public.worklist SELECT g, 'CT' || g FROM generate_series(1, 50) g")
 
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
     run_sql(source_dsn, "INSERT INTO public.worklist VALUES (51, 'MR1')", "DELETE FROM public.worklist WHERE id = 1",
             "UPDATE public.worklist SET station = 'CT9' WHERE id = 2")
-    replay.sync(cfg)
+    sync.sync(cfg)
 
     assert fetch(target_dsn, "SELECT relpersistence FROM pg_class WHERE oid = 'public.worklist'::regclass") == [("u",)]
     assert fetch(target_dsn, "SELECT count(*), max(id) FROM public.worklist") == [(50, 51)]
@@ -154,7 +154,7 @@ def test_materialized_views_are_populated_by_copy_and_listed_by_verify_as_not_co
             "CREATE FOREIGN DATA WRAPPER mt_dummy", "CREATE SERVER legacy_ris FOREIGN DATA WRAPPER mt_dummy",
             "CREATE FOREIGN TABLE public.ris_order (id int) SERVER legacy_ris")
 
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
 
     # Populated in dependency order (ct_count reads modality_count), from the copied rows.

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from migrator import capture, copy, replay
+from migrator import copy, prepare, sync
 from migrator.cli import exit_code_table, exit_codes, main
 from migrator.config import Config
 from migrator.errors import ExitCode, database_hint
@@ -164,7 +164,7 @@ def test_ctrl_c_during_copy_exits_130_stops_the_workers_and_the_next_copy_finish
         commands: list[Command]) -> None:
     image_table(source_dsn)
     cfg = make_config(copy=COPY_SETTINGS)
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     config = write_config(tmp_path / "migration.toml", source_dsn, target_dsn, COPY_TOML)
     running = Command(config, "copy")
     commands.append(running)
@@ -197,7 +197,7 @@ def test_a_paused_copy_still_stops_on_a_signal_and_resumes_afterwards(
         commands: list[Command], sig: int, code: int) -> None:
     image_table(source_dsn)
     cfg = make_config(copy=COPY_SETTINGS)
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.pause(cfg)  # `migrator copy --pause` from another terminal, before or while the copy runs
     config = write_config(tmp_path / "migration.toml", source_dsn, target_dsn, COPY_TOML)
     running = Command(config, "copy")
@@ -222,7 +222,7 @@ def test_sigint_cancels_a_sync_batch_blocked_by_a_lock_names_the_wait_and_keeps_
         cfg: Config, source_dsn: str, target_dsn: str, tmp_path: Path, commands: list[Command]) -> None:
     run_sql(source_dsn, "CREATE TABLE public.patient (id int PRIMARY KEY, mrn text)",
             "INSERT INTO public.patient SELECT g, 'MRN' || g FROM generate_series(1, 100) g")
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
     run_sql(source_dsn, "INSERT INTO public.patient SELECT g, 'MRN' || g FROM generate_series(101, 200) g")
     before = fetch(target_dsn, "SELECT applied_snapshot, events_applied FROM migrator_control.sync_position")
@@ -251,7 +251,7 @@ def test_sigint_cancels_a_sync_batch_blocked_by_a_lock_names_the_wait_and_keeps_
     assert after == before
     assert fetch(target_dsn, "SELECT count(*) FROM public.patient") == [(100,)]
 
-    assert replay.sync(cfg).caught_up  # the lock is gone: everything is applied, once
+    assert sync.sync(cfg).caught_up  # the lock is gone: everything is applied, once
     assert fetch(target_dsn, "SELECT count(*), count(DISTINCT id) FROM public.patient") == [(200, 200)]
 
 
@@ -293,7 +293,7 @@ def test_after_cleanup_commands_say_the_migration_was_cleaned_up(
         cfg: Config, source_dsn: str, target_dsn: str, tmp_path: Path) -> None:
     run_sql(source_dsn, "CREATE TABLE public.patient (id int PRIMARY KEY, mrn text)",
             "INSERT INTO public.patient SELECT g, 'MRN' || g FROM generate_series(1, 100) g")
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
     config = write_config(tmp_path / "migration.toml", source_dsn, target_dsn)
     cleaned = migrator("--config", str(config), "cleanup", "--yes")
@@ -346,7 +346,7 @@ def test_a_missing_privilege_names_the_grant_instead_of_blaming_the_network(
 def test_a_capture_schema_dropped_by_hand_is_answered_with_prepare_not_reachability(
         cfg: Config, source_dsn: str, target_dsn: str, tmp_path: Path) -> None:
     run_sql(source_dsn, "CREATE TABLE public.patient (id int PRIMARY KEY, mrn text)")
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
     run_sql(source_dsn, "DROP SCHEMA _migrator CASCADE")
     config = write_config(tmp_path / "migration.toml", source_dsn, target_dsn)

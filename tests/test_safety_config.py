@@ -15,8 +15,8 @@ import psycopg
 import pydantic
 import pytest
 
-from migrator import capture, db, verify
 from migrator import copy as copy_mod
+from migrator import db, prepare, verify
 from migrator.config import Config, CopySettings, from_dict, redact, schema_keys
 from migrator.errors import ConfigError
 from tests.helpers import fetch, run_sql
@@ -157,7 +157,7 @@ def test_the_same_database_spelled_two_ways_is_refused_by_prepare_and_nothing_is
     # Spelled so that the text cannot tell (a Config built in code skips the file's check), the connected check
     # refuses prepare, copy and verify before anything is created.
     same = Config(source_dsn=as_uri, target_dsn=as_keywords)
-    for phase in (capture.prepare, copy_mod.run, verify.verify):
+    for phase in (prepare.prepare, copy_mod.run, verify.verify):
         with pytest.raises(ConfigError, match=f"the source and the target are the same database \\({name} "):
             phase(same)  # type: ignore[operator]
     assert engine_schemas(source_dsn) == []

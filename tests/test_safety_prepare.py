@@ -15,8 +15,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from migrator import capture, catalog, copy, cutover, inspect, replay, state
+from migrator import catalog, copy, cutover, inspect, prepare, state, sync
+from migrator import cleanup as cleanup_mod
 from migrator.config import Config
+from migrator.deltalog import freeze
 from migrator.errors import Blocked, ConnectionFailed, NotReady
 from tests.helpers import fetch, run_sql
 
@@ -62,7 +64,7 @@ def test_a_second_migration_from_one_legacy_database_is_refused_and_the_first_lo
     second_dsn = make_db("dr")
     second = make_config(target={"dsn": psycopg.conninfo.make_conninfo(second_dsn, password="S3cretPw")})
     run_sql(source_dsn, *SCHEMA)
-    capture.prepare(first)
+    prepare.prepare(first)
     copy.run(first)
     run_sql(source_dsn, "UPDATE public.patient SET note = 'before the DR prepare' WHERE id <= 50",
             "INSERT INTO public.audit VALUES (100, 'before')")
@@ -71,7 +73,7 @@ def test_a_second_migration_from_one_legacy_database_is_refused_and_the_first_lo
     assert owner[0][0] == migration_id
 
     with pytest.raises(Blocked) as refused:
-        capture.prepare(second)
+        prepare.prepare(second)
 
     message = str(refused.value)
     first_target = f"127.0.0.1:5432/{psycopg.conninfo.conninfo_to_dict(target_dsn)['dbname']}"
@@ -86,15 +88,15 @@ def test_a_second_migration_from_one_legacy_database_is_refused_and_the_first_lo
 
     # Sync and cleanup configured for the second target refuse too; cleanup leaves the first one's capture alone.
     with pytest.raises(NotReady, match="not prepared"):
-        replay.sync(second)
+        sync.sync(second)
     with pytest.raises(Blocked, match="cleanup refused: the legacy database is captured for migration") as cleanup:
-        capture.cleanup(second)
+        cleanup_mod.run(second)
     assert f"`migrator cleanup --migration {migration_id} --yes`" in cleanup.value.hint
     assert capture_triggers(source_dsn) == triggers and owner_row(source_dsn) == owner
 
     run_sql(source_dsn, "DELETE FROM public.patient WHERE id BETWEEN 60 AND 70",
             "INSERT INTO public.patient (mrn) VALUES ('after')", "DELETE FROM public.audit WHERE at = 3")
-    result = replay.sync(first)
+    result = sync.sync(first)
 
     assert result.caught_up and result.events > 0
     same_rows(source_dsn, target_dsn)
@@ -106,14 +108,14 @@ def test_sync_and_cleanup_refuse_a_capture_that_another_migration_owns(
     new_dsn = make_db("new")
     new = make_config(target={"dsn": new_dsn})
     run_sql(source_dsn, *SCHEMA)
-    capture.prepare(old)
+    prepare.prepare(old)
     copy.run(old)
     # The old migration is abandoned: its capture is removed by naming it (its own target is not told), and a new
     # migration starts from the same legacy database.
     with psycopg.connect(target_dsn) as conn:
         old_id = str(state.migration(conn).migration_id)  # type: ignore[union-attr]
-    capture.cleanup(new, migration=old_id)
-    capture.prepare(new)
+    cleanup_mod.run(new, migration=old_id)
+    prepare.prepare(new)
     copy.run(new)
     run_sql(source_dsn, "UPDATE public.patient SET note = 'x' WHERE id <= 20", "TRUNCATE public.audit")
     triggers = capture_triggers(source_dsn)
@@ -122,21 +124,21 @@ def test_sync_and_cleanup_refuse_a_capture_that_another_migration_owns(
     # The old migration's target is still prepared and copied: its sync would consume (and truncate) the new one's
     # delta log, its cleanup would drop the new one's triggers.
     with pytest.raises(Blocked, match="sync refused: the legacy database is captured for migration") as refused:
-        replay.sync(old)
+        sync.sync(old)
     assert "new" in refused.value.hint.split("[target]")[1]
     with pytest.raises(Blocked, match="cleanup refused"):
-        capture.cleanup(old)
+        cleanup_mod.run(old)
     with pytest.raises(Blocked, match="captured for migration"):
-        capture.prepare(old)
+        prepare.prepare(old)
 
     assert capture_triggers(source_dsn) == triggers
     assert count(source_dsn, "SELECT count(*) FROM _migrator.delta_log") == log
-    assert replay.sync(new).events == log
+    assert sync.sync(new).events == log
     same_rows(source_dsn, new_dsn)
 
     # Nor may the old migration lift the new one's cutover freeze (clients on both servers: split brain).
     with psycopg.connect(source_dsn, autocommit=True) as conn:
-        capture.freeze(conn, catalog.list_tables(conn, new.tables), lock_timeout=5.0)
+        freeze.freeze(conn, catalog.list_tables(conn, new.tables), lock_timeout=5.0)
     with pytest.raises(Blocked, match="release refused"):
         cutover.release(old)
     assert fetch(source_dsn, "SELECT frozen FROM _migrator.freeze_state") == [(True,)]
@@ -148,38 +150,38 @@ def test_a_capture_without_an_owner_is_adopted_only_by_the_target_it_prepared(
     second_dsn = make_db("other")
     second = make_config(target={"dsn": second_dsn})
     run_sql(source_dsn, *SCHEMA)
-    capture.prepare(first)
+    prepare.prepare(first)
     copy.run(first)
     # As an older migrator left it: capture installed, no owner recorded.
     run_sql(source_dsn, "DROP TABLE _migrator.migration_owner")
 
     with pytest.raises(Blocked, match="installed by an earlier migrator version"):
-        capture.prepare(second)
+        prepare.prepare(second)
     assert not has_schema(second_dsn, "migrator_control")
 
     # Its sync too waits for the owner to be recorded: two targets may have been prepared from it.
     with pytest.raises(Blocked, match="records no owning migration"):
-        replay.sync(first)
-    capture.prepare(first)  # adopts it
+        sync.sync(first)
+    prepare.prepare(first)  # adopts it
     run_sql(source_dsn, "INSERT INTO public.patient (mrn) VALUES ('adopted')")
     assert owner_row(source_dsn)[0][0] == fetch(target_dsn, "SELECT migration_id FROM migrator_control.migration")[0][0]
     with pytest.raises(Blocked, match="captured for migration"):
-        capture.prepare(second)
-    replay.sync(first)
+        prepare.prepare(second)
+    sync.sync(first)
     same_rows(source_dsn, target_dsn)
 
 
 def test_a_prepared_target_pointed_at_another_legacy_database_is_refused(
         make_config: Callable[..., Config], make_db: Callable[[str], str], source_dsn: str, target_dsn: str) -> None:
     run_sql(source_dsn, *SCHEMA)
-    capture.prepare(make_config())
+    prepare.prepare(make_config())
     copy.run(make_config())
     other = make_db("site2")  # a second site's legacy database, same schema, never captured
     run_sql(other, *SCHEMA)
     moved = make_config(source={"dsn": other})
 
     with pytest.raises(Blocked, match="holds no capture of its migration"):
-        capture.prepare(moved)
+        prepare.prepare(moved)
     assert not has_schema(other, "_migrator") and capture_triggers(other) == 0
 
 
@@ -226,7 +228,7 @@ def test_prepare_without_the_rights_it_needs_creates_nothing_and_names_each_gran
                                            "public.app_settings"}
 
     with pytest.raises(Blocked, match="lacks 4 right") as refused:
-        capture.prepare(cfg)
+        prepare.prepare(cfg)
 
     assert set(refused.value.hint.splitlines()[1:]) == fixes
     assert not has_schema(source_dsn, "_migrator") and capture_triggers(source_dsn) == 0
@@ -235,7 +237,7 @@ def test_prepare_without_the_rights_it_needs_creates_nothing_and_names_each_gran
     # The grants named are enough for the whole migration.
     run_sql(source_dsn, *fixes)
     assert inspect.run(cfg).ready
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
     run_sql(source_dsn, "UPDATE public.patient SET note = 'granted' WHERE id % 7 = 0")
     # The application, connected as a role of its own (not migrator's, not a superuser), still writes: the capture
@@ -243,7 +245,7 @@ def test_prepare_without_the_rights_it_needs_creates_nothing_and_names_each_gran
     run_sql(source_dsn, f'GRANT SELECT, UPDATE ON public.patient TO "{app}"')
     run_sql(psycopg.conninfo.make_conninfo(source_dsn, user=app),
             "DELETE FROM public.audit WHERE at > 10", "UPDATE public.patient SET note = 'by the app' WHERE id < 5")
-    replay.sync(cfg)
+    sync.sync(cfg)
     same_rows(source_dsn, target_dsn)
     assert fetch(target_dsn, "SELECT count(*) FROM public.audit") == [(10,)]
 
@@ -263,7 +265,7 @@ def test_a_target_holding_objects_this_migration_did_not_create_is_refused_befor
     run_sql(target_dsn, *statements)
 
     with pytest.raises(Blocked, match=rf"holds {len(named)} object\(s\) this migration did not create") as refused:
-        capture.prepare(cfg)
+        prepare.prepare(cfg)
 
     assert all(n in str(refused.value) for n in named)
     assert not has_schema(target_dsn, "migrator_control")
@@ -274,14 +276,14 @@ def test_a_target_this_migration_prepared_is_prepared_again(cfg: Config, source_
     run_sql(source_dsn, *SCHEMA)
     run_sql(target_dsn, "CREATE EXTENSION pgcrypto")  # the DBA's extension is not a foreign object
 
-    first = capture.prepare(cfg)
-    again = capture.prepare(cfg)
+    first = prepare.prepare(cfg)
+    again = prepare.prepare(cfg)
 
     assert first.triggers_installed == 2 and first.target_schema_created
     assert again.triggers_installed == 0 and not again.target_schema_created
     copy.run(cfg)
     run_sql(source_dsn, "INSERT INTO public.patient (mrn) VALUES ('again')")
-    replay.sync(cfg)
+    sync.sync(cfg)
     same_rows(source_dsn, target_dsn)
 
 
@@ -289,16 +291,16 @@ def test_the_capture_of_an_abandoned_migration_is_removed_only_by_naming_it(
         admin_dsn: str, make_config: Callable[..., Config], source_dsn: str, target_dsn: str, tmp_path: Path) -> None:
     cfg = make_config()
     run_sql(source_dsn, *SCHEMA)
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     [(migration_id, _, _)] = owner_row(source_dsn)
     run_sql(admin_dsn, f'DROP DATABASE "{psycopg.conninfo.conninfo_to_dict(target_dsn)["dbname"]}" WITH (FORCE)')
 
     with pytest.raises(ConnectionFailed) as unreachable:
-        capture.cleanup(cfg)
+        cleanup_mod.run(cfg)
     assert f"migrator cleanup --migration {migration_id} --yes" in unreachable.value.hint
     other = uuid.uuid4()
     with pytest.raises(Blocked, match=f"not migration {other} but migration {migration_id}"):
-        capture.cleanup(cfg, migration=str(other))
+        cleanup_mod.run(cfg, migration=str(other))
     assert capture_triggers(source_dsn) == 7
 
     config = tmp_path / "migration.toml"

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 import structlog
 
-from migrator import capture, copy, gonogo, replay, state, verify
+from migrator import copy, gonogo, prepare, state, sync, verify
 from migrator import inspect as inspect_mod
 from migrator import log as log_mod
 from migrator.config import Config
@@ -46,7 +46,7 @@ def _secret_hash(target_dsn: str, value: str) -> str:
 def test_copy_refused_by_the_target_names_table_and_chunk_never_the_row_nor_a_traceback(
         source_dsn: str, target_dsn: str, cfg: Config, tmp_path: Path) -> None:
     run_sql(source_dsn, PATIENTS)
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     # Small chunks: the table is split at sampled names, which are patient data too.
     config = write_config(tmp_path / "migration.toml", source_dsn, target_dsn, "[copy]\nworkers = 1\nchunk_mb = 0.02\n")
     # The new server is stricter than the legacy one.
@@ -123,7 +123,7 @@ def test_inspect_flags_a_table_keyed_by_patient_data(source_dsn: str, cfg: Confi
 def test_verify_prints_a_patient_name_key_as_a_keyed_hash_unless_show_values(
         source_dsn: str, target_dsn: str, cfg: Config, make_db: Callable[[str], str], tmp_path: Path) -> None:
     run_sql(source_dsn, PATIENTS)
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
     run_sql(target_dsn, f"UPDATE public.patient SET n = 8 WHERE name = '{NAME}'")
     config = write_config(tmp_path / "migration.toml", source_dsn, target_dsn)
@@ -159,13 +159,13 @@ def test_verify_prints_a_patient_name_key_as_a_keyed_hash_unless_show_values(
 def test_a_sync_refused_on_a_patient_keyed_table_names_the_key_as_its_keyed_hash(
         source_dsn: str, target_dsn: str, cfg: Config) -> None:
     run_sql(source_dsn, PATIENTS)
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
     run_sql(target_dsn, "ALTER TABLE public.patient ADD CONSTRAINT n_small CHECK (n < 10000)")
     run_sql(source_dsn, f"UPDATE public.patient SET n = 4242424 WHERE name = '{NAME}'")
 
     with pytest.raises(ReplayError) as err:
-        replay.sync(cfg)
+        sync.sync(cfg)
 
     message = str(err.value)
     assert "public.patient" in message and "n_small" in message
@@ -183,11 +183,11 @@ def test_a_table_and_column_named_with_percent_s_migrate_sync_and_verify(
             'CREATE TABLE public."bag%s" ("a%sb" text)',
             """INSERT INTO public."bag%s" SELECT 'v' || (g % 7) FROM generate_series(1, 100) g""",
             'ANALYZE public."pct%s"')
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
     run_sql(source_dsn, """UPDATE public."pct%s" SET "a%sb" = 'changed' WHERE id = 17""",
             """INSERT INTO public."bag%s" VALUES ('new')""")
-    replay.sync(cfg)
+    sync.sync(cfg)
 
     for buckets in ("ranges", "hashes"):
         report = verify.verify(cfg, buckets=buckets)  # type: ignore[arg-type]
@@ -207,7 +207,7 @@ def test_a_table_and_column_named_with_percent_s_migrate_sync_and_verify(
     run_sql(target_dsn, """ALTER TABLE public."pct%s" ADD CONSTRAINT "no%s" CHECK ("a%sb" <> 'refused')""")
     run_sql(source_dsn, """UPDATE public."pct%s" SET "a%sb" = 'refused' WHERE id = 9""")
     with pytest.raises(ReplayError) as err:
-        replay.sync(cfg)
+        sync.sync(cfg)
     assert "id=9" in str(err.value) and "no%s" in str(err.value)
 
 
@@ -215,7 +215,7 @@ def test_a_verify_that_could_not_compare_a_table_records_a_failure_go_no_go_refu
         source_dsn: str, target_dsn: str, cfg: Config) -> None:
     run_sql(source_dsn, "CREATE TABLE public.study (id int PRIMARY KEY, note text)",
             "INSERT INTO public.study SELECT g, 'n' FROM generate_series(1, 100) g")
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
     assert verify.verify(cfg).identical
     assert _verify_item(cfg).state == "pass"

@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from migrator import capture, copy, cutover, gonogo, rehearse, replay, rollback, verify
+from migrator import copy, cutover, gonogo, prepare, rehearse, rollback, sync, verify
 from migrator.config import Config
 from migrator.errors import Blocked, NoGo
 from migrator.switchover import NOT_MOVED, signals_deferred
@@ -149,7 +149,7 @@ def test_a_verify_from_before_a_rollback_no_longer_lets_a_cutover_go(
     assert "the rollback (attempt 2)" in info.value.checklist and "run `migrator verify`" in info.value.checklist
     assert sqlstate_of_write(source_dsn, "INSERT INTO public.study (uid) VALUES ('not frozen')") is None
     # A verify now (sync caught up with the write above), then the same cutover goes.
-    replay.sync(cfg)
+    sync.sync(cfg)
     assert verify.verify(cfg).identical
     assert verify_item(cfg).state == "pass"
     assert cutover.run(cfg).ok
@@ -178,14 +178,14 @@ def test_a_verify_from_before_a_ddl_recovery_does_not_count(cfg: Config, source_
     for dsn in (target_dsn, source_dsn):
         run_sql(dsn, "ALTER TABLE public.audit ADD COLUMN site text")
 
-    capture.prepare(cfg)  # records the changed definition: public.audit goes back to pending
+    prepare.prepare(cfg)  # records the changed definition: public.audit goes back to pending
 
     pending = verify_item(cfg)
     assert pending.state == "fail" and "public.audit" in pending.detail and "migrator copy" in pending.detail
     copy.run(cfg)
     copied = verify_item(cfg)
     assert copied.state == "fail" and "the copy of public.audit" in copied.detail
-    replay.sync(cfg)
+    sync.sync(cfg)
     assert verify.verify(cfg).identical
     assert verify_item(cfg).state == "pass"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from migrator import capture, copy, replay, state
+from migrator import copy, prepare, state, sync
 from migrator.config import Config
 from migrator.errors import ReplayError
 from tests.helpers import fetch, run_sql
@@ -22,7 +22,7 @@ def test_refused_change_names_table_and_key_not_values_and_resumes_once_fixed(
         cfg: Config, source_dsn: str, target_dsn: str) -> None:
     run_sql(source_dsn, "CREATE TABLE public.study (id int PRIMARY KEY, n int, note text)",
             "INSERT INTO public.study SELECT g, g, 'ok' FROM generate_series(1, 20) g")
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
     # The new server is stricter than the legacy one: a value the legacy system accepted is refused there.
     run_sql(target_dsn, "ALTER TABLE public.study ADD CONSTRAINT n_small CHECK (n < 100)")
@@ -31,7 +31,7 @@ def test_refused_change_names_table_and_key_not_values_and_resumes_once_fixed(
     before = _position(target_dsn)
 
     with pytest.raises(ReplayError) as err:
-        replay.sync(cfg)
+        sync.sync(cfg)
 
     message = str(err.value)
     assert "public.study" in message and "n_small" in message and "id=77" in message
@@ -40,6 +40,6 @@ def test_refused_change_names_table_and_key_not_values_and_resumes_once_fixed(
     assert fetch(target_dsn, "SELECT note FROM public.study WHERE id = 3") == [("ok",)]
 
     run_sql(target_dsn, "ALTER TABLE public.study DROP CONSTRAINT n_small")
-    replay.sync(cfg)
+    sync.sync(cfg)
     assert fetch(target_dsn, "SELECT n, note FROM public.study WHERE id IN (3, 77) ORDER BY id") == \
         [(3, "fine"), (4242, "PATIENT-SECRET-NOTE")]

@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from migrator import capture, copy
+from migrator import copy, prepare
 from migrator.config import from_dict
 from tests.test_crash_and_concurrency import (
     Processes,
@@ -136,7 +136,7 @@ def test_target_restarted_fast_and_immediately_while_sync_follows_loses_nothing(
                       "[sync]\npoll_interval = 0.1\n")
     processes = Processes(config)
     make_source(source_dsn, {"item": 10_000}, {"tally": 5_000})
-    capture.prepare(cfg)
+    prepare.prepare(cfg)
     copy.run(cfg)
     writers = Writers(source_dsn, {"item": 10_000}, ["tally"], n=2, pause=0.005).start()
     restarts: list[str] = []

@@ -653,7 +653,7 @@ class _Writer(threading.Thread):
 def test_verify_while_sync_follows_a_workload_reports_no_false_differences(
     source_dsn: str, target_dsn: str, cfg: Config, small_ranges: None
 ) -> None:
-    from migrator import capture, copy, replay
+    from migrator import copy, prepare, sync
 
     run_sql(
         source_dsn,
@@ -668,12 +668,12 @@ def test_verify_while_sync_follows_a_workload_reports_no_false_differences(
         "ANALYZE",
     )
     live = dataclasses.replace(cfg, sync=SyncSettings(poll_interval=0.2))
-    capture.prepare(live)
+    prepare.prepare(live)
     copy.run(live)
     run_sql(target_dsn, "UPDATE public.still SET v = 'damaged' WHERE id = 777")  # a real difference
     writers = [_Writer(source_dsn, 30000, seed) for seed in (1, 2)]
     stop = threading.Event()
-    follower = threading.Thread(target=lambda: replay.sync(live, follow=True, stop=stop), daemon=True)
+    follower = threading.Thread(target=lambda: sync.sync(live, follow=True, stop=stop), daemon=True)
     reports = []
     try:
         for w in writers:

@@ -1,1 +1,1 @@
-"""The SQL that migrator installs into the legacy database (read by migrator.capture)."""
+"""The SQL that migrator installs into the legacy database (read by migrator.deltalog)."""

@@ -1,6 +1,6 @@
 -- migrator key capture: the trigger function of ONE captured table that has a key, installed into the LEGACY
--- database by `migrator prepare` and made again whenever sync rotates the delta log (migrator/capture.py fills in
--- the placeholders in braces with quoted names; {log} is the child of _migrator.delta_log that is current).
+-- database by `migrator prepare` and made again whenever sync rotates the delta log (migrator/deltalog/triggers.py
+-- fills in the placeholders in braces with quoted names; {log} is the child of _migrator.delta_log that is current).
 --
 -- Expects: triggers/capture.sql installed. For an ordinary table it runs as three statement-level triggers with
 -- transition tables (AFTER INSERT / UPDATE / DELETE ... REFERENCING ... FOR EACH STATEMENT): one call and one

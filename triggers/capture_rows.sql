@@ -1,6 +1,6 @@
 -- migrator row capture: the trigger function _migrator.capture(), installed into the LEGACY database by
--- `migrator prepare` and made again whenever sync rotates the delta log (migrator/capture.py fills in {log}, the
--- child of _migrator.delta_log that is current).
+-- `migrator prepare` and made again whenever sync rotates the delta log (migrator/deltalog/triggers.py fills in
+-- {log}, the child of _migrator.delta_log that is current).
 --
 -- Expects: triggers/capture.sql installed. Tables without a key log full row images with it: their text form under
 -- fixed output settings (the SET clauses), so that they parse back to the same bits on the target whatever the

@@ -1,7 +1,7 @@
 -- migrator freeze: the body that replaces each of migrator's trigger functions in the LEGACY database at cutover
 -- (_migrator.capture() and every per-table _migrator."keys_<oid>"()), so that every captured table rejects
 -- writes from every client (the application's background writers too) until `migrator release` or a rollback
--- installs the capture bodies again. {function} is filled in by migrator/capture.py.
+-- installs the capture bodies again. {function} is filled in by migrator/deltalog/freeze.py.
 --
 -- Expects: triggers/capture.sql installed. Replacing function bodies takes no lock on the application's tables;
 -- cutover first takes SHARE locks on them (bounded by lock_timeout) so that no writer is in flight when this

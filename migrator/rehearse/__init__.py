@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 
-from migrator import capture, copy, cutover, gonogo, replay, verify
+from migrator import copy, cutover, gonogo, prepare, sync, verify
 from migrator import inspect as inspect_mod
 from migrator.config import Config, from_dict
 from migrator.errors import ConnectionFailed
@@ -141,7 +141,7 @@ def run(*, scale: float = 0.01, tps: float = 40.0, writers: int = 2, keep: bool 
             return f"{'ready' if r.ready else 'BLOCKERS'}; {len(r.findings)} findings"
 
         def do_prepare() -> str:
-            r = capture.prepare(cfg)
+            r = prepare.prepare(cfg)
             return f"{len(r.tables)} tables captured"
 
         def do_copy() -> str:
@@ -152,10 +152,10 @@ def run(*, scale: float = 0.01, tps: float = 40.0, writers: int = 2, keep: bool 
             total = 0
             for _ in range(sync_rounds):
                 time.sleep(1.0)  # the clinical workload keeps writing between sync runs
-                r = replay.sync(cfg)
+                r = sync.sync(cfg)
                 total += r.events
             report.events_applied += total
-            lag = replay.lag(cfg)
+            lag = sync.lag(cfg)
             return f"{total} events applied; {lag.pending_events} pending"
 
         def do_cutover() -> str:

@@ -6,8 +6,8 @@ together). The target snapshot is opened first and reads A; the source snapshot 
 target differs from S there, the difference is real. A row such a change touched is in flight (`in_flight`): its
 range is read again once sync has applied everything S contains (`wait_for_sync`), under a new window.
 
-Verify's reading of the delta log is written once, here: which events a window holds (`window_events`) and the key
-an event logged, decoded to the table's key columns (`logged_key`).
+Which events a window holds and how a logged key decodes are the delta log's own (`deltalog.snapshot.window` and
+`decode_key`), as sync and rollback use them.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import psycopg
 from psycopg import sql
 
 from migrator import db, log, state
-from migrator.catalog import Table
 from migrator.config import CAPTURE_SCHEMA, Config
+from migrator.deltalog import snapshot
+from migrator.deltalog.snapshot import Snapshot
 from migrator.errors import MigratorError
-from migrator.replay import Snapshot
 from migrator.verify.planning import Plan, row_form
 
 _WINDOW_TRIES = 20
@@ -118,24 +118,6 @@ def has_delta_log(conn: psycopg.Connection[Any]) -> bool:
     return bool(row and row[0])
 
 
-def window_events(window: Window) -> sql.Composed:
-    """Whether a delta-log event (`e`) is in the window: committed after the target's position (not visible in its
-    snapshot) and visible in the source snapshot the comparison reads."""
-    return sql.SQL(
-        "e.txid >= pg_snapshot_xmin({a}::pg_snapshot) "
-        "AND NOT pg_visible_in_snapshot(e.txid, {a}::pg_snapshot) "
-        "AND pg_visible_in_snapshot(e.txid, {s}::pg_snapshot)"
-    ).format(a=sql.Literal(window.applied), s=sql.Literal(window.snapshot))
-
-
-def logged_key(table: Table) -> sql.Composed:
-    """The key a delta-log event (`e`) logged, as the table's key columns: the log holds their text forms, in key
-    order."""
-    types = {c.name: c.type for c in table.columns}
-    return sql.SQL(", ").join(sql.SQL("e.key[{}]::{} AS {}").format(
-        sql.Literal(i + 1), sql.SQL(types[name]), sql.Identifier(name)) for i, name in enumerate(table.key))
-
-
 def in_flight(source_conn: psycopg.Connection[Any], plan: Plan, window: Window | None) -> InFlight | None:
     """Keys (or row hashes) that changes committed in the window touched, from the delta log in the source snapshot
     (locked since before that snapshot was taken: see Pair.window)."""
@@ -143,7 +125,8 @@ def in_flight(source_conn: psycopg.Connection[Any], plan: Plan, window: Window |
         return None
     log_table = sql.SQL("{}.delta_log").format(sql.Identifier(CAPTURE_SCHEMA))
     where = sql.SQL("e.rel = {rel}::oid AND {window}").format(rel=sql.Literal(plan.table.oid),
-                                                             window=window_events(window))
+                                                             window=snapshot.window(Snapshot.parse(window.applied),
+                                                                                    Snapshot.parse(window.snapshot)))
     with source_conn.cursor() as cur:
         truncated = cur.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {} AS e WHERE {} AND e.op = 'T')").format(
             log_table, where)).fetchone()
@@ -152,7 +135,7 @@ def in_flight(source_conn: psycopg.Connection[Any], plan: Plan, window: Window |
         if plan.keys:
             # A table with a key logs the keys its changes touched.
             touched = sql.SQL("SELECT {} FROM {} AS e WHERE {} AND e.key IS NOT NULL").format(
-                logged_key(plan.table), log_table, where)
+                snapshot.decode_key(plan.table, named=True), log_table, where)
             keys = sql.SQL(", ").join(k.expression_of(sql.SQL("x")) for k in plan.keys)
             rows = cur.execute(sql.SQL("SELECT DISTINCT {} FROM ({}) AS x").format(keys, touched)).fetchall()
             return InFlight(frozenset(tuple(r) for r in rows))
