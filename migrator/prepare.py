@@ -5,7 +5,6 @@ since is created on the target too, and capture is made again where it is missin
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -56,9 +55,6 @@ def check_target_columns(target: psycopg.Connection[Any], tables: list[Table]) -
         )
 
 
-POST_DATA_PENDING = "post_data_pending"
-"""Flag: JSON list of [schema, table] created on the target after its first post-data; copy restores their
-post-data once it has copied them."""
 
 
 def _missing_on_target(target: psycopg.Connection[Any], tables: list[Table]) -> list[Table]:
@@ -152,8 +148,7 @@ def prepare(cfg: Config, *, overrides: Iterable[str] = ()) -> PrepareResult:
             if new:
                 target.commit()
                 schema.load_section(cfg.source_dsn, cfg.target_dsn, "pre-data", tables=new)
-                pending = json.loads(state.flag(target, POST_DATA_PENDING) or "[]")
-                state.set_flag(target, POST_DATA_PENDING, json.dumps(sorted({*map(tuple, pending), *new})))
+                state.add_post_data_pending(target, new)
                 target.commit()
                 log.info("prepare.new_tables_created", tables=[f"{s}.{n}" for s, n in new])
         check_target_columns(target, tables)

@@ -64,12 +64,9 @@ def test_copy_pause_is_what_status_reports(cfg: Config) -> None:
 def test_a_flag_name_is_spelled_only_in_the_state_package() -> None:
     declared = {state.COPY_PAUSED_FLAG, state.HOLD_FLAG, state.CLEANUP_FLAG, state.VERIFY_FLAG,
                 state.POST_DATA_PENDING_FLAG}
-    # capture.py keeps its own spelling of post_data_pending until it moves to prepare.py (issue 12, merged by the
-    # lead): it is the one exception.
-    exempt = {PACKAGE / "capture.py"}
     spelled = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        if path.parent.name == "state" and path.parent.parent == PACKAGE or path in exempt:
+        if path.parent.name == "state" and path.parent.parent == PACKAGE:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Constant) and node.value in declared:
