@@ -205,10 +205,7 @@ def prepare(obj: Ctx, yes: bool, overrides: tuple[str, ...], as_json: bool) -> N
 
     _confirm(yes, "This installs capture triggers and the _migrator schema on the legacy database")
     result = prepare_mod.prepare(obj.cfg, overrides=overrides)
-    _emit(result, as_json, lambda: (
-        f"prepared: {len(result.tables)} tables captured ({result.triggers_installed} newly), target schema "
-        f"{'created' if result.target_schema_created else 'already present'}"
-        + (f"; blocker(s) overridden: {', '.join(result.overridden)} (recorded)" if result.overridden else "")))
+    _emit(result, as_json, result.render_text)
 
 
 @exits()
@@ -272,9 +269,7 @@ def sync(obj: Ctx, mode: str, check_lag: float | None, as_json: bool) -> None:
                        f"lag {lag.oldest_pending_seconds or 0:.1f}s", err=True)
 
     result = sync_mod.sync(obj.cfg, follow=mode == "follow", stop=stop, on_batch=on_batch)
-    _emit(result, as_json, lambda: (
-        f"applied {result.events} events in {result.batches} batches ({result.seconds:.1f}s); "
-        f"{'caught up' if result.caught_up else 'stopped'}"))
+    _emit(result, as_json, result.render_text)
 
 
 @exits({ExitCode.FINDING: "rows (or files) differ, listed by key",

@@ -32,6 +32,11 @@ class PrepareResult:
         return {"tables": self.tables, "target_schema_created": self.target_schema_created,
                 "triggers_installed": self.triggers_installed, "overridden": list(self.overridden)}
 
+    def render_text(self) -> str:
+        return (f"prepared: {len(self.tables)} tables captured ({self.triggers_installed} newly), target schema "
+                f"{'created' if self.target_schema_created else 'already present'}"
+                + (f"; blocker(s) overridden: {', '.join(self.overridden)} (recorded)" if self.overridden else ""))
+
 def check_target_columns(target: psycopg.Connection[Any], tables: list[Table]) -> None:
     """The target's tables must have the source's columns in the source's order (row images are positional)."""
     problems = []

@@ -71,6 +71,10 @@ class SyncResult:
                 "caught_up": self.caught_up, "applied_snapshot": self.applied_snapshot,
                 "lag": self.lag.to_dict() if self.lag else None}
 
+    def render_text(self) -> str:
+        return (f"applied {self.events} events in {self.batches} batches ({self.seconds:.1f}s); "
+                f"{'caught up' if self.caught_up else 'stopped'}")
+
 
 @dataclass(frozen=True)
 class BatchInfo:
