@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import ADMIN_DSN, create_db, databases, dsn_for, median  # noqa: E402
 from migrator.rehearse import pacs  # noqa: E402
-from migrator.schema import _tool  # noqa: E402
+from migrator.schema import tool  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MIGRATOR = [str(ROOT / ".venv" / "bin" / "migrator")]
@@ -143,7 +143,7 @@ def tables_of(dsn: str) -> list[str]:
 
 
 def bench_pipe(source: str, target: str, tmp: Path) -> Run:
-    psql, pg_dump, pg_restore = _tool("psql"), _tool("pg_dump"), _tool("pg_restore")
+    psql, pg_dump, pg_restore = tool("psql"), tool("pg_dump"), tool("pg_restore")
     src, tgt = dsn_for(source), dsn_for(target)
     pre, post = tmp / "pre.dump", tmp / "post.dump"
     subprocess.run([pg_dump, "-Fc", "--section=pre-data", f"--file={pre}", src], check=True)
@@ -159,7 +159,7 @@ def bench_pipe(source: str, target: str, tmp: Path) -> Run:
 
 
 def bench_pg_dump(source: str, target: str, tmp: Path) -> Run:
-    pg_dump, pg_restore = _tool("pg_dump"), _tool("pg_restore")
+    pg_dump, pg_restore = tool("pg_dump"), tool("pg_restore")
     out = tmp / "dumpdir"
     shutil.rmtree(out, ignore_errors=True)
     cmd = (f"{pg_dump} -Fd -j2 --file={out} '{dsn_for(source)}' && "

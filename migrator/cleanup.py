@@ -51,7 +51,7 @@ def run(cfg: Config, *, release_freeze: bool = False, migration: str | None = No
             # A named migration is another one, abandoned: the configured target's migration goes on.
             _record_cleanup(cfg)
         removed = remove(source, cfg.sync.lock_timeout)
-        log.info("cleanup.done", triggers=removed)
+        log.info("cleanup.capture_removed", triggers=removed)
     # A named migration's target is gone, and the configured target's capture is not its own.
     on_target = 0 if migration else rollback.disarm(cfg)
     return CleanupResult(removed, True, on_target)

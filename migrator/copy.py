@@ -625,7 +625,7 @@ def _supervise(cfg: Config, target: psycopg.Connection[Any], workers: int, coord
                progress: Progress | None, overall: Overall | None = None) -> list[tuple[str, str | None]]:
     """Run local worker processes until every chunk is copied (workers of other hosts may help); heartbeat and
     progress meanwhile. Returns why local workers failed ((message, hint) each; empty when none did)."""
-    eta = _Eta()
+    eta = Eta()
     ctx = multiprocessing.get_context("spawn")
     json_logs = log_mod.renders_json()
     messages = ctx.SimpleQueue()
@@ -664,7 +664,7 @@ def _supervise(cfg: Config, target: psycopg.Connection[Any], workers: int, coord
                 for w in active:
                     if w["table_name"]:
                         progress(f"{w['schema_name']}.{w['table_name']}#{w['chunk_no']}", -1, int(w["bytes_done"]))
-            done, total = _estimated_done(chunks, active)
+            done, total = estimated_done(chunks, active)
             if overall:
                 overall(done, total)
             eta.log(done, total)
@@ -710,7 +710,7 @@ def _stop_workers(procs: list[Any]) -> None:
             proc.join()
 
 
-def _estimated_done(chunks: list[state.Chunk], active: list[dict[str, Any]]) -> tuple[int, int]:
+def estimated_done(chunks: list[state.Chunk], active: list[dict[str, Any]]) -> tuple[int, int]:
     """(done, total) in the chunks' estimated source bytes: copied chunks whole, chunks in flight by the bytes loaded
     so far (at most their estimate)."""
     estimate = {(c.schema_name, c.table_name, c.chunk_no): c.est_bytes for c in chunks}
@@ -720,7 +720,7 @@ def _estimated_done(chunks: list[state.Chunk], active: list[dict[str, Any]]) -> 
     return done, sum(estimate.values())
 
 
-class _Eta:
+class Eta:
     """The `copy.progress` log event now and then: share done and time left at the rate since the coordinator
     started (what a non-terminal operator, or a log shipper, sees)."""
 

@@ -197,7 +197,7 @@ def _inspect(conn: psycopg.Connection[Any], tables: TableFilter, assumed_mb_per_
     unusual = _unusual_columns(conn, oids)
 
     findings: list[Finding] = []
-    findings += _version_findings(server["num"], server["version"])
+    findings += version_findings(server["num"], server["version"])
     findings += _role_findings(conn)
     findings += _prepare_findings(conn, migrating, tables)
     findings += _capture_schema_findings(conn)
@@ -220,7 +220,7 @@ def _inspect(conn: psycopg.Connection[Any], tables: TableFilter, assumed_mb_per_
     )
 
 
-def _version_findings(version_num: int, version: str) -> list[Finding]:
+def version_findings(version_num: int, version: str) -> list[Finding]:
     if version_num < MIN_SERVER_VERSION:
         return [Finding("blocker", None,
                         f"PostgreSQL {version} is too old: capture needs 13 or newer (xid8, pg_visible_in_snapshot); "
@@ -271,7 +271,7 @@ def blockers(conn: psycopg.Connection[Any]) -> list[Finding]:
     row = conn.execute("SELECT current_setting('server_version'), "
                        "current_setting('server_version_num')::int").fetchone()
     assert row is not None
-    return _version_findings(row[1], row[0]) + _large_object_findings(conn)
+    return version_findings(row[1], row[0]) + _large_object_findings(conn)
 
 
 def check_blockers(conn: psycopg.Connection[Any], overrides: Iterable[str] = ()) -> list[Finding]:

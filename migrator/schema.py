@@ -32,7 +32,7 @@ from migrator.redaction import scrub
 TRIGGER_PREFIX = "_migrator_"
 
 
-def _tool(name: str) -> str:
+def tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
         for candidate in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True):
@@ -86,7 +86,7 @@ def load_section(source_dsn: str, target_dsn: str, section: str, *, jobs: int = 
     """
     log = get(phase="schema", section=section, tables=len(tables) if tables is not None else None)
     only = [f"--table={_pattern(schema_name)}.{_pattern(name)}" for schema_name, name in tables or ()]
-    pg_dump, pg_restore = _tool("pg_dump"), _tool("pg_restore")
+    pg_dump, pg_restore = tool("pg_dump"), tool("pg_restore")
     src, src_env = _libpq_env(source_dsn)
     tgt, tgt_env = _libpq_env(target_dsn)
     with tempfile.TemporaryDirectory(prefix="migrator-schema-") as tmp:

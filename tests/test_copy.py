@@ -270,7 +270,7 @@ def test_progress_estimates_share_done_and_time_left(monkeypatch: pytest.MonkeyP
     chunks = [chunk(0, 100, "copied"), chunk(1, 100, "copying"), chunk(2, 200, "pending")]
     active = [{"schema_name": "public", "table_name": "study", "chunk_no": 1, "bytes_done": 150},
               {"schema_name": None, "table_name": None, "chunk_no": None, "bytes_done": 0}]
-    assert copy._estimated_done(chunks, active) == (200, 400), "a chunk in flight counts at most its estimate"
+    assert copy.estimated_done(chunks, active) == (200, 400), "a chunk in flight counts at most its estimate"
 
     events: list[tuple[str, dict[str, Any]]] = []
 
@@ -281,7 +281,7 @@ def test_progress_estimates_share_done_and_time_left(monkeypatch: pytest.MonkeyP
     clock = iter([1000.0, 1011.0])
     monkeypatch.setattr(copy.time, "monotonic", lambda: next(clock))
     monkeypatch.setattr(copy, "get", lambda **context: Logger())
-    eta = copy._Eta()  # started at 1000 s
+    eta = copy.Eta()  # started at 1000 s
     eta.first = 100  # copied by an earlier run: not part of this run's rate
     eta.log(200, 400)  # 11 s later: 100 bytes in 11 s, 200 left
     assert [(e, f["done_pct"], f["eta_seconds"]) for e, f in events] == [("copy.progress", 50.0, 22)]

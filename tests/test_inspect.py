@@ -196,9 +196,9 @@ def test_role_that_is_not_superuser_is_warned(admin_dsn: str, source_dsn: str, t
 
 
 def test_server_older_than_13_is_a_blocker() -> None:
-    [finding] = inspect._version_findings(120015, "12.15")
+    [finding] = inspect.version_findings(120015, "12.15")
     assert finding.severity == "blocker" and "13" in finding.message
-    assert inspect._version_findings(130000, "13.0") == []
+    assert inspect.version_findings(130000, "13.0") == []
 
 
 def test_report_is_json_serialisable_and_renders_as_text(cfg: Config, source_dsn: str) -> None:

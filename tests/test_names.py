@@ -190,3 +190,32 @@ def test_the_cutover_hold_is_the_flag_state_declares(cfg: Config) -> None:
         conn.commit()
         assert cutover.release_hold(cfg)
         assert not state.cutover_held(conn)
+
+
+# --- no module reaches another's private names ----------------------------------------------------------------------
+
+def _private_reaches(path: Path) -> list[str]:
+    """`from migrator.x import _name` and `module._name` on an imported migrator module, in one file."""
+    tree = ast.parse(path.read_text())
+    modules: set[str] = set()
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("migrator"):
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append(f"{path}:{node.lineno} from {node.module} import {alias.name}")
+                modules.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            modules.update(a.asname or a.name.split(".")[0] for a in node.names if a.name.startswith("migrator"))
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            found.append(f"{path}:{node.lineno} {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_module_reaches_another_modules_private_names() -> None:
+    root = PACKAGE.parent
+    files = [p for d in ("migrator", "bench", "tests") for p in sorted((root / d).rglob("*.py"))]
+    assert len(files) > 50
+    assert [hit for p in files for hit in _private_reaches(p)] == []
