@@ -129,6 +129,11 @@ def test_no_module_of_the_package_is_over_600_lines(package: str) -> None:
     assert sizes and {name: n for name, n in sizes.items() if n > 600} == {}
 
 
+def test_the_copy_modules_are_not_over_600_lines() -> None:
+    sizes = {name: len((PACKAGE / name).read_text().splitlines()) for name in ("copy.py", "copyworker.py")}
+    assert {name: n for name, n in sizes.items() if n > 600} == {}
+
+
 def test_the_workload_is_still_imported_from_its_old_home() -> None:
     from migrator.rehearse import workload
 

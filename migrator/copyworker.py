@@ -1,0 +1,282 @@
+"""One copy worker: claims the largest pending chunk, streams its key range from the source's COPY into the target's,
+and records it copied in the same target transaction (`migrator copy` starts these in worker processes, `migrator copy
+--worker` on other hosts; see migrator/copy.py for the coordinator).
+
+Rows go through libpq's COPY calls in a tight loop, never into Python objects; once a second the worker reports its
+progress, reads the operators' pause flag and rate limit from the control schema, and throttles to its share.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import psycopg
+from psycopg import pq, sql
+
+from migrator import catalog, db, schema, state
+from migrator.catalog import Table
+from migrator.config import Config
+from migrator.errors import CopyError, NotReady
+from migrator.log import get
+from migrator.redaction import KeyMask, database_error, scrub
+
+_BUFFER = 256 * 1024
+"""Bytes gathered from the source's per-row COPY messages before one write to the target."""
+_REPORT_EVERY = 1.0
+"""Seconds between a worker's progress reports, pause checks and throttle adjustments."""
+_REFUSED_HINT = ("Fix what the target refused (named above: a constraint, a column's type or size), then run "
+                 "`migrator copy` again: chunks already copied are kept and this one is copied again.")
+
+
+def _range(table: Table, lower: list[str] | None, upper: list[str] | None) -> sql.Composable:
+    """WHERE clause of a key range, with the bounds cast to the key columns' types."""
+    types = {c.name: c.type for c in table.columns}
+
+    def row(values: list[str]) -> sql.Composable:
+        # The type names come from format_type() on the source's catalog, which quotes what needs quoting.
+        return sql.SQL("ROW({})").format(sql.SQL(", ").join(
+            sql.SQL("{}::{}").format(sql.Literal(v), sql.SQL(types[k])) for k, v in zip(table.key, values, strict=True)))
+
+    keys = sql.SQL("ROW({})").format(sql.SQL(", ").join(sql.Identifier(k) for k in table.key))
+    parts: list[sql.Composable] = []
+    if lower is not None:
+        parts.append(sql.SQL("{} >= {}").format(keys, row(lower)))
+    if upper is not None:
+        parts.append(sql.SQL("{} < {}").format(keys, row(upper)))
+    return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(parts) if parts else sql.SQL("")
+
+
+
+class _Stream:
+    """One chunk's rows from the source COPY to the target COPY through libpq, with throttle and pause checks."""
+
+    def __init__(self, worker: Worker, chunk: state.Chunk) -> None:
+        self.worker = worker
+        self.chunk = chunk
+        self.rows = 0
+        self.bytes = 0
+
+    def run(self, source: psycopg.Connection[Any], target: psycopg.Connection[Any], select: sql.Composable,
+            load: sql.Composable) -> int:
+        sp, tp = source.pgconn, target.pgconn
+        # psycopg's Copy object costs several microseconds per row (one COPY message per row); libpq's own calls in
+        # a tight loop keep the relay far below the servers' cost. Blocking mode on the target: a full socket waits.
+        sp.send_query(select.as_bytes(source))
+        res = sp.get_result()
+        if res is None or res.status != pq.ExecStatus.COPY_OUT:
+            raise CopyError(f"the source refused the chunk's COPY: {_error(sp, res)}")
+        tp.send_query(load.as_bytes(target))
+        res = tp.get_result()
+        if res is None or res.status != pq.ExecStatus.COPY_IN:
+            raise CopyError(f"the target refused the chunk's COPY: {_error(tp, res)}")
+        tp.nonblocking = 0
+        try:
+            buf = bytearray()
+            get, put = sp.get_copy_data, tp.put_copy_data
+            next_check = time.monotonic() + _REPORT_EVERY
+            while True:
+                n, data = get(0)
+                if n < 0:
+                    break
+                buf += data
+                self.rows += 1
+                if len(buf) >= _BUFFER:
+                    if put(buf) != 1:
+                        raise CopyError(f"writing to the target failed: {_error(tp, None)}")
+                    self.bytes += len(buf)
+                    buf = bytearray()
+                    if time.monotonic() >= next_check:
+                        self.worker.checkpoint(self)
+                        next_check = time.monotonic() + _REPORT_EVERY
+                    self.worker.throttle(self.bytes)
+            if n == -2:
+                tp.put_copy_end(b"the source failed")
+                raise CopyError(f"reading from the source failed: {_error(sp, None)}")
+            if buf:
+                put(buf)
+                self.bytes += len(buf)
+            tp.put_copy_end(None)
+            res = tp.get_result()
+            if res is None or res.status != pq.ExecStatus.COMMAND_OK:
+                raise CopyError(f"the target refused the chunk's rows: {_error(tp, res)}")
+            rows = int(res.command_tuples or 0)
+            while tp.get_result() is not None:
+                pass
+            res = sp.get_result()
+            if res is None or res.status != pq.ExecStatus.COMMAND_OK:
+                raise CopyError(f"the source's COPY failed: {_error(sp, res)}")
+            while sp.get_result() is not None:
+                pass
+        finally:
+            tp.nonblocking = 1
+        return rows
+
+
+def _error(conn: pq.abc.PGconn, res: pq.abc.PGresult | None) -> str:
+    """The server's error, without the row values it may carry (a refused row's DETAIL, a COPY's CONTEXT); with the
+    number of the row in the chunk when the server names it."""
+    if res is None:
+        return scrub(conn.error_message.decode(errors="replace")).strip() or "unknown error"
+    text = database_error(psycopg.errors.error_from_result(res, encoding="utf-8"))
+    context = (res.error_field(pq.DiagnosticField.CONTEXT) or b"").decode(errors="replace")
+    line = re.match(r"COPY [^\n]*, line (\d+)", context)
+    return text + (f", at row {line[1]} of the chunk" if line else "")
+
+
+class Worker:
+    """Claims chunks and copies them until none is left; one per process, on any host."""
+
+    def __init__(self, cfg: Config, name: str) -> None:
+        self.cfg = cfg
+        self.name = name
+        self.log = get(phase="copy", worker=name)
+        self.control = db.connect(cfg.target_dsn, role="target", autocommit=True)
+        try:
+            state.require_prepared(self.control)
+        except NotReady:
+            self.control.close()
+            raise
+        self.rate_share: float | None = None
+        self.tables: dict[tuple[str, str], Table] = {}
+        self.tables_snapshot: str | None = None
+        self.window_start = time.monotonic()
+        self.window_bytes = 0
+        self.mask: KeyMask | None = None
+
+    def close(self) -> None:
+        try:
+            state.worker_gone(self.control, self.name)
+            self.control.close()
+        except psycopg.Error:
+            pass
+
+    # Operator controls, read once a second from the control schema.
+    def checkpoint(self, stream: _Stream | None) -> None:
+        state.worker_progress(self.control, self.name, stream.chunk if stream else None,
+                              stream.rows if stream else 0, stream.bytes if stream else 0)
+        run = state.copy_run(self.control)
+        workers = max(1, len(state.copy_workers(self.control)))
+        self.rate_share = run.max_rate * 1e6 / workers if run and run.max_rate else None
+        paused = False
+        while state.copy_paused(self.control):
+            if not paused:
+                self.log.info("copy.paused")
+                paused = True
+            time.sleep(0.5)
+            state.worker_progress(self.control, self.name, stream.chunk if stream else None,
+                                  stream.rows if stream else 0, stream.bytes if stream else 0)
+        if paused:
+            self.log.info("copy.resumed")
+            self.window_start, self.window_bytes = time.monotonic(), stream.bytes if stream else 0
+
+    def throttle(self, nbytes: int) -> None:
+        if self.rate_share is None:
+            return
+        # Sleep until this worker's bytes since the window began fit its share of the rate.
+        due = self.window_start + (nbytes - self.window_bytes) / self.rate_share
+        delay = due - time.monotonic()
+        if delay > 0:
+            time.sleep(min(delay, _REPORT_EVERY))
+
+    def run(self, *, wait: float) -> int:
+        """Copy chunks while any is pending (waiting for those other workers hold, in case one dies); returns how
+        many this worker copied. `wait`: seconds to wait for a copy to be started when none is running."""
+        done = 0
+        joined = False  # saw a copy running: once it has finished, this worker's work is over
+        deadline = time.monotonic() + wait
+        with db.session(self.cfg.source_dsn, role="source") as source, \
+                db.session(self.cfg.target_dsn, role="target") as target:
+            while True:
+                self.checkpoint(None)
+                run = state.copy_run(self.control)
+                if run is None or run.finished_at is not None or run.snapshot_id is None:
+                    if joined and run is not None and run.finished_at is not None:
+                        return done
+                    if time.monotonic() < deadline:
+                        time.sleep(0.5)
+                        continue
+                    return done
+                joined = True
+                outcome = self._copy_one(source, target, run)
+                if outcome == "copied":
+                    done += 1
+                elif outcome == "none":
+                    if not self._pending_left():
+                        return done
+                    time.sleep(0.5)
+                else:  # the snapshot could not be imported: its coordinator is gone; wait for the next one
+                    time.sleep(1.0)
+
+    def _bounds(self, table: Table, chunk: state.Chunk) -> str:
+        """The chunk's key range as it may be printed (key values that may be patient data as keyed hashes)."""
+        if self.mask is None:
+            self.mask = KeyMask.of(self.control)
+        types = {c.name: c.type for c in table.columns}
+        key = [types[k] for k in table.key]
+        lower = None if chunk.lower_bound is None else self.mask.key(table.key, key, chunk.lower_bound)
+        upper = None if chunk.upper_bound is None else self.mask.key(table.key, key, chunk.upper_bound)
+        if lower is None and upper is None:
+            return "the whole table"
+        return " ".join(part for part in (f"keys from {lower}" if lower else "keys",
+                                          f"below {upper}" if upper else "") if part)
+
+    def _pending_left(self) -> bool:
+        return any(c.status == "pending" for c in state.chunks(self.control))
+
+    def _copy_one(self, source: psycopg.Connection[Any], target: psycopg.Connection[Any], run: state.CopyRun) -> str:
+        """Claim and copy one chunk: "copied", "none" (nothing to claim) or "retry" (snapshot not importable)."""
+        started = time.monotonic()
+        with target.cursor() as tcur:
+            tcur.execute("SET LOCAL session_replication_role = replica")
+            chunk = state.claim_chunk(target)
+            if chunk is None:
+                target.rollback()
+                return "none"
+            started_at = tcur.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
+            try:
+                with source.cursor() as scur:
+                    scur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    scur.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(run.snapshot_id)))
+                    # Bitmap scans read a key range's pages once, in order; a sequential scan per chunk reads all.
+                    scur.execute("SET LOCAL enable_seqscan = off")
+                    scur.execute("SET LOCAL work_mem = '64MB'")
+                    scur.execute("SELECT pg_current_snapshot()::text")
+                    snapshot = scur.fetchone()[0]  # type: ignore[index]
+                    if self.tables_snapshot != run.snapshot_id:
+                        # The tables as this snapshot sees them, listed once per snapshot.
+                        self.tables = {(t.schema, t.name): t for t in catalog.list_tables(source, self.cfg.tables)}
+                        self.tables_snapshot = run.snapshot_id
+            except (psycopg.errors.InvalidParameterValue, psycopg.errors.ObjectNotInPrerequisiteState) as exc:
+                # The coordinator that exported the snapshot is gone: wait for the next one.
+                source.rollback()
+                target.rollback()
+                self.log.warning("copy.snapshot_gone", error=str(exc).splitlines()[0])
+                return "retry"
+            table = self.tables.get((chunk.schema_name, chunk.table_name))
+            if table is None:
+                raise CopyError(f"{chunk.display} is no longer on the source")
+            log = self.log.bind(table=table.display, chunk=chunk.chunk_no)
+            cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.writable_columns)
+            select = sql.SQL("COPY (SELECT {} FROM ONLY {}{}) TO STDOUT (FORMAT binary)").format(
+                cols, table.ident, _range(table, chunk.lower_bound, chunk.upper_bound))
+            load = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(table.ident, cols)
+            stream = _Stream(self, chunk)
+            try:
+                # Triggers on the target exist only when a table is copied again after post-data; ALWAYS ones must
+                # not fire either.
+                firing = schema.firing_in_replica(tcur).get((table.schema, table.name), [])
+                with schema.silenced(tcur, table.ident, firing):
+                    rows = stream.run(source, target, select, load)
+                state.chunk_copied(target, chunk, snapshot, rows, stream.bytes, self.name, started_at)
+            except (CopyError, psycopg.Error) as exc:
+                why = str(exc) if isinstance(exc, CopyError) else database_error(exc)
+                raise CopyError(f"copying {table.display} chunk {chunk.chunk_no} ({self._bounds(table, chunk)}) "
+                                f"failed: {why}; the chunk stays pending",
+                                hint=None if isinstance(exc, psycopg.OperationalError) else _REFUSED_HINT) from exc
+        target.commit()
+        source.rollback()
+        state.worker_progress(self.control, self.name, None, 0, 0)
+        log.info("copy.chunk_done", rows=rows, bytes=stream.bytes, seconds=round(time.monotonic() - started, 3))
+        return "copied"
