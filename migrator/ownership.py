@@ -23,6 +23,7 @@ import psycopg
 from migrator import db, state
 from migrator.config import CONTROL_SCHEMA
 from migrator.deltalog import owner as recorded
+from migrator.deltalog import triggers
 from migrator.errors import Blocked, ConnectionFailed
 from migrator.log import get
 
@@ -50,7 +51,7 @@ def legacy_owner(source: Conn) -> Owner | None:
 
 
 def _has_capture(source: Conn) -> bool:
-    return recorded.has_capture(source)
+    return triggers.has_capture(source)
 
 
 def _foreign(source: Conn, m: state.Migration | None, owner: Owner | None) -> str | None:

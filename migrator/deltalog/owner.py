@@ -20,12 +20,6 @@ SCHEMA = CAPTURE_SCHEMA
 _OWNER_TABLE = sql.SQL("{}.migration_owner").format(sql.Identifier(CAPTURE_SCHEMA))
 
 
-def has_capture(conn: Conn) -> bool:
-    """Whether the database holds the engine's schema (a capture is installed, or its remains)."""
-    row = conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", (CAPTURE_SCHEMA,)).fetchone()
-    return bool(row and row[0])
-
-
 def read(source: Conn) -> tuple[uuid.UUID, str, dt.datetime] | None:
     """The recorded owner (migration id, target as host:port/dbname, when); None when none is recorded."""
     row = source.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{CAPTURE_SCHEMA}.migration_owner",)).fetchone()
