@@ -2,7 +2,7 @@
 
 One capture serves one migration. Its delta log has one consumer: sync truncates a log child once its own target
 holds the child's events, so a second migration reading the same log (a DR copy, a second site) would lose them
-without a word. The legacy database therefore records the capture's owner (triggers/owner.sql: the id of the
+without a word. The legacy database therefore records the capture's owner (deltalog/owner.py: the id of the
 target's migration row, the target as host:port/dbname, when), and prepare, sync and cleanup refuse a capture that
 belongs to another migration. A capture installed by a migrator that recorded no owner is adopted by a target this
 capture was already prepared for (its control schema has prepared_at), and refused to every other.
