@@ -2,7 +2,7 @@
 
 One capture serves one migration. Its delta log has one consumer: sync truncates a log child once its own target
 holds the child's events, so a second migration reading the same log (a DR copy, a second site) would lose them
-without a word. The legacy database therefore records the capture's owner (triggers/owner.sql: the id of the
+without a word. The legacy database therefore records the capture's owner (deltalog/owner.py: the id of the
 target's migration row, the target as host:port/dbname, when), and prepare, sync and cleanup refuse a capture that
 belongs to another migration. A capture installed by a migrator that recorded no owner is adopted by a target this
 capture was already prepared for (its control schema has prepared_at), and refused to every other.
@@ -19,16 +19,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
 from migrator import db, state
-from migrator.config import CAPTURE_SCHEMA, CONTROL_SCHEMA
-from migrator.deltalog.triggers import trigger_sql
+from migrator.config import CONTROL_SCHEMA
+from migrator.deltalog import owner as recorded
+from migrator.deltalog import triggers
 from migrator.errors import Blocked, ConnectionFailed
 from migrator.log import get
 
 Conn = psycopg.Connection[Any]
-_OWNER_TABLE = sql.SQL("{}.migration_owner").format(sql.Identifier(CAPTURE_SCHEMA))
 
 
 @dataclass(frozen=True)
@@ -47,17 +46,12 @@ class Owner:
 
 def legacy_owner(source: Conn) -> Owner | None:
     """The owner the legacy database records; None when it records none (not prepared, or by an older migrator)."""
-    row = source.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{CAPTURE_SCHEMA}.migration_owner",)).fetchone()
-    if not row or not row[0]:
-        return None
-    row = source.execute(sql.SQL("SELECT migration_id, target, created_at FROM {} WHERE id = 1")
-                         .format(_OWNER_TABLE)).fetchone()
-    return Owner(row[0], row[1], row[2]) if row else None
+    row = recorded.read(source)
+    return Owner(*row) if row else None
 
 
 def _has_capture(source: Conn) -> bool:
-    row = source.execute("SELECT to_regnamespace(%s) IS NOT NULL", (CAPTURE_SCHEMA,)).fetchone()
-    return bool(row and row[0])
+    return triggers.has_capture(source)
 
 
 def _foreign(source: Conn, m: state.Migration | None, owner: Owner | None) -> str | None:
@@ -69,7 +63,7 @@ def _foreign(source: Conn, m: state.Migration | None, owner: Owner | None) -> st
         return f"is captured for {owner.describe()}"
     if not _has_capture(source) or (m is not None and m.prepared_at is not None):
         return None
-    return (f"already has capture (schema {CAPTURE_SCHEMA}) installed by an earlier migrator version for a "
+    return (f"already has capture (schema {recorded.SCHEMA}) installed by an earlier migrator version for a "
             "migration it did not record (its target is unknown)")
 
 
@@ -117,12 +111,7 @@ def claim(source: Conn, target: Conn, target_dsn: str) -> None:
     prepare installs it; refuse when another migration recorded itself first (its prepare ran at the same time)."""
     m = state.migration(target)
     assert m is not None and m.migration_id is not None
-    with source.transaction(), source.cursor() as cur:
-        cur.execute(sql.SQL(trigger_sql("owner.sql")))  # type: ignore[arg-type]
-        # Ours already: the target's description follows the configuration (a renamed host, a new port).
-        cur.execute(sql.SQL("INSERT INTO {} AS o (id, migration_id, target) VALUES (1, %s, %s) ON CONFLICT (id) DO "
-                            "UPDATE SET target = excluded.target WHERE o.migration_id = excluded.migration_id")
-                    .format(_OWNER_TABLE), (m.migration_id, db.describe_dsn(target_dsn)))
+    recorded.record(source, m.migration_id, db.describe_dsn(target_dsn))
     check(source, m, "prepare")
 
 

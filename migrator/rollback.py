@@ -37,8 +37,9 @@ from psycopg import sql
 from migrator import catalog, db, gonogo, prepare, state, sync
 from migrator import verify as verify_mod
 from migrator.catalog import Table
-from migrator.config import CAPTURE_SCHEMA, Config
+from migrator.config import Config
 from migrator.deltalog import freeze as freezer
+from migrator.deltalog import rollback_position as position
 from migrator.deltalog import snapshot, triggers
 from migrator.deltalog.apply import Applier
 from migrator.deltalog.snapshot import Snapshot
@@ -62,10 +63,6 @@ POOLER_STEPS = ("preflight", "catch_up", "pause", "freeze", "drain", "verify", "
                 "resume", "disarm")
 """The steps through PgBouncer."""
 CATCH_UP_BATCHES = 20
-
-
-def _position_table() -> sql.Composed:
-    return sql.SQL("{}.rollback_position").format(sql.Identifier(CAPTURE_SCHEMA))
 
 
 # --- arming (at cutover) and disarming (cleanup, or a finished rollback) ------------------------------------------
@@ -99,18 +96,9 @@ def arm(cfg: Config) -> str:
         enabled = triggers.enable_triggers(target, tables, lock_timeout=cfg.sync.lock_timeout)
         row = target.execute("SELECT pg_current_snapshot()::text").fetchone()
         assert row is not None
-        with legacy.transaction(), legacy.cursor() as cur:
-            cur.execute(sql.SQL(triggers.trigger_sql("rollback.sql")))  # type: ignore[arg-type]
-            cur.execute(sql.SQL("INSERT INTO {} (id, target_snapshot) VALUES (1, %s) ON CONFLICT (id) DO UPDATE "
-                                "SET target_snapshot = excluded.target_snapshot, armed_at = now(), "
-                                "events_applied = 0, updated_at = now()").format(_position_table()), (row[0],))
+        position.record(legacy, row[0])
     get(phase="cutover").info("rollback.armed", tables=len(tables), triggers_installed=installed, enabled=enabled)
     return f"capture on {len(tables)} target tables from snapshot {row[0]}"
-
-
-def _has_capture(conn: psycopg.Connection[Any]) -> bool:
-    row = conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", (CAPTURE_SCHEMA,)).fetchone()
-    return bool(row and row[0])
 
 
 def disarm(cfg: Config) -> int:
@@ -118,21 +106,13 @@ def disarm(cfg: Config) -> int:
     the number of triggers removed. Writes on the target are no longer recorded afterwards."""
     removed = 0
     with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
-        if _has_capture(target):
+        if triggers.has_capture(target):
             removed = triggers.remove(target, cfg.sync.lock_timeout, where="target ")
     with db.session(cfg.source_dsn, role="source", autocommit=True) as legacy:
-        if _has_capture(legacy):
-            legacy.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(_position_table()))
+        if triggers.has_capture(legacy):
+            position.drop(legacy)
     get(phase="rollback").info("rollback.disarmed", triggers=removed)
     return removed
-
-
-def _armed_at(legacy: psycopg.Connection[Any]) -> str | None:
-    row = legacy.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{CAPTURE_SCHEMA}.rollback_position",)).fetchone()
-    if not row or not row[0]:
-        return None
-    row = legacy.execute(sql.SQL("SELECT target_snapshot FROM {} WHERE id = 1").format(_position_table())).fetchone()
-    return row[0] if row else None
 
 
 # --- the reverse replay -------------------------------------------------------------------------------------------
@@ -167,11 +147,10 @@ class _Reverse:
                 assert row is not None
                 cur_snap = Snapshot.parse(row[0])
                 lcur.execute("SET LOCAL session_replication_role = replica")
-                row = lcur.execute(sql.SQL("SELECT target_snapshot FROM {} WHERE id = 1 FOR UPDATE")
-                                   .format(_position_table())).fetchone()
-                if row is None:
+                recorded = position.lock(lcur)
+                if recorded is None:
                     raise NotReady("the rollback position vanished from the legacy database (cleanup ran?)")
-                applied = Snapshot.parse(row[0])
+                applied = Snapshot.parse(recorded)
                 if not cur_snap.includes(applied):
                     legacy.rollback()  # another rollback run applied a newer snapshot meanwhile
                     return 0
@@ -181,9 +160,7 @@ class _Reverse:
                 if changed:
                     # Tables without a key have no copy boundary here: the position was taken with nothing in flight.
                     self.applier.apply(scur, lcur, window, changed, {})
-                lcur.execute(sql.SQL("UPDATE {} SET target_snapshot = %s, events_applied = events_applied + %s, "
-                                     "updated_at = now() WHERE id = 1").format(_position_table()),
-                             (cur_snap.text, events))
+                position.advance(lcur, cur_snap.text, events)
             legacy.commit()
         except BaseException:
             legacy.rollback()
@@ -196,12 +173,11 @@ class _Reverse:
 
     def pending(self) -> int:
         """Events committed on the target that the legacy database does not hold yet."""
-        row = self.legacy.execute(sql.SQL("SELECT target_snapshot FROM {} WHERE id = 1")
-                                  .format(_position_table())).fetchone()
+        recorded = position.read(self.legacy)
         self.legacy.rollback()
-        assert row is not None
+        assert recorded is not None
         try:
-            return sync.pending(self.reader, row[0]).pending_events
+            return sync.pending(self.reader, recorded).pending_events
         finally:
             self.reader.rollback()
 
@@ -291,7 +267,7 @@ def _ready(cfg: Config, target: psycopg.Connection[Any], legacy: psycopg.Connect
     if m.cutover_at is None:
         raise NotReady("there is no completed cutover to roll back",
                        hint="`migrator status` shows the recorded cutover attempts.")
-    if _armed_at(legacy) is None or not _has_capture(target):
+    if position.armed(legacy) is None or not triggers.has_capture(target):
         raise NotReady("the rollback is not armed: the target's changes since cutover were not captured",
                        hint="Only a cutover that armed the rollback (and no `migrator cleanup` since) can be "
                             "rolled back without losing the target's writes.")

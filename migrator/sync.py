@@ -33,8 +33,8 @@ from psycopg import sql
 
 from migrator import catalog, db, ownership, state
 from migrator.catalog import Table
-from migrator.config import CAPTURE_SCHEMA, Config
-from migrator.deltalog import rotation, snapshot, triggers
+from migrator.config import Config
+from migrator.deltalog import read, rotation, snapshot, triggers
 from migrator.deltalog.apply import Applier
 from migrator.deltalog.snapshot import Snapshot
 from migrator.errors import ConnectionFailed, Interrupted, NotReady, SchemaChanged
@@ -86,14 +86,8 @@ class BatchInfo:
 
 def pending(source: psycopg.Connection[Any], applied: str | None) -> Lag:
     """Committed changes not yet applied, and the age of the oldest (from the source's delta log)."""
-    with source.cursor() as cur:
-        # Everything logged, before the first batch; after, the window from the applied position to now.
-        where = sql.SQL("true") if applied is None else snapshot.window(Snapshot.parse(applied))
-        cur.execute(sql.SQL("SELECT count(*), extract(epoch FROM now() - min(e.captured_at))::float8 "
-                            "FROM {}.delta_log AS e WHERE {}").format(sql.Identifier(CAPTURE_SCHEMA), where))
-        row = cur.fetchone()
-    assert row is not None
-    return Lag(int(row[0]), None if row[1] is None else max(float(row[1]), 0.0), applied)
+    events, age = read.pending(source, applied)
+    return Lag(events, None if age is None else max(age, 0.0), applied)
 
 
 class _Watch:

@@ -224,3 +224,42 @@ def test_no_module_reaches_another_modules_private_names() -> None:
     files = [p for d in ("migrator", "bench", "tests") for p in sorted((root / d).rglob("*.py"))]
     assert len(files) > 50
     assert [hit for p in files for hit in _private_reaches(p)] == []
+
+
+# --- the engine's schema is the delta log's -------------------------------------------------------------------------
+
+# Modules outside migrator/deltalog/ that may name the engine's schema, and why: none of them reads or writes it.
+_SCHEMA_NAMED_ELSEWHERE = {
+    "config.py": "declares CAPTURE_SCHEMA (and keeps table filters out of it)",
+    "errors.py": "recognises the schema's name in a server's error message, to hint that prepare has not run",
+    "inspect.py": "reads the catalog about the schema (whether it exists, who owns it, its tables left out of the "
+                  "rights prepare needs), before anything is installed",
+    "schema.py": "pg_dump --exclude-schema: the schema copy leaves the engine's schema out",
+    "state/versions/0005_owner.py": "a comment on the target's control table names the owner table in prose",
+}
+
+
+def _names_capture_schema(path: Path) -> list[str]:
+    """Lines of one file that name CAPTURE_SCHEMA, or "_migrator" as a schema in a string (`_migrator` alone, or
+    followed by a dot: `_migrator.delta_log`); docstrings left out."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+    found = []
+    for node in ast.walk(tree):
+        named = ((isinstance(node, ast.Name) and node.id == "CAPTURE_SCHEMA")
+                 or (isinstance(node, ast.Attribute) and node.attr == "CAPTURE_SCHEMA")
+                 or (isinstance(node, ast.alias) and node.name == "CAPTURE_SCHEMA"))
+        in_sql = (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                  and (node.value.strip('"') == "_migrator" or re.search(r'\b_migrator"?\.', node.value) is not None))
+        if named or in_sql:
+            found.append(f"{path.relative_to(PACKAGE)}:{getattr(node, 'lineno', '?')}")
+    return found
+
+
+def test_only_the_delta_log_names_the_engines_schema() -> None:
+    """Issue 12: migrator/deltalog/ is the only code that reads or writes the engine's schema on the legacy database
+    (and on the target during a rollback window); everything else asks it."""
+    files = [p for p in sorted(PACKAGE.rglob("*.py")) if "deltalog" not in p.relative_to(PACKAGE).parts]
+    hits = [hit for p in files for hit in _names_capture_schema(p)]
+    assert {h.split(":")[0] for h in hits} <= set(_SCHEMA_NAMED_ELSEWHERE), hits
+    assert _names_capture_schema(PACKAGE / "deltalog" / "read.py")  # the check sees a reader

@@ -1,7 +1,7 @@
-"""The delta log: the code that reads and writes the engine's schema (`_migrator`) on the legacy database, and on the
-target during a rollback window. Outside this package, still: rollback.py keeps its position there
-(triggers/rollback.sql), ownership.py the capture's owner (triggers/owner.sql), and sync.pending and verify read the
-log (through snapshot.window).
+"""The delta log: the only code that reads or writes the engine's schema (`_migrator`) on the legacy database, and on
+the target during a rollback window (tests/test_names.py checks that no other module names it, but for catalog
+reads about it: inspect, pg_dump's exclusion, an error's hint). Sync, rollback, verify and ownership decide; what they
+read and write there is composed here.
 
 The event format (triggers/capture.sql). Every INSERT, UPDATE, DELETE and TRUNCATE on a captured table inserts, in
 the writer's own transaction, rows of `_migrator.delta_log`:
@@ -24,4 +24,7 @@ three children, which rotate (rotation.py).
 - freeze.py    freeze and release (the capture functions' bodies replaced by ones that reject writes)
 - rotation.py  the log's children, switching writers to the next, truncating a drained one, the policy sync applies
 - apply.py     the Applier, which writes a batch: sync drives it forward, rollback in reverse
+- read.py      the log outside a batch: what is pending, whether a log exists, its lock, a table's events in a window
+- owner.py     the capture's owner row (triggers/owner.sql): read and record; ownership.py decides who may act
+- rollback_position.py  the reverse replay's position on the legacy database (triggers/rollback.sql)
 """

@@ -57,6 +57,12 @@ def _with_lock_retries(conn: psycopg.Connection[Any], what: str, fn: Any, lock_t
     )
 
 
+def has_capture(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the database holds the engine's schema (a capture is installed, or its remains)."""
+    row = conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", (CAPTURE_SCHEMA,)).fetchone()
+    return bool(row and row[0])
+
+
 def installed_tables(conn: psycopg.Connection[Any]) -> dict[int, tuple[str, str, str, tuple[str, ...] | None]]:
     """The captured-table registry on the source: oid -> (schema, table, fingerprint, key columns); empty when not
     prepared."""

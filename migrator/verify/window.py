@@ -6,8 +6,8 @@ together). The target snapshot is opened first and reads A; the source snapshot 
 target differs from S there, the difference is real. A row such a change touched is in flight (`in_flight`): its
 range is read again once sync has applied everything S contains (`wait_for_sync`), under a new window.
 
-Which events a window holds and how a logged key decodes are the delta log's own (`deltalog.snapshot.window` and
-`decode_key`), as sync and rollback use them.
+Which events a window holds, how a logged key decodes, and the log's lock are the delta log's own (deltalog/read.py
+on `deltalog.snapshot.window` and `decode_key`, as sync and rollback use them).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import psycopg
 from psycopg import sql
 
 from migrator import db, log, state
-from migrator.config import CAPTURE_SCHEMA, Config
-from migrator.deltalog import snapshot
+from migrator.config import Config
+from migrator.deltalog import read
 from migrator.deltalog.snapshot import Snapshot
 from migrator.errors import MigratorError
 from migrator.verify.planning import Plan, row_form
@@ -92,8 +92,7 @@ class Pair:
                     self.end_table()
                 applied = state.position(target)
                 with source.cursor() as cur:
-                    cur.execute(sql.SQL("LOCK TABLE {}.delta_log IN ACCESS SHARE MODE")
-                                .format(sql.Identifier(CAPTURE_SCHEMA)))
+                    read.lock_log(cur)
                     row = cur.execute("SELECT pg_current_snapshot()::text").fetchone()
                 if applied is None or row is None:
                     raise MigratorError("the target lost its sync position while verify ran")
@@ -112,10 +111,9 @@ class Pair:
 
 def has_delta_log(conn: psycopg.Connection[Any]) -> bool:
     """Whether the source has a delta log (a capture is installed), so a verify may run while sync follows."""
-    with conn.cursor() as cur:
-        row = cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{CAPTURE_SCHEMA}.delta_log",)).fetchone()
+    found = read.has_log(conn)
     conn.rollback()
-    return bool(row and row[0])
+    return found
 
 
 def in_flight(source_conn: psycopg.Connection[Any], plan: Plan, window: Window | None) -> InFlight | None:
@@ -123,26 +121,17 @@ def in_flight(source_conn: psycopg.Connection[Any], plan: Plan, window: Window |
     (locked since before that snapshot was taken: see Pair.window)."""
     if window is None:
         return None
-    log_table = sql.SQL("{}.delta_log").format(sql.Identifier(CAPTURE_SCHEMA))
-    where = sql.SQL("e.rel = {rel}::oid AND {window}").format(rel=sql.Literal(plan.table.oid),
-                                                             window=snapshot.window(Snapshot.parse(window.applied),
-                                                                                    Snapshot.parse(window.snapshot)))
+    applied, current = Snapshot.parse(window.applied), Snapshot.parse(window.snapshot)
     with source_conn.cursor() as cur:
-        truncated = cur.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {} AS e WHERE {} AND e.op = 'T')").format(
-            log_table, where)).fetchone()
-        if truncated and truncated[0]:
+        if read.truncated(cur, plan.table, applied, current):
             return InFlight(frozenset(), everything=True)
         if plan.keys:
             # A table with a key logs the keys its changes touched.
-            touched = sql.SQL("SELECT {} FROM {} AS e WHERE {} AND e.key IS NOT NULL").format(
-                snapshot.decode_key(plan.table, named=True), log_table, where)
+            touched = read.touched_keys(plan.table, applied, current)
             keys = sql.SQL(", ").join(k.expression_of(sql.SQL("x")) for k in plan.keys)
             rows = cur.execute(sql.SQL("SELECT DISTINCT {} FROM ({}) AS x").format(keys, touched)).fetchall()
             return InFlight(frozenset(tuple(r) for r in rows))
-        images = sql.SQL(
-            "SELECT e.old_row::{t} AS r FROM {log} AS e WHERE {w} AND e.old_row IS NOT NULL UNION ALL "
-            "SELECT e.new_row::{t} FROM {log} AS e WHERE {w} AND e.new_row IS NOT NULL"
-        ).format(t=plan.table.ident, log=log_table, w=where)
+        images = read.row_images(plan.table, applied, current)
         keys = sql.SQL("decode(md5({}), 'hex')").format(row_form(plan.table, plan.binary, sql.SQL("(x.r)")))
         rows = cur.execute(sql.SQL("SELECT DISTINCT {} FROM ({}) AS x").format(keys, images)).fetchall()
     return InFlight(frozenset(tuple(r) for r in rows))

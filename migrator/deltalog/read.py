@@ -1,0 +1,69 @@
+"""Reading the delta log outside a batch: what is pending (sync's lag, rollback's), whether a log exists, and the
+events of one table in a window (verify's rows in flight). Each composes its SQL from snapshot.window, as batches do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from migrator.catalog import Table
+from migrator.config import CAPTURE_SCHEMA
+from migrator.deltalog import snapshot
+from migrator.deltalog.apply import LOG
+from migrator.deltalog.snapshot import Snapshot
+
+
+def pending(conn: psycopg.Connection[Any], applied: str | None) -> tuple[int, float | None]:
+    """The count of events committed since `applied` (a snapshot; None: everything logged) and the age in seconds of
+    the oldest (None when there is none), in the connection's current transaction."""
+    with conn.cursor() as cur:
+        # Everything logged, before the first batch; after, the window from the applied position to now.
+        where = sql.SQL("true") if applied is None else snapshot.window(Snapshot.parse(applied))
+        cur.execute(sql.SQL("SELECT count(*), extract(epoch FROM now() - min(e.captured_at))::float8 "
+                            "FROM {} AS e WHERE {}").format(LOG, where))
+        row = cur.fetchone()
+    assert row is not None
+    return int(row[0]), None if row[1] is None else float(row[1])
+
+
+def has_log(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the database has a delta log (a capture is installed). Leaves the transaction open."""
+    with conn.cursor() as cur:
+        row = cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{CAPTURE_SCHEMA}.delta_log",)).fetchone()
+    return bool(row and row[0])
+
+
+def lock_log(cur: psycopg.Cursor[Any]) -> None:
+    """Lock the log ACCESS SHARE for the transaction: no child of it is truncated (rotation) until it ends."""
+    cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(LOG))
+
+
+def _in_table(table: Table, applied: Snapshot, current: Snapshot) -> sql.Composed:
+    return sql.SQL("e.rel = {rel}::oid AND {window}").format(rel=sql.Literal(table.oid),
+                                                             window=snapshot.window(applied, current))
+
+
+def truncated(cur: psycopg.Cursor[Any], table: Table, applied: Snapshot, current: Snapshot) -> bool:
+    """Whether a TRUNCATE of `table` committed in the window from `applied` to `current`."""
+    row = cur.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {} AS e WHERE {} AND e.op = 'T')").format(
+        LOG, _in_table(table, applied, current))).fetchone()
+    return bool(row and row[0])
+
+
+def touched_keys(table: Table, applied: Snapshot, current: Snapshot) -> sql.Composed:
+    """A query of the keys (columns named after the key columns, typed) that changes of `table` (with a key)
+    committed in the window touched, one row per event."""
+    return sql.SQL("SELECT {} FROM {} AS e WHERE {} AND e.key IS NOT NULL").format(
+        snapshot.decode_key(table, named=True), LOG, _in_table(table, applied, current))
+
+
+def row_images(table: Table, applied: Snapshot, current: Snapshot) -> sql.Composed:
+    """A query of the row images (column `r`, of the table's row type) that changes of `table` (without a key)
+    committed in the window logged, before and after."""
+    return sql.SQL(
+        "SELECT e.old_row::{t} AS r FROM {log} AS e WHERE {w} AND e.old_row IS NOT NULL UNION ALL "
+        "SELECT e.new_row::{t} FROM {log} AS e WHERE {w} AND e.new_row IS NOT NULL"
+    ).format(t=table.ident, log=LOG, w=_in_table(table, applied, current))
