@@ -417,11 +417,10 @@ def cutover(obj: Ctx, yes: bool, overrides: tuple[str, ...], hold_: bool, releas
 @click.pass_obj
 def release(obj: Ctx, yes: bool) -> None:
     """Make the legacy database writable again after a cutover (capture stays installed)."""
-    from migrator import cutover as cutover_mod
+    from migrator import release as release_mod
 
     _confirm(yes, "This makes the legacy database writable again (split-brain risk if clients moved)")
-    cutover_mod.release(obj.cfg)
-    click.echo("released: the legacy database takes writes again")
+    click.echo(release_mod.run(obj.cfg).render_text())
 
 
 @exits({ExitCode.FINDING: "declined, or refused: the capture belongs to another migration"})

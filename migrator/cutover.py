@@ -27,7 +27,7 @@ from typing import Any
 
 import psycopg
 
-from migrator import catalog, db, gonogo, ownership, rollback, state, sync
+from migrator import catalog, db, gonogo, rollback, state, sync
 from migrator import verify as verify_mod
 from migrator.config import Config
 from migrator.deltalog import freeze as freezer
@@ -363,17 +363,3 @@ def release_hold(cfg: Config) -> bool:
             return False
         state.release_cutover_hold(target)
         return True
-
-
-def release(cfg: Config) -> None:
-    """Make the legacy database writable again after a cutover (explicit release; capture stays on)."""
-    with db.session(cfg.source_dsn, role="source") as source, \
-            db.session(cfg.target_dsn, role="target", autocommit=True) as target:
-        if not freezer.is_frozen(source):
-            raise NotReady("the legacy database is not frozen; nothing to release")
-        ownership.check(source, state.migration(target), "release")  # another migration's freeze: split brain
-        source.rollback()
-        freezer.release(source)
-        state.mark(target, "frozen", False)
-        state.clear(target, "cutover_at")
-        get(phase="release").info("release.done")

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from migrator import catalog, copy, cutover, inspect, prepare, state, sync
+from migrator import catalog, copy, inspect, prepare, release, state, sync
 from migrator import cleanup as cleanup_mod
 from migrator.config import Config
 from migrator.deltalog import freeze
@@ -140,7 +140,7 @@ def test_sync_and_cleanup_refuse_a_capture_that_another_migration_owns(
     with psycopg.connect(source_dsn, autocommit=True) as conn:
         freeze.freeze(conn, catalog.list_tables(conn, new.tables), lock_timeout=5.0)
     with pytest.raises(Blocked, match="release refused"):
-        cutover.release(old)
+        release.run(old)
     assert fetch(source_dsn, "SELECT frozen FROM _migrator.freeze_state") == [(True,)]
 
 
