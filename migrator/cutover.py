@@ -36,6 +36,7 @@ from migrator.log import get
 from migrator.state.lock import action_lock
 from migrator.switchover import (
     NOT_MOVED,
+    AttemptRecorder,
     PoolerSession,
     Step,
     StepRunner,
@@ -131,7 +132,7 @@ def _require_target(cfg: Config, overrides: tuple[str, ...],
                    "(not recorded: the target holds the control schema)", checklist=checklist.render_text()) from exc
 
 
-class _Cutover:
+class _Cutover(AttemptRecorder):
     """One cutover attempt: its steps, their undos, and the values they pass on (the `Recorder` of its runner)."""
 
     def __init__(self, cfg: Config, target: psycopg.Connection[Any], source: psycopg.Connection[Any],
@@ -143,6 +144,7 @@ class _Cutover:
         self.overrides = overrides
         self.on_step = on_step
         self.on_checklist = on_checklist
+        self.kind = "cutover"
         self.log = get(phase="cutover")
         self.report = CutoverReport(attempt=state.start_attempt(target), ok=False)
         self.pool = PoolerSession(cfg) if cfg.cutover.uses_pooler else None
@@ -167,25 +169,6 @@ class _Cutover:
                  point_of_no_return=not pooled),
             *([Step("resume", self.resume, point_of_no_return=True, then=self.record_pointing)] if pooled else []),
         ]
-
-    # --- the Recorder: the attempt's rows in the control schema -------------------------------------------------
-
-    def started(self, step: str) -> None:
-        state.step_started(self.target, self.report.attempt, step)
-
-    def finished(self, step: str, detail: str) -> None:
-        state.step_finished(self.target, self.report.attempt, step, "done", detail)
-
-    def stopped(self, step: str, error: str) -> None:
-        self.report.failed_step = step
-        self.report.error = error
-        try:
-            state.step_finished(self.target, self.report.attempt, step, "failed", error)
-            state.finish_attempt(self.target, self.report.attempt, "failed", failed_step=step, error=error)
-            state.record_attempt_pooler(self.target, self.report.attempt, pause_seconds=self.report.pause_seconds)
-        except psycopg.Error:
-            pass
-        self.log.error("cutover.failed", step=step, error=error, pause_seconds=self.report.pause_seconds)
 
     def done(self, timings: list[StepTiming]) -> CutoverReport:
         report = self.report

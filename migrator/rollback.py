@@ -48,6 +48,7 @@ from migrator.log import get
 from migrator.state.lock import action_lock
 from migrator.switchover import (
     NOT_MOVED,
+    AttemptRecorder,
     PoolerSession,
     Step,
     StepRunner,
@@ -280,7 +281,7 @@ def _ready(cfg: Config, target: psycopg.Connection[Any], legacy: psycopg.Connect
     return checklist
 
 
-class _Rollback:
+class _Rollback(AttemptRecorder):
     """One rollback attempt: its steps, their undos, and the values they pass on (the `Recorder` of its runner)."""
 
     def __init__(self, cfg: Config, target: psycopg.Connection[Any], legacy: psycopg.Connection[Any],
@@ -288,6 +289,7 @@ class _Rollback:
         self.cfg = cfg
         self.target = target
         self.legacy = legacy
+        self.kind = "rollback"
         self.log = get(phase="rollback")
         self.report = RollbackReport(attempt=state.start_attempt(target), ok=False,
                                      checklist=gonogo.recorded(checklist))
@@ -312,27 +314,6 @@ class _Rollback:
                  point_of_no_return=not pooled),
             *([Step("resume", self.resume, point_of_no_return=True, then=self.record_pointing)] if pooled else []),
         ]
-
-    # --- the Recorder: the attempt's rows in the control schema -------------------------------------------------
-
-    def started(self, step: str) -> None:
-        state.step_started(self.target, self.report.attempt, step)
-
-    def finished(self, step: str, detail: str) -> None:
-        state.step_finished(self.target, self.report.attempt, step, "done", detail)
-
-    def stopped(self, step: str, error: str) -> None:
-        self.report.failed_step = step
-        self.report.error = error
-        try:
-            if step:
-                state.step_finished(self.target, self.report.attempt, step, "failed", error)
-            state.finish_attempt(self.target, self.report.attempt, "failed", failed_step=step or None, error=error)
-            state.record_attempt_pooler(self.target, self.report.attempt, kind="rollback",
-                                        pause_seconds=self.report.pause_seconds)
-        except psycopg.Error:
-            pass
-        self.log.error("rollback.failed", step=step, error=error)
 
     def close_reverse(self) -> None:
         if self.reverse is not None:

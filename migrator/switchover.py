@@ -225,6 +225,36 @@ class Recorder(Protocol):
         ...
 
 
+class AttemptRecorder:
+    """The `Recorder` of a cutover or rollback attempt: its steps' rows in the control schema. A flow sets `kind`
+    ("cutover" or "rollback"), `target` (the control schema's connection), `report` (with `attempt`, `failed_step`,
+    `error`, `pause_seconds`) and `log`."""
+
+    kind: str
+    target: psycopg.Connection[Any]
+    report: Any
+    log: Any
+
+    def started(self, step: str) -> None:
+        state.step_started(self.target, self.report.attempt, step)
+
+    def finished(self, step: str, detail: str) -> None:
+        state.step_finished(self.target, self.report.attempt, step, "done", detail)
+
+    def stopped(self, step: str, error: str) -> None:
+        self.report.failed_step = step
+        self.report.error = error
+        try:
+            if step:  # a rollback may stop before its first step
+                state.step_finished(self.target, self.report.attempt, step, "failed", error)
+            state.finish_attempt(self.target, self.report.attempt, "failed", failed_step=step or None, error=error)
+            state.record_attempt_pooler(self.target, self.report.attempt, kind=self.kind,
+                                        pause_seconds=self.report.pause_seconds)
+        except psycopg.Error:
+            pass
+        self.log.error(f"{self.kind}.failed", step=step, error=error, pause_seconds=self.report.pause_seconds)
+
+
 def first_line(exc: BaseException) -> str:
     """An exception as the one line recorded and reported, scrubbed of passwords."""
     return scrub(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
