@@ -102,19 +102,27 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
     if unknown:
         raise Blocked(f"unknown go/no-go item(s): {', '.join(sorted(unknown))}; items: {', '.join(gonogo.OVERRIDES)}")
     _require_target(cfg, overrides, on_checklist)
-    with db.session(cfg.target_dsn, role="target", autocommit=True) as target, action_lock(target, "cutover"), \
-            db.session(cfg.source_dsn, role="source") as source:
-        m = state.require_prepared(target)
-        if m.copy_finished_at is None:
-            raise NotReady("copy has not finished", hint="Run `migrator copy` and `migrator sync` first.")
-        if m.cutover_at is not None and m.frozen:
-            get(phase="cutover").info("cutover.nothing_to_do")
-            return CutoverReport(attempt=0, ok=True, already_done=True)
-        flow = _Cutover(cfg, target, source, overrides, on_step, on_checklist)
-        runner = StepRunner("cutover", flow, on_step)
-        runner.run(flow.steps(), passthrough=(KeyboardInterrupt, NoGo),
-                   hint="Fix the cause and run `migrator cutover` again; `migrator status` shows the recorded steps.")
-        return flow.done(runner.timings)
+    with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
+        state.require_prepared(target)  # "not prepared" before "another cutover is running": it says what to do
+        with action_lock(target, "cutover"), db.session(cfg.source_dsn, role="source") as source:
+            return _run_locked(cfg, target, source, overrides, on_step, on_checklist)
+
+
+def _run_locked(cfg: Config, target: psycopg.Connection[Any], source: psycopg.Connection[Any],
+                overrides: tuple[str, ...], on_step: Callable[[str, str], None] | None,
+                on_checklist: Callable[[gonogo.Checklist], None] | None) -> CutoverReport:
+    """The cutover, under the action lock."""
+    m = state.require_prepared(target)
+    if m.copy_finished_at is None:
+        raise NotReady("copy has not finished", hint="Run `migrator copy` and `migrator sync` first.")
+    if m.cutover_at is not None and m.frozen:
+        get(phase="cutover").info("cutover.nothing_to_do")
+        return CutoverReport(attempt=0, ok=True, already_done=True)
+    flow = _Cutover(cfg, target, source, overrides, on_step, on_checklist)
+    runner = StepRunner("cutover", flow, on_step)
+    runner.run(flow.steps(), passthrough=(KeyboardInterrupt, NoGo),
+               hint="Fix the cause and run `migrator cutover` again; `migrator status` shows the recorded steps.")
+    return flow.done(runner.timings)
 
 
 def _require_target(cfg: Config, overrides: tuple[str, ...],

@@ -244,20 +244,27 @@ def run(cfg: Config, *, overrides: Iterable[str] = (),
     unknown = set(overrides) - {gonogo.NO_SWITCH}
     if unknown:
         raise Blocked(f"unknown override(s) for a rollback: {', '.join(sorted(unknown))}; only {gonogo.NO_SWITCH}")
-    with db.session(cfg.target_dsn, role="target", autocommit=True) as target, action_lock(target, "rollback"), \
-            db.session(cfg.source_dsn, role="source", autocommit=True) as legacy:
-        checklist = _ready(cfg, target, legacy, overrides)
-        flow = _Rollback(cfg, target, legacy, checklist)
-        runner = StepRunner("rollback", flow, on_step)
-        try:
-            runner.run(flow.steps(), hint="Clients stay on the target. Fix the cause and run `migrator rollback` "
-                                          "again; `migrator status` shows the recorded steps.")
-        finally:
-            flow.close_reverse()
-        flow.finish()
-        # Clients are on the legacy database: this step never fails (it says what it left behind).
-        runner.run([Step("disarm", flow.disarm)], hint="")
-        return flow.done(runner.timings)
+    with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
+        state.require_prepared(target)  # "not prepared" before "another rollback is running": it says what to do
+        with action_lock(target, "rollback"), db.session(cfg.source_dsn, role="source", autocommit=True) as legacy:
+            return _run_locked(cfg, target, legacy, overrides, on_step)
+
+
+def _run_locked(cfg: Config, target: psycopg.Connection[Any], legacy: psycopg.Connection[Any],
+                overrides: tuple[str, ...], on_step: Callable[[str, str], None] | None) -> RollbackReport:
+    """The rollback, under the action lock."""
+    checklist = _ready(cfg, target, legacy, overrides)
+    flow = _Rollback(cfg, target, legacy, checklist)
+    runner = StepRunner("rollback", flow, on_step)
+    try:
+        runner.run(flow.steps(), hint="Clients stay on the target. Fix the cause and run `migrator rollback` "
+                                      "again; `migrator status` shows the recorded steps.")
+    finally:
+        flow.close_reverse()
+    flow.finish()
+    # Clients are on the legacy database: this step never fails (it says what it left behind).
+    runner.run([Step("disarm", flow.disarm)], hint="")
+    return flow.done(runner.timings)
 
 
 def _ready(cfg: Config, target: psycopg.Connection[Any], legacy: psycopg.Connection[Any],
