@@ -9,6 +9,7 @@ its own meanings with `exits`, which ends its --help with them; the README's tab
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -144,6 +145,20 @@ def _stop_on_signals() -> threading.Event:
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
     return stop
+
+
+def _hung_up(signum: int, _: Any) -> None:
+    """The operator's terminal went away (SSH dropped): a cutover or rollback goes on. What it would print goes to
+    /dev/null from now on (a write to a hung-up terminal fails); its log and the control schema keep the record."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+
+
+def _keep_going_on_hangup() -> None:
+    """Cutover and rollback ignore SIGHUP: runbook 02 says to run them under tmux or systemd-run all the same."""
+    signal.signal(signal.SIGHUP, _hung_up)
 
 
 def _terminate(signum: int, _: Any) -> None:
@@ -396,6 +411,7 @@ def cutover(obj: Ctx, yes: bool, overrides: tuple[str, ...], hold_: bool, releas
               lambda: "hold released: a waiting cutover goes on" if was else "there was no hold")
         return
     _confirm(yes, "This freezes writes on the legacy database and moves clients to the target")
+    _keep_going_on_hangup()
 
     def show_checklist(checklist: Any) -> None:
         if not as_json:
@@ -458,6 +474,7 @@ def rollback_(obj: Ctx, yes: bool, overrides: tuple[str, ...], as_json: bool) ->
     from migrator.errors import NoGo
 
     _confirm(yes, "This freezes the target and moves clients back to the legacy database")
+    _keep_going_on_hangup()
     try:
         report = rollback.run(obj.cfg, overrides=overrides,
                               on_step=None if as_json else lambda s, st: click.echo(f"  {s}: {st}", err=True))

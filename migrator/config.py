@@ -164,6 +164,17 @@ class CutoverSettings:
     dbname of [target] dsn. Other keys of an entry (user, pool_size, ...) are kept."""
     pause_timeout: Positive = 10.0
     """How long PAUSE may wait for transactions in flight through the pooler before the cutover resumes and stops."""
+    switch_check_command: Text | None = None
+    """Tells whether the clients moved, for a guardian that finds a cutover or rollback killed inside its switch
+    (`switch_command` or `rollback_command`): exit 0 when the clients are on the target, 1 when they are on the legacy
+    database, anything else when it cannot tell. Without it, the guardian runs the interrupted command again, so that
+    command must be idempotent (runbook 02, "If the cutover process dies")."""
+    guardian_timeout: Positive = 5.0
+    """Seconds of silence from a cutover or rollback process (its heartbeat, sent whatever a step is doing) after
+    which its guardian stops it and brings clients to one side; a process that dies is taken over at once."""
+    guardian_dir: Text | None = None
+    """Where cutover and rollback keep their local journal (what the guardian needs when the target is down) and
+    the guardian's log; default: `.migrator/` beside the configuration file (or in the working directory)."""
 
     @model_validator(mode="after")
     def _pooler_complete(self) -> CutoverSettings:
@@ -227,6 +238,14 @@ class Config:
 
     def __post_init__(self) -> None:
         _register_secrets_of(self)
+
+    @property
+    def local_dir(self) -> Path:
+        """Where this host keeps the migration's local files (the cutover's journals, the guardian's log, the
+        action lock's file): `[cutover] guardian_dir`, else `.migrator/` beside the configuration file."""
+        if self.cutover.guardian_dir:
+            return Path(self.cutover.guardian_dir)
+        return (self.path.resolve().parent if self.path is not None else Path.cwd()) / ".migrator"
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A copy worker process gets the configuration by pickling; its log lines need the same secrets redacted.

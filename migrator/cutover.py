@@ -3,7 +3,7 @@
 With a pooler ([cutover] pgbouncer_admin_dsn) the clients never reconnect:
 
     catch_up → preflight (go/no-go, hold) → stage_rollback (the rollback's capture installed on the target,
-    disabled; see migrator/rollback.py) → pause (PgBouncer PAUSE, bounded) → freeze (the legacy database rejects
+    disabled; see migrator/rollback.py) → guard (the guardian started) → pause (PgBouncer PAUSE, bounded) → freeze (the legacy database rejects
     writes from clients not behind the pooler) → drain → verify (counts, every event applied) → sequences →
     arm_rollback (the target's capture enabled, its snapshot recorded) → switch (the pooler's [databases] entries
     rewritten to the target, RELOAD) → resume (RESUME)
@@ -14,8 +14,10 @@ frozen unless the operator accepts a cutover that moves nobody (`--override no-s
 rejects writes until `migrator release`, even after migrator exits), or it stops: the pooler's entries are put back
 and reloaded, the legacy database is writable again, and RESUME is sent, in that order, so that a client let through
 never meets a frozen database. Every step is timed and recorded in the control schema, and each undo is declared
-with its step (`_Cutover.steps`, run by migrator/switchover.py's StepRunner); the switch (through a pooler, the
-RESUME) is the point of no return. One cutover or rollback runs at a time (migrator/state/lock.py).
+with its step (`_Cutover.steps`, run by migrator/switchover.py's StepRunner); the switch is the point of no return
+(after it, a failure still RESUMEs, on the target). Before anything is paused or frozen, `guard` starts the guardian
+(migrator/guardian.py), which sees the attempt through if this process dies; running the command again resolves what
+a death left (migrator/recovery.py). One cutover or rollback runs at a time (migrator/state/lock.py).
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ from typing import Any
 
 import psycopg
 
-from migrator import catalog, db, gonogo, rollback, state, sync
+from migrator import catalog, db, gonogo, recovery, rollback, state, sync
 from migrator import verify as verify_mod
 from migrator.config import Config
 from migrator.deltalog import freeze as freezer
-from migrator.errors import Blocked, ConnectionFailed, MigratorError, NoGo, NotReady
+from migrator.errors import Blocked, ConnectionFailed, CutoverFailed, MigratorError, NoGo, NotReady
 from migrator.log import get
 from migrator.state.lock import action_lock
 from migrator.switchover import (
@@ -46,9 +48,9 @@ from migrator.switchover import (
     run_command,
 )
 
-STEPS = ("catch_up", "preflight", "stage_rollback", "freeze", "drain", "verify", "sequences", "arm_rollback", "switch")
+STEPS = ("catch_up", "preflight", "stage_rollback", "guard", "freeze", "drain", "verify", "sequences", "arm_rollback", "switch")
 """The steps without a pooler (`switch_command`)."""
-POOLER_STEPS = ("catch_up", "preflight", "stage_rollback", "pause", "freeze", "drain", "verify", "sequences", "arm_rollback", "switch",
+POOLER_STEPS = ("catch_up", "preflight", "stage_rollback", "guard", "pause", "freeze", "drain", "verify", "sequences", "arm_rollback", "switch",
                 "resume")
 """The steps through PgBouncer."""
 HOLD_POLL = 1.0
@@ -72,20 +74,23 @@ class CutoverReport:
     """The cutover had already completed; nothing was done (the legacy database stays frozen)."""
     clients_moved: bool = True
     """False when neither a pooler nor switch_command moved them (`--override no-switch`)."""
+    recovered: list[str] = field(default_factory=list)
+    """Earlier attempts whose process died, and how they were resolved (by the guardian or by this run)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"attempt": self.attempt, "ok": self.ok, "mode": self.mode, "clients_moved": self.clients_moved,
                 "clients": None if self.clients_moved else NOT_MOVED, "freeze_seconds": self.freeze_seconds,
                 "pause_seconds": self.pause_seconds, "events_drained": self.events_drained,
                 "sequences_set": self.sequences_set, "failed_step": self.failed_step, "error": self.error,
-                "already_done": self.already_done, "checklist": self.checklist,
+                "already_done": self.already_done, "recovered": self.recovered, "checklist": self.checklist,
                 "steps": [{"step": s.step, "seconds": round(s.seconds, 3), "detail": s.detail} for s in self.steps]}
 
     def render_text(self) -> str:
+        before = "".join(f"{r}\n" for r in self.recovered)
         if self.already_done:
-            return ("nothing to do: the cutover is done and the legacy database is frozen "
-                    "(`migrator release --yes` would make it writable again)")
-        head = f"cutover done; write freeze {self.freeze_seconds or 0:.2f}s"
+            return before + ("nothing to do: the cutover is done and the legacy database is frozen "
+                             "(`migrator release --yes` would make it writable again)")
+        head = before + f"cutover done; write freeze {self.freeze_seconds or 0:.2f}s"
         if self.pause_seconds is not None:
             head += f"; clients paused {self.pause_seconds:.2f}s"
         if not self.clients_moved:
@@ -104,25 +109,38 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
     _require_target(cfg, overrides, on_checklist)
     with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
         state.require_prepared(target)  # "not prepared" before "another cutover is running": it says what to do
-        with action_lock(target, "cutover"), db.session(cfg.source_dsn, role="source") as source:
+        with action_lock(cfg, target, "cutover"), db.session(cfg.source_dsn, role="source") as source:
             return _run_locked(cfg, target, source, overrides, on_step, on_checklist)
 
 
 def _run_locked(cfg: Config, target: psycopg.Connection[Any], source: psycopg.Connection[Any],
                 overrides: tuple[str, ...], on_step: Callable[[str, str], None] | None,
                 on_checklist: Callable[[gonogo.Checklist], None] | None) -> CutoverReport:
-    """The cutover, under the action lock."""
+    """The cutover, under the action lock: first what an earlier attempt's death left (migrator/recovery.py)."""
+    recovered = [j.detail for j in recovery.recover(cfg, target, "cutover")]
     m = state.require_prepared(target)
     if m.copy_finished_at is None:
         raise NotReady("copy has not finished", hint="Run `migrator copy` and `migrator sync` first.")
     if m.cutover_at is not None and m.frozen:
         get(phase="cutover").info("cutover.nothing_to_do")
-        return CutoverReport(attempt=0, ok=True, already_done=True)
+        return CutoverReport(attempt=0, ok=True, already_done=True, recovered=recovered)
     flow = _Cutover(cfg, target, source, overrides, on_step, on_checklist)
+    flow.report.recovered = recovered
     runner = StepRunner("cutover", flow, on_step)
-    runner.run(flow.steps(), passthrough=(KeyboardInterrupt, NoGo),
-               hint="Fix the cause and run `migrator cutover` again; `migrator status` shows the recorded steps.")
-    return flow.done(runner.timings)
+    try:
+        try:
+            runner.run(flow.steps(), passthrough=(KeyboardInterrupt, NoGo),
+                       hint="Fix the cause and run `migrator cutover` again; `migrator status` shows the recorded "
+                            "steps.",
+                       after_move_hint="The clients were moved and the legacy database stays frozen: the cutover "
+                                       "stands. Fix what the message names (a RESUME by hand, if it says so).")
+        except CutoverFailed:
+            if runner.moved:
+                flow.moved_anyway()
+            raise
+        return flow.done(runner.timings)
+    finally:
+        flow.unguard()
 
 
 def _require_target(cfg: Config, overrides: tuple[str, ...],
@@ -155,7 +173,7 @@ class _Cutover(AttemptRecorder):
         self.kind = "cutover"
         self.log = get(phase="cutover")
         self.report = CutoverReport(attempt=state.start_attempt(target), ok=False)
-        self.pool = PoolerSession(cfg) if cfg.cutover.uses_pooler else None
+        self.pool = PoolerSession(cfg, "cutover") if cfg.cutover.uses_pooler else None
         self.report.mode = "pgbouncer" if self.pool else "switch_command"
         self.tables: list[catalog.Table] = []
         self.freeze_started = 0.0
@@ -167,6 +185,7 @@ class _Cutover(AttemptRecorder):
             Step("preflight", self.preflight),
             # Undone even half way: a failure during staging still leaves triggers to remove.
             Step("stage_rollback", self.stage_rollback, undo=self.disarm, undo_partial=True),
+            Step("guard", self.start_guardian),
             *([Step("pause", self.pause, undo=self.resume_after_failure, undo_partial=True)] if pooled else []),
             Step("freeze", self.freeze, undo=self.unfreeze, then=self.mark_frozen),
             Step("drain", self.drain),
@@ -174,8 +193,8 @@ class _Cutover(AttemptRecorder):
             Step("sequences", self.sequences),
             Step("arm_rollback", self.arm_rollback),
             Step("switch", self.switch, undo=self.restore_entries if pooled else None, undo_partial=True,
-                 point_of_no_return=not pooled),
-            *([Step("resume", self.resume, point_of_no_return=True, then=self.record_pointing)] if pooled else []),
+                 point_of_no_return=True),
+            *([Step("resume", self.resume, then=self.record_pointing, forward=self.resume_forward)] if pooled else []),
         ]
 
     def done(self, timings: list[StepTiming]) -> CutoverReport:
@@ -239,6 +258,11 @@ class _Cutover(AttemptRecorder):
         except (MigratorError, psycopg.Error) as exc:
             return f"removing capture from the target failed ({exc.__class__.__name__}): `migrator cleanup` removes it"
         return ""
+
+    def start_guardian(self) -> str:
+        entries = self.pool.entries() if self.pool is not None else {}
+        return self.guard({n: e.legacy_entry for n, e in entries.items()},
+                          {n: e.target_entry for n, e in entries.items()})
 
     def pause(self) -> str:
         assert self.pool is not None
@@ -334,6 +358,17 @@ class _Cutover(AttemptRecorder):
             raise MigratorError(said)
         self.pool.former_text = None
         return f"clients paused {self.pool.pause_seconds or 0:.3f}s"
+
+    def moved_anyway(self) -> None:
+        """A step after the switch failed and the run went forward: the cutover stands; record it (the attempt is
+        recorded failed at that step)."""
+        state.mark(self.target, "cutover_at")
+        if self.pool is not None:
+            state.set_pointing(self.target, self.pool.names, "target")
+
+    def resume_forward(self) -> str:
+        assert self.pool is not None
+        return self.pool.resume()
 
     def record_pointing(self) -> None:
         assert self.pool is not None

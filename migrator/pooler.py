@@ -228,6 +228,14 @@ def repoint(entry: str, where: dict[str, str]) -> str:
     return format_connstr(list(where.items()) + pairs)
 
 
+def serves(shown: PoolDatabase, entry: str) -> bool:
+    """Whether a `SHOW DATABASES` row sends its clients where the connect string `entry` points (its host, port and
+    dbname, those it names)."""
+    want = dict(parse_connstr(entry))
+    got = {"host": shown.host, "port": shown.port, "dbname": shown.database}
+    return all(str(got[k]) == want[k] for k in ("host", "port", "dbname") if k in want)
+
+
 def target_location(target_dsn: str, pooler_target: str | None) -> dict[str, str]:
     """host, port and dbname the pooler's entries get: from [cutover] pooler_target, else from the target DSN."""
     if pooler_target:

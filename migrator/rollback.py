@@ -7,7 +7,8 @@ is in the target's delta log. `run` replays that log onto the legacy database wi
 swapped: batches cut by target snapshots, each applied by the delta log's Applier in one legacy transaction that also
 advances the recorded position. With a pooler the clients never reconnect:
 
-    preflight → catch_up (reverse batches while clients still write) → pause (PgBouncer PAUSE) → freeze (the target
+    preflight → catch_up (reverse batches while clients still write) → guard (the guardian started, as in the
+    cutover) → pause (PgBouncer PAUSE) → freeze (the target
     rejects writes) → drain → verify (counts) → sequences (legacy at least at the target's) → release (the legacy
     database takes writes again) → switch (the pooler's entries back to the legacy ones, RELOAD) → resume → disarm
     (capture removed from the target)
@@ -18,10 +19,13 @@ both databases take writes and the target records none of them. The frozen captu
 not stop the reverse replay: like the application's ALWAYS triggers during sync, they are disabled inside the replay
 transaction and enabled again before it commits, so no other session ever sees them off, and no client can open
 that door (no session setting lets a write through the freeze). Either the rollback completes, or it stops before
-clients move and leaves them on the target: pooler entries restored, legacy frozen again, target writable, RESUME.
+the legacy database is released and leaves the clients on the target: pooler entries as they were, target writable,
+RESUME.
 `migrator cleanup` ends the rollback window (`disarm`). The steps and their undos are `_Rollback.steps`, run by
-migrator/switchover.py's StepRunner; the point of no return is the switch (through a pooler, the RESUME), as in the
-cutover: the release of the legacy database is still undone (frozen again) when a later step fails.
+migrator/switchover.py's StepRunner; the point of no return is the release of the legacy database (from then on
+clients not behind the pooler may write there, so it is never frozen again by an undo): a later failure goes forward
+(entries at the legacy database, RESUME). A rollback whose process dies is seen through by its guardian the same way
+(migrator/guardian.py, migrator/recovery.py).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from migrator import catalog, db, gonogo, prepare, state, sync
+from migrator import catalog, db, gonogo, pooler, prepare, recovery, state, sync
 from migrator import verify as verify_mod
 from migrator.catalog import Table
 from migrator.config import Config
@@ -43,7 +47,7 @@ from migrator.deltalog import rollback_position as position
 from migrator.deltalog import snapshot, triggers
 from migrator.deltalog.apply import Applier
 from migrator.deltalog.snapshot import Snapshot
-from migrator.errors import Blocked, MigratorError, NoGo, NotReady, SchemaChanged
+from migrator.errors import Blocked, CutoverFailed, MigratorError, NoGo, NotReady, SchemaChanged
 from migrator.log import get
 from migrator.state.lock import action_lock
 from migrator.switchover import (
@@ -58,9 +62,9 @@ from migrator.switchover import (
     run_command,
 )
 
-STEPS = ("preflight", "catch_up", "freeze", "drain", "verify", "sequences", "release", "switch", "disarm")
+STEPS = ("preflight", "catch_up", "guard", "freeze", "drain", "verify", "sequences", "release", "switch", "disarm")
 """The steps without a pooler (`rollback_command`)."""
-POOLER_STEPS = ("preflight", "catch_up", "pause", "freeze", "drain", "verify", "sequences", "release", "switch",
+POOLER_STEPS = ("preflight", "catch_up", "guard", "pause", "freeze", "drain", "verify", "sequences", "release", "switch",
                 "resume", "disarm")
 """The steps through PgBouncer."""
 CATCH_UP_BATCHES = 20
@@ -217,16 +221,24 @@ class RollbackReport:
     clients_moved: bool = True
     """False when neither a pooler nor rollback_command moved them (`--override no-switch`)."""
     checklist: list[dict[str, Any]] = field(default_factory=list)
+    recovered: list[str] = field(default_factory=list)
+    """Earlier attempts whose process died, and how they were resolved (by the guardian or by this run)."""
+    already_done: bool = False
+    """An interrupted rollback had been completed (by its guardian or by this run); nothing more was done."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"attempt": self.attempt, "ok": self.ok, "mode": self.mode, "clients_moved": self.clients_moved,
+                "recovered": self.recovered, "already_done": self.already_done,
                 "clients": None if self.clients_moved else NOT_MOVED, "pause_seconds": self.pause_seconds,
                 "events_replayed": self.events_replayed, "sequences_set": self.sequences_set,
                 "failed_step": self.failed_step, "error": self.error, "checklist": self.checklist,
                 "steps": self.steps}
 
     def render_text(self) -> str:
-        head = f"rollback done: {self.events_replayed} events written on the target replayed onto the legacy database"
+        before = "".join(f"{r}\n" for r in self.recovered)
+        if self.already_done:
+            return before + "nothing more to do: the rollback is done; clients are on the legacy database"
+        head = before + f"rollback done: {self.events_replayed} events written on the target replayed onto the legacy database"
         if self.pause_seconds is not None:
             head += f"; clients paused {self.pause_seconds:.2f}s"
         if not self.clients_moved:
@@ -246,22 +258,38 @@ def run(cfg: Config, *, overrides: Iterable[str] = (),
         raise Blocked(f"unknown override(s) for a rollback: {', '.join(sorted(unknown))}; only {gonogo.NO_SWITCH}")
     with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
         state.require_prepared(target)  # "not prepared" before "another rollback is running": it says what to do
-        with action_lock(target, "rollback"), db.session(cfg.source_dsn, role="source", autocommit=True) as legacy:
+        with action_lock(cfg, target, "rollback"), db.session(cfg.source_dsn, role="source", autocommit=True) as legacy:
             return _run_locked(cfg, target, legacy, overrides, on_step)
 
 
 def _run_locked(cfg: Config, target: psycopg.Connection[Any], legacy: psycopg.Connection[Any],
                 overrides: tuple[str, ...], on_step: Callable[[str, str], None] | None) -> RollbackReport:
-    """The rollback, under the action lock."""
+    """The rollback, under the action lock: first what an earlier attempt's death left (migrator/recovery.py)."""
+    resolved = recovery.recover(cfg, target, "rollback")
+    recovered = [j.detail for j in resolved]
+    if any(j.kind == "rollback" and j.outcome == "forward" for j in resolved) and \
+            state.require_prepared(target).cutover_at is None:
+        disarm(cfg)  # the step its process did not reach
+        return RollbackReport(attempt=0, ok=True, recovered=recovered, already_done=True)
     checklist = _ready(cfg, target, legacy, overrides)
     flow = _Rollback(cfg, target, legacy, checklist)
+    flow.report.recovered = recovered
     runner = StepRunner("rollback", flow, on_step)
     try:
-        runner.run(flow.steps(), hint="Clients stay on the target. Fix the cause and run `migrator rollback` "
-                                      "again; `migrator status` shows the recorded steps.")
+        try:
+            runner.run(flow.steps(), hint="Clients stay on the target. Fix the cause and run `migrator rollback` "
+                                          "again; `migrator status` shows the recorded steps.",
+                       after_move_hint="The legacy database takes writes and holds every change made on the target, "
+                                       "which stays frozen: the rollback stands. Move the clients to the legacy "
+                                       "database by hand (the pooler's entries, or rollback_command).")
+        except CutoverFailed:
+            if runner.moved:
+                flow.finish(status=None)
+            raise
+        flow.finish()
     finally:
         flow.close_reverse()
-    flow.finish()
+        flow.unguard()
     # Clients are on the legacy database: this step never fails (it says what it left behind).
     runner.run([Step("disarm", flow.disarm)], hint="")
     return flow.done(runner.timings)
@@ -301,7 +329,7 @@ class _Rollback(AttemptRecorder):
         self.report = RollbackReport(attempt=state.start_attempt(target), ok=False,
                                      checklist=gonogo.recorded(checklist))
         state.record_attempt_pooler(target, self.report.attempt, kind="rollback", checklist=self.report.checklist)
-        self.pool = PoolerSession(cfg) if cfg.cutover.uses_pooler else None
+        self.pool = PoolerSession(cfg, "rollback") if cfg.cutover.uses_pooler else None
         self.report.mode = "pgbouncer" if self.pool else "rollback_command"
         self.reverse: _Reverse | None = None
         self.tables: dict[int, Table] = {}
@@ -311,29 +339,31 @@ class _Rollback(AttemptRecorder):
         return [
             Step("preflight", self.preflight),
             Step("catch_up", self.catch_up),
+            Step("guard", self.start_guardian),
             *([Step("pause", self.pause, undo=self.resume_after_failure, undo_partial=True)] if pooled else []),
             Step("freeze", self.freeze, undo=self.release_target),
             Step("drain", self.drain),
             Step("verify", self.verify),
             Step("sequences", self.sequences),
-            Step("release", self.release, undo=self.refreeze_legacy),
-            Step("switch", self.switch, undo=self.restore_entries if pooled else None, undo_partial=True,
-                 point_of_no_return=not pooled),
-            *([Step("resume", self.resume, point_of_no_return=True, then=self.record_pointing)] if pooled else []),
+            Step("release", self.release, point_of_no_return=True),
+            Step("switch", self.switch, forward=self.switch_forward),
+            *([Step("resume", self.resume, then=self.record_pointing, forward=self.resume_forward)] if pooled else []),
         ]
 
     def close_reverse(self) -> None:
         if self.reverse is not None:
             self.reverse.close()
 
-    def finish(self) -> None:
-        """The clients are on the legacy database: record the rollback done."""
+    def finish(self, status: str | None = "done") -> None:
+        """The legacy database holds everything and takes writes: record the rollback done (`status` None: the
+        attempt is already recorded, as failed after its point of no return)."""
         if self.pool is not None:
             self.report.pause_seconds = self.pool.pause_seconds
             self.pool.close()
         state.mark(self.target, "frozen", False)
         state.clear(self.target, "cutover_at")
-        state.finish_attempt(self.target, self.report.attempt, "done")
+        if status is not None:
+            state.finish_attempt(self.target, self.report.attempt, status)
         state.record_attempt_pooler(self.target, self.report.attempt, kind="rollback",
                                     pause_seconds=self.report.pause_seconds)
 
@@ -370,6 +400,13 @@ class _Rollback(AttemptRecorder):
                 break
         self.report.events_replayed += n
         return f"{n} events replayed while clients still wrote to the target"
+
+    def start_guardian(self) -> str:
+        if self.pool is None:
+            return self.guard({}, {})
+        recorded = state.pooler_entries(self.target)
+        return self.guard(pooler.read_entries(self.pool.ini, self.pool.names),
+                          {n: recorded[n].legacy_entry for n in self.pool.names})
 
     def pause(self) -> str:
         assert self.pool is not None
@@ -431,15 +468,6 @@ class _Rollback(AttemptRecorder):
         freezer.release(self.legacy)
         return "the legacy database takes writes again (capture on)"
 
-    def refreeze_legacy(self) -> str:
-        try:
-            freezer.freeze(self.legacy, catalog.list_tables(self.legacy, self.cfg.tables),
-                           self.cfg.cutover.freeze_lock_timeout)
-        except (psycopg.Error, MigratorError) as exc:
-            return (f"REFREEZING THE LEGACY DATABASE FAILED ({exc.__class__.__name__}): clients not behind the pooler "
-                    "could write there")
-        return "the legacy database is frozen again"
-
     def switch(self) -> str:
         if self.pool is None:
             detail = run_command(self.cfg, self.cfg.cutover.rollback_command, "rollback_command",
@@ -450,9 +478,16 @@ class _Rollback(AttemptRecorder):
         self.pool.point({n: entries[n].legacy_entry for n in self.pool.names})
         return f"{', '.join(self.pool.names)} -> the legacy entries; reloaded"
 
-    def restore_entries(self) -> str:
+    def switch_forward(self) -> str:
+        try:
+            return self.switch()
+        except (MigratorError, psycopg.Error, OSError) as exc:
+            return (f"MOVING THE CLIENTS BACK FAILED ({exc.__class__.__name__}): the legacy database takes writes; "
+                    "point the clients at it by hand")
+
+    def resume_forward(self) -> str:
         assert self.pool is not None
-        return self.pool.restore()  # entries back to the target first, RESUME last
+        return self.pool.resume()
 
     def resume(self) -> str:
         assert self.pool is not None

@@ -8,9 +8,10 @@ And the step runner both flows are written with (`StepRunner`): a list of `Step`
 starts and ends (through a `Recorder`: the control schema, or a fake in unit tests). A step may declare its undo; when
 a step fails, the undos of the steps already done run in reverse order (and the failing step's own, when it may have
 half happened), with SIGINT/SIGTERM held, and the run stops with `CutoverFailed`. One step per flow is the point of
-no return: the one after which the clients are on the other side (the switch, or the RESUME through a pooler). A
-failure after it undoes nothing, since undoing then would split the clients between the two databases; it is logged
-as such and raised as it came.
+no return: for a cutover the switch, for a rollback the release of the legacy database. A failure after it undoes
+nothing, since undoing then could split the clients between the two databases: the steps not done go forward as far
+as their `forward` can (RESUME, at least), and the error is raised as it came. A process that dies instead of
+failing is seen through the same way by its guardian (migrator/guardian.py, migrator/recovery.py).
 """
 
 from __future__ import annotations
@@ -30,11 +31,15 @@ from typing import Any, Protocol
 import psycopg
 from psycopg import sql
 
-from migrator import catalog, db, pooler, state
+from migrator import catalog, db, faults, pooler, state
 from migrator.config import Config
 from migrator.errors import CutoverFailed, MigratorError
+from migrator.guardian import Journal, Watch
 from migrator.log import get
 from migrator.redaction import scrub
+
+CONFIRM_SECONDS = 5.0
+"""A second Ctrl-C within this many seconds of the first stops a guarded cutover or rollback (and undoes it)."""
 
 
 @contextmanager
@@ -61,6 +66,35 @@ def signals_deferred(phase: str) -> Iterator[None]:
             signal.signal(s, handler)
         if held and sys.exc_info()[1] is None:
             signal.raise_signal(held[0])
+
+
+@contextmanager
+def interrupts_confirmed(phase: str) -> Iterator[None]:
+    """While clients are paused or a database frozen, one Ctrl-C only asks: a second within CONFIRM_SECONDS stops the
+    run (KeyboardInterrupt, and the step runner undoes). A stray key must not turn a cutover that is seconds from done
+    into an undo, nor should the operator's wish to stop be ignored. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    first: list[float] = []
+
+    def ask(signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if first and now - first[-1] <= CONFIRM_SECONDS:
+            raise KeyboardInterrupt
+        first.append(now)
+        get(phase=phase).warning(f"{phase}.interrupt_asked", seconds=CONFIRM_SECONDS)
+        try:
+            print(f"\n{phase}: Ctrl-C. Press Ctrl-C again within {CONFIRM_SECONDS:.0f}s to stop the {phase} and undo "
+                  f"it; otherwise it goes on.", file=sys.stderr, flush=True)
+        except OSError:
+            pass
+
+    previous = signal.signal(signal.SIGINT, ask)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def count_differences(a: psycopg.Connection[Any], b: psycopg.Connection[Any], tables: list[catalog.Table]) -> list[str]:
@@ -112,9 +146,10 @@ class PoolerSession:
     """The pooler side of one switch (cutover or rollback): what it paused and rewrote, so that every exit can undo
     exactly that."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, phase: str) -> None:
         c = cfg.cutover
         assert c.pgbouncer_admin_dsn and c.pgbouncer_ini
+        self.phase = phase
         self.admin_dsn = c.pgbouncer_admin_dsn
         self.names = list(c.pooler_databases)
         self.ini = c.pgbouncer_ini
@@ -145,6 +180,7 @@ class PoolerSession:
         former = pooler.rewrite_entries(self.ini, entries)
         if self.former_text is None:
             self.former_text = former
+        faults.reached(f"{self.phase}.switch.rewritten")
         self.admin.reload()
 
     def restore(self) -> str:
@@ -200,6 +236,9 @@ class Step:
     its own undo runs too, first. The undo then puts back only what it finds done."""
     point_of_no_return: bool = False
     """The clients are on the other side once `run` returns: from then on nothing is undone."""
+    forward: Callable[[], str] | None = None
+    """Completes the step when the run stops after the point of no return (this step failing, or one before it):
+    the run goes forward, never back (RESUME, at least). Never raises."""
     then: Callable[[], None] | None = None
     """Records what `run` made true; runs after it returned, timed with the step. The step counts as done from the
     moment `run` returns: if `then` fails, the step's undo runs (or, past the point of no return, nothing)."""
@@ -226,19 +265,26 @@ class Recorder(Protocol):
 
 
 class AttemptRecorder:
-    """The `Recorder` of a cutover or rollback attempt: its steps' rows in the control schema. A flow sets `kind`
-    ("cutover" or "rollback"), `target` (the control schema's connection), `report` (with `attempt`, `failed_step`,
-    `error`, `pause_seconds`) and `log`."""
+    """The `Recorder` of a cutover or rollback attempt: its steps' rows in the control schema, and in the guardian's
+    journal once the guardian watches (`guard`). A flow sets `kind` ("cutover" or "rollback"), `cfg`, `target` (the
+    control schema's connection), `report` (with `attempt`, `failed_step`, `error`, `pause_seconds`) and `log`."""
 
     kind: str
+    cfg: Config
     target: psycopg.Connection[Any]
     report: Any
     log: Any
+    watch: Watch | None = None
+    _confirming: Any = None
 
     def started(self, step: str) -> None:
+        if self.watch is not None:
+            self.watch.journal.note(step, "started")
         state.step_started(self.target, self.report.attempt, step)
 
     def finished(self, step: str, detail: str) -> None:
+        if self.watch is not None:
+            self.watch.journal.note(step, "done")
         state.step_finished(self.target, self.report.attempt, step, "done", detail)
 
     def stopped(self, step: str, error: str) -> None:
@@ -253,6 +299,28 @@ class AttemptRecorder:
         except psycopg.Error:
             pass
         self.log.error(f"{self.kind}.failed", step=step, error=error, pause_seconds=self.report.pause_seconds)
+
+    def guard(self, home: dict[str, str], away: dict[str, str]) -> str:
+        """Start the guardian (migrator/guardian.py) before anything is paused or frozen; `home` and `away` are the
+        pooler entries clients are served from now and after the switch."""
+        journal = Journal.create(self.cfg, self.kind, self.report.attempt, db.describe_dsn(self.cfg.target_dsn))
+        journal.home, journal.away = home, away
+        journal.steps["guard"] = "started"
+        journal.save()
+        self.watch = Watch(self.cfg, journal)
+        self._confirming = interrupts_confirmed(self.kind)
+        self._confirming.__enter__()
+        return (f"guardian {self.watch.proc.pid} watching; it takes over if this process dies, or after "
+                f"{self.cfg.cutover.guardian_timeout:g}s of silence")
+
+    def unguard(self) -> None:
+        """The run is over (done, or stopped and undone): the guardian goes, and Ctrl-C is Ctrl-C again."""
+        if self._confirming is not None:
+            self._confirming.__exit__(None, None, None)
+            self._confirming = None
+        if self.watch is not None:
+            self.watch.end()
+            self.watch = None
 
 
 def first_line(exc: BaseException) -> str:
@@ -274,10 +342,11 @@ class StepRunner:
         """The point of no return is passed: the clients are on the other side."""
         self.log = get(phase=phase)
 
-    def run(self, steps: Sequence[Step], *, hint: str,
+    def run(self, steps: Sequence[Step], *, hint: str, after_move_hint: str = "",
             passthrough: tuple[type[BaseException], ...] = (KeyboardInterrupt,)) -> None:
         """Run `steps`; on a failure before the point of no return, undo and raise `CutoverFailed` with `hint` (or the
-        exception itself when it is one of `passthrough`, after the same undo)."""
+        exception itself when it is one of `passthrough`, after the same undo); after it, go forward and raise
+        `CutoverFailed` with `after_move_hint` (`moved` tells the caller which)."""
         done: list[Step] = []
         running: Step | None = None
         try:
@@ -285,10 +354,14 @@ class StepRunner:
                 self._one(running, done)
         except BaseException as exc:
             with signals_deferred(self.phase):
-                if self.moved:
-                    self.log.error(f"{self.phase}.after_move_failed", step=self.current, error=str(exc))
-                    raise
                 error = first_line(exc)
+                if self.moved:
+                    self.log.error(f"{self.phase}.after_move_failed", step=self.current, error=error)
+                    said = "; ".join(s for s in self._forward(steps, done) if s)
+                    self.recorder.stopped(self.current, error)
+                    raise CutoverFailed(f"{self.phase} failed at step {self.current}, after its point of no return "
+                                        f"(it went forward): {error}{'; ' + said if said else ''}",
+                                        hint=after_move_hint or hint) from exc
                 half_done = None if done and done[-1] is running else running
                 undone = self._undo(done, half_done)
                 self.recorder.stopped(self.current, error)
@@ -301,11 +374,13 @@ class StepRunner:
     def _one(self, step: Step, done: list[Step]) -> None:
         self.current = step.name
         self.recorder.started(step.name)
+        faults.reached(f"{self.phase}.{step.name}.started")
         if self.on_step:
             self.on_step(step.name, "running")
         t0 = time.monotonic()
         detail = step.run()
         done.append(step)
+        faults.reached(f"{self.phase}.{step.name}.ran")
         if step.point_of_no_return:
             self.moved = True
         if step.then:
@@ -316,6 +391,15 @@ class StepRunner:
         self.log.info(f"{self.phase}.step", step=step.name, seconds=round(seconds, 3))
         if self.on_step:
             self.on_step(step.name, "done")
+
+    def _forward(self, steps: Sequence[Step], done: list[Step]) -> list[str]:
+        """Past the point of no return: complete every step not done, as far as its `forward` can."""
+        said = []
+        for step in steps:
+            if step not in done and step.forward is not None:
+                said.append(step.forward())
+                self.log.warning(f"{self.phase}.forward", step=step.name, said=said[-1])
+        return said
 
     def _undo(self, done: list[Step], failed: Step | None) -> list[str]:
         """The undos of the steps done, last first, after the failing step's own when it may have half happened."""

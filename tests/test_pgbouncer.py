@@ -220,7 +220,7 @@ def test_twenty_clients_through_pgbouncer_see_no_error_and_every_committed_trans
     assert pointing == "target" and f"dbname={bouncer.legacy_db}" in legacy_entry
 
 
-@pytest.mark.parametrize("failure", ["pause_timeout", "target_unreachable", "verify_mismatch", "after_switch"])
+@pytest.mark.parametrize("failure", ["pause_timeout", "target_unreachable", "verify_mismatch", "at_switch"])
 def test_failure_at_a_step_leaves_the_pooler_resumed_on_the_legacy_database_and_legacy_writable(
         failure: str, make_config: Callable[..., Config], source_dsn: str, target_dsn: str, admin_dsn: str,
         bouncer: Bouncer) -> None:
@@ -228,7 +228,7 @@ def test_failure_at_a_step_leaves_the_pooler_resumed_on_the_legacy_database_and_
     migrated(cfg, source_dsn)
     ini_before = bouncer.databases_ini.read_text()
     expected_step = {"pause_timeout": "pause", "target_unreachable": "verify", "verify_mismatch": "verify",
-                     "after_switch": "resume"}[failure]
+                     "at_switch": "switch"}[failure]
     holder = None
     if failure == "pause_timeout":  # a client keeps a transaction open through the pooler: PAUSE cannot complete
         holder = psycopg.connect(bouncer.client_dsn, prepare_threshold=None)
@@ -240,8 +240,8 @@ def test_failure_at_a_step_leaves_the_pooler_resumed_on_the_legacy_database_and_
     def inject(step: str, status: str) -> None:
         if failure == "target_unreachable" and (step, status) == ("verify", "running"):
             run_sql(admin_dsn, f'ALTER DATABASE "{tgt_name}" ALLOW_CONNECTIONS false')
-        if failure == "after_switch" and (step, status) == ("resume", "running"):
-            raise RuntimeError("injected after the switch")
+        if failure == "at_switch" and (step, status) == ("switch", "running"):
+            raise RuntimeError("injected before the switch")
 
     try:
         with Clients(bouncer.client_dsn, 5) as clients:
@@ -258,6 +258,30 @@ def test_failure_at_a_step_leaves_the_pooler_resumed_on_the_legacy_database_and_
     assert not clients.failed, clients.failed[:5]
     assert clients.uids() <= uids(source_dsn)
     assert_left_on_legacy(bouncer, source_dsn, target_dsn, ini_before, expected_step)
+
+
+def test_a_failure_after_the_switch_goes_forward_the_pooler_resumed_on_the_target(
+        make_config: Callable[..., Config], source_dsn: str, target_dsn: str, bouncer: Bouncer) -> None:
+    """The switch is the cutover's point of no return: a failure after it (here, before RESUME) undoes nothing, and
+    the run still RESUMEs, on the target; the cutover stands and says what failed."""
+    cfg = pooler_config(make_config, bouncer, pause_timeout=1.5)
+    migrated(cfg, source_dsn)
+
+    def inject(step: str, status: str) -> None:
+        if (step, status) == ("resume", "running"):
+            raise RuntimeError("injected after the switch")
+
+    with Clients(bouncer.client_dsn, 5) as clients:
+        with pytest.raises(CutoverFailed, match="after its point of no return"):
+            cutover.run(cfg, on_step=inject)
+        time.sleep(0.5)
+
+    assert not clients.failed, clients.failed[:5]
+    served = bouncer.databases()[POOL_DB]
+    assert served.database == bouncer.target_db and not served.paused
+    assert clients.uids() <= uids(target_dsn)
+    assert sqlstate_of_write(source_dsn, "INSERT INTO public.study (uid) VALUES ('x')") == READ_ONLY
+    assert fetch(target_dsn, "SELECT cutover_at IS NOT NULL, frozen FROM migrator_control.migration") == [(True, True)]
 
 
 def test_go_no_go_refuses_with_a_checklist_until_the_failing_item_is_overridden(

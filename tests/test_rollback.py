@@ -6,7 +6,6 @@ leaves clients on a writable target; and nothing of the engine remains on the ta
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -113,30 +112,27 @@ def test_a_second_cutover_after_a_rollback_carries_the_legacy_writes_again(
     assert len(engine_on_target(target_dsn)) > 1  # armed again for this cutover
 
 
-def test_a_failing_rollback_command_leaves_clients_on_a_writable_target_and_the_legacy_database_frozen(
+def test_a_failing_rollback_command_after_the_release_goes_forward_and_says_to_move_the_clients_by_hand(
         make_config: Callable[..., Config], source_dsn: str, target_dsn: str, tmp_path: Path) -> None:
+    """The rollback's point of no return is the release of the legacy database: from then on clients not behind a
+    pooler may write there, so a failure after it never freezes the legacy database again (their writes would be
+    stranded). The rollback stands: the legacy database holds every change made on the target and takes writes, the
+    target stays frozen, and the operator is told to move the clients by hand."""
     cfg = make_config(copy={"workers": 2}, cutover={"switch_command": "true", "rollback_command": "exit 7"})
     migrated(cfg, source_dsn)
     cutover.run(cfg)
     write_on_target(target_dsn)
 
-    with pytest.raises(CutoverFailed, match="exited 7"):
+    with pytest.raises(CutoverFailed, match="after its point of no return") as failed:
         rollback.run(cfg)
 
-    assert sqlstate_of_write(target_dsn, "INSERT INTO public.study (uid) VALUES ('still on target')") is None
-    run_sql(target_dsn, "TRUNCATE public.audit", "INSERT INTO public.audit (what) VALUES ('after truncate')")
-    assert sqlstate_of_write(source_dsn, "INSERT INTO public.study (uid) VALUES ('x')") == READ_ONLY
+    assert "exited 7" in str(failed.value) and "by hand" in (failed.value.hint or "")
+    assert sqlstate_of_write(source_dsn, "INSERT INTO public.study (uid) VALUES ('after release')") is None
+    assert sqlstate_of_write(target_dsn, "INSERT INTO public.study (uid) VALUES ('x')") == READ_ONLY
+    assert fetch(source_dsn, "SELECT count(*) FROM public.study WHERE uid LIKE 'after-_'") == [(3,)]
     assert fetch(target_dsn, "SELECT kind, status, failed_step FROM migrator_control.cutover_attempt "
                              "ORDER BY id DESC LIMIT 1") == [("rollback", "failed", "switch")]
-    # Still armed: the write above is captured, and a rollback with a working command carries it over.
-    config = write_config(tmp_path / "migration.toml", source_dsn, target_dsn, switch_command="true",
-                          rollback_command="true")
-    proc = cli(config, "rollback", "--yes", "--json")
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["ok"] is True
-    assert_same(source_dsn, target_dsn)
-    assert fetch(source_dsn, "SELECT count(*) FROM public.study WHERE uid = 'still on target'") == [(1,)]
-    assert fetch(source_dsn, "SELECT what FROM public.audit") == [("after truncate",)]
+    assert fetch(target_dsn, "SELECT cutover_at IS NULL, frozen FROM migrator_control.migration") == [(True, False)]
 
 
 def target_capture_states(target_dsn: str) -> set[str]:
@@ -218,7 +214,7 @@ def test_rollback_through_pgbouncer_moves_writing_clients_back_without_an_error_
         assert set(rows(target_dsn, table)) <= set(rows(source_dsn, table)), table
 
 
-@pytest.mark.parametrize("failure", ["pause_timeout", "at_resume"])
+@pytest.mark.parametrize("failure", ["pause_timeout", "at_sequences"])
 def test_a_failed_rollback_through_pgbouncer_leaves_clients_on_the_target_and_a_second_one_succeeds(
         failure: str, make_config: Callable[..., Config], source_dsn: str, target_dsn: str,
         bouncer: Bouncer) -> None:  # noqa: F811 (the fixture imported from test_pgbouncer)
@@ -227,15 +223,15 @@ def test_a_failed_rollback_through_pgbouncer_leaves_clients_on_the_target_and_a_
     assert cutover.run(cfg).ok
     ini_after_cutover = bouncer.databases_ini.read_text()
     write_on_target(target_dsn)
-    expected_step = {"pause_timeout": "pause", "at_resume": "resume"}[failure]
+    expected_step = {"pause_timeout": "pause", "at_sequences": "sequences"}[failure]
     holder = None
     if failure == "pause_timeout":  # a client keeps a transaction open through the pooler: PAUSE cannot complete
         holder = psycopg.connect(bouncer.client_dsn, prepare_threshold=None)
         holder.execute("INSERT INTO public.study (uid, note) VALUES ('held-open', 'updated')")
 
     def inject(step: str, status: str) -> None:
-        if failure == "at_resume" and (step, status) == ("resume", "running"):
-            raise RuntimeError("injected before RESUME")
+        if failure == "at_sequences" and (step, status) == ("sequences", "running"):
+            raise RuntimeError("injected before the legacy database's release")
 
     with Clients(bouncer.client_dsn, 5) as clients:
         with pytest.raises(CutoverFailed) as info:
@@ -260,3 +256,29 @@ def test_a_failed_rollback_through_pgbouncer_leaves_clients_on_the_target_and_a_
     assert clients.uids() <= uids(source_dsn)
     assert_same(source_dsn, target_dsn)
     assert bouncer.databases()[POOL_DB].database == bouncer.legacy_db
+
+
+def test_a_rollback_failing_after_the_release_goes_forward_through_pgbouncer_and_never_stays_paused(
+        make_config: Callable[..., Config], source_dsn: str, target_dsn: str,
+        bouncer: Bouncer) -> None:  # noqa: F811 (the fixture imported from test_pgbouncer)
+    cfg = pooler_config(make_config, bouncer, pause_timeout=1.5)
+    migrated(cfg, source_dsn)
+    assert cutover.run(cfg).ok
+    write_on_target(target_dsn)
+
+    def inject(step: str, status: str) -> None:
+        if (step, status) == ("resume", "running"):
+            raise RuntimeError("injected before RESUME")
+
+    with Clients(bouncer.client_dsn, 5) as clients:
+        with pytest.raises(CutoverFailed, match="after its point of no return") as info:
+            rollback.run(cfg, on_step=inject)
+        time.sleep(0.5)
+
+    assert "step resume" in str(info.value)
+    assert not clients.failed, clients.failed[:5]
+    served = bouncer.databases()[POOL_DB]
+    assert served.database == bouncer.legacy_db and not served.paused
+    assert clients.uids() <= uids(source_dsn)
+    assert sqlstate_of_write(source_dsn, "UPDATE public.study SET note = 'x' WHERE id = 1") is None
+    assert sqlstate_of_write(target_dsn, "INSERT INTO public.study (uid) VALUES ('x')") == READ_ONLY

@@ -68,5 +68,5 @@ def test_a_second_cutover_or_a_rollback_is_refused_while_a_cutover_runs(
         thread.join(60)
     assert [type(o).__name__ for o in outcome] == ["CutoverReport"]
     # The lock went with the first cutover: the next action takes it.
-    with psycopg.connect(target_dsn, autocommit=True) as conn, action_lock(conn, "cutover"):
+    with psycopg.connect(target_dsn, autocommit=True) as conn, action_lock(cfg, conn, "cutover"):
         pass

@@ -3,6 +3,7 @@ which order; nothing once the point of no return is passed; an interrupt undoes 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import pytest
@@ -102,13 +103,18 @@ def test_a_failure_while_recording_a_step_done_still_undoes_it() -> None:
     assert flow.journal[-2:] == ["undo freeze", "undo pause"]
 
 
-def test_a_failure_after_the_point_of_no_return_undoes_nothing_and_says_so() -> None:
+def test_a_failure_after_the_point_of_no_return_undoes_nothing_goes_forward_and_says_so() -> None:
     flow, recorder = Flow("resume", point="switch"), FakeRecorder()
+    forwarded: list[str] = []
+    steps = [dataclasses.replace(s, forward=lambda n=s.name: forwarded.append(n) or f"{n} forward")
+             for s in flow.steps()]
     runner = StepRunner("cutover", recorder)
-    with capture_logs() as logs, pytest.raises(RuntimeError, match="boom"):
-        runner.run(flow.steps(), hint="")
+    with capture_logs() as logs, pytest.raises(CutoverFailed, match="after its point of no return") as caught:
+        runner.run(steps, hint="", after_move_hint="the cutover stands")
     assert not [j for j in flow.journal if j.startswith("undo")]
-    assert not [r for r in recorder.rows if r[0] == "stopped"]
+    assert forwarded == ["resume"], "only the step not done goes forward"
+    assert "resume forward" in str(caught.value) and caught.value.hint == "the cutover stands"
+    assert recorder.rows[-1] == ("stopped", "resume", "boom")
     assert runner.moved
     said = [e for e in logs if e["event"] == "cutover.after_move_failed"]
     assert said and said[0]["step"] == "resume" and said[0]["log_level"] == "error"
