@@ -176,6 +176,9 @@ def _pooler(cfg: Config) -> tuple[State, str]:
     problems += [f"{n} in session pooling (PAUSE would wait for clients to disconnect)"
                  for n in c.pooler_databases if n in served and served[n].pool_mode == "session"]
     entries = pooler.read_entries(c.pgbouncer_ini, c.pooler_databases)
+    where_to = pooler.target_location(cfg.target_dsn, c.pooler_target)
+    problems += [f"{n} already served by the target (`migrator status` says which attempt moved it)"
+                 for n, e in entries.items() if n in served and pooler.serves(served[n], pooler.repoint(e, where_to))]
     ini = Path(c.pgbouncer_ini)
     if not os.access(ini, os.W_OK) or not os.access(ini.parent, os.W_OK):
         problems.append(f"{ini} (or its directory) is not writable")

@@ -32,7 +32,7 @@ import psycopg
 from migrator import db, pooler, state
 from migrator.config import Config
 from migrator.deltalog import freeze as freezer
-from migrator.errors import MigratorError
+from migrator.errors import Blocked, MigratorError
 from migrator.guardian import Journal, journals
 from migrator.log import get
 from migrator.redaction import scrub
@@ -239,7 +239,7 @@ def write_back(cfg: Config, j: Journal) -> bool:
 def _record(target: psycopg.Connection[Any], j: Journal) -> None:
     for step, how in j.steps.items():
         if how != "done":
-            state.step_finished(target, j.attempt, step, "interrupted", j.detail[:500])
+            state.step_finished(target, j.attempt, step, "failed", j.detail[:500])
     if j.outcome == "forward":
         state.finish_attempt(target, j.attempt, "done", error=j.detail)
         if j.kind == "cutover":
@@ -279,7 +279,10 @@ def recover(cfg: Config, target: psycopg.Connection[Any], kind: str) -> list[Jou
                 state.finish_attempt(target, j.attempt, "failed", failed_step=j.last_step or None,
                                      error="its process ended without recording the outcome")
             continue
-        write_back(cfg, j)
+        if not write_back(cfg, j):
+            raise Blocked(f"{j.kind} attempt {j.attempt} was resolved ({j.detail}) but recording it in the control "
+                          "schema failed; nothing new was started",
+                          hint=f"Run the command again; the journal is {j.path}.")
         if not j.reported:
             j.reported = True
             j.save()

@@ -13,6 +13,7 @@ from migrator.config import Config
 from migrator.deltalog import freeze, rotation
 from migrator.errors import ConnectionFailed
 from migrator.redaction import scrub
+from migrator.state.lock import action_lock_held
 
 
 @dataclass
@@ -31,6 +32,9 @@ class Status:
     cleaned_up_at: dt.datetime | None = None
     """When `migrator cleanup` removed capture from the legacy database (the migration is over)."""
     warnings: list[str] = field(default_factory=list)
+    interrupted: list[dict[str, Any]] = field(default_factory=list)
+    """Cutover or rollback attempts whose process died and that nothing has resolved yet: kind, attempt, step and
+    the command that resolves them."""
 
     def to_dict(self) -> dict[str, Any]:
         def conv(v: Any) -> Any:
@@ -68,6 +72,8 @@ def read(cfg: Config) -> Status:
         pos = state.position(target)
         st.cutover = [{k: v for k, v in a.items() if k != "steps"} | {"steps": a["steps"]}
                       for a in state.attempts(target)]
+        st.interrupted = _interrupted(target, st.cutover)
+        st.warnings += [i["message"] for i in st.interrupted]
         if m.cutover_at is not None:
             st.phase = "cut over"
         elif m.copy_finished_at is not None:
@@ -99,6 +105,27 @@ def read(cfg: Config) -> Status:
     except (psycopg.Error, Exception) as exc:  # status must show what it can even when the source is down
         st.warnings.append(f"source not readable: {scrub(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__}")
     return st
+
+
+def _interrupted(target: psycopg.Connection[Any], attempts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Attempts recorded as running while no process holds the action lock: their process died, and neither a
+    guardian nor a re-run has resolved them (a guardian that cannot reach the target records its outcome later)."""
+    running = [a for a in attempts if a["finished_at"] is None]
+    if not running:
+        return []
+    target.commit()
+    if action_lock_held(target):
+        return []
+    found = []
+    for a in running:
+        kind = a.get("kind") or "cutover"
+        step = a["steps"][-1]["step"] if a["steps"] else "none"
+        command = f"migrator {kind} --yes"
+        found.append({"kind": kind, "attempt": a["id"], "step": step, "command": command,
+                      "message": f"{kind} attempt {a['id']} was interrupted at step {step}: its process is gone and "
+                                 f"nothing has resolved it yet (a guardian may still be recording it); `{command}` "
+                                 "resolves it (finishes or undoes it) before anything else"})
+    return found
 
 
 def require_prepared(cfg: Config, *, after_cleanup: bool = False) -> None:

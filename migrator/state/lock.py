@@ -89,3 +89,12 @@ def _advisory(conn: psycopg.Connection[Any], action: str) -> Iterator[None]:
             conn.execute("SELECT pg_advisory_unlock(hashtext(%s), hashtext(%s))", KEY)
         except psycopg.Error:
             pass  # the connection is gone, and the lock with it
+
+
+def action_lock_held(conn: psycopg.Connection[Any]) -> bool:
+    """Whether a session holds the action lock (a cutover or rollback is running), without taking it."""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 "
+        "  AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+        "  AND classid = hashtext(%s)::oid AND objid = hashtext(%s)::oid)", KEY).fetchone()
+    return bool(row and row[0])
