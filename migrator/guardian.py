@@ -86,20 +86,23 @@ class Journal:
         data["path"] = str(path)
         return cls(**data)
 
-    def save(self) -> None:
-        """Written to a file beside it and renamed over it: a kill never leaves half a journal."""
+    def save(self, *, durable: bool = True) -> None:
+        """Written to a file beside it and renamed over it: a kill never leaves half a journal. `durable` also
+        survives the host's crash (fsync); a step's note, written while clients wait, only needs to survive the
+        process (the page cache does), and the guardian decides from the real state first."""
         p = Path(self.path)
         tmp = p.with_name(f".{p.name}.{os.getpid()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump({k: v for k, v in asdict(self).items() if k != "path"}, f)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, p)
 
     def note(self, step: str, how: str) -> None:
         self.steps[step] = how
-        self.save()
+        self.save(durable=False)
 
     @property
     def last_step(self) -> str:

@@ -161,10 +161,7 @@ def _back(cfg: Config, j: Journal) -> list[str]:
     if cfg.cutover.uses_pooler:
         said.append(_resume(cfg))
     if j.kind == "cutover" and j.steps:
-        from migrator import rollback  # the rollback owns its capture on the target (it imports this module)
-
-        said.append(_attempt(lambda: f"{rollback.disarm(cfg)} staged target triggers removed",
-                             "removing the rollback's capture from the target (`migrator cleanup` removes it)"))
+        said.append(_back_on_target(cfg))
     return said
 
 
@@ -284,10 +281,21 @@ def recover(cfg: Config, target: psycopg.Connection[Any], kind: str) -> list[Jou
                           "schema failed; nothing new was started",
                           hint=f"Run the command again; the journal is {j.path}.")
         if not j.reported:
+            if j.kind == "cutover" and j.outcome == "back" and j.steps:
+                _back_on_target(cfg)
             j.reported = True
             j.save()
             found.append(j)
     return found
+
+
+def _back_on_target(cfg: Config) -> str:
+    """What a back outcome does on the target, done again now that the target answers (a guardian that could not
+    reach it left the rollback's capture there)."""
+    from migrator import rollback  # the rollback owns its capture on the target (it imports this module)
+
+    return _attempt(lambda: f"{rollback.disarm(cfg)} rollback triggers removed from the target",
+                    "removing the rollback's capture from the target (the next cutover or `migrator cleanup` does)")
 
 
 def _journal_from_record(cfg: Config, target: psycopg.Connection[Any], attempt: dict[str, Any],
