@@ -10,7 +10,8 @@ same target transaction records the chunk copied with the snapshot it was read u
 that dies releases its claim with its transaction. The worker's side is migrator/copyworker.py.
 
 The boundary is kept per chunk. Normally every chunk shares the coordinator's snapshot and the table records it.
-After a kill -9 the finished chunks are kept and the rest are read under a new coordinator's snapshot; such a
+After a kill -9 the finished chunks are kept and the rest are read under a new coordinator's snapshot (but a table
+copied again after post-data starts over: its unique indexes on the target check its rows as they load); such a
 table records no single snapshot, and replay judges each change by the snapshot of the chunk holding the key of
 each row image (an update that moves a key is a delete judged by the old key's chunk and an insert judged by the new
 key's). Tables without a key are copied whole, in one chunk.
@@ -285,8 +286,13 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
             raise NotReady(f"table definitions changed since prepare: {', '.join(changed)}",
                            hint="Apply the same DDL to the target, run `migrator prepare` again, then `migrator copy`.")
         pending = [by_name[n] for n, s in states.items() if s.status != "copied"]
-        # A table sent back to pending (by --tables, or by prepare after DDL) keeps no chunk it had copied.
-        stale = [(s.schema_name, s.table_name) for s in states.values() if s.status == "pending"]
+        # A table sent back to pending (by --tables, or by prepare after DDL) keeps no chunk it had copied. Nor does
+        # one whose copy again was killed: its post-data is on the target, and its unique and exclusion indexes check
+        # each row as it loads, so its rows must all be read under one snapshot (a new table, whose post-data waits
+        # for its copy, keeps its chunks: what relates its rows waits for sync, see postdata.py).
+        owed = set(state.post_data_pending(target))
+        stale = [(s.schema_name, s.table_name) for s in states.values() if s.status == "pending" or (
+            s.status == "copying" and m.post_data_at is not None and (s.schema_name, s.table_name) not in owed)]
         with_copied = {(c.schema_name, c.table_name) for c in state.chunks(target) if c.status == "copied"}
         state.reset_chunks(target, [n for n in stale if n in with_copied])
         planned = {c.display for c in state.chunks(target)}

@@ -228,3 +228,47 @@ def test_a_table_added_later_gets_what_relates_rows_from_sync_and_a_broken_row_i
         assert state.post_data_deferred(conn) is None
     assert_same_rows(source_dsn, target_dsn)
 
+
+def test_a_copy_again_of_a_table_killed_and_resumed_starts_it_over_under_its_unique_indexes(
+    make_config: Any, source_dsn: str, target_dsn: str, tmp_path: Path
+) -> None:
+    run_sql(source_dsn, SCHEMA, "VACUUM ANALYZE")
+    cfg = chunked(make_config, chunk_mb=CHUNK_MB)
+    prepare.prepare(cfg)
+    copy.run(cfg)
+    sync.sync(cfg)
+    ward = Ward(source_dsn)
+    ward.start()
+    procs = Processes(config_file(tmp_path, source_dsn, target_dsn, chunk_mb=CHUNK_MB))
+    try:
+        # Copied again (as after DDL) with its unique and exclusion indexes in place on the target: a resumed copy
+        # that kept the chunks read before the kill would load rows of two moments under them.
+        proc = procs.start("copy", "--tables", "public.patient", "--workers", "1", "--max-rate", "0.5")
+
+        def some_copied() -> bool:
+            assert proc.poll() is None, f"copy ended before it could be killed:\n{procs.output(proc)}"
+            return any(r[0] == "patient" and r[4] == "copied" and r[7] is not None for r in chunk_rows(target_dsn)
+                       if r[5] is not None and r[5] != first_snapshot)
+
+        first_snapshot = {r[5] for r in chunk_rows(target_dsn)}.pop()
+        wait_for(some_copied, 60, "a chunk of patient to be copied again")
+        proc.kill()
+        proc.wait(timeout=10)
+        killed = {r[5] for r in chunk_rows(target_dsn) if r[0] == "patient" and r[4] == "copied"}
+        assert any(r[0] == "patient" and r[4] == "pending" for r in chunk_rows(target_dsn))
+        time.sleep(0.5)
+
+        procs.run("copy", timeout=120)
+
+        time.sleep(0.3)
+    finally:
+        ward.finish()
+        procs.kill_all()
+    (again,) = {r[5] for r in chunk_rows(target_dsn) if r[0] == "patient"}
+    assert again not in killed, "the resumed copy starts the table over, under its own snapshot"
+    with psycopg.connect(target_dsn) as conn:
+        assert state.post_data_deferred(conn) is None, "the table's post-data stayed on the target"
+    sync.sync(cfg)
+    assert_same_rows(source_dsn, target_dsn)
+    for query in (CONSTRAINTS, INDEXES):
+        assert fetch(target_dsn, query) == fetch(source_dsn, query)
