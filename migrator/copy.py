@@ -10,15 +10,18 @@ same target transaction records the chunk copied with the snapshot it was read u
 that dies releases its claim with its transaction. The worker's side is migrator/copyworker.py.
 
 The boundary is kept per chunk. Normally every chunk shares the coordinator's snapshot and the table records it.
-After a kill -9 the finished chunks are kept and the rest are read under a new coordinator's snapshot; such a
+After a kill -9 the finished chunks are kept and the rest are read under a new coordinator's snapshot (but a table
+copied again after post-data starts over: its unique indexes on the target check its rows as they load); such a
 table records no single snapshot, and replay judges each change by the snapshot of the chunk holding the key of
 each row image (an update that moves a key is a delete judged by the old key's chunk and an insert judged by the new
 key's). Tables without a key are copied whole, in one chunk.
 
 After the data, the schema's post-data (indexes, constraints, foreign keys, the application's triggers) is restored
-with parallel jobs, tolerating items a killed earlier run already created; then the tables are analyzed in
-parallel. Operators throttle (`max_rate`, MB/s over all workers) and pause it (`pause`/`resume`, a flag in the
-control schema every worker reads each second).
+with parallel jobs, tolerating items a killed earlier run already created; when the chunks were read under
+different snapshots, the items that relate rows to each other (unique and exclusion indexes, foreign keys) are left
+for sync, which restores them once the target is the source as of one snapshot (migrator/postdata.py). Then the
+tables are analyzed in parallel. Operators throttle (`max_rate`, MB/s over all workers) and pause it
+(`pause`/`resume`, a flag in the control schema every worker reads each second).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from migrator import catalog, copyworker, db, schema, state
+from migrator import catalog, copyworker, db, postdata, schema, state
 from migrator import log as log_mod
 from migrator.catalog import Table
 from migrator.config import Config
@@ -66,6 +69,8 @@ class CopyResult:
     seconds: float = 0.0
     post_data_seconds: float = 0.0
     analyze_seconds: float = 0.0
+    post_data_deferred: list[str] = field(default_factory=list)
+    """Post-data items that relate rows, left for sync (the chunks were read under different snapshots)."""
 
     @property
     def rows(self) -> int:
@@ -80,11 +85,17 @@ class CopyResult:
             "snapshot": self.snapshot, "seconds": round(self.seconds, 3), "rows": self.rows, "bytes": self.bytes,
             "post_data_seconds": round(self.post_data_seconds, 3), "analyze_seconds": round(self.analyze_seconds, 3),
             "tables": [c.__dict__ for c in self.copied], "already_copied": self.skipped,
+            "post_data_deferred": self.post_data_deferred,
         }
 
     def render_text(self) -> str:
-        return (f"copied {len(self.copied)} tables ({self.rows} rows, {self.bytes / 1e6:.1f} MB) in "
+        text = (f"copied {len(self.copied)} tables ({self.rows} rows, {self.bytes / 1e6:.1f} MB) in "
                 f"{self.seconds:.1f}s (post-data {self.post_data_seconds:.1f}s); {len(self.skipped)} already copied")
+        if self.post_data_deferred:
+            text += (f"\n{len(self.post_data_deferred)} post-data item(s) that relate rows (unique and exclusion "
+                     "indexes, foreign keys) wait for sync, since the chunks were read under different snapshots: "
+                     "`migrator sync` restores them after its next batch")
+        return text
 
 
 @dataclass(frozen=True)
@@ -275,8 +286,13 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
             raise NotReady(f"table definitions changed since prepare: {', '.join(changed)}",
                            hint="Apply the same DDL to the target, run `migrator prepare` again, then `migrator copy`.")
         pending = [by_name[n] for n, s in states.items() if s.status != "copied"]
-        # A table sent back to pending (by --tables, or by prepare after DDL) keeps no chunk it had copied.
-        stale = [(s.schema_name, s.table_name) for s in states.values() if s.status == "pending"]
+        # A table sent back to pending (by --tables, or by prepare after DDL) keeps no chunk it had copied. Nor does
+        # one whose copy again was killed: its post-data is on the target, and its unique and exclusion indexes check
+        # each row as it loads, so its rows must all be read under one snapshot (a new table, whose post-data waits
+        # for its copy, keeps its chunks: what relates its rows waits for sync, see postdata.py).
+        owed = set(state.post_data_pending(target))
+        stale = [(s.schema_name, s.table_name) for s in states.values() if s.status == "pending" or (
+            s.status == "copying" and m.post_data_at is not None and (s.schema_name, s.table_name) not in owed)]
         with_copied = {(c.schema_name, c.table_name) for c in state.chunks(target) if c.status == "copied"}
         state.reset_chunks(target, [n for n in stale if n in with_copied])
         planned = {c.display for c in state.chunks(target)}
@@ -325,19 +341,9 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
         m = state.require_prepared(target)
         target.commit()
         t0 = time.monotonic()
-        pending_post_data = state.post_data_pending(target)
-        if m.post_data_at is None:
-            schema.load_section(cfg.source_dsn, cfg.target_dsn, "post-data", jobs=workers)
-            state.mark(target, "post_data_at")
-            state.clear_post_data_pending(target)
-            target.commit()
-        elif pending_post_data:
-            # Tables prepare created after the first post-data (new on the legacy database): now that they are
-            # filled, their indexes, constraints and triggers.
-            schema.load_section(cfg.source_dsn, cfg.target_dsn, "post-data", jobs=workers,
-                                tables=pending_post_data)
-            state.clear_post_data_pending(target)
-            target.commit()
+        # The first time, or for tables prepare created after the first post-data (new on the legacy database);
+        # what relates rows read under different snapshots waits for sync (postdata.py).
+        result.post_data_deferred = postdata.after_copy(cfg, target, m, workers)
         result.post_data_seconds = time.monotonic() - t0
         t0 = time.monotonic()
         _analyze(cfg, [by_name[c.table] for c in result.copied], workers)

@@ -5,7 +5,9 @@ recorded verify of every table found the two sides identical, started less than 
 after anything that could make them differ since: a rollback, a completed cutover, a copy of a table (a re-copy,
 or one after DDL sent it back to pending); a warning when none was recorded), `sessions` (no transaction on the
 legacy database, running or idle in transaction, older than [cutover] max_session_seconds: it would hold PAUSE or
-the freeze), `target` (reachable, control schema present), `sequences` (readable on both sides), `blockers` (no
+the freeze), `target` (reachable, control schema present), `post-data` (copy restored the schema's post-data and none of it
+waits for sync, as the items that relate rows do after a copy whose chunks were read under different snapshots; not
+overridable: the application would write without those constraints), `sequences` (readable on both sides), `blockers` (no
 blocker of inspect's stands on the legacy database, unless it was overridden at prepare: then it is shown as
 overridden, by whom and when), with a pooler
 `pooler` (admin console reachable, every pooler database served and not paused, its entry found in a writable
@@ -27,15 +29,16 @@ from typing import Any, Literal
 import psycopg
 from psycopg import sql
 
-from migrator import catalog, db, inspect, pooler, state, status, sync
+from migrator import catalog, db, inspect, pooler, postdata, state, status, sync
 from migrator.config import Config
 from migrator.redaction import scrub
 
-ITEMS = ("lag", "verify", "sessions", "target", "sequences", "blockers", "pooler", "switch")
+ITEMS = ("lag", "verify", "sessions", "target", "post-data", "sequences", "blockers", "pooler", "switch")
 NO_SWITCH = "no-switch"
 """The override of the `switch` item: a cutover or rollback that freezes and releases but moves no client."""
 _OVERRIDE_NAME = {"switch": NO_SWITCH}
-OVERRIDES = tuple(_OVERRIDE_NAME.get(i, i) for i in ITEMS)
+_NOT_OVERRIDABLE = ("post-data",)
+OVERRIDES = tuple(_OVERRIDE_NAME.get(i, i) for i in ITEMS if i not in _NOT_OVERRIDABLE)
 """The names `--override` accepts."""
 State = Literal["pass", "warn", "fail", "overridden"]
 _MARK = {"pass": "[ ok ]", "warn": "[warn]", "fail": "[FAIL]", "overridden": "[over]"}
@@ -151,6 +154,18 @@ def _target(cfg: Config) -> tuple[State, str]:
     return "pass", f"reachable ({db.describe_dsn(cfg.target_dsn)}, PostgreSQL {version[0] if version else '?'})"
 
 
+def _post_data(cfg: Config) -> tuple[State, str]:
+    with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
+        m = state.require_prepared(target)
+        owed = state.post_data_deferred(target)
+    if m.post_data_at is None:
+        return "fail", "post-data (indexes, constraints, foreign keys) not restored: run `migrator copy` to its end"
+    if owed is not None:
+        return "fail", (f"{postdata.describe(owed)} wait for sync, since the copy read its chunks under different "
+                        "snapshots: run `migrator sync`, which restores them after its next batch")
+    return "pass", "restored (indexes, constraints, foreign keys)"
+
+
 def _sequences(cfg: Config) -> tuple[State, str]:
     with db.session(cfg.source_dsn, role="source", autocommit=True) as source:
         seqs = catalog.list_sequences(source, cfg.tables)
@@ -225,7 +240,8 @@ def _switch_back(cfg: Config) -> tuple[State, str]:
 
 
 _CHECKS: dict[str, Callable[[Config], tuple[State, str]]] = {
-    "lag": _lag, "verify": _verify, "sessions": _sessions, "target": _target, "sequences": _sequences,
+    "lag": _lag, "verify": _verify, "sessions": _sessions, "target": _target, "post-data": _post_data,
+    "sequences": _sequences,
     "blockers": _blockers, "pooler": _pooler, "switch": _switch,
 }
 
@@ -235,7 +251,7 @@ def _check(cfg: Config, item: str, fn: Callable[[Config], tuple[State, str]], ac
         st, detail = fn(cfg)
     except Exception as exc:  # noqa: BLE001 - a check that cannot run is a failed check, named
         st, detail = "fail", scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-    if st == "fail" and _OVERRIDE_NAME.get(item, item) in accepted:
+    if st == "fail" and item not in _NOT_OVERRIDABLE and _OVERRIDE_NAME.get(item, item) in accepted:
         st, detail = "overridden", f"{detail} (overridden by the operator)"
     return Check(item, st, detail)
 

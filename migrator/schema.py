@@ -2,7 +2,12 @@
 
 Loaded the way pg_restore loads a dump: `pre-data` (types, functions, tables, sequences) at prepare, before any
 row arrives; `post-data` (indexes, constraints, foreign keys, the application's own triggers, and the REFRESH that
-populates each materialized view the source has populated) after the bulk copy.
+populates each materialized view the source has populated) after the bulk copy. Post-data splits in two parts when
+the copied rows were read under different snapshots (`part`): the items that hold for any mix of rows each read
+under some snapshot of the source (primary keys, whose key ranges the chunks partition; indexes that are not unique;
+check constraints; triggers; rules; policies) and the ones that relate rows to other rows, which only hold once the
+target is the source as of one snapshot (unique and exclusion indexes and constraints, foreign keys, and the items
+that depend on them or read rows: index attachments of partitions, comments, REFRESH of materialized views).
 The engine's own objects never reach the target: the capture schema is excluded from the dump and the capture
 triggers on the application's tables are filtered out of the restore list. Copy and sync write with
 `session_replication_role = replica`, which silences the application's triggers and foreign keys on the target,
@@ -16,16 +21,18 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
 
+from migrator import db
 from migrator.config import CAPTURE_SCHEMA
-from migrator.errors import MigratorError, ToolMissing
+from migrator.errors import Interrupted, MigratorError, ToolMissing
 from migrator.log import get
 from migrator.redaction import scrub
 
@@ -51,40 +58,120 @@ def _libpq_env(dsn: str) -> tuple[str, dict[str, str]]:
     return psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in info.items() if v is not None}), env
 
 
+Part = Literal["all", "immediate", "deferred"]
+"""Which post-data items a restore takes: all of them; those that hold for rows read under different snapshots; or
+the others, which relate rows to each other (see the module's docstring)."""
+
+_MISSING_HINT = "Fix the cause named above (objects the target lacks, such as roles or extensions) and run the command again."
+_BROKEN = re.compile(r"violates|could not create (unique index|exclusion constraint)|conflicting key value")
+_BROKEN_HINT = ("The target's rows break a constraint or unique index (named above) that holds on the legacy database, "
+                "and post-data that relates rows is restored only once the target holds the source's rows as of one "
+                "snapshot: the rows differ from the source's (written on the target by hand, say). Run `migrator "
+                "verify`, copy the tables it names again (`migrator copy --tables ...`), then `migrator sync`.")
+
+
+def _hint(errors: str) -> str:
+    """What to do about a failed restore: rows that break a constraint are a difference to find; anything else is
+    an object the target lacks."""
+    return _BROKEN_HINT if _BROKEN.search(errors) else _MISSING_HINT
+
+
 def _run(args: list[str], env: dict[str, str], what: str) -> str:
     proc = subprocess.run(args, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise MigratorError(
-            f"{what} failed: {scrub(proc.stderr.strip())[-2000:]}",
-            hint="Fix the cause named above (objects the target lacks, such as roles or extensions) and run the command again.",
-        )
+        raise MigratorError(f"{what} failed: {scrub(proc.stderr.strip())[-2000:]}", hint=_hint(proc.stderr))
     return proc.stdout
 
 
-def _filtered_list(pg_restore: str, dump: Path, env: dict[str, str]) -> Path:
+_ITEM = re.compile(r"^\s*\d+;\s+(\d+)\s+(\d+)\s+(.*)$")
+"""A line of `pg_restore -l`: "218; 1259 16430 INDEX public name owner" (dump id; catalog table and oid; type,
+schema, name, owner)."""
+_RELATING_TYPES = ("FK CONSTRAINT", "INDEX ATTACH", "COMMENT", "SECURITY LABEL", "MATERIALIZED VIEW DATA")
+"""Post-data item types that wait for one snapshot whatever their object: foreign keys; attachments of partitions'
+indexes (a unique one's partition index may wait); comments and labels (their object may wait); REFRESH (it reads
+rows of several tables). They carry no catalog oid to tell their object by, apart from foreign keys."""
+_RELATING_OBJECTS = """
+SELECT 'pg_class'::regclass::oid::bigint, i.indexrelid::bigint,
+       format('%s index %I.%I on %I.%I', CASE WHEN i.indisexclusion THEN 'exclusion' ELSE 'unique' END,
+              n.nspname, c.relname, tn.nspname, t.relname)
+  FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+  JOIN pg_class t ON t.oid = i.indrelid JOIN pg_namespace tn ON tn.oid = t.relnamespace
+ WHERE (i.indisunique AND NOT i.indisprimary) OR i.indisexclusion
+UNION ALL
+SELECT 'pg_constraint'::regclass::oid::bigint, k.oid::bigint,
+       format('%s %I on %I.%I', CASE k.contype WHEN 'u' THEN 'unique constraint' WHEN 'x' THEN 'exclusion constraint'
+                                               ELSE 'foreign key' END, k.conname, n.nspname, t.relname)
+  FROM pg_constraint k JOIN pg_class t ON t.oid = k.conrelid JOIN pg_namespace n ON n.oid = t.relnamespace
+ WHERE k.contype IN ('u', 'x', 'f')
+"""
+"""The source's objects that relate rows, by (catalog table, oid) as `pg_restore -l` names them: unique indexes other
+than primary keys (a table's chunks partition its key, so each key is read once, under one snapshot), exclusion
+indexes, and unique, exclusion and foreign-key constraints; each described for the operator."""
+
+
+def _relating(source_dsn: str) -> dict[tuple[int, int], str]:
+    with db.session(source_dsn, role="source", autocommit=True) as conn:
+        return {(int(r[0]), int(r[1])): str(r[2]) for r in conn.execute(_RELATING_OBJECTS).fetchall()}
+
+
+def _describe(line: str, relating: dict[tuple[int, int], str]) -> str | None:
+    """How an item of the list is described when it relates rows (see `Part`); None for an item that does not."""
+    m = _ITEM.match(line)
+    if m is None:
+        return None
+    described = relating.get((int(m[1]), int(m[2])))
+    if described is not None:
+        return described
+    kind = next((t for t in _RELATING_TYPES if m[3].startswith(t + " ")), None)
+    if kind is None:
+        return None
+    # "COMMENT public INDEX name owner": the type in lower case, the rest without its owner.
+    return kind.lower() + " " + m[3][len(kind) + 1:].rsplit(" ", 1)[0]
+
+
+def _filtered_list(pg_restore: str, dump: Path, env: dict[str, str], part: Part,
+                   relating: dict[tuple[int, int], str]) -> tuple[Path, list[str], list[str]]:
+    """The restore list without the engine's triggers, narrowed to `part`; with the descriptions of the relating
+    items it kept and of those it left out."""
     listing = _run([pg_restore, "-l", str(dump)], env, "pg_restore -l")
-    kept = []
+    kept, taken, left = [], [], []
     for line in listing.splitlines():
         fields = line.split()
         # "218; 2620 16421 TRIGGER public pp_a _migrator_capture postgres": drop the engine's triggers.
         if " TRIGGER " in line and any(f.startswith(TRIGGER_PREFIX) for f in fields[4:]):
             continue
+        described = _describe(line, relating) if part != "all" else None
+        if part == "immediate" and described is not None:
+            left.append(described)
+            continue
+        if part == "deferred" and described is None and _ITEM.match(line):
+            continue
+        if described is not None:
+            taken.append(described)
         kept.append(line)
     out = dump.with_suffix(".list")
     out.write_text("\n".join(kept) + "\n")
-    return out
+    return out, taken, left
 
 
 def load_section(source_dsn: str, target_dsn: str, section: str, *, jobs: int = 1,
-                 tables: list[tuple[str, str]] | None = None) -> None:
-    """Dump one section of the source's schema and restore it into the target in a single transaction.
+                 tables: list[tuple[str, str]] | None = None, part: Part = "all",
+                 stop: threading.Event | None = None) -> list[str]:
+    """Dump one section of the source's schema and restore it into the target (in a single transaction with one job
+    and the whole section).
 
     With `jobs` > 1 the items are restored in parallel (`pg_restore -j`), each committing on its own; a run after
     a killed one finds some already created, and only "already exists" errors are tolerated. `tables` ((schema,
     name) pairs) narrows the dump to those tables and what belongs to them (owned sequences; in post-data their
-    indexes, constraints and triggers).
+    indexes, constraints and triggers). `part` narrows post-data to the items that hold for rows read under
+    different snapshots ("immediate") or to the others ("deferred"); a part is always restored item by item,
+    tolerating items already there (a restore that was stopped or killed is run again). `stop` ends a restore early
+    (Interrupted; what committed stays).
+
+    Returns the descriptions of the items that relate rows: those left out ("immediate") or restored ("deferred");
+    an empty list for "all".
     """
-    log = get(phase="schema", section=section, tables=len(tables) if tables is not None else None)
+    log = get(phase="schema", section=section, tables=len(tables) if tables is not None else None, part=part)
     only = [f"--table={_pattern(schema_name)}.{_pattern(name)}" for schema_name, name in tables or ()]
     pg_dump, pg_restore = tool("pg_dump"), tool("pg_restore")
     src, src_env = _libpq_env(source_dsn)
@@ -99,25 +186,48 @@ def load_section(source_dsn: str, target_dsn: str, section: str, *, jobs: int = 
         _run([pg_dump, "--format=custom", *schema_only, f"--section={section}",
               f"--exclude-schema={CAPTURE_SCHEMA}", "--no-owner", "--no-privileges", *only,
               f"--file={dump}", f"--dbname={src}"], src_env, "pg_dump of the source schema")
-        listing = _filtered_list(pg_restore, dump, src_env)
-        if jobs <= 1:
+        listing, taken, left = _filtered_list(pg_restore, dump, src_env, part,
+                                              _relating(source_dsn) if part != "all" else {})
+        if part == "deferred" and not taken:
+            log.info("schema.nothing_deferred")
+            return []
+        if jobs <= 1 and part == "all":
             _run([pg_restore, "--single-transaction", "--exit-on-error", "--no-owner", "--no-privileges",
                   f"--use-list={listing}", f"--dbname={tgt}", str(dump)], tgt_env, f"pg_restore of {section}")
         else:
-            proc = subprocess.run([pg_restore, f"--jobs={jobs}", "--no-owner", "--no-privileges",
-                                   f"--use-list={listing}", f"--dbname={tgt}", str(dump)],
-                                  env=tgt_env, capture_output=True, text=True)
-            errors = [line for line in proc.stderr.splitlines() if "ERROR:" in line]
+            returncode, stderr = _restore([pg_restore, f"--jobs={max(1, jobs)}", "--no-owner", "--no-privileges",
+                                           f"--use-list={listing}", f"--dbname={tgt}", str(dump)], tgt_env, stop)
+            errors = [line for line in stderr.splitlines() if "ERROR:" in line]
             fatal = [e for e in errors if not _ALREADY_THERE.search(e)]
-            if proc.returncode != 0 and (fatal or not errors):
+            if returncode != 0 and (fatal or not errors):
                 raise MigratorError(
-                    f"pg_restore of {section} failed: {scrub(chr(10).join(fatal) or proc.stderr.strip())[-2000:]}",
-                    hint="Fix the cause named above (objects the target lacks, such as roles or extensions) and run "
-                         "the command again.",
-                )
+                    f"pg_restore of {section} failed: {scrub(chr(10).join(fatal) or stderr.strip())[-2000:]}",
+                    hint=_hint("\n".join(fatal) or stderr))
             if errors:
                 log.info("schema.items_already_there", items=len(errors))
-    log.info("schema.loaded")
+    log.info("schema.loaded", relating=len(taken), left_for_later=len(left))
+    return taken if part == "deferred" else left
+
+
+def _restore(args: list[str], env: dict[str, str], stop: threading.Event | None) -> tuple[int, str]:
+    """Run pg_restore to its end, or until `stop` is set: then SIGTERM, on which it cancels its statements on the
+    server (an item in progress rolls back), and Interrupted."""
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while True:
+            try:
+                _, stderr = proc.communicate(timeout=0.5)
+                return proc.returncode, stderr
+            except subprocess.TimeoutExpired:
+                if stop is not None and stop.is_set():
+                    proc.terminate()
+                    proc.communicate()
+                    raise Interrupted("stopped while pg_restore restored post-data; the items it finished are "
+                                      "kept, and the rest is restored when the command runs again") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def _pattern(name: str) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 
 import psycopg
 
-from migrator import db, state, sync
+from migrator import db, postdata, state, sync
 from migrator.config import Config
 from migrator.deltalog import freeze, rotation
 from migrator.errors import ConnectionFailed
@@ -69,6 +69,12 @@ def read(cfg: Config) -> Status:
                    "bytes": sum(t.bytes_copied or 0 for t in copied), "started_at": m.copy_started_at,
                    "finished_at": m.copy_finished_at, "snapshot": m.copy_snapshot}
         st.copy.update(_copy_progress(target))
+        owed = state.post_data_deferred(target)
+        st.copy["post_data_deferred"] = owed.objects if owed else []
+        if owed is not None:
+            st.warnings.append(f"post-data: {postdata.describe(owed)} wait for sync (the copy read its chunks under "
+                               "different snapshots); `migrator sync` restores them after its next batch, and the "
+                               "go/no-go refuses a cutover until it has")
         pos = state.position(target)
         st.cutover = [{k: v for k, v in a.items() if k != "steps"} | {"steps": a["steps"]}
                       for a in state.attempts(target)]

@@ -14,6 +14,9 @@ cascades, deferrable keys). A table without a key logs row images and is a multi
 image is added or removed. For every table the copy boundary is kept (an event its copy snapshot already contains
 is skipped). A TRUNCATE in the batch empties the table and copies it again from `cur`.
 
+After a batch whose snapshot contains every copied chunk's, sync restores the post-data a copy left for it (a copy
+whose chunks were read under different snapshots: postdata.py).
+
 The window and the writing of a batch are the delta log's (deltalog/snapshot.py, deltalog/apply.py). Housekeeping
 after a batch rotates the log on the source (deltalog/rotation.py): writers move to the next child of the log, and a
 child that is no longer written is truncated once the applied position has every transaction that was running at
@@ -31,7 +34,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from migrator import catalog, db, ownership, state
+from migrator import catalog, db, ownership, postdata, state
 from migrator.catalog import Table
 from migrator.config import Config
 from migrator.deltalog import read, rotation, snapshot, triggers
@@ -245,6 +248,9 @@ class Syncer:
                 "sync stopped during a batch"
                 + (f" that waited for {watch.waiting}" if watch.waiting else "")
                 + "; the batch was rolled back and the applied position is unchanged") from exc
+        # Post-data copy left because its chunks were read under different snapshots: now that the target may be the
+        # source as of one snapshot.
+        postdata.after_batch(self.cfg, self.target, stop)
         return info
 
     def _batch(self) -> BatchInfo:

@@ -12,7 +12,8 @@ Callers use the names re-exported here (`state.position(conn)`); the modules hol
 - `copying`: the running copy's exported snapshot, the key-range chunks, the workers' progress
 - `sync_position`: the applied sync position, moved compare-and-set
 - `cutover_steps`: cutover and rollback attempts and their steps, the pooler entries a cutover rewrote
-- `flags`: every operator flag and every value passed between phases as a flag, each name declared once
+- `flags`: every operator flag and every value passed between phases as a flag, each name declared once (among
+  them the post-data copy left for sync)
 - `operators`: who acts, and the blockers an operator accepted by name
 - `object_copies`: the files `objects sync` has proved in the target store
 - `secret`: the migration's key for keyed hashes of key values
@@ -53,18 +54,23 @@ from migrator.state.flags import (
     CLEANUP_FLAG,
     COPY_PAUSED_FLAG,
     HOLD_FLAG,
+    POST_DATA_DEFERRED_FLAG,
     POST_DATA_PENDING_FLAG,
     VERIFY_FLAG,
+    DeferredPostData,
     add_post_data_pending,
     cleaned_up,
     clear_flag,
+    clear_post_data_deferred,
     clear_post_data_pending,
     copy_paused,
     cutover_held,
+    defer_post_data,
     flag,
     hold_cutover,
     last_verify,
     pause_copy,
+    post_data_deferred,
     post_data_pending,
     record_cleanup,
     record_verify,
@@ -94,17 +100,18 @@ from migrator.state.secret import key_secret
 from migrator.state.sync_position import Position, advance_position, init_position, lock_position, position
 
 __all__ = [
-    "CLEANUP_FLAG", "COPY_PAUSED_FLAG", "HOLD_FLAG", "POST_DATA_PENDING_FLAG", "VERIFY_FLAG", "Chunk", "Conn",
-    "CopyRun", "Migration", "MigrationColumn", "ObjectCopy", "Override", "PoolerEntry", "Position",
-    "TableState", "add_post_data_pending", "advance_position", "attempts", "chunk_copied", "chunks",
-    "claim_chunk", "cleaned_up", "clear", "clear_flag", "clear_post_data_pending", "copy_heartbeat",
-    "copy_paused", "copy_run", "copy_workers", "cutover_held", "exists", "finish_attempt", "finish_copy_run",
-    "flag", "hold_cutover", "init_position", "key_secret", "last_verify", "lock_position", "mark",
-    "migration", "objects_copied", "operator", "overrides", "pause_copy", "plan_chunks", "pooler_entries",
-    "position", "post_data_pending", "record_attempt_pooler", "record_cleanup", "record_objects",
-    "record_override", "record_verify", "register_tables", "release_cutover_hold",
-    "require_prepared", "reset_chunks", "reset_tables", "resume_copy", "save_pooler_entry", "set_fingerprint",
-    "set_flag", "set_pointing", "start_attempt", "start_copy_run", "start_migration", "step_finished",
-    "step_started", "table_copied", "table_copy_started", "tables", "upgrade", "worker_gone",
-    "worker_progress",
+    "CLEANUP_FLAG", "COPY_PAUSED_FLAG", "HOLD_FLAG", "POST_DATA_DEFERRED_FLAG", "POST_DATA_PENDING_FLAG",
+    "VERIFY_FLAG", "Chunk", "Conn", "CopyRun", "DeferredPostData", "Migration", "MigrationColumn",
+    "ObjectCopy", "Override", "PoolerEntry", "Position", "TableState", "add_post_data_pending",
+    "advance_position", "attempts", "chunk_copied", "chunks", "claim_chunk", "cleaned_up", "clear",
+    "clear_flag", "clear_post_data_deferred", "clear_post_data_pending", "copy_heartbeat", "copy_paused",
+    "copy_run", "copy_workers", "cutover_held", "defer_post_data", "exists", "finish_attempt",
+    "finish_copy_run", "flag", "hold_cutover", "init_position", "key_secret", "last_verify", "lock_position",
+    "mark", "migration", "objects_copied", "operator", "overrides", "pause_copy", "plan_chunks",
+    "pooler_entries", "position", "post_data_deferred", "post_data_pending", "record_attempt_pooler",
+    "record_cleanup", "record_objects", "record_override", "record_verify", "register_tables",
+    "release_cutover_hold", "require_prepared", "reset_chunks", "reset_tables", "resume_copy",
+    "save_pooler_entry", "set_fingerprint", "set_flag", "set_pointing", "start_attempt", "start_copy_run",
+    "start_migration", "step_finished", "step_started", "table_copied", "table_copy_started", "tables",
+    "upgrade", "worker_gone", "worker_progress",
 ]

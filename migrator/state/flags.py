@@ -1,12 +1,13 @@
 """Operator flags, and the values passed between phases as flags: each name declared once here, read and written
 through typed functions. The copy's pause, the cutover's hold, the end of the migration (cleanup), the last verify of
-every table, and the tables whose post-data waits for copy."""
+every table, the tables whose post-data waits for copy, and the post-data that waits for sync."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from psycopg import sql
@@ -25,6 +26,11 @@ verify of every table (record_verify)."""
 POST_DATA_PENDING_FLAG = "post_data_pending"
 """JSON list of [schema, table]: tables prepare created on the target after its first post-data; copy restores their
 post-data once it has copied them (post_data_pending, add_post_data_pending, clear_post_data_pending)."""
+POST_DATA_DEFERRED_FLAG = "post_data.deferred"
+"""JSON {"tables": null (every table) or a list of [schema, table], "objects": [description, ...]}: the post-data items
+that relate rows (unique and exclusion indexes and constraints, foreign keys, and what depends on them) which copy
+left for sync, because its chunks were read under different snapshots (post_data_deferred, defer_post_data,
+clear_post_data_deferred)."""
 
 
 def set_flag(conn: Conn, name: str, value: str) -> None:
@@ -106,6 +112,46 @@ def add_post_data_pending(conn: Conn, tables: Iterable[tuple[str, str]]) -> None
 
 def clear_post_data_pending(conn: Conn) -> None:
     clear_flag(conn, POST_DATA_PENDING_FLAG)
+
+
+# --- post-data that waits for sync -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DeferredPostData:
+    """Post-data items copy left for sync, and when: they are built once a batch's snapshot contains every chunk's."""
+
+    tables: list[tuple[str, str]] | None
+    """The (schema, table) pairs whose post-data the items belong to; None for every table."""
+    objects: list[str]
+    """What waits, described (e.g. "foreign key visit_patient_id_fkey on public.visit")."""
+    since: dt.datetime
+
+
+def post_data_deferred(conn: Conn) -> DeferredPostData | None:
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT value, set_at FROM {} WHERE name = %s").format(relation("flag")),
+                    (POST_DATA_DEFERRED_FLAG,))
+        row = cur.fetchone()
+    if row is None:
+        return None
+    found = json.loads(row[0])
+    tables = found.get("tables")
+    return DeferredPostData(None if tables is None else [(str(s), str(n)) for s, n in tables],
+                            [str(o) for o in found.get("objects", [])], row[1])
+
+
+def defer_post_data(conn: Conn, tables: Iterable[tuple[str, str]] | None, objects: Iterable[str]) -> None:
+    """Add post-data items of `tables` (None: of every table) to what waits for sync; the caller commits."""
+    have = post_data_deferred(conn)
+    scope: list[tuple[str, str]] | None = None
+    if tables is not None and (have is None or have.tables is not None):
+        scope = sorted({*(have.tables or [] if have else []), *((s, n) for s, n in tables)})
+    listed = list(dict.fromkeys([*(have.objects if have else []), *objects]))
+    set_flag(conn, POST_DATA_DEFERRED_FLAG, json.dumps({"tables": scope, "objects": listed}))
+
+
+def clear_post_data_deferred(conn: Conn) -> None:
+    clear_flag(conn, POST_DATA_DEFERRED_FLAG)
 
 
 # --- the last verify ------------------------------------------------------------------------------------------------

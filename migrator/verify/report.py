@@ -114,9 +114,9 @@ class NotCompared:
     """Something of the source a whole-database verify did not compare, said plainly rather than skipped."""
 
     name: str
-    """"schema.name" of a relation, or "large objects"."""
+    """"schema.name" of a relation, "large objects" or "post-data"."""
     kind: str
-    """"materialized view", "foreign table" or "large objects"."""
+    """"materialized view", "foreign table", "large objects", or "post-data" (items a copy left for sync)."""
     reason: str
     data: bool
     """Source data that may be missing on the target (large objects): the verify cannot say identical (exit 2).
