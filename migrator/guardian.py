@@ -17,6 +17,7 @@ guardian and a re-run of the command take turns through the action lock's local 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -76,7 +77,7 @@ class Journal:
     def create(cls, cfg: Config, kind: str, attempt: int, target: str) -> Journal:
         d = cfg.local_dir
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
-        j = cls(kind=kind, attempt=attempt, target=target, pid=os.getpid(), path=str(d / f"{kind}-{attempt}.json"))
+        j = cls(kind=kind, attempt=attempt, target=target, pid=os.getpid(), path=str(journal_path(d, kind, attempt, target)))
         j.save()
         return j
 
@@ -107,6 +108,11 @@ class Journal:
     @property
     def last_step(self) -> str:
         return next(reversed(self.steps), "")
+
+
+def journal_path(d: Path, kind: str, attempt: int, target: str) -> Path:
+    """One file per attempt and target (two migrations may keep their files in one directory)."""
+    return d / f"{kind}-{attempt}-{hashlib.sha256(target.encode()).hexdigest()[:10]}.json"
 
 
 def journals(cfg: Config, target: str) -> Iterator[Journal]:

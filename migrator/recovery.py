@@ -33,7 +33,7 @@ from migrator import db, pooler, state
 from migrator.config import Config
 from migrator.deltalog import freeze as freezer
 from migrator.errors import Blocked, MigratorError
-from migrator.guardian import Journal, journals
+from migrator.guardian import Journal, journal_path, journals
 from migrator.log import get
 from migrator.redaction import scrub
 from migrator.switchover import run_command
@@ -302,7 +302,7 @@ def _journal_from_record(cfg: Config, target: psycopg.Connection[Any], attempt: 
                          where: str) -> Journal:
     kind = attempt.get("kind") or "cutover"
     j = Journal(kind=kind, attempt=attempt["id"], target=where, pid=0,
-                path=str(cfg.local_dir / f"{kind}-{attempt['id']}.json"))
+                path=str(journal_path(cfg.local_dir, kind, attempt["id"], where)))
     cfg.local_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     j.steps = {s["step"]: ("done" if s["status"] == "done" else "started") for s in attempt["steps"]}
     entries = state.pooler_entries(target)

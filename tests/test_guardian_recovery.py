@@ -79,7 +79,7 @@ def test_the_guardian_undoes_a_hung_cutover_while_the_target_is_down_and_records
             wait_until(lambda: len(clients.committed) > count + 10, 10, "clients commit on the legacy database")
             assert proc.wait(10) == -signal.SIGKILL, "the guardian killed the silent process first"
             assert sqlstate_of_write(source_dsn, "INSERT INTO public.study (uid) VALUES ('direct')") is None
-            journal = json.loads((tmp_path / ".migrator" / "cutover-1.json").read_text())
+            [journal] = [json.loads(p.read_text()) for p in (tmp_path / ".migrator").glob("cutover-1-*.json")]
             assert journal["outcome"] == "back" and journal["written_back"] is False
         finally:
             run_sql(admin_dsn, f'ALTER DATABASE "{tgt}" ALLOW_CONNECTIONS true')
