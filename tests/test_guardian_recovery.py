@@ -16,8 +16,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from migrator.config import Config
 from tests.helpers import fetch, run_sql
 from tests.test_cutover import READ_ONLY, cli, migrated, sqlstate_of_write, write_config
@@ -60,8 +58,8 @@ def wait_until(check: Callable[[], bool], within: float, what: str) -> float:
 
 
 def test_the_guardian_undoes_a_hung_cutover_while_the_target_is_down_and_records_it_when_it_is_back(
-        make_config: Callable[..., Config], source_dsn: str, target_dsn: str, admin_dsn: str, bouncer: Bouncer,
-        tmp_path: Path) -> None:
+        make_config: Callable[..., Config], source_dsn: str, target_dsn: str, admin_dsn: str,
+        bouncer: Bouncer, tmp_path: Path) -> None:  # noqa: F811 (the fixture imported from test_pgbouncer)
     cfg = pooler_config(make_config, bouncer)
     migrated(cfg, source_dsn)
     config = write_config(tmp_path / "migration.toml", source_dsn, target_dsn, guardian_timeout=2,
@@ -99,8 +97,8 @@ def test_the_guardian_undoes_a_hung_cutover_while_the_target_is_down_and_records
 
 
 def test_with_its_guardian_killed_too_status_names_the_interrupted_cutover_and_a_rerun_resolves_it(
-        make_config: Callable[..., Config], source_dsn: str, target_dsn: str, bouncer: Bouncer,
-        tmp_path: Path) -> None:
+        make_config: Callable[..., Config], source_dsn: str, target_dsn: str,
+        bouncer: Bouncer, tmp_path: Path) -> None:  # noqa: F811 (the fixture imported from test_pgbouncer)
     cfg = pooler_config(make_config, bouncer)
     migrated(cfg, source_dsn)
     config = write_config(tmp_path / "migration.toml", source_dsn, target_dsn, guardian_timeout=2,
