@@ -54,6 +54,9 @@ class Journal:
     target: str
     """The target as host:port/dbname: the journal of one migration is never taken for another's."""
     pid: int
+    """The flow's process."""
+    guardian: int = 0
+    """The guardian's process."""
     steps: dict[str, str] = field(default_factory=dict)
     """step → "started" or "done", in the order they started."""
     home: dict[str, str] = field(default_factory=dict)
@@ -149,6 +152,8 @@ class Watch:
             log.close()
             os.close(beat_r)
             os.close(ready_w)
+        journal.guardian = self.proc.pid
+        journal.save()
         assert self.proc.stdin is not None
         self.proc.stdin.write(pickle.dumps(cfg))
         self.proc.stdin.close()

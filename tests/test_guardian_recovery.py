@@ -33,19 +33,17 @@ def start_cutover(config: Path) -> subprocess.Popen[str]:
                             start_new_session=True)
 
 
-def stop_after(proc: subprocess.Popen[str], step: str) -> int:
-    """SIGSTOP the cutover once it prints that `step` is done; returns its guardian's pid."""
+def stop_after(proc: subprocess.Popen[str], step: str, journals: Path) -> int:
+    """SIGSTOP the cutover once it logs that `step` is done; returns its guardian's pid (from its journal)."""
     assert proc.stderr is not None
-    guardian = 0
     for line in proc.stderr:
         if line.startswith("{"):
             event = json.loads(line)
             if event.get("event") == "cutover.step" and event.get("step") == step:
                 os.kill(proc.pid, signal.SIGSTOP)
-                assert guardian, "the guard step ran before " + step
-                return guardian
-        elif "guardian " in line and " watching" in line:
-            guardian = int(line.split("guardian ", 1)[1].split()[0])
+                [journal] = [json.loads(p.read_text()) for p in journals.glob("cutover-*.json")]
+                assert journal["guardian"], "the guard step ran before " + step
+                return int(journal["guardian"])
     raise AssertionError(f"the cutover ended before step {step}")
 
 
@@ -62,23 +60,31 @@ def test_the_guardian_undoes_a_hung_cutover_while_the_target_is_down_and_records
         bouncer: Bouncer, tmp_path: Path) -> None:  # noqa: F811 (the fixture imported from test_pgbouncer)
     cfg = pooler_config(make_config, bouncer)
     migrated(cfg, source_dsn)
-    config = write_config(tmp_path / "migration.toml", source_dsn, target_dsn, guardian_timeout=2,
+    # Silence of 4 s before the guardian acts: time for this test to take the target down first.
+    config = write_config(tmp_path / "migration.toml", source_dsn, target_dsn, guardian_timeout=4,
                           **bouncer.settings())
     tgt = fetch(target_dsn, "SELECT current_database()")[0][0]
     proc = start_cutover(config)
     with Clients(bouncer.client_dsn, 10) as clients:
-        stop_after(proc, "freeze")  # clients paused, the legacy database frozen, the process hung
+        stop_after(proc, "freeze", tmp_path / ".migrator")  # clients paused, the legacy database frozen, the process hung
         try:
             # The target fails: no new session reaches it, and the hung process's sessions are gone.
+            t0 = time.monotonic()
             run_sql(admin_dsn, f'ALTER DATABASE "{tgt}" ALLOW_CONNECTIONS false',
                     f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{tgt}'")
-            wait_until(lambda: not bouncer.databases()[POOL_DB].paused, BOUND, "clients go on")
+            assert time.monotonic() - t0 < 3, "the target went down before the guardian acted"
+            wait_until(lambda: not bouncer.databases()[POOL_DB].paused, 4 + 10, "clients go on")
             count = len(clients.committed)
             wait_until(lambda: len(clients.committed) > count + 10, 10, "clients commit on the legacy database")
             assert proc.wait(10) == -signal.SIGKILL, "the guardian killed the silent process first"
             assert sqlstate_of_write(source_dsn, "INSERT INTO public.study (uid) VALUES ('direct')") is None
-            [journal] = [json.loads(p.read_text()) for p in (tmp_path / ".migrator").glob("cutover-1-*.json")]
-            assert journal["outcome"] == "back" and journal["written_back"] is False
+
+            def journal() -> dict[str, object]:
+                [found] = [json.loads(p.read_text()) for p in (tmp_path / ".migrator").glob("cutover-1-*.json")]
+                return found
+            wait_until(lambda: journal()["outcome"] is not None, 10, "the guardian's journal says what it did")
+            assert journal()["outcome"] == "back" and journal()["written_back"] is False
+            assert "REMOVING THE ROLLBACK'S CAPTURE FROM THE TARGET" in str(journal()["detail"])
         finally:
             run_sql(admin_dsn, f'ALTER DATABASE "{tgt}" ALLOW_CONNECTIONS true')
         # The target is back: the guardian records what it did (it retries every 2 s).
@@ -105,7 +111,7 @@ def test_with_its_guardian_killed_too_status_names_the_interrupted_cutover_and_a
                           **bouncer.settings())
     proc = start_cutover(config)
     with Clients(bouncer.client_dsn, 10) as clients:
-        guardian = stop_after(proc, "drain")
+        guardian = stop_after(proc, "drain", tmp_path / ".migrator")
         os.kill(guardian, signal.SIGKILL)
         os.killpg(proc.pid, signal.SIGKILL)
         assert proc.wait(10) == -signal.SIGKILL
