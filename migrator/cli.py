@@ -148,8 +148,9 @@ def _stop_on_signals() -> threading.Event:
 
 
 def _hung_up(signum: int, _: Any) -> None:
-    """The operator's terminal went away (SSH dropped): a cutover or rollback goes on. What it would print goes to
-    /dev/null from now on (a write to a hung-up terminal fails); its log and the control schema keep the record."""
+    """The operator's terminal went away (SSH dropped): a cutover or rollback goes on. What it would print, its log
+    lines included, goes to /dev/null from now on (a write to a hung-up terminal fails); the control schema and the
+    guardian's journal keep the record (`migrator status` shows it)."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)

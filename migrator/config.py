@@ -172,6 +172,10 @@ class CutoverSettings:
     guardian_timeout: Positive = 5.0
     """Seconds of silence from a cutover or rollback process (its heartbeat, sent whatever a step is doing) after
     which its guardian stops it and brings clients to one side; a process that dies is taken over at once."""
+    step_timeout: Positive = 300.0
+    """A step of a cutover or rollback (once its guardian watches) running longer than this is taken as hung (a
+    server that stopped answering): its heartbeat stops, and the guardian takes over. Raise it with verify = "full"
+    on a large database."""
     guardian_dir: Text | None = None
     """Where cutover and rollback keep their local journal (what the guardian needs when the target is down) and
     the guardian's log; default: `.migrator/` beside the configuration file (or in the working directory)."""

@@ -45,6 +45,7 @@ from migrator.switchover import (
     StepTiming,
     carry_sequences,
     count_differences,
+    first_line,
     run_command,
 )
 
@@ -117,7 +118,7 @@ def _run_locked(cfg: Config, target: psycopg.Connection[Any], source: psycopg.Co
                 overrides: tuple[str, ...], on_step: Callable[[str, str], None] | None,
                 on_checklist: Callable[[gonogo.Checklist], None] | None) -> CutoverReport:
     """The cutover, under the action lock: first what an earlier attempt's death left (migrator/recovery.py)."""
-    recovered = [j.detail for j in recovery.recover(cfg, target, "cutover")]
+    recovered = [j.detail for j in recovery.recover(cfg, target)]
     m = state.require_prepared(target)
     if m.copy_finished_at is None:
         raise NotReady("copy has not finished", hint="Run `migrator copy` and `migrator sync` first.")
@@ -208,6 +209,7 @@ class _Cutover(AttemptRecorder):
         state.mark(self.target, "cutover_at")
         state.finish_attempt(self.target, report.attempt, "done", freeze_seconds=report.freeze_seconds)
         state.record_attempt_pooler(self.target, report.attempt, pause_seconds=report.pause_seconds)
+        self.recorded = True
         self.log.info("cutover.done", freeze_seconds=round(report.freeze_seconds, 3),
                       pause_seconds=None if report.pause_seconds is None else round(report.pause_seconds, 3))
         return report
@@ -338,9 +340,15 @@ class _Cutover(AttemptRecorder):
 
     def switch(self) -> str:
         if self.pool is None:
-            detail = run_command(self.cfg, self.cfg.cutover.switch_command, "switch_command")
             self.report.clients_moved = bool(self.cfg.cutover.switch_command)
-            return detail
+            try:
+                return run_command(self.cfg, self.cfg.cutover.switch_command, "switch_command",
+                                   on_start=self.command_started)
+            except MigratorError as exc:
+                # It failed, but it may have moved some clients: undoing then would split them. Ask, when we can.
+                if recovery.clients_on(self.cfg) == "target":
+                    return f"{first_line(exc)}; but switch_check_command says the clients are on the target"
+                raise
         entries = self.pool.entries()
         for e in entries.values():  # recorded before the file changes, for a rollback days later
             state.save_pooler_entry(self.target, self.report.attempt, e)

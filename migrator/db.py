@@ -32,10 +32,22 @@ then crosses the wire as UTF-8 from either side, whatever each server's own enco
 verify's binary row forms carry the same bytes for the same text."""
 
 
+DEAD_PEER: dict[str, int] = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3,
+                             "keepalives_count": 3, "tcp_user_timeout": 30000}
+"""TCP settings for every session (where the DSN does not set its own): a server that stops answering (unplugged,
+its network dropping packets) is noticed in about 20 to 30 s instead of the kernel's quarter of an hour of retries,
+so that a cutover step blocked on it fails, and is undone, instead of holding clients paused."""
+
+
 def connect(dsn: str, *, role: str, autocommit: bool = False, application_name: str | None = None,
             **kwargs: Any) -> psycopg.Connection[Any]:
     """Open a connection with the pinned settings; `role` ("source" or "target") only names it in errors."""
     options = " ".join(f"-c {k.replace(' ', '')}={v.replace(' ', '')}" for k, v in PINNED_SETTINGS.items())
+    try:
+        given = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        given = {}
+    kwargs = {**{k: v for k, v in DEAD_PEER.items() if k not in given}, **kwargs}
     try:
         conn = psycopg.connect(
             dsn,

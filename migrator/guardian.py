@@ -47,16 +47,23 @@ _BEAT, _END, _READY = b".", b"E", b"R"
 @dataclass
 class Journal:
     """What a cutover or rollback attempt did, as far as its process got: kept on local disk so that the guardian
-    (or a re-run) can resolve the attempt when the target is out of reach. No row values, no passwords."""
+    (or a re-run) can resolve the attempt when the target is out of reach. No row values. The pooler entries are
+    kept as the pooler's file has them (a `password=` there is here too: the file is 0600, in a 0700 directory)."""
 
     kind: str
     attempt: int
+    migration: str
+    """The migration's id (the control schema's): the journal of one migration is never taken for another's, nor
+    for an attempt of the same number after the target was prepared again."""
     target: str
-    """The target as host:port/dbname: the journal of one migration is never taken for another's."""
+    """The target as host:port/dbname, for messages."""
     pid: int
     """The flow's process."""
     guardian: int = 0
     """The guardian's process."""
+    command: int = 0
+    """The process of the site's switch or rollback command while it runs (in a session of its own): the guardian
+    waits for it, or stops it, before it decides whether clients moved."""
     steps: dict[str, str] = field(default_factory=dict)
     """step → "started" or "done", in the order they started."""
     home: dict[str, str] = field(default_factory=dict)
@@ -77,10 +84,11 @@ class Journal:
     path: str = ""
 
     @classmethod
-    def create(cls, cfg: Config, kind: str, attempt: int, target: str) -> Journal:
+    def create(cls, cfg: Config, kind: str, attempt: int, migration: str, target: str) -> Journal:
         d = cfg.local_dir
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
-        j = cls(kind=kind, attempt=attempt, target=target, pid=os.getpid(), path=str(journal_path(d, kind, attempt, target)))
+        j = cls(kind=kind, attempt=attempt, migration=migration, target=target, pid=os.getpid(),
+                path=str(journal_path(d, kind, attempt, migration)))
         j.save()
         return j
 
@@ -113,12 +121,12 @@ class Journal:
         return next(reversed(self.steps), "")
 
 
-def journal_path(d: Path, kind: str, attempt: int, target: str) -> Path:
-    """One file per attempt and target (two migrations may keep their files in one directory)."""
-    return d / f"{kind}-{attempt}-{hashlib.sha256(target.encode()).hexdigest()[:10]}.json"
+def journal_path(d: Path, kind: str, attempt: int, migration: str) -> Path:
+    """One file per attempt and migration (two migrations may keep their files in one directory)."""
+    return d / f"{kind}-{attempt}-{hashlib.sha256(migration.encode()).hexdigest()[:10]}.json"
 
 
-def journals(cfg: Config, target: str) -> Iterator[Journal]:
+def journals(cfg: Config, migration: str) -> Iterator[Journal]:
     """This migration's journals in the guardian directory, oldest attempt first."""
     d = cfg.local_dir
     if not d.is_dir():
@@ -129,7 +137,7 @@ def journals(cfg: Config, target: str) -> Iterator[Journal]:
             j = Journal.load(p)
         except (OSError, ValueError, TypeError):
             continue
-        if j.target == target:
+        if j.migration == migration:
             found.append(j)
     yield from sorted(found, key=lambda j: (j.attempt, j.kind))
 
@@ -141,6 +149,8 @@ class Watch:
 
     def __init__(self, cfg: Config, journal: Journal) -> None:
         self.journal = journal
+        self.step_timeout = cfg.cutover.step_timeout
+        self.step_began: float | None = None
         beat_r, self._beat_w = os.pipe()
         ready_r, ready_w = os.pipe()
         log = open(cfg.local_dir / "guardian.log", "ab")  # noqa: SIM115 (the child keeps it)
@@ -172,19 +182,34 @@ class Watch:
         self._thread = threading.Thread(target=self._beat, name="guardian-heartbeat", daemon=True)
         self._thread.start()
 
+    def step(self, step: str, how: str) -> None:
+        """A step started or ended: noted in the journal, and its clock (re)started for the heartbeat."""
+        self.step_began = time.monotonic() if how == "started" else None
+        self.journal.note(step, how)
+
     def _beat(self) -> None:
+        """Beat while the flow is alive and no step has run past `[cutover] step_timeout`: a step blocked on a
+        server that stopped answering stops the beat, and the guardian takes over as from a hung process."""
         while not self._stop.wait(HEARTBEAT):
+            began = self.step_began
+            if began is not None and time.monotonic() - began > self.step_timeout:
+                get(phase=self.journal.kind).error(f"{self.journal.kind}.step_overran", step=self.journal.last_step,
+                                                   seconds=self.step_timeout)
+                return
             try:
                 os.write(self._beat_w, _BEAT)
             except OSError:
                 return
 
-    def end(self) -> None:
-        """The flow finished (done, or stopped and undone): record it, and let the guardian go."""
+    def end(self, *, recorded: bool) -> None:
+        """The flow finished (done, or stopped and undone): let the guardian go. When its outcome is recorded in
+        the control schema the journal says "ended"; when not (the target did not answer), it stays open for the
+        next re-run, which decides from the real state and records it."""
         self._stop.set()
         self._thread.join()
-        self.journal.outcome = "ended"
-        self.journal.save()
+        if recorded:
+            self.journal.outcome = "ended"
+            self.journal.save()
         try:
             os.write(self._beat_w, _END)
         except OSError:
@@ -212,15 +237,14 @@ def follow(beat_fd: int, timeout: float) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from migrator import recovery
-    from migrator.state.lock import local_lock
-
-    journal_path, beat_fd, ready_fd = argv[0], int(argv[1]), int(argv[2])
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    journal_path_, beat_fd, ready_fd = argv[0], int(argv[1]), int(argv[2])
+    # A hang-up, a Ctrl-C in the operator's terminal or a service manager's stop of the flow must not take the
+    # guardian along before it has acted (SIGKILL still does).
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     cfg: Config = pickle.loads(sys.stdin.buffer.read())
     log = get(phase="guardian")
-    j = Journal.load(journal_path)
+    j = Journal.load(journal_path_)
     os.write(ready_fd, _READY)
     os.close(ready_fd)
     log.info("guardian.watching", kind=j.kind, attempt=j.attempt, pid=j.pid)
@@ -236,21 +260,38 @@ def main(argv: list[str]) -> int:
             os.kill(j.pid, signal.SIGKILL)  # only one of us acts
         except ProcessLookupError:
             pass
-    with local_lock(cfg, wait=None):
-        j = Journal.load(journal_path)
-        if j.outcome is not None:
-            log.info("guardian.already_resolved", kind=j.kind, attempt=j.attempt, outcome=j.outcome)
-            return 0
-        j.died_at = died_at
-        log.error("guardian.taking_over", kind=j.kind, attempt=j.attempt, step=j.last_step, how=how)
-        recovery.resolve(cfg, j, by="the guardian")
+    return _take_over(cfg, journal_path_, died_at, how)
+
+
+def _take_over(cfg: Config, path: str, died_at: float, how: str) -> int:
+    """Resolve the attempt and record it, each time under the local lock and from the journal as it is on disk (a
+    re-run may have done either meanwhile); retried while the decision cannot be made or the target does not
+    answer."""
+    from migrator import recovery
+    from migrator.state.lock import advisory_if_reachable, local_lock
+
+    log = get(phase="guardian")
     deadline = time.monotonic() + WRITE_BACK_FOR
-    while not recovery.write_back(cfg, j):
+    while True:
+        with local_lock(cfg, wait=None), advisory_if_reachable(cfg):
+            j = Journal.load(path)
+            if j.outcome == "ended" or j.written_back:
+                log.info("guardian.nothing_left", kind=j.kind, attempt=j.attempt, outcome=j.outcome)
+                return 0
+            try:
+                if j.outcome is None:
+                    j.died_at = died_at
+                    log.error("guardian.taking_over", kind=j.kind, attempt=j.attempt, step=j.last_step, how=how)
+                    recovery.resolve(cfg, j, by="the guardian")
+                if recovery.write_back(cfg, j):
+                    return 0
+            except recovery.Undecided as exc:
+                log.error("guardian.undecided", kind=j.kind, attempt=j.attempt, reason=str(exc))
         if time.monotonic() > deadline:
-            log.error("guardian.write_back_gave_up", kind=j.kind, attempt=j.attempt, journal=j.path)
+            log.error("guardian.gave_up", kind=j.kind, attempt=j.attempt, journal=path,
+                      what_to_do=f"run `migrator {j.kind} --yes`")
             return 1
         time.sleep(2.0)
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,27 +1,35 @@
 """Resolving a cutover or rollback whose process died: forward or back, never half-way.
 
 One function decides and acts for both who may do it: the guardian (migrator/guardian.py), at once, and a re-run of
-`migrator cutover` or `migrator rollback` (`recover`), for what no guardian resolved. The decision rests on the real
-state, the journal's steps only where the real state cannot tell:
+`migrator cutover` or `migrator rollback` (`recover`), for what no guardian resolved. A site command still running
+(`switch_command`, `rollback_command`, in a session of its own) is waited for, then stopped, before anything is
+decided. The decision rests on the real state, the recorded steps only where the real state cannot tell:
 
 - **cutover** (point of no return: the switch). Through a pooler: when `SHOW DATABASES` shows every entry at the
-  target, forward (RESUME there; the legacy database stays frozen); otherwise back, even when the file was rewritten
-  and never reloaded. Without a pooler: forward once `switch_command` has finished; killed inside it, the
-  `switch_check_command` says where the clients are, or, without one, the (idempotent) command runs again and forward
-  is taken when it succeeds; otherwise back.
+  target, forward (RESUME there; the legacy database stays frozen); when it shows them at the legacy database, back,
+  even when the file was rewritten and never reloaded; when the pooler does not answer (retried for
+  POOLER_RETRIES seconds), back only if the switch had not started, else undecided (nothing is released, and it is
+  tried again). Without a pooler: forward once `switch_command` has finished; killed inside it, the
+  `switch_check_command` says where the clients are (0: the target, 1: the legacy database), or, without one (or
+  when it cannot tell), the command, which must be idempotent, runs again and forward is taken when it succeeds;
+  back otherwise.
 - **rollback** (point of no return: the release of the legacy database, after which clients not behind the pooler
   may have written there): when the legacy database is no longer frozen, or its release was recorded done, forward
-  (the entries at the legacy database, RELOAD, RESUME; the target stays frozen); otherwise back.
+  (the entries at the legacy database, RELOAD, RESUME; without a pooler `rollback_command` unless the check says the
+  clients are on the legacy database already; the target stays frozen); otherwise back.
 
 Back puts the pooler's entries where they were (RELOAD), makes the frozen side writable again, RESUMEs, and removes
 the rollback's capture a cutover had staged; forward completes the switch and RESUMEs. Every action finds what is
 already done and leaves it, so running one twice is harmless; the pooler is resumed whatever else fails. The outcome
-goes to the journal first (local disk), then to the control schema (`write_back`) when the target answers.
+goes to the journal first (local disk), then to the control schema (`write_back`) when the target answers. Only the
+latest attempt is ever acted on: an older one left unfinished is recorded as superseded, and a journal whose attempt
+the control schema shows finished is stale.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -38,26 +46,65 @@ from migrator.log import get
 from migrator.redaction import scrub
 from migrator.switchover import run_command
 
-POINT_OF_NO_RETURN = {"cutover": "switch", "rollback": "release"}
 CHECK_TIMEOUT = 60
+"""Longest run of `switch_check_command`."""
+COMMAND_WAIT = 60.0
+"""How long a site command left running by a dead flow is waited for before it is stopped."""
+POOLER_RETRIES = 10
+"""Seconds (one try each) a pooler that does not answer is asked again before the decision waits."""
+
+
+class Undecided(MigratorError):
+    """The real state cannot tell which side the clients are on (the pooler does not answer after the switch had
+    started): nothing is released; the guardian tries again, a re-run refuses."""
 
 
 def resolve(cfg: Config, j: Journal, *, by: str) -> Journal:
     """Bring an attempt whose process is gone to one side, and record it in the journal (not yet in the control
-    schema: `write_back`). Never raises: what could not be done is said in `j.detail`."""
+    schema: `write_back`). Raises Undecided (nothing done) when it cannot tell; otherwise never raises: what could
+    not be done is said in `j.detail`."""
     log = get(phase="guardian")
     t0 = time.monotonic()
+    _settle_command(j)
     direction, why = _decide(cfg, j)
     said = _forward(cfg, j) if direction == "forward" else _back(cfg, j)
     j.outcome, j.by, j.resolved_at = direction, by, time.time()
     seconds = time.monotonic() - t0
     verb = "completed" if direction == "forward" else "undone"
     j.detail = (f"{j.kind} attempt {j.attempt} stopped at step {j.last_step or 'none'} (its process died) and was "
-                f"{verb} by {by} in {seconds:.2f}s: {why}; " + "; ".join(s for s in said if s))
+                f"{verb} by {by} in {seconds:.2f}s: {why}" + "".join(f"; {s}" for s in said if s))
     j.save()
     log.warning(f"{j.kind}.resolved", attempt=j.attempt, direction=direction, by=by, step=j.last_step,
                 seconds=round(seconds, 3), detail=j.detail)
     return j
+
+
+def _settle_command(j: Journal) -> None:
+    """A site command the dead flow left running could still be moving clients: wait for it, then stop it."""
+    if not j.command:
+        return
+    deadline = time.monotonic() + COMMAND_WAIT
+    while _alive(j.command) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(j.command):
+        try:
+            os.killpg(j.command, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not reaped by its dead parent) is gone for our purpose
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 # --- the decision ---------------------------------------------------------------------------------------------------
@@ -80,53 +127,60 @@ def _decide_cutover(cfg: Config, j: Journal) -> tuple[str, str]:
             return "forward", "the pooler served the target"
         if at is False:
             return "back", "the pooler still served the legacy database"
-        if j.steps.get("switch") == "done":
-            return "forward", "the pooler did not answer; the switch was recorded done"
-        return "back", "the pooler did not answer; the switch was not recorded done"
+        if "switch" not in j.steps:
+            return "back", "the pooler did not answer, and the switch had not started"
+        raise Undecided(f"{j.kind} attempt {j.attempt}: the pooler does not answer and the switch had started, so "
+                        "which server its clients are on is unknown; nothing was released",
+                        hint="Bring the pooler back (or look at SHOW DATABASES by hand) and run the command again.")
     how = j.steps.get("switch")
     if how == "done":
         return "forward", "switch_command had finished"
     if how is None:
         return "back", "switch_command had not run"
-    return _check_switch(cfg, "switch_command", cfg.cutover.switch_command, moved_code=0)
+    where = clients_on(cfg)
+    if where is not None:
+        return ("forward" if where == "target" else "back"), f"switch_check_command said clients are on the {where}"
+    ok, why = _run_again(cfg, "switch_command", cfg.cutover.switch_command, "cutover")
+    return ("forward" if ok else "back"), why
 
 
-def _check_switch(cfg: Config, setting: str, command: str | None, *, moved_code: int) -> tuple[str, str]:
-    """Killed inside the site's switch command: ask `switch_check_command`, else run the command again."""
+def clients_on(cfg: Config) -> str | None:
+    """Where `switch_check_command` says the clients are: "target", "legacy database", or None (no command, or it
+    cannot tell)."""
     check = cfg.cutover.switch_check_command
-    if check:
-        code = _run(cfg, check)
-        if code in (0, 1):
-            where = "the target" if code == 0 else "the legacy database"
-            return ("forward" if code == moved_code else "back"), f"switch_check_command said clients are on {where}"
+    if not check:
+        return None
     try:
-        run_command(cfg, command, setting, MIGRATOR_DIRECTION="rollback" if setting == "rollback_command" else "cutover")
-    except (MigratorError, subprocess.SubprocessError, OSError) as exc:
-        return "back", f"{setting}, run again, failed ({scrub(str(exc))[:200]})"
-    return "forward", f"{setting}, run again, exited 0"
-
-
-def _run(cfg: Config, command: str) -> int | None:
-    try:
-        proc = subprocess.run(command, shell=True, capture_output=True, timeout=CHECK_TIMEOUT,
+        proc = subprocess.run(check, shell=True, capture_output=True, timeout=CHECK_TIMEOUT, start_new_session=True,
                               env=dict(os.environ, MIGRATOR_TARGET=db.describe_dsn(cfg.target_dsn),
                                        MIGRATOR_SOURCE=db.describe_dsn(cfg.source_dsn)))
     except (subprocess.SubprocessError, OSError):
         return None
-    return proc.returncode
+    return {0: "target", 1: "legacy database"}.get(proc.returncode)
+
+
+def _run_again(cfg: Config, setting: str, command: str | None, direction: str) -> tuple[bool, str]:
+    try:
+        run_command(cfg, command, setting, MIGRATOR_DIRECTION=direction)
+    except MigratorError as exc:
+        return False, f"{setting}, run again, failed ({scrub(str(exc))[:200]})"
+    return True, f"{setting}, run again, exited 0"
 
 
 def _pooler_at(cfg: Config, entries: dict[str, str]) -> bool | None:
-    """Whether `SHOW DATABASES` shows every entry of `entries` where they point (None: the pooler did not answer, or
-    nothing is known of the entries)."""
+    """Whether `SHOW DATABASES` shows every entry of `entries` where they point (None: the pooler did not answer
+    within POOLER_RETRIES tries, or nothing is known of the entries)."""
     if not entries or not cfg.cutover.pgbouncer_admin_dsn:
         return None
-    try:
-        with pooler.Admin(cfg.cutover.pgbouncer_admin_dsn, connect_timeout=3) as admin:
-            shown = admin.databases()
-    except MigratorError:
-        return None
-    return all(name in shown and pooler.serves(shown[name], entry) for name, entry in entries.items())
+    for _ in range(POOLER_RETRIES):
+        try:
+            with pooler.Admin(cfg.cutover.pgbouncer_admin_dsn, connect_timeout=1) as admin:
+                shown = admin.databases()
+        except MigratorError:
+            time.sleep(1.0)
+            continue
+        return all(name in shown and pooler.serves(shown[name], entry) for name, entry in entries.items())
+    return None
 
 
 def _frozen(dsn: str, role: str) -> bool | None:
@@ -145,14 +199,17 @@ def _forward(cfg: Config, j: Journal) -> list[str]:
         said.append(_point(cfg, j.away))
         said.append(_resume(cfg))
     elif j.kind == "rollback" and j.steps.get("switch") != "done":
-        direction, why = _check_switch(cfg, "rollback_command", cfg.cutover.rollback_command, moved_code=1)
-        said.append(why if direction == "forward" else f"CLIENTS MAY NOT HAVE MOVED BACK: {why}")
+        if clients_on(cfg) == "legacy database":
+            said.append("switch_check_command said the clients are on the legacy database")
+        else:
+            ok, why = _run_again(cfg, "rollback_command", cfg.cutover.rollback_command, "rollback")
+            said.append(why if ok else f"CLIENTS MAY NOT HAVE MOVED BACK: {why}; move them to the legacy database")
     return said
 
 
 def _back(cfg: Config, j: Journal) -> list[str]:
     """Entries back (RELOAD), the frozen side writable, RESUME: in that order, so that no client let through meets a
-    frozen database; then the capture a cutover staged on the target is removed."""
+    frozen database; then the capture a cutover had staged on the target is removed."""
     said: list[str] = []
     if cfg.cutover.uses_pooler and j.home:
         said.append(_point(cfg, j.home))
@@ -165,6 +222,14 @@ def _back(cfg: Config, j: Journal) -> list[str]:
     return said
 
 
+def _back_on_target(cfg: Config) -> str:
+    """What a back outcome does on the target: the rollback's capture a cutover staged or armed is removed."""
+    from migrator import rollback  # the rollback owns its capture on the target (it imports this module)
+
+    return _attempt(lambda: f"{rollback.disarm(cfg)} rollback triggers removed from the target",
+                    "removing the rollback's capture from the target (the next cutover or `migrator cleanup` does)")
+
+
 def _release(role: str, dsn: str) -> str:
     with db.session(dsn, role=role, autocommit=True, connect_timeout=5) as conn:
         if not freezer.is_frozen(conn):
@@ -174,7 +239,7 @@ def _release(role: str, dsn: str) -> str:
 
 
 def _point(cfg: Config, entries: dict[str, str]) -> str:
-    """The pooler's file holding `entries`, and RELOAD; nothing when the file already says so."""
+    """The pooler's file holding `entries`, and RELOAD; nothing rewritten when the file already says so."""
     ini = cfg.cutover.pgbouncer_ini
     admin_dsn = cfg.cutover.pgbouncer_admin_dsn
     if not entries or not ini or not admin_dsn:
@@ -219,8 +284,12 @@ def _attempt(action: Callable[[], str], what: str) -> str:
 # --- the record -----------------------------------------------------------------------------------------------------
 
 def write_back(cfg: Config, j: Journal) -> bool:
-    """Record a resolved attempt in the control schema; whether it is recorded (False: the target did not answer)."""
-    if j.written_back or j.outcome in (None, "ended"):
+    """Record a resolved attempt in the control schema, unless the journal on disk says it is recorded already;
+    whether it is recorded (False: the target did not answer). The caller holds the local lock."""
+    if j.outcome in (None, "ended"):
+        return True
+    if Journal.load(j.path).written_back:
+        j.written_back = True
         return True
     try:
         with db.session(cfg.target_dsn, role="target", autocommit=True, connect_timeout=5) as target:
@@ -234,77 +303,101 @@ def write_back(cfg: Config, j: Journal) -> bool:
 
 
 def _record(target: psycopg.Connection[Any], j: Journal) -> None:
+    """The attempt's outcome; the migration's state only when no later attempt has changed it since."""
     for step, how in j.steps.items():
         if how != "done":
             state.step_finished(target, j.attempt, step, "failed", j.detail[:500])
+    attempts = state.attempts(target)
+    latest = max((a["id"] for a in attempts), default=j.attempt) == j.attempt
     if j.outcome == "forward":
         state.finish_attempt(target, j.attempt, "done", error=j.detail)
-        if j.kind == "cutover":
-            state.mark(target, "frozen", True)
-            state.mark(target, "cutover_at")
-        else:
-            state.mark(target, "frozen", False)
-            state.clear(target, "cutover_at")
-        pointing = "target" if j.kind == "cutover" else "legacy"
-        if j.away:
-            state.set_pointing(target, list(j.away), pointing)
     else:
         state.finish_attempt(target, j.attempt, "failed", failed_step=j.last_step or None, error=j.detail)
-        if j.kind == "cutover":
-            state.mark(target, "frozen", False)
+    if not latest:
+        return
+    if j.outcome == "forward" and j.kind == "cutover":
+        state.mark(target, "frozen", True)
+        state.mark(target, "cutover_at")
+    elif j.outcome == "forward":
+        state.mark(target, "frozen", False)
+        state.clear(target, "cutover_at")
+    elif j.kind == "cutover":
+        state.mark(target, "frozen", False)
+    if j.outcome == "forward" and j.away:
+        state.set_pointing(target, list(j.away), "target" if j.kind == "cutover" else "legacy")
 
 
 # --- a re-run -------------------------------------------------------------------------------------------------------
 
-def recover(cfg: Config, target: psycopg.Connection[Any], kind: str) -> list[Journal]:
-    """Resolve, at the start of a re-run (holding the action lock), every attempt whose process died and that no
-    guardian resolved, and record what a guardian could not; returns the attempts resolved after their process died
-    and not yet reported by a re-run, oldest first."""
-    where = db.describe_dsn(cfg.target_dsn)
-    local = {j.attempt: j for j in journals(cfg, where)}
-    for a in state.attempts(target):
+def recover(cfg: Config, target: psycopg.Connection[Any]) -> list[Journal]:
+    """At the start of a re-run (holding the action lock and the local lock): resolve the latest attempt if its
+    process died and nothing resolved it, record what a guardian could not, and mark older unfinished attempts
+    superseded. Returns the attempts resolved after their process died and not yet reported by a re-run."""
+    m = state.require_prepared(target)
+    migration = str(m.migration_id)
+    attempts = {a["id"]: a for a in state.attempts(target)}
+    latest = max(attempts, default=0)
+    local = {j.attempt: j for j in journals(cfg, migration)}
+    for a in attempts.values():
         if a["finished_at"] is None and a["id"] not in local:
-            # Started on another host or before journals existed: what the control schema recorded.
-            local[a["id"]] = _journal_from_record(cfg, target, a, where)
-    unfinished = {a["id"] for a in state.attempts(target) if a["finished_at"] is None}
+            # Started on another host or without a journal: what the control schema recorded.
+            local[a["id"]] = _journal_from_record(cfg, target, a, migration)
     found = []
     for j in sorted(local.values(), key=lambda j: j.attempt):
+        record = attempts.get(j.attempt)
+        unfinished = record is not None and record["finished_at"] is None
+        if j.outcome is None and not (unfinished and j.attempt == latest):
+            _set_aside(target, j, unfinished, latest)
+            continue
         if j.outcome is None:
-            resolve(cfg, j, by="this re-run")
-        if j.outcome == "ended":
-            if j.attempt in unfinished:  # its process ended it while the target did not answer
-                state.finish_attempt(target, j.attempt, "failed", failed_step=j.last_step or None,
-                                     error="its process ended without recording the outcome")
+            _merge_recorded_steps(j, record)
+            try:
+                resolve(cfg, j, by="this re-run")
+            except Undecided as exc:
+                raise Blocked(str(exc), hint=exc.hint) from exc
+        if j.outcome == "ended" or j.reported:
             continue
         if not write_back(cfg, j):
             raise Blocked(f"{j.kind} attempt {j.attempt} was resolved ({j.detail}) but recording it in the control "
-                          "schema failed; nothing new was started",
-                          hint=f"Run the command again; the journal is {j.path}.")
-        if not j.reported:
-            if j.kind == "cutover" and j.outcome == "back" and j.steps:
-                _back_on_target(cfg)
-            j.reported = True
-            j.save()
-            found.append(j)
+                          "schema failed; nothing new was started", hint=f"Run the command again; the journal is {j.path}.")
+        if j.kind == "cutover" and j.outcome == "back" and j.attempt == latest:
+            _back_on_target(cfg)  # a guardian that could not reach the target left it
+        j.reported = True
+        j.save()
+        found.append(j)
     return found
 
 
-def _back_on_target(cfg: Config) -> str:
-    """What a back outcome does on the target, done again now that the target answers (a guardian that could not
-    reach it left the rollback's capture there)."""
-    from migrator import rollback  # the rollback owns its capture on the target (it imports this module)
+def _set_aside(target: psycopg.Connection[Any], j: Journal, unfinished: bool, latest: int) -> None:
+    """A journal left open of an attempt that is not the latest, or that the control schema shows finished: never
+    acted on (a later attempt owns the state now); an unfinished one is recorded as superseded."""
+    if unfinished:
+        state.finish_attempt(target, j.attempt, "failed", failed_step=j.last_step or None,
+                             error=f"its process died; superseded by attempt {latest}")
+    j.outcome, j.by = "ended", "set aside by a re-run"
+    j.save()
 
-    return _attempt(lambda: f"{rollback.disarm(cfg)} rollback triggers removed from the target",
-                    "removing the rollback's capture from the target (the next cutover or `migrator cleanup` does)")
+
+def _merge_recorded_steps(j: Journal, record: dict[str, Any] | None) -> None:
+    """The furthest of the journal's steps and the control schema's (a host crash may have lost the journal's last
+    notes, which are not fsynced)."""
+    if record is None:
+        return
+    merged: dict[str, str] = {}
+    for s in record["steps"]:  # in the order they started
+        done = s["status"] == "done" or j.steps.get(s["step"]) == "done"
+        merged[s["step"]] = "done" if done else "started"
+    merged.update({step: how for step, how in j.steps.items() if step not in merged})
+    j.steps = merged
 
 
 def _journal_from_record(cfg: Config, target: psycopg.Connection[Any], attempt: dict[str, Any],
-                         where: str) -> Journal:
+                         migration: str) -> Journal:
     kind = attempt.get("kind") or "cutover"
-    j = Journal(kind=kind, attempt=attempt["id"], target=where, pid=0,
-                path=str(journal_path(cfg.local_dir, kind, attempt["id"], where)))
     cfg.local_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    j.steps = {s["step"]: ("done" if s["status"] == "done" else "started") for s in attempt["steps"]}
+    j = Journal(kind=kind, attempt=attempt["id"], migration=migration, target=db.describe_dsn(cfg.target_dsn),
+                pid=0, path=str(journal_path(cfg.local_dir, kind, attempt["id"], migration)))
+    _merge_recorded_steps(j, attempt)
     entries = state.pooler_entries(target)
     names = [n for n in cfg.cutover.pooler_databases if n in entries]
     legacy = {n: entries[n].legacy_entry for n in names}

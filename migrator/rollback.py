@@ -265,11 +265,9 @@ def run(cfg: Config, *, overrides: Iterable[str] = (),
 def _run_locked(cfg: Config, target: psycopg.Connection[Any], legacy: psycopg.Connection[Any],
                 overrides: tuple[str, ...], on_step: Callable[[str, str], None] | None) -> RollbackReport:
     """The rollback, under the action lock: first what an earlier attempt's death left (migrator/recovery.py)."""
-    resolved = recovery.recover(cfg, target, "rollback")
-    recovered = [j.detail for j in resolved]
-    if any(j.kind == "rollback" and j.outcome == "forward" for j in resolved) and \
-            state.require_prepared(target).cutover_at is None:
-        disarm(cfg)  # the step its process did not reach
+    recovered = [j.detail for j in recovery.recover(cfg, target)]
+    if _left_armed(target):
+        disarm(cfg)  # the step the completed rollback's process did not reach
         return RollbackReport(attempt=0, ok=True, recovered=recovered, already_done=True)
     checklist = _ready(cfg, target, legacy, overrides)
     flow = _Rollback(cfg, target, legacy, checklist)
@@ -293,6 +291,15 @@ def _run_locked(cfg: Config, target: psycopg.Connection[Any], legacy: psycopg.Co
     # Clients are on the legacy database: this step never fails (it says what it left behind).
     runner.run([Step("disarm", flow.disarm)], hint="")
     return flow.done(runner.timings)
+
+
+def _left_armed(target: psycopg.Connection[Any]) -> bool:
+    """A rollback completed (recorded done, or completed by a guardian or a re-run) whose process died before it
+    removed the capture from the target: what is left of it is its last step."""
+    if state.require_prepared(target).cutover_at is not None or not triggers.has_capture(target):
+        return False
+    done = [a for a in state.attempts(target) if a["finished_at"] is not None]
+    return bool(done) and done[-1].get("kind") == "rollback" and done[-1]["status"] == "done"
 
 
 def _ready(cfg: Config, target: psycopg.Connection[Any], legacy: psycopg.Connection[Any],
@@ -366,6 +373,7 @@ class _Rollback(AttemptRecorder):
             state.finish_attempt(self.target, self.report.attempt, status)
         state.record_attempt_pooler(self.target, self.report.attempt, kind="rollback",
                                     pause_seconds=self.report.pause_seconds)
+        self.recorded = True
 
     def done(self, timings: list[StepTiming]) -> RollbackReport:
         report = self.report
@@ -471,7 +479,7 @@ class _Rollback(AttemptRecorder):
     def switch(self) -> str:
         if self.pool is None:
             detail = run_command(self.cfg, self.cfg.cutover.rollback_command, "rollback_command",
-                                 MIGRATOR_DIRECTION="rollback")
+                                 on_start=self.command_started, MIGRATOR_DIRECTION="rollback")
             self.report.clients_moved = bool(self.cfg.cutover.rollback_command)
             return detail
         entries = state.pooler_entries(self.target)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +39,8 @@ from migrator.guardian import Journal, Watch
 from migrator.log import get
 from migrator.redaction import scrub
 
+COMMAND_TIMEOUT = 300
+"""Longest run of the site's switch or rollback command."""
 CONFIRM_SECONDS = 5.0
 """A second Ctrl-C within this many seconds of the first stops a guarded cutover or rollback (and undoes it)."""
 
@@ -129,16 +132,29 @@ NOT_MOVED = "clients were not moved: no switch configured, overridden by the ope
 """What a cutover or rollback run with `--override no-switch` and neither a pooler nor a command says it did."""
 
 
-def run_command(cfg: Config, command: str | None, setting: str, **env: str) -> str:
+def run_command(cfg: Config, command: str | None, setting: str, *, on_start: Callable[[int], None] | None = None,
+                **env: str) -> str:
     """Run the site's own command that moves clients (`switch_command`, `rollback_command`); non-zero exit fails.
-    Without a command there is nothing to run: the go/no-go `switch` item refused, or the operator overrode it."""
+    Without a command there is nothing to run: the go/no-go `switch` item refused, or the operator overrode it.
+
+    It runs in a session of its own: a Ctrl-C or hang-up meant for migrator does not cut it short half-way, and a
+    migrator that dies leaves it to finish while its guardian waits for it (`on_start` gets its pid)."""
     if not command:
         return NOT_MOVED
     full_env = dict(os.environ, MIGRATOR_TARGET=db.describe_dsn(cfg.target_dsn),
                     MIGRATOR_SOURCE=db.describe_dsn(cfg.source_dsn), **env)
-    proc = subprocess.run(command, shell=True, env=full_env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.Popen(command, shell=True, env=full_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    if on_start is not None:
+        on_start(proc.pid)
+    try:
+        _, stderr = proc.communicate(timeout=COMMAND_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise MigratorError(f"{setting} did not finish within {COMMAND_TIMEOUT}s and was stopped") from None
     if proc.returncode != 0:
-        raise MigratorError(f"{setting} exited {proc.returncode}: {scrub(proc.stderr.strip())[-500:]}")
+        raise MigratorError(f"{setting} exited {proc.returncode}: {scrub(stderr.strip())[-500:]}")
     return f"{setting} exited 0"
 
 
@@ -267,7 +283,8 @@ class Recorder(Protocol):
 class AttemptRecorder:
     """The `Recorder` of a cutover or rollback attempt: its steps' rows in the control schema, and in the guardian's
     journal once the guardian watches (`guard`). A flow sets `kind` ("cutover" or "rollback"), `cfg`, `target` (the
-    control schema's connection), `report` (with `attempt`, `failed_step`, `error`, `pause_seconds`) and `log`."""
+    control schema's connection), `report` (with `attempt`, `failed_step`, `error`, `pause_seconds`) and `log`, and
+    sets `recorded` once the attempt's outcome is in the control schema."""
 
     kind: str
     cfg: Config
@@ -275,16 +292,17 @@ class AttemptRecorder:
     report: Any
     log: Any
     watch: Watch | None = None
+    recorded: bool = False
     _confirming: Any = None
 
     def started(self, step: str) -> None:
         if self.watch is not None:
-            self.watch.journal.note(step, "started")
+            self.watch.step(step, "started")
         state.step_started(self.target, self.report.attempt, step)
 
     def finished(self, step: str, detail: str) -> None:
         if self.watch is not None:
-            self.watch.journal.note(step, "done")
+            self.watch.step(step, "done")
         state.step_finished(self.target, self.report.attempt, step, "done", detail)
 
     def stopped(self, step: str, error: str) -> None:
@@ -296,6 +314,7 @@ class AttemptRecorder:
             state.finish_attempt(self.target, self.report.attempt, "failed", failed_step=step or None, error=error)
             state.record_attempt_pooler(self.target, self.report.attempt, kind=self.kind,
                                         pause_seconds=self.report.pause_seconds)
+            self.recorded = True
         except psycopg.Error:
             pass
         self.log.error(f"{self.kind}.failed", step=step, error=error, pause_seconds=self.report.pause_seconds)
@@ -303,15 +322,23 @@ class AttemptRecorder:
     def guard(self, home: dict[str, str], away: dict[str, str]) -> str:
         """Start the guardian (migrator/guardian.py) before anything is paused or frozen; `home` and `away` are the
         pooler entries clients are served from now and after the switch."""
-        journal = Journal.create(self.cfg, self.kind, self.report.attempt, db.describe_dsn(self.cfg.target_dsn))
+        migration = state.require_prepared(self.target).migration_id
+        journal = Journal.create(self.cfg, self.kind, self.report.attempt, str(migration),
+                                 db.describe_dsn(self.cfg.target_dsn))
         journal.home, journal.away = home, away
         journal.steps["guard"] = "started"
         journal.save()
         self.watch = Watch(self.cfg, journal)
         self._confirming = interrupts_confirmed(self.kind)
         self._confirming.__enter__()
-        return (f"guardian {self.watch.proc.pid} watching; it takes over if this process dies, or after "
-                f"{self.cfg.cutover.guardian_timeout:g}s of silence")
+        return (f"guardian {self.watch.proc.pid} watching on {socket.gethostname()}; it takes over if this process "
+                f"dies, or after {self.cfg.cutover.guardian_timeout:g}s of silence")
+
+    def command_started(self, pid: int) -> None:
+        """The site's switch or rollback command runs as `pid`: the guardian waits for it before deciding."""
+        if self.watch is not None:
+            self.watch.journal.command = pid
+            self.watch.journal.save(durable=False)
 
     def unguard(self) -> None:
         """The run is over (done, or stopped and undone): the guardian goes, and Ctrl-C is Ctrl-C again."""
@@ -319,7 +346,7 @@ class AttemptRecorder:
             self._confirming.__exit__(None, None, None)
             self._confirming = None
         if self.watch is not None:
-            self.watch.end()
+            self.watch.end(recorded=self.recorded)
             self.watch = None
 
 

@@ -98,3 +98,26 @@ def action_lock_held(conn: psycopg.Connection[Any]) -> bool:
         "  AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
         "  AND classid = hashtext(%s)::oid AND objid = hashtext(%s)::oid)", KEY).fetchone()
     return bool(row and row[0])
+
+
+@contextmanager
+def advisory_if_reachable(cfg: Config, wait: float = 3.0) -> Iterator[None]:
+    """The guardian's share of the action lock: taken when the target answers within `wait` seconds (the dead
+    flow's session may hold it until its server notices), so that a re-run from another host is refused while the
+    guardian acts; skipped when the target is the server that failed, where the local lock alone takes turns."""
+    try:
+        conn = psycopg.connect(cfg.target_dsn, autocommit=True, connect_timeout=max(1, int(wait)),
+                               application_name="migrator-guardian")
+    except psycopg.Error:
+        yield
+        return
+    try:
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s), hashtext(%s))", KEY).fetchone()
+            if row and row[0]:
+                break
+            time.sleep(0.1)
+        yield
+    finally:
+        conn.close()  # with the session goes the lock
