@@ -266,8 +266,9 @@ def _run_locked(cfg: Config, target: psycopg.Connection[Any], legacy: psycopg.Co
                 overrides: tuple[str, ...], on_step: Callable[[str, str], None] | None) -> RollbackReport:
     """The rollback, under the action lock: first what an earlier attempt's death left (migrator/recovery.py)."""
     recovered = [j.detail for j in recovery.recover(cfg, target)]
-    if _left_armed(target):
-        disarm(cfg)  # the step the completed rollback's process did not reach
+    if _rolled_back(target):
+        if triggers.has_capture(target):
+            disarm(cfg)  # the step the completed rollback's process did not reach
         return RollbackReport(attempt=0, ok=True, recovered=recovered, already_done=True)
     checklist = _ready(cfg, target, legacy, overrides)
     flow = _Rollback(cfg, target, legacy, checklist)
@@ -293,10 +294,10 @@ def _run_locked(cfg: Config, target: psycopg.Connection[Any], legacy: psycopg.Co
     return flow.done(runner.timings)
 
 
-def _left_armed(target: psycopg.Connection[Any]) -> bool:
-    """A rollback completed (recorded done, or completed by a guardian or a re-run) whose process died before it
-    removed the capture from the target: what is left of it is its last step."""
-    if state.require_prepared(target).cutover_at is not None or not triggers.has_capture(target):
+def _rolled_back(target: psycopg.Connection[Any]) -> bool:
+    """The last attempt is a completed rollback (recorded done by its process, a guardian or a re-run): run again,
+    the rollback only finishes its last step if its process died before it (`disarm`), and says it is done."""
+    if state.require_prepared(target).cutover_at is not None:
         return False
     done = [a for a in state.attempts(target) if a["finished_at"] is not None]
     return bool(done) and done[-1].get("kind") == "rollback" and done[-1]["status"] == "done"

@@ -16,7 +16,7 @@ import pytest
 
 from migrator import cutover, rollback, sync
 from migrator.config import Config
-from migrator.errors import CutoverFailed, NotReady
+from migrator.errors import CutoverFailed
 from tests.helpers import fetch, run_sql
 from tests.test_cutover import READ_ONLY, cli, migrated, sqlstate_of_write, write_config
 from tests.test_pgbouncer import POOL_DB, Bouncer, Clients, bouncer, pooler_config, uids  # noqa: F401
@@ -92,8 +92,8 @@ def test_rollback_replays_every_target_change_onto_the_legacy_database_and_runs_
     assert fetch(target_dsn, "SELECT kind, status FROM migrator_control.cutover_attempt ORDER BY id") == [
         ("cutover", "done"), ("rollback", "done")]
     assert fetch(target_dsn, "SELECT cutover_at, frozen FROM migrator_control.migration") == [(None, False)]
-    with pytest.raises(NotReady):
-        rollback.run(cfg)
+    again = rollback.run(cfg)  # run again: nothing to do, and it says so
+    assert again.ok and again.already_done and "the rollback is done" in again.render_text()
 
 
 def test_a_second_cutover_after_a_rollback_carries_the_legacy_writes_again(
