@@ -2,7 +2,8 @@
 
 Only this module turns errors into messages and exit codes (declared once, `errors.ExitCode`): 0 done, 1 a finding
 the operator must look at (differences, blockers, no-go, declined), 2 an error, 3 a cutover that stopped (legacy
-database writable again), 64 a usage error, 130 interrupted by SIGINT, 143 stopped by SIGTERM. Each command declares
+database writable again), 4 a cutover rolled back because its clients were unhealthy on the target, 5 clients
+unhealthy on the target and left there, 64 a usage error, 130 interrupted by SIGINT, 143 stopped by SIGTERM. Each command declares
 its own meanings with `exits`, which ends its --help with them; the README's table is generated from the same.
 """
 
@@ -374,7 +375,9 @@ def status(obj: Ctx, as_json: bool) -> None:
 
 
 @exits({ExitCode.FINDING: "no-go (also --check), or declined, or refused: another cutover or rollback is running",
-        ExitCode.CUTOVER_STOPPED: ExitCode.CUTOVER_STOPPED.meaning})
+        ExitCode.CUTOVER_STOPPED: ExitCode.CUTOVER_STOPPED.meaning,
+        ExitCode.ROLLED_BACK_UNHEALTHY: ExitCode.ROLLED_BACK_UNHEALTHY.meaning,
+        ExitCode.UNHEALTHY: ExitCode.UNHEALTHY.meaning})
 @main.command()
 @yes_option
 @click.option("--override", "overrides", multiple=True, metavar="ITEM", type=click.Choice(OVERRIDES),
@@ -383,10 +386,14 @@ def status(obj: Ctx, as_json: bool) -> None:
 @click.option("--hold", "hold_", is_flag=True, help="Postpone: a cutover waits at the go/no-go point; then exit.")
 @click.option("--release-hold", is_flag=True, help="Let a held cutover go on; then exit.")
 @click.option("--check", is_flag=True, help="Only print the go/no-go checklist; exit 0 go, 1 no-go. Changes nothing.")
+@click.option("--on-unhealthy", type=click.Choice(["rollback", "stop", "ignore"]), default="rollback",
+              show_default=True,
+              help="When the health gate after the switch finds the clients failing on the target: roll back "
+                   "automatically (exit 4), PAUSE them again for the operator (exit 5), or let the cutover stand.")
 @json_option
 @click.pass_obj
 def cutover(obj: Ctx, yes: bool, overrides: tuple[str, ...], hold_: bool, release_hold: bool, check: bool,
-            as_json: bool) -> None:
+            on_unhealthy: str, as_json: bool) -> None:
     """Go/no-go, then pause the pooler, freeze, drain, verify, carry sequences, switch clients, resume; report the
     client-visible pause and the freeze window."""
     from migrator import cutover as cutover_mod
@@ -418,7 +425,7 @@ def cutover(obj: Ctx, yes: bool, overrides: tuple[str, ...], hold_: bool, releas
             click.echo("go/no-go:\n" + checklist.render_text(), err=True)
 
     try:
-        report = cutover_mod.run(obj.cfg, overrides=overrides, on_checklist=show_checklist,
+        report = cutover_mod.run(obj.cfg, overrides=overrides, on_checklist=show_checklist, on_unhealthy=on_unhealthy,
                                  on_step=None if as_json else lambda s, st: click.echo(f"  {s}: {st}", err=True))
     except NoGo as exc:
         if as_json:

@@ -5,7 +5,9 @@ capture on the target (triggers/capture.sql and a key function per table, enable
 database the target snapshot of that moment (triggers/rollback.sql). From then on every change written on the target
 is in the target's delta log. `run` replays that log onto the legacy database with the forward algorithm, roles
 swapped: batches cut by target snapshots, each applied by the delta log's Applier in one legacy transaction that also
-advances the recorded position. With a pooler the clients never reconnect:
+advances the recorded position. With a pooler the clients never reconnect (unless the cutover's health gate found
+them unhealthy because their prepared statements were lost at the switch: then `run_held` has the pooler drop their
+connections before RESUME, so that they reconnect and prepare them again on the legacy database):
 
     preflight → catch_up (reverse batches while clients still write) → guard (the guardian started, as in the
     cutover) → pause (PgBouncer PAUSE) → freeze (the target
@@ -262,8 +264,18 @@ def run(cfg: Config, *, overrides: Iterable[str] = (),
             return _run_locked(cfg, target, legacy, overrides, on_step)
 
 
+def run_held(cfg: Config, target: psycopg.Connection[Any], *, on_step: Callable[[str, str], None] | None = None,
+             reconnect_clients: bool = False) -> RollbackReport:
+    """The rollback for a caller that holds the action lock on `target` (a cutover whose health gate found the
+    clients unhealthy: migrator/health.py). `reconnect_clients`: the pooler drops the clients' connections before
+    RESUME, so that clients whose session state did not survive the switch (prepared statements) reconnect."""
+    with db.session(cfg.source_dsn, role="source", autocommit=True) as legacy:
+        return _run_locked(cfg, target, legacy, (), on_step, reconnect_clients=reconnect_clients)
+
+
 def _run_locked(cfg: Config, target: psycopg.Connection[Any], legacy: psycopg.Connection[Any],
-                overrides: tuple[str, ...], on_step: Callable[[str, str], None] | None) -> RollbackReport:
+                overrides: tuple[str, ...], on_step: Callable[[str, str], None] | None, *,
+                reconnect_clients: bool = False) -> RollbackReport:
     """The rollback, under the action lock: first what an earlier attempt's death left (migrator/recovery.py)."""
     resolved = recovery.recover(cfg, target, "rollback")
     recovered = [j.detail for j in resolved]
@@ -274,6 +286,8 @@ def _run_locked(cfg: Config, target: psycopg.Connection[Any], legacy: psycopg.Co
     checklist = _ready(cfg, target, legacy, overrides)
     flow = _Rollback(cfg, target, legacy, checklist)
     flow.report.recovered = recovered
+    if flow.pool is not None:
+        flow.pool.reconnect_clients = reconnect_clients
     runner = StepRunner("rollback", flow, on_step)
     try:
         try:

@@ -17,6 +17,7 @@ import pytest
 
 from migrator import copy, cutover, prepare, sync
 from migrator.config import Config
+from tests.conftest import TEST_CUTOVER
 from tests.helpers import fetch, run_sql
 
 READ_ONLY = "25006"
@@ -43,7 +44,7 @@ def migrated(cfg: Config, source_dsn: str) -> None:
 def write_config(path: Path, source_dsn: str, target_dsn: str, **cutover_settings: Any) -> Path:
     lines = ["[source]", f"dsn = {json.dumps(source_dsn)}", "[target]", f"dsn = {json.dumps(target_dsn)}",
              "[cutover]"]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in cutover_settings.items()]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in {**TEST_CUTOVER, **cutover_settings}.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
