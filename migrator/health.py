@@ -82,6 +82,8 @@ class Verdict:
     """Seconds from the switch until the target had published a client's commit (None: not within the window)."""
     reasons: list[str] = field(default_factory=list)
     on_unhealthy: str = "rollback"
+    pooler: str = ""
+    """The pooler's version ("1.18.0"), as go/no-go compares it with a recorded pass."""
 
     @property
     def healthy(self) -> bool:
@@ -285,6 +287,7 @@ class _Watch:
         c, v = self.cfg.cutover, self.v
         t0 = time.monotonic()
         bound = max(c.health_seconds, 1.0)
+        v.pooler = ".".join(map(str, admin.version())) if admin is not None else ""
         base, (base_xacts, _) = self.read(target), _pooled(admin, self.names)
         if canary is not None:
             self.own_xacts += 1

@@ -18,12 +18,12 @@ import psycopg
 import pytest
 from psycopg.pq import DiagnosticField, ExecStatus
 
-from migrator import cutover, rollback
+from migrator import cutover, gonogo, rollback
 from migrator.config import Config
 from migrator.errors import ClientsUnhealthy, ExitCode
 from tests.helpers import fetch
 from tests.test_cutover import migrated, sqlstate_of_write
-from tests.test_pgbouncer import POOL_DB, Bouncer, Clients, running_bouncer, uids
+from tests.test_pgbouncer import POOL_DB, Bouncer, Clients, bouncer, running_bouncer, uids  # noqa: F401
 
 
 @pytest.fixture
@@ -280,3 +280,50 @@ def test_without_a_pooler_the_probe_decides_and_rollback_command_moves_the_clien
     [(_, _, _, _, recorded), _] = health_of(target_dsn)
     assert recorded["mode"] == "switch_command" and recorded["canary"] == "none"
     assert sqlstate_of_write(source_dsn, "INSERT INTO public.study (uid) VALUES ('after')") is None
+
+
+def checklist_item(cfg: Config, item: str) -> tuple[str, str]:
+    [check] = [c for c in gonogo.run(cfg).checks if c.item == item]
+    return check.state, check.detail
+
+
+def test_go_no_go_warns_of_a_pooler_that_carries_no_prepared_statement_until_declared_or_proven_by_a_rehearsal(
+        make_config: Callable[..., Config], source_dsn: str, target_dsn: str,
+        bouncer: Bouncer) -> None:  # noqa: F811 (the fixture imported from test_pgbouncer)
+    unknown = make_config(copy={"workers": 2}, cutover={**bouncer.settings(), "prepared_statements": "unknown"})
+    declared = make_config(copy={"workers": 2}, cutover=bouncer.settings())
+    migrated(unknown, source_dsn)
+
+    state_, detail = checklist_item(unknown, "prepared")
+    assert state_ == "warn" and "PgBouncer 1.18.0 in transaction pooling" in detail and "JDBC" in detail
+    assert gonogo.run(unknown).go, "a warning does not refuse"
+    state_, detail = checklist_item(declared, "prepared")
+    assert state_ == "pass" and 'prepared_statements = "unused"' in detail
+
+    # A rehearsal: cutover with real client traffic, the gate passes; then rollback. The warning is cleared.
+    with Clients(bouncer.client_dsn, 2):
+        report = cutover.run(declared)
+        rollback.run(declared)
+    assert report.health is not None and report.health["verdict"] == "pass", report.health
+    assert report.health["client_transactions"] > 0 and report.health["pooler"] == "1.18.0"
+    state_, detail = checklist_item(unknown, "prepared")
+    assert state_ == "pass" and "a health gate passed with" in detail and "attempt 1" in detail
+
+
+def test_the_prepared_item_passes_a_pooler_that_carries_them_and_session_pooling_is_refused_by_the_pooler_item(
+        make_config: Callable[..., Config], source_dsn: str, target_dsn: str) -> None:
+    carries = gonogo.prepared_state((1, 22, 1), {"max_prepared_statements": "200"}, {"transaction"},
+                                    declared=False, passes=[], where="m.toml")
+    assert carries[0] == "pass" and "carries prepared statements" in carries[1]
+    off = gonogo.prepared_state((1, 22, 1), {"max_prepared_statements": "0"}, {"transaction"},
+                                declared=False, passes=[], where="m.toml")
+    assert off[0] == "warn" and "max_prepared_statements = 0" in off[1]
+    proven_elsewhere = gonogo.prepared_state((1, 18, 0), {}, {"transaction"}, declared=False, where="m.toml",
+                                             passes=[(3, None, {"pooler": "1.17.0", "client_transactions": 9})])
+    assert proven_elsewhere[0] == "warn", "a pass through another pooler version proves nothing here"
+
+    with running_bouncer(source_dsn, target_dsn, entry_extra="pool_mode=session") as b:
+        cfg = make_config(copy={"workers": 2}, cutover=b.settings())
+        migrated(cfg, source_dsn)
+        state_, detail = checklist_item(cfg, "pooler")
+    assert state_ == "fail" and "cannot be switched without restarting them" in detail
