@@ -8,21 +8,26 @@ connection (so that they work before the switch).
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from psycopg.pq import DiagnosticField, ExecStatus
 
-from migrator import cutover, gonogo, rollback
+from migrator import cutover, faults, gonogo, rollback
 from migrator.config import Config
 from migrator.errors import ClientsUnhealthy, ExitCode
 from tests.helpers import fetch
-from tests.test_cutover import migrated, sqlstate_of_write
+from tests.test_cutover import READ_ONLY, cli, migrated, sqlstate_of_write, write_config
 from tests.test_pgbouncer import POOL_DB, Bouncer, Clients, bouncer, running_bouncer, uids  # noqa: F401
 
 
@@ -327,3 +332,35 @@ def test_the_prepared_item_passes_a_pooler_that_carries_them_and_session_pooling
         migrated(cfg, source_dsn)
         state_, detail = checklist_item(cfg, "pooler")
     assert state_ == "fail" and "cannot be switched without restarting them" in detail
+
+
+def test_a_cutover_killed_during_its_health_gate_is_completed_by_the_guardian_and_a_rerun_says_so(
+        make_config: Callable[..., Config], source_dsn: str, target_dsn: str, tmp_path: Path,
+        bouncer: Bouncer) -> None:  # noqa: F811 (the fixture imported from test_pgbouncer)
+    """Killed (the whole process group, as a dropped SSH session) when its health step starts, past the point of no
+    return: the guardian finds the pooler serving the target and goes forward (RESUME there, already done); clients
+    keep committing on the target; running the cutover again reports it and has nothing left to do."""
+    cfg = make_config(copy={"workers": 2}, cutover=bouncer.settings())
+    migrated(cfg, source_dsn)
+    config = write_config(tmp_path / "migration.toml", source_dsn, target_dsn, guardian_timeout=2,
+                          **bouncer.settings())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIGRATOR_")}
+    env[faults.ENV] = "cutover.health.started"
+    with Clients(bouncer.client_dsn, 5) as clients:
+        proc = subprocess.run([str(Path(sys.executable).with_name("migrator")), "--config", str(config), "cutover",
+                               "--yes"], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=120, start_new_session=True)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        wait_until(lambda: fetch(target_dsn, "SELECT status FROM migrator_control.cutover_attempt WHERE id = 1")
+                   == [("done",)], 20, "the guardian records the attempt completed")
+        count = len(clients.committed)
+        wait_until(lambda: len(clients.committed) > count + 10, 10, "clients commit on the target")
+        rerun = cli(config, "cutover", "--yes")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "stopped at step health (its process died) and was completed by the guardian" in rerun.stdout
+    assert "nothing to do: the cutover is done" in rerun.stdout
+    served = bouncer.databases()[POOL_DB]
+    assert served.database == bouncer.target_db and not served.paused
+    assert not clients.failed, clients.failed[:5]
+    assert clients.uids() <= uids(target_dsn)
+    assert sqlstate_of_write(source_dsn, "INSERT INTO public.study (uid) VALUES ('x')") == READ_ONLY
