@@ -472,9 +472,12 @@ def cleanup(obj: Ctx, yes: bool, release_freeze: bool, migration_id: str | None,
 @yes_option
 @click.option("--override", "overrides", multiple=True, type=click.Choice([NO_SWITCH]),
               help="no-switch: roll back although no pooler and no rollback_command moves the clients back.")
+@click.option("--reconnect-clients", is_flag=True,
+              help="Have the pooler drop the clients' connections before RESUME (KILL), so that clients whose "
+                   "prepared statements the switch lost reconnect and prepare them again (runbook 02, 1a).")
 @json_option
 @click.pass_obj
-def rollback_(obj: Ctx, yes: bool, overrides: tuple[str, ...], as_json: bool) -> None:
+def rollback_(obj: Ctx, yes: bool, overrides: tuple[str, ...], reconnect_clients: bool, as_json: bool) -> None:
     """After a cutover: replay every change written on the target onto the legacy database, then move clients back
     (pause the pooler, freeze the target, drain, verify, sequences, release the legacy database, switch, resume)."""
     from migrator import rollback
@@ -483,7 +486,7 @@ def rollback_(obj: Ctx, yes: bool, overrides: tuple[str, ...], as_json: bool) ->
     _confirm(yes, "This freezes the target and moves clients back to the legacy database")
     _keep_going_on_hangup()
     try:
-        report = rollback.run(obj.cfg, overrides=overrides,
+        report = rollback.run(obj.cfg, overrides=overrides, reconnect_clients=reconnect_clients,
                               on_step=None if as_json else lambda s, st: click.echo(f"  {s}: {st}", err=True))
     except NoGo as exc:
         click.echo(json.dumps({"ok": False, "no_go": str(exc), "checklist": exc.checklist}, indent=2)

@@ -405,6 +405,7 @@ def _decide_now(cfg: Config) -> str:
         return ("Decide now: `migrator rollback --yes` moves the clients back to the legacy database (rollback_command), "
                 "losing nothing.")
     first = cfg.cutover.pooler_databases[0]
-    return (f"Decide now: `migrator rollback --yes` moves the clients back to the legacy database, losing nothing "
-            f"(then `KILL {first}` and `RESUME {first}` on the PgBouncer admin console if they hold prepared "
-            f"statements), or `RESUME {first}` there leaves them on the target.")
+    return ("Decide now: `migrator rollback --yes --reconnect-clients` moves the clients back to the legacy database, "
+            "losing nothing (--reconnect-clients: the pooler drops their connections, so that clients whose prepared "
+            f"statements were lost prepare them again), or `RESUME {first}` on the PgBouncer admin console leaves "
+            "them on the target.")

@@ -249,11 +249,12 @@ class RollbackReport:
                                        for s in self.steps)
 
 
-def run(cfg: Config, *, overrides: Iterable[str] = (),
-        on_step: Callable[[str, str], None] | None = None) -> RollbackReport:
+def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, str], None] | None = None,
+        reconnect_clients: bool = False) -> RollbackReport:
     """Roll back a completed cutover. Returns the report; raises NotReady when there is nothing to roll back, NoGo
     when nothing would move the clients back and `overrides` lacks "no-switch" (nothing touched in either case),
-    CutoverFailed when a step fails before clients move (they stay on the target, which takes writes)."""
+    CutoverFailed when a step fails before clients move (they stay on the target, which takes writes).
+    `reconnect_clients`: see `run_held`."""
     overrides = tuple(overrides)
     unknown = set(overrides) - {gonogo.NO_SWITCH}
     if unknown:
@@ -261,7 +262,7 @@ def run(cfg: Config, *, overrides: Iterable[str] = (),
     with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
         state.require_prepared(target)  # "not prepared" before "another rollback is running": it says what to do
         with action_lock(cfg, target, "rollback"), db.session(cfg.source_dsn, role="source", autocommit=True) as legacy:
-            return _run_locked(cfg, target, legacy, overrides, on_step)
+            return _run_locked(cfg, target, legacy, overrides, on_step, reconnect_clients=reconnect_clients)
 
 
 def run_held(cfg: Config, target: psycopg.Connection[Any], *, on_step: Callable[[str, str], None] | None = None,

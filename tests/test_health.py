@@ -243,11 +243,11 @@ def test_stop_leaves_the_clients_paused_on_the_target_and_ignore_lets_the_cutove
     with pytest.raises(ClientsUnhealthy) as info:
         cutover.run(cfg, on_unhealthy="stop")
     assert not info.value.rolled_back and info.value.exit_code == ExitCode.UNHEALTHY == 5
-    assert "paused again" in str(info.value) and "migrator rollback --yes" in info.value.hint
+    assert "paused again" in str(info.value) and "migrator rollback --yes --reconnect-clients" in info.value.hint
     served = pool_of_one.databases()[POOL_DB]
     assert served.database == pool_of_one.target_db and served.paused
     # The operator decides: the rollback runs with the pooler already paused, and resumes it on the legacy side.
-    rollback.run(cfg)
+    rollback.run(cfg, reconnect_clients=True)
     served = pool_of_one.databases()[POOL_DB]
     assert served.database == pool_of_one.legacy_db and not served.paused
 
