@@ -213,8 +213,9 @@ def test_failed_switch_releases_legacy_records_the_attempt_and_a_fixed_rerun_suc
     [(attempt, status, failed_step, _)] = attempts(target_dsn)
     assert (status, failed_step) == ("failed", "switch")
     recorded = steps(target_dsn, attempt)
-    assert set(recorded) == set(cutover.STEPS)
-    for name in cutover.STEPS[:-1]:
+    up_to_switch = cutover.STEPS[:cutover.STEPS.index("switch") + 1]
+    assert set(recorded) == set(up_to_switch)
+    for name in up_to_switch[:-1]:
         state, started_at, finished_at = recorded[name]
         assert state == "done", name
         assert started_at is not None and finished_at is not None and finished_at >= started_at
