@@ -24,6 +24,7 @@ import pytest
 from psycopg.pq import DiagnosticField, ExecStatus
 
 from migrator import cutover, faults, gonogo, rollback
+from migrator import status as status_mod
 from migrator.config import Config
 from migrator.errors import ClientsUnhealthy, ExitCode
 from tests.helpers import fetch
@@ -259,6 +260,9 @@ def test_stop_leaves_the_clients_paused_on_the_target_and_ignore_lets_the_cutove
     assert served.database == pool_of_one.target_db and not served.paused
     [*_, (_, _, status, _, recorded)] = health_of(target_dsn)
     assert status == "done" and recorded["on_unhealthy"] == "ignore"
+    shown = status_mod.read(cfg).render_text()
+    assert "health gate: fail (on unhealthy: stop); probe ok, canary lost" in shown
+    assert "health gate: fail (on unhealthy: ignore)" in shown
 
 
 def verify_after_rollback(cfg: Config) -> None:
