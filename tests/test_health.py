@@ -368,3 +368,48 @@ def test_a_cutover_killed_during_its_health_gate_is_completed_by_the_guardian_an
     assert not clients.failed, clients.failed[:5]
     assert clients.uids() <= uids(target_dsn)
     assert sqlstate_of_write(source_dsn, "INSERT INTO public.study (uid) VALUES ('x')") == READ_ONLY
+
+
+def test_a_switch_command_that_restarts_the_application_is_judged_by_its_clients_and_the_window_reported(
+        make_config: Callable[..., Config], source_dsn: str, target_dsn: str, tmp_path: Path) -> None:
+    """No pooler: switch_command points the application at the target and restarts it (here: a client that reads
+    its DSN from a file and reconnects when it changes). The gate's probe and the target's counters judge it; the
+    first client commit the target published after the command is recorded, the client-visible window's end."""
+    app_dsn = tmp_path / "app.dsn"
+    app_dsn.write_text(source_dsn)
+    cfg = make_config(copy={"workers": 2}, cutover={
+        "switch_command": f"printf %s '{target_dsn}' > {app_dsn}", "rollback_command": f"printf %s '{source_dsn}' > "
+                                                                                         f"{app_dsn}",
+        "health_seconds": GATE})
+    migrated(cfg, source_dsn)
+    committed: list[tuple[str, str]] = []
+    stop = threading.Event()
+
+    def application() -> None:
+        n, dsn, conn = 0, "", None
+        while not stop.is_set():
+            if app_dsn.read_text() != dsn:  # "restarted" with its new configuration
+                dsn = app_dsn.read_text()
+                if conn is not None:
+                    conn.close()
+                conn = psycopg.connect(dsn, autocommit=True)
+            n += 1
+            try:
+                conn.execute("INSERT INTO public.study (uid, note) VALUES (%s, 'app')", (f"a-{n}",))
+                committed.append((dsn, f"a-{n}"))
+            except psycopg.Error:
+                pass  # the frozen legacy database refuses it until the restart
+            time.sleep(0.03)
+
+    thread = threading.Thread(target=application, daemon=True)
+    thread.start()
+    try:
+        report = cutover.run(cfg)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert report.health is not None and report.health["verdict"] == "pass", report.health
+    assert report.health["mode"] == "switch_command" and report.health["probe"] == "ok"
+    assert report.health["first_commit_seconds"] is not None and report.health["first_commit_seconds"] < GATE + 2
+    assert "first client commit seen after" in (report.steps[-1].detail or "")
+    assert {u for d, u in committed if d == target_dsn} <= study_uids(target_dsn, "app")
