@@ -17,7 +17,7 @@ no return) watches for `[cutover] health_seconds`:
   second or more) and the **client transactions** it carried in the window (`SHOW STATS`, the gate's own excluded);
 - the target's **rollbacks and commits** (`pg_stat_database`, the gate's own sessions excluded: they read in
   autocommit and roll nothing back, so every rollback counted is another session's). These counters are published
-  by each server process only when it has table statistics to flush as well, at most once a second, or when it
+  by each server process only with other statistics it has to flush (table accesses, WAL), at most once a second, or when it
   exits: a transaction that fails before it touches a table (a missing prepared statement, above all) is not
   counted until its server connection closes, so a short window undercounts exactly the failure that matters most.
   That is why the canary exists; the counters still catch the errors of transactions that touched tables (a
