@@ -16,10 +16,11 @@ no return) watches for `[cutover] health_seconds`:
 - the pooler's **waiting clients** (`SHOW POOLS`: clients still queued at the end of the window, the longest for a
   second or more) and the **client transactions** it carried in the window (`SHOW STATS`, the gate's own excluded);
 - the target's **rollbacks and commits** (`pg_stat_database`, the gate's own sessions excluded: they read in
-  autocommit and roll nothing back, so every rollback counted is another session's). These counters are published
-  by each server process only with other statistics it has to flush (table accesses, WAL), at most once a second, or when it
-  exits: a transaction that fails before it touches a table (a missing prepared statement, above all) is not
-  counted until its server connection closes, so a short window undercounts exactly the failure that matters most.
+  autocommit and roll nothing back, so every rollback counted is another session's). A server process publishes
+  these counters only along with other statistics it has to flush (table accesses, WAL), at most once a second, or
+  when it exits: a transaction that fails before it touches a table (a missing prepared statement, above all) may not
+  be counted until its server connection does something else or closes, so a short window can miss exactly the
+  failure that matters most.
   That is why the canary exists; the counters still catch the errors of transactions that touched tables (a
   permission, a constraint, a missing column), and the commits tell when clients commit on the target again.
 
