@@ -2,7 +2,8 @@
 
 Only this module turns errors into messages and exit codes (declared once, `errors.ExitCode`): 0 done, 1 a finding
 the operator must look at (differences, blockers, no-go, declined), 2 an error, 3 a cutover that stopped (legacy
-database writable again), 64 a usage error, 130 interrupted by SIGINT, 143 stopped by SIGTERM. Each command declares
+database writable again), 4 a cutover rolled back because its clients were unhealthy on the target, 5 clients
+unhealthy on the target and left there, 64 a usage error, 130 interrupted by SIGINT, 143 stopped by SIGTERM. Each command declares
 its own meanings with `exits`, which ends its --help with them; the README's table is generated from the same.
 """
 
@@ -375,7 +376,9 @@ def status(obj: Ctx, as_json: bool) -> None:
 
 
 @exits({ExitCode.FINDING: "no-go (also --check), or declined, or refused: another cutover or rollback is running",
-        ExitCode.CUTOVER_STOPPED: ExitCode.CUTOVER_STOPPED.meaning})
+        ExitCode.CUTOVER_STOPPED: ExitCode.CUTOVER_STOPPED.meaning,
+        ExitCode.ROLLED_BACK_UNHEALTHY: ExitCode.ROLLED_BACK_UNHEALTHY.meaning,
+        ExitCode.UNHEALTHY: ExitCode.UNHEALTHY.meaning})
 @main.command()
 @yes_option
 @click.option("--override", "overrides", multiple=True, metavar="ITEM", type=click.Choice(OVERRIDES),
@@ -384,10 +387,14 @@ def status(obj: Ctx, as_json: bool) -> None:
 @click.option("--hold", "hold_", is_flag=True, help="Postpone: a cutover waits at the go/no-go point; then exit.")
 @click.option("--release-hold", is_flag=True, help="Let a held cutover go on; then exit.")
 @click.option("--check", is_flag=True, help="Only print the go/no-go checklist; exit 0 go, 1 no-go. Changes nothing.")
+@click.option("--on-unhealthy", type=click.Choice(["rollback", "stop", "ignore"]), default="rollback",
+              show_default=True,
+              help="When the health gate after the switch finds the clients failing on the target: roll back "
+                   "automatically (exit 4), PAUSE them again for the operator (exit 5), or let the cutover stand.")
 @json_option
 @click.pass_obj
 def cutover(obj: Ctx, yes: bool, overrides: tuple[str, ...], hold_: bool, release_hold: bool, check: bool,
-            as_json: bool) -> None:
+            on_unhealthy: str, as_json: bool) -> None:
     """Go/no-go, then pause the pooler, freeze, drain, verify, carry sequences, switch clients, resume; report the
     client-visible pause and the freeze window."""
     from migrator import cutover as cutover_mod
@@ -419,7 +426,7 @@ def cutover(obj: Ctx, yes: bool, overrides: tuple[str, ...], hold_: bool, releas
             click.echo("go/no-go:\n" + checklist.render_text(), err=True)
 
     try:
-        report = cutover_mod.run(obj.cfg, overrides=overrides, on_checklist=show_checklist,
+        report = cutover_mod.run(obj.cfg, overrides=overrides, on_checklist=show_checklist, on_unhealthy=on_unhealthy,
                                  on_step=None if as_json else lambda s, st: click.echo(f"  {s}: {st}", err=True))
     except NoGo as exc:
         if as_json:
@@ -466,9 +473,12 @@ def cleanup(obj: Ctx, yes: bool, release_freeze: bool, migration_id: str | None,
 @yes_option
 @click.option("--override", "overrides", multiple=True, type=click.Choice([NO_SWITCH]),
               help="no-switch: roll back although no pooler and no rollback_command moves the clients back.")
+@click.option("--reconnect-clients", is_flag=True,
+              help="Have the pooler drop the clients' connections before RESUME (KILL), so that clients whose "
+                   "prepared statements the switch lost reconnect and prepare them again (runbook 02, 1a).")
 @json_option
 @click.pass_obj
-def rollback_(obj: Ctx, yes: bool, overrides: tuple[str, ...], as_json: bool) -> None:
+def rollback_(obj: Ctx, yes: bool, overrides: tuple[str, ...], reconnect_clients: bool, as_json: bool) -> None:
     """After a cutover: replay every change written on the target onto the legacy database, then move clients back
     (pause the pooler, freeze the target, drain, verify, sequences, release the legacy database, switch, resume)."""
     from migrator import rollback
@@ -477,7 +487,7 @@ def rollback_(obj: Ctx, yes: bool, overrides: tuple[str, ...], as_json: bool) ->
     _confirm(yes, "This freezes the target and moves clients back to the legacy database")
     _keep_going_on_hangup()
     try:
-        report = rollback.run(obj.cfg, overrides=overrides,
+        report = rollback.run(obj.cfg, overrides=overrides, reconnect_clients=reconnect_clients,
                               on_step=None if as_json else lambda s, st: click.echo(f"  {s}: {st}", err=True))
     except NoGo as exc:
         click.echo(json.dumps({"ok": False, "no_go": str(exc), "checklist": exc.checklist}, indent=2)

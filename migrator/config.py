@@ -69,6 +69,8 @@ Count = Annotated[int, Strict(), annotated_types.Ge(1)]
 Positive = Annotated[float, Strict(), annotated_types.Gt(0)]
 """A number > 0 (seconds, MB, MB/s); an integer is accepted."""
 NonNegative = Annotated[float, Strict(), annotated_types.Ge(0)]
+CountOrZero = Annotated[int, Strict(), annotated_types.Ge(0)]
+"""An integer >= 0 (a bound on errors)."""
 Text = Annotated[str, Strict(), annotated_types.MinLen(1)]
 
 
@@ -179,6 +181,19 @@ class CutoverSettings:
     guardian_dir: Text | None = None
     """Where cutover and rollback keep their local journal (what the guardian needs when the target is down) and
     the guardian's log; default: `.migrator/` beside the configuration file (or in the working directory)."""
+    health_seconds: Positive = 5.0
+    """After the switch, how long the health gate watches the clients on the target (migrator/health.py)."""
+    health_max_errors: CountOrZero = 0
+    """The health gate's bound: transactions rolled back on the target plus clients left waiting in the pooler,
+    within health_seconds; above it the clients are unhealthy there (`cutover --on-unhealthy` says what follows)."""
+    health_probe_dsn: Text | None = None
+    """Where the health gate's probe connects as a client: with a pooler, a DSN through it whose dbname is replaced
+    by each pooled database (default: pgbouncer_admin_dsn's host, port and user); without one, where clients reach
+    the target after switch_command (default: [target] dsn)."""
+    prepared_statements: Literal["unknown", "unused"] = "unknown"
+    """"unused" declares that no client of the pooled databases prepares statements by name (go/no-go then does not
+    warn that a pooler without prepared-statement support loses them, and the health gate does not count the loss
+    its canary sees); recorded with each attempt's checklist."""
 
     @model_validator(mode="after")
     def _pooler_complete(self) -> CutoverSettings:
@@ -284,10 +299,11 @@ def from_dict(data: dict[str, Any], *, path: Path | None = None, env: dict[str, 
             problems.append(f"{where}: {problem}")
         else:
             dsns[section] = dsn
-    if file is not None and file.cutover.pgbouncer_admin_dsn:
-        problem = dsn_problem(file.cutover.pgbouncer_admin_dsn)
+    for key in ("pgbouncer_admin_dsn", "health_probe_dsn"):
+        value = getattr(file.cutover, key) if file is not None else None
+        problem = dsn_problem(value) if value else None
         if problem:
-            problems.append(f"[cutover] pgbouncer_admin_dsn: {problem}")
+            problems.append(f"[cutover] {key}: {problem}")
     problems += _misspelled_env(env)
     source, target = dsns.get("source"), dsns.get("target")
     if source and target:
@@ -579,7 +595,7 @@ def passwords_in(text: str) -> list[str]:
 def _register_raw_secrets(data: dict[str, Any], env: dict[str, str]) -> None:
     texts = [env.get(var, "") for var in ENV_DSN]
     for section, key in (("source", "dsn"), ("target", "dsn"), ("cutover", "pgbouncer_admin_dsn"),
-                         ("cutover", "pooler_target")):
+                         ("cutover", "pooler_target"), ("cutover", "health_probe_dsn")):
         value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else data.get(section)
         if isinstance(value, str):
             texts.append(value)
@@ -591,7 +607,8 @@ def _register_raw_secrets(data: dict[str, Any], env: dict[str, str]) -> None:
 
 
 def _register_secrets_of(cfg: Config) -> None:
-    for text in (cfg.source_dsn, cfg.target_dsn, cfg.cutover.pgbouncer_admin_dsn, cfg.cutover.pooler_target):
+    for text in (cfg.source_dsn, cfg.target_dsn, cfg.cutover.pgbouncer_admin_dsn, cfg.cutover.pooler_target,
+                 cfg.cutover.health_probe_dsn):
         for password in passwords_in(text or ""):
             register_secret(password)
 

@@ -106,6 +106,11 @@ def render_status(st: Status) -> str:
         console.print(f"cutover attempt {a['id']}: {a['status']}"
                       + (f", freeze {a['freeze_seconds']:.2f}s" if a.get("freeze_seconds") else "")
                       + (f", failed at {a['failed_step']}: {a['error']}" if a.get("failed_step") else ""))
+        if a.get("health"):
+            h = a["health"]
+            console.print(f"    health gate: {h.get('verdict')} (on unhealthy: {h.get('on_unhealthy')}); probe "
+                          f"{h.get('probe')}, canary {h.get('canary')}, {h.get('client_transactions')} client "
+                          f"transactions, {h.get('rollbacks')} rolled back, {h.get('waiting')} waiting", highlight=False)
         for step in a["steps"]:
             console.print(f"    {step['step']:<10} {step['status']:<8} {_age(step['started_at'])}")
     for o in st.overrides:

@@ -6,7 +6,7 @@ With a pooler ([cutover] pgbouncer_admin_dsn) the clients never reconnect:
     disabled; see migrator/rollback.py) → guard (the guardian started) → pause (PgBouncer PAUSE, bounded) → freeze (the legacy database rejects
     writes from clients not behind the pooler) → drain → verify (counts, every event applied) → sequences →
     arm_rollback (the target's capture enabled, its snapshot recorded) → switch (the pooler's [databases] entries
-    rewritten to the target, RELOAD) → resume (RESUME)
+    rewritten to the target, RELOAD) → resume (RESUME) → health (the clients watched on the target: migrator/health.py)
 
 Clients see one slow query: the pause, from PAUSE to RESUME, reported in seconds. Without a pooler the switch is
 `switch_command` and there is no pause/resume; with neither, the go/no-go `switch` item refuses before anything is
@@ -17,7 +17,10 @@ never meets a frozen database. Every step is timed and recorded in the control s
 with its step (`_Cutover.steps`, run by migrator/switchover.py's StepRunner); the switch is the point of no return
 (after it, a failure still RESUMEs, on the target). Before anything is paused or frozen, `guard` starts the guardian
 (migrator/guardian.py), which sees the attempt through if this process dies; running the command again resolves what
-a death left (migrator/recovery.py). One cutover or rollback runs at a time (migrator/state/lock.py).
+a death left (migrator/recovery.py). One cutover or rollback runs at a time (migrator/state/lock.py). The last
+step, `health`, proves the switch by the clients: when they are unhealthy on the target, the cutover rolls back
+through the armed rollback (under the same lock, with a guardian of its own), stops with clients paused, or goes on,
+as `--on-unhealthy` says (`health.settle`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 
 import psycopg
 
-from migrator import catalog, db, gonogo, recovery, rollback, state, sync
+from migrator import catalog, db, gonogo, health, recovery, rollback, state, sync
 from migrator import verify as verify_mod
 from migrator.config import Config
 from migrator.deltalog import freeze as freezer
@@ -49,10 +52,11 @@ from migrator.switchover import (
     run_command,
 )
 
-STEPS = ("catch_up", "preflight", "stage_rollback", "guard", "freeze", "drain", "verify", "sequences", "arm_rollback", "switch")
+STEPS = ("catch_up", "preflight", "stage_rollback", "guard", "freeze", "drain", "verify", "sequences", "arm_rollback", "switch",
+         "health")
 """The steps without a pooler (`switch_command`)."""
 POOLER_STEPS = ("catch_up", "preflight", "stage_rollback", "guard", "pause", "freeze", "drain", "verify", "sequences", "arm_rollback", "switch",
-                "resume")
+                "resume", "health")
 """The steps through PgBouncer."""
 HOLD_POLL = 1.0
 
@@ -77,9 +81,12 @@ class CutoverReport:
     """False when neither a pooler nor switch_command moved them (`--override no-switch`)."""
     recovered: list[str] = field(default_factory=list)
     """Earlier attempts whose process died, and how they were resolved (by the guardian or by this run)."""
+    health: dict[str, Any] | None = None
+    """The health gate's verdict and figures (migrator/health.py)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"attempt": self.attempt, "ok": self.ok, "mode": self.mode, "clients_moved": self.clients_moved,
+                "health": self.health,
                 "clients": None if self.clients_moved else NOT_MOVED, "freeze_seconds": self.freeze_seconds,
                 "pause_seconds": self.pause_seconds, "events_drained": self.events_drained,
                 "sequences_set": self.sequences_set, "failed_step": self.failed_step, "error": self.error,
@@ -100,9 +107,14 @@ class CutoverReport:
 
 
 def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, str], None] | None = None,
-        on_checklist: Callable[[gonogo.Checklist], None] | None = None) -> CutoverReport:
+        on_checklist: Callable[[gonogo.Checklist], None] | None = None,
+        on_unhealthy: str = "rollback") -> CutoverReport:
     """Run the cutover. Returns the report; raises NoGo when the go/no-go checklist refuses (nothing touched),
-    CutoverFailed when a later step fails (pooler resumed on the legacy database, legacy writable again)."""
+    CutoverFailed when a later step fails (pooler resumed on the legacy database, legacy writable again),
+    ClientsUnhealthy when the health gate found the clients failing on the target (`on_unhealthy`: "rollback",
+    "stop" or "ignore", which returns the report)."""
+    if on_unhealthy not in health.POLICIES:
+        raise Blocked(f"unknown --on-unhealthy {on_unhealthy!r}; one of {', '.join(health.POLICIES)}")
     overrides = tuple(overrides)
     unknown = set(overrides) - set(gonogo.OVERRIDES)
     if unknown:
@@ -111,12 +123,12 @@ def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, s
     with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
         state.require_prepared(target)  # "not prepared" before "another cutover is running": it says what to do
         with action_lock(cfg, target, "cutover"), db.session(cfg.source_dsn, role="source") as source:
-            return _run_locked(cfg, target, source, overrides, on_step, on_checklist)
+            return _run_locked(cfg, target, source, overrides, on_step, on_checklist, on_unhealthy)
 
 
 def _run_locked(cfg: Config, target: psycopg.Connection[Any], source: psycopg.Connection[Any],
                 overrides: tuple[str, ...], on_step: Callable[[str, str], None] | None,
-                on_checklist: Callable[[gonogo.Checklist], None] | None) -> CutoverReport:
+                on_checklist: Callable[[gonogo.Checklist], None] | None, on_unhealthy: str) -> CutoverReport:
     """The cutover, under the action lock: first what an earlier attempt's death left (migrator/recovery.py)."""
     recovered = [j.detail for j in recovery.recover(cfg, target)]
     m = state.require_prepared(target)
@@ -127,6 +139,7 @@ def _run_locked(cfg: Config, target: psycopg.Connection[Any], source: psycopg.Co
         return CutoverReport(attempt=0, ok=True, already_done=True, recovered=recovered)
     flow = _Cutover(cfg, target, source, overrides, on_step, on_checklist)
     flow.report.recovered = recovered
+    flow.on_unhealthy = on_unhealthy
     runner = StepRunner("cutover", flow, on_step)
     try:
         try:
@@ -138,10 +151,17 @@ def _run_locked(cfg: Config, target: psycopg.Connection[Any], source: psycopg.Co
         except CutoverFailed:
             if runner.moved:
                 flow.moved_anyway()
-            raise
-        return flow.done(runner.timings)
+            if flow.unhealthy is None or runner.current != "health":
+                raise
+        else:
+            return flow.done(runner.timings)
     finally:
         flow.unguard()
+        if flow.canary is not None:
+            flow.canary.close()
+    # The health gate found the clients failing on the target: the run stopped past its point of no return (the
+    # attempt is recorded failed at `health`, the cutover stands), and what follows is --on-unhealthy's.
+    raise health.settle(cfg, target, flow.unhealthy, flow.paused_again, on_step)
 
 
 def _require_target(cfg: Config, overrides: tuple[str, ...],
@@ -178,6 +198,12 @@ class _Cutover(AttemptRecorder):
         self.report.mode = "pgbouncer" if self.pool else "switch_command"
         self.tables: list[catalog.Table] = []
         self.freeze_started = 0.0
+        self.on_unhealthy = "rollback"
+        self.canary: health.Canary | None = None
+        self.switched_at = 0.0
+        self.unhealthy: health.Verdict | None = None
+        """The health gate's verdict when the clients were unhealthy and the policy is not "ignore"."""
+        self.paused_again = ""
 
     def steps(self) -> list[Step]:
         pooled = self.pool is not None
@@ -196,6 +222,7 @@ class _Cutover(AttemptRecorder):
             Step("switch", self.switch, undo=self.restore_entries if pooled else None, undo_partial=True,
                  point_of_no_return=True),
             *([Step("resume", self.resume, then=self.record_pointing, forward=self.resume_forward)] if pooled else []),
+            Step("health", self.health),
         ]
 
     def done(self, timings: list[StepTiming]) -> CutoverReport:
@@ -268,6 +295,9 @@ class _Cutover(AttemptRecorder):
 
     def pause(self) -> str:
         assert self.pool is not None
+        # The health gate's canary prepares its statement before the pause (migrator/health.py).
+        self.canary = health.Canary.open(health.probe_dsns(self.cfg)[0], f"migrator_canary_{self.report.attempt}",
+                                         self.cfg.cutover.pause_timeout)
         return self.pool.pause(self.cfg.cutover.pause_timeout)
 
     def resume_after_failure(self) -> str:
@@ -342,13 +372,15 @@ class _Cutover(AttemptRecorder):
         if self.pool is None:
             self.report.clients_moved = bool(self.cfg.cutover.switch_command)
             try:
-                return run_command(self.cfg, self.cfg.cutover.switch_command, "switch_command",
-                                   on_start=self.command_started)
+                detail = run_command(self.cfg, self.cfg.cutover.switch_command, "switch_command",
+                                     on_start=self.command_started)
             except MigratorError as exc:
                 # It failed, but it may have moved some clients: undoing then would split them. Ask, when we can.
-                if recovery.clients_on(self.cfg) == "target":
-                    return f"{first_line(exc)}; but switch_check_command says the clients are on the target"
-                raise
+                if recovery.clients_on(self.cfg) != "target":
+                    raise
+                detail = f"{first_line(exc)}; but switch_check_command says the clients are on the target"
+            self.switched_at = time.monotonic()
+            return detail
         entries = self.pool.entries()
         for e in entries.values():  # recorded before the file changes, for a rollback days later
             state.save_pooler_entry(self.target, self.report.attempt, e)
@@ -365,7 +397,22 @@ class _Cutover(AttemptRecorder):
         if self.pool.paused:
             raise MigratorError(said)
         self.pool.former_text = None
+        self.switched_at = time.monotonic()
         return f"clients paused {self.pool.pause_seconds or 0:.3f}s"
+
+    def health(self) -> str:
+        """Watch the clients on the target (migrator/health.py); an unhealthy verdict fails the step unless the
+        operator said --on-unhealthy=ignore (with "stop", the pooler is paused again first)."""
+        verdict = health.watch(self.cfg, canary=self.canary, switched_at=self.switched_at or time.monotonic(),
+                               moved=self.report.clients_moved, on_unhealthy=self.on_unhealthy)
+        self.report.health = verdict.to_dict()
+        state.record_health(self.target, self.report.attempt, self.report.health)
+        if verdict.healthy or self.on_unhealthy == "ignore":
+            return verdict.line() + ("" if verdict.healthy else " (ignored: --on-unhealthy=ignore)")
+        self.unhealthy = verdict
+        if self.on_unhealthy == "stop":
+            self.paused_again = health.pause_again(self.cfg)
+        raise MigratorError(verdict.line())
 
     def moved_anyway(self) -> None:
         """A step after the switch failed and the run went forward: the cutover stands; record it (the attempt is

@@ -27,6 +27,12 @@ class ExitCode(IntEnum):
     """An error: the command could not do (or could not verify) what it was asked; the message says what to do."""
     CUTOVER_STOPPED = 3
     """A cutover stopped after it began; the legacy database was made writable again."""
+    ROLLED_BACK_UNHEALTHY = 4
+    """The cutover's health gate found clients failing on the target and rolled back: they are on the legacy
+    database again, and nothing they wrote on the target is lost."""
+    UNHEALTHY = 5
+    """The cutover's health gate found clients failing on the target and they are still there (paused by
+    --on-unhealthy=stop, or the automatic rollback failed): act now, as the message says."""
     USAGE = 64
     """A usage error: unknown option, bad value, options that exclude each other (EX_USAGE of sysexits.h)."""
     INTERRUPTED = 130
@@ -44,6 +50,10 @@ _MEANINGS = {
     ExitCode.FINDING: "a finding the operator must look at (differences, blockers, no-go, declined, lag over bound)",
     ExitCode.ERROR: "an error: could not do or could not verify it; the message says what to do",
     ExitCode.CUTOVER_STOPPED: "the cutover stopped; the legacy database is writable again",
+    ExitCode.ROLLED_BACK_UNHEALTHY: "rolled back: clients unhealthy on the target; they are on the legacy database "
+                                    "again, nothing lost",
+    ExitCode.UNHEALTHY: "clients unhealthy on the target and left there (paused by --on-unhealthy=stop, or the "
+                        "rollback failed): act now, as the message says",
     ExitCode.USAGE: "usage error (unknown option, bad value, options that exclude each other)",
     ExitCode.INTERRUPTED: "interrupted (SIGINT, Ctrl-C); run the same command again to continue",
     ExitCode.TERMINATED: "stopped by SIGTERM; run the same command again to continue",
@@ -122,6 +132,16 @@ class CutoverFailed(MigratorError):
     """The cutover stopped; the legacy database was made writable again."""
 
     exit_code = ExitCode.CUTOVER_STOPPED
+
+
+class ClientsUnhealthy(MigratorError):
+    """The cutover's health gate found clients failing on the target (migrator/health.py); `exit_code` says whether
+    they were moved back (ROLLED_BACK_UNHEALTHY) or are still there (UNHEALTHY)."""
+
+    def __init__(self, message: str, *, rolled_back: bool, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.rolled_back = rolled_back
+        self.exit_code = ExitCode.ROLLED_BACK_UNHEALTHY if rolled_back else ExitCode.UNHEALTHY
 
 
 class ToolMissing(MigratorError):

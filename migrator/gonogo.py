@@ -11,7 +11,13 @@ overridable: the application would write without those constraints), `sequences`
 blocker of inspect's stands on the legacy database, unless it was overridden at prepare: then it is shown as
 overridden, by whom and when), with a pooler
 `pooler` (admin console reachable, every pooler database served and not paused, its entry found in a writable
-[databases] file), and `switch` (something moves the clients: the pooler or switch_command). The operator may
+[databases] file; session pooling fails it, since PAUSE would wait for every client to disconnect), `prepared` (with a
+pooler, a warning only: transaction pooling on a PgBouncer that carries no prepared statement across server
+connections, before 1.21 or with `max_prepared_statements = 0`, fails the clients that prepare statements by name
+after the switch; cleared when the site declares that none does (`[cutover] prepared_statements = "unused"`), or by
+a health gate that passed with client traffic through a switch of this pooler, at this version, in an earlier attempt
+of this migration (a rehearsal: cutover, then rollback)), and `switch` (something moves the clients: the pooler or
+switch_command). The operator may
 accept a failing item by name (`--override ITEM`; the switch item's name is `no-switch`, for what it accepts); it
 is then shown as such, and the attempt records who accepted it and when (`recorded`). A rollback has one item,
 `switch` (the pooler or rollback_command): `rollback_checklist`.
@@ -33,12 +39,15 @@ from migrator import catalog, db, inspect, pooler, postdata, state, status, sync
 from migrator.config import Config
 from migrator.redaction import scrub
 
-ITEMS = ("lag", "verify", "sessions", "target", "post-data", "sequences", "blockers", "pooler", "switch")
+ITEMS = ("lag", "verify", "sessions", "target", "post-data", "sequences", "blockers", "pooler", "prepared", "switch")
 NO_SWITCH = "no-switch"
 """The override of the `switch` item: a cutover or rollback that freezes and releases but moves no client."""
 _OVERRIDE_NAME = {"switch": NO_SWITCH}
 _NOT_OVERRIDABLE = ("post-data",)
-OVERRIDES = tuple(_OVERRIDE_NAME.get(i, i) for i in ITEMS if i not in _NOT_OVERRIDABLE)
+_WARN_ONLY = ("prepared",)
+"""Items that warn and never refuse: nothing to override."""
+_POOLER_ITEMS = ("pooler", "prepared")
+OVERRIDES = tuple(_OVERRIDE_NAME.get(i, i) for i in ITEMS if i not in _NOT_OVERRIDABLE + _WARN_ONLY)
 """The names `--override` accepts."""
 State = Literal["pass", "warn", "fail", "overridden"]
 _MARK = {"pass": "[ ok ]", "warn": "[warn]", "fail": "[FAIL]", "overridden": "[over]"}
@@ -186,10 +195,13 @@ def _pooler(cfg: Config) -> tuple[State, str]:
     assert c.pgbouncer_admin_dsn and c.pgbouncer_ini
     with pooler.Admin(c.pgbouncer_admin_dsn) as admin:
         served = admin.databases()
+        default_mode = admin.settings().get("pool_mode", "session")
     problems = [f"{n} not served" for n in c.pooler_databases if n not in served]
     problems += [f"{n} already paused" for n in c.pooler_databases if n in served and served[n].paused]
-    problems += [f"{n} in session pooling (PAUSE would wait for clients to disconnect)"
-                 for n in c.pooler_databases if n in served and served[n].pool_mode == "session"]
+    problems += [f"{n} in session pooling: PAUSE waits for every client to disconnect, so its clients cannot be "
+                 "switched without restarting them (use transaction pooling, or switch_command restarting the "
+                 "application: runbook 02)"
+                 for n in c.pooler_databases if n in served and (served[n].pool_mode or default_mode) == "session"]
     entries = pooler.read_entries(c.pgbouncer_ini, c.pooler_databases)
     where_to = pooler.target_location(cfg.target_dsn, c.pooler_target)
     problems += [f"{n} already served by the target (`migrator status` says which attempt moved it)"
@@ -201,6 +213,52 @@ def _pooler(cfg: Config) -> tuple[State, str]:
         return "fail", "; ".join(problems)
     where = ", ".join(f"{n} -> {served[n].host}:{served[n].port}/{served[n].database}" for n in entries)
     return "pass", f"{where}; entries in {ini}"
+
+
+CARRIES_FROM = (1, 21)
+"""The first PgBouncer that carries protocol-level prepared statements across server connections (when its
+max_prepared_statements is above 0)."""
+
+
+def _prepared(cfg: Config) -> tuple[State, str]:
+    c = cfg.cutover
+    assert c.pgbouncer_admin_dsn
+    with pooler.Admin(c.pgbouncer_admin_dsn) as admin:
+        version, settings, served = admin.version(), admin.settings(), admin.databases()
+    modes = {served[n].pool_mode or settings.get("pool_mode", "session") for n in c.pooler_databases if n in served}
+    with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
+        passes = state.health_passes(target)
+    return prepared_state(version, settings, modes, declared=c.prepared_statements == "unused",
+                          passes=passes, where=str(cfg.path or "the configuration"))
+
+
+def prepared_state(version: tuple[int, ...], settings: dict[str, str], modes: set[str], *, declared: bool,
+                   passes: list[tuple[int, Any, dict[str, Any]]], where: str) -> tuple[State, str]:
+    """The `prepared` item from what the pooler says of itself and what this migration recorded."""
+    shown = ".".join(map(str, version)) or "of unknown version"
+    if modes <= {"session"}:
+        return "pass", "session pooling: a client keeps its server connection (the pooler item says what that means)"
+    limit = settings.get("max_prepared_statements", "")
+    if version >= CARRIES_FROM and limit.isdigit() and int(limit) > 0:
+        return "pass", f"PgBouncer {shown} carries prepared statements across server connections " \
+                       f"(max_prepared_statements = {limit})"
+    if declared:
+        return "pass", f'no client prepares statements by name: declared in {where} ([cutover] prepared_statements ' \
+                       '= "unused")'
+    proven = [p for p in passes if p[2].get("pooler") == shown]
+    if proven:
+        attempt, at, health = proven[-1]
+        return "pass", (f"a health gate passed with {health.get('client_transactions')} client transactions through "
+                        f"a switch of this pooler (PgBouncer {shown}) in attempt {attempt} "
+                        f"({at:%Y-%m-%d %H:%M} UTC)")
+    why = ("max_prepared_statements = 0" if limit else "before 1.21") if version else "its version unknown"
+    return "warn", (f"PgBouncer {shown} in transaction pooling carries no prepared statement across server "
+                    f"connections ({why}): clients that prepare statements by name (JDBC after 5 executions, Orthanc "
+                    "always) fail after the switch, and the health gate's canary will say so and roll back. Options: "
+                    "PgBouncer 1.21 or newer with max_prepared_statements > 0; clients that do not prepare by name "
+                    "(JDBC prepareThreshold=0); switch_command restarting the application (runbook 02); if no client "
+                    'prepares statements, declare [cutover] prepared_statements = "unused"; or a rehearsal (cutover '
+                    "and rollback) whose health gate passed")
 
 
 def _blockers(cfg: Config) -> tuple[State, str]:
@@ -242,7 +300,7 @@ def _switch_back(cfg: Config) -> tuple[State, str]:
 _CHECKS: dict[str, Callable[[Config], tuple[State, str]]] = {
     "lag": _lag, "verify": _verify, "sessions": _sessions, "target": _target, "post-data": _post_data,
     "sequences": _sequences,
-    "blockers": _blockers, "pooler": _pooler, "switch": _switch,
+    "blockers": _blockers, "pooler": _pooler, "prepared": _prepared, "switch": _switch,
 }
 
 
@@ -251,6 +309,8 @@ def _check(cfg: Config, item: str, fn: Callable[[Config], tuple[State, str]], ac
         st, detail = fn(cfg)
     except Exception as exc:  # noqa: BLE001 - a check that cannot run is a failed check, named
         st, detail = "fail", scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        if item in _WARN_ONLY:
+            st, detail = "warn", f"could not tell: {detail}"
     if st == "fail" and item not in _NOT_OVERRIDABLE and _OVERRIDE_NAME.get(item, item) in accepted:
         st, detail = "overridden", f"{detail} (overridden by the operator)"
     return Check(item, st, detail)
@@ -262,7 +322,7 @@ def run(cfg: Config, *, overrides: Iterable[str] = ()) -> Checklist:
     status.require_prepared(cfg)
     accepted = set(overrides)
     return Checklist(tuple(_check(cfg, item, _CHECKS[item], accepted) for item in ITEMS
-                           if item != "pooler" or cfg.cutover.uses_pooler))
+                           if item not in _POOLER_ITEMS or cfg.cutover.uses_pooler))
 
 
 def rollback_checklist(cfg: Config, *, overrides: Iterable[str] = ()) -> Checklist:

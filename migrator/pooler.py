@@ -87,6 +87,36 @@ class Admin:
     def reload(self) -> None:
         self.command("RELOAD")
 
+    def _rows(self, command: bytes) -> list[dict[str, Any]]:
+        try:
+            return self._conn.cursor(row_factory=dict_row).execute(command).fetchall()
+        except psycopg.Error as exc:
+            raise PoolerError(f"{command.decode()} failed: {str(exc).strip()}") from exc
+
+    def version(self) -> tuple[int, ...]:
+        """PgBouncer's version from `SHOW VERSION` ("PgBouncer 1.18.0" -> (1, 18, 0)); () when unreadable."""
+        rows = self._rows(b"SHOW VERSION")
+        m = re.search(r"(\d+(?:\.\d+)+)", str(next(iter(rows[0].values()))) if rows else "")
+        return tuple(int(p) for p in m.group(1).split(".")) if m else ()
+
+    def settings(self) -> dict[str, str]:
+        """`SHOW CONFIG`: every setting's current value by name (a setting this version lacks is absent)."""
+        return {str(r["key"]): str(r["value"]) for r in self._rows(b"SHOW CONFIG")}
+
+    def pools(self) -> list[dict[str, Any]]:
+        """`SHOW POOLS`: one row per (database, user) pool: clients active and waiting, the longest wait."""
+        return self._rows(b"SHOW POOLS")
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """`SHOW STATS` by database: totals since the pooler started (transactions, queries), counted as they
+        happen."""
+        return {str(r["database"]): r for r in self._rows(b"SHOW STATS")}
+
+    def kill(self, name: str) -> None:
+        """KILL one database: every client and server connection of it is dropped, and it stays paused until
+        RESUME (clients then reconnect, as after a database restart)."""
+        self.command(f"KILL {_name(name)}")
+
     def resume(self, name: str) -> None:
         """RESUME one database; one that is not paused is left as it is."""
         try:

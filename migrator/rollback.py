@@ -5,7 +5,9 @@ capture on the target (triggers/capture.sql and a key function per table, enable
 database the target snapshot of that moment (triggers/rollback.sql). From then on every change written on the target
 is in the target's delta log. `run` replays that log onto the legacy database with the forward algorithm, roles
 swapped: batches cut by target snapshots, each applied by the delta log's Applier in one legacy transaction that also
-advances the recorded position. With a pooler the clients never reconnect:
+advances the recorded position. With a pooler the clients never reconnect (unless the cutover's health gate found
+them unhealthy because their prepared statements were lost at the switch: then `run_held` has the pooler drop their
+connections before RESUME, so that they reconnect and prepare them again on the legacy database):
 
     preflight → catch_up (reverse batches while clients still write) → guard (the guardian started, as in the
     cutover) → pause (PgBouncer PAUSE) → freeze (the target
@@ -247,11 +249,12 @@ class RollbackReport:
                                        for s in self.steps)
 
 
-def run(cfg: Config, *, overrides: Iterable[str] = (),
-        on_step: Callable[[str, str], None] | None = None) -> RollbackReport:
+def run(cfg: Config, *, overrides: Iterable[str] = (), on_step: Callable[[str, str], None] | None = None,
+        reconnect_clients: bool = False) -> RollbackReport:
     """Roll back a completed cutover. Returns the report; raises NotReady when there is nothing to roll back, NoGo
     when nothing would move the clients back and `overrides` lacks "no-switch" (nothing touched in either case),
-    CutoverFailed when a step fails before clients move (they stay on the target, which takes writes)."""
+    CutoverFailed when a step fails before clients move (they stay on the target, which takes writes).
+    `reconnect_clients`: see `run_held`."""
     overrides = tuple(overrides)
     unknown = set(overrides) - {gonogo.NO_SWITCH}
     if unknown:
@@ -259,11 +262,21 @@ def run(cfg: Config, *, overrides: Iterable[str] = (),
     with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
         state.require_prepared(target)  # "not prepared" before "another rollback is running": it says what to do
         with action_lock(cfg, target, "rollback"), db.session(cfg.source_dsn, role="source", autocommit=True) as legacy:
-            return _run_locked(cfg, target, legacy, overrides, on_step)
+            return _run_locked(cfg, target, legacy, overrides, on_step, reconnect_clients=reconnect_clients)
+
+
+def run_held(cfg: Config, target: psycopg.Connection[Any], *, on_step: Callable[[str, str], None] | None = None,
+             reconnect_clients: bool = False) -> RollbackReport:
+    """The rollback for a caller that holds the action lock on `target` (a cutover whose health gate found the
+    clients unhealthy: migrator/health.py). `reconnect_clients`: the pooler drops the clients' connections before
+    RESUME, so that clients whose session state did not survive the switch (prepared statements) reconnect."""
+    with db.session(cfg.source_dsn, role="source", autocommit=True) as legacy:
+        return _run_locked(cfg, target, legacy, (), on_step, reconnect_clients=reconnect_clients)
 
 
 def _run_locked(cfg: Config, target: psycopg.Connection[Any], legacy: psycopg.Connection[Any],
-                overrides: tuple[str, ...], on_step: Callable[[str, str], None] | None) -> RollbackReport:
+                overrides: tuple[str, ...], on_step: Callable[[str, str], None] | None, *,
+                reconnect_clients: bool = False) -> RollbackReport:
     """The rollback, under the action lock: first what an earlier attempt's death left (migrator/recovery.py)."""
     recovered = [j.detail for j in recovery.recover(cfg, target)]
     if _rolled_back(target):
@@ -273,6 +286,8 @@ def _run_locked(cfg: Config, target: psycopg.Connection[Any], legacy: psycopg.Co
     checklist = _ready(cfg, target, legacy, overrides)
     flow = _Rollback(cfg, target, legacy, checklist)
     flow.report.recovered = recovered
+    if flow.pool is not None:
+        flow.pool.reconnect_clients = reconnect_clients
     runner = StepRunner("rollback", flow, on_step)
     try:
         try:

@@ -175,6 +175,9 @@ class PoolerSession:
         self.former_text: str | None = None
         self.pause_started: float | None = None
         self.pause_seconds: float | None = None
+        self.reconnect_clients = False
+        """`resume` drops every client connection first (KILL), so that clients reconnect: for clients whose
+        session state (prepared statements) did not survive a switch of server connections."""
 
     def pause(self, timeout: float) -> str:
         self.admin = pooler.Admin(self.admin_dsn)
@@ -221,6 +224,8 @@ class PoolerSession:
         for name in list(self.paused):
             try:
                 with pooler.Admin(self.admin_dsn) as a:
+                    if self.reconnect_clients:
+                        a.kill(name)
                     a.resume(name)
                 self.paused.remove(name)
             except MigratorError:
@@ -229,7 +234,7 @@ class PoolerSession:
             self.pause_seconds = time.monotonic() - self.pause_started
         if failed:
             return f"RESUME FAILED for {', '.join(failed)}: run `RESUME <db>` on the PgBouncer admin console NOW"
-        return "the pooler was resumed"
+        return "the pooler was resumed" + (" (client connections dropped first)" if self.reconnect_clients else "")
 
     def close(self) -> None:
         if self.admin is not None:

@@ -34,16 +34,34 @@ for tool in pg_dump pg_restore; do
   command -v "$tool" >/dev/null 2>&1 || say "warning: $tool not on PATH (install postgresql-client)"
 done
 
+# apt-get update at most once per run, and only when something is to be installed.
+apt_updated=
+apt_install() {
+  [ -n "$apt_updated" ] || { apt-get update -qq; apt_updated=1; }
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+can_apt() { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; }
+
 # PgBouncer: the cutover tests and bench/cutover.py start one of their own (tests skip without it).
 if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  if can_apt; then
     say "installing pgbouncer (apt-get)"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null
+    apt_install pgbouncer
     # Only the binary is wanted: the package's own service is not needed on a test machine.
     if command -v systemctl >/dev/null 2>&1; then systemctl disable --now pgbouncer >/dev/null 2>&1 || true; fi
   else
     say "warning: pgbouncer not installed; the PgBouncer cutover tests will be skipped (apt-get install pgbouncer)"
+  fi
+fi
+
+# Orthanc with its PostgreSQL index plugin: tests/test_orthanc.py runs a private one behind the pooler.
+if [ ! -x /usr/sbin/Orthanc ] || [ ! -e /usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so ]; then
+  if can_apt; then
+    say "installing orthanc and orthanc-postgresql (apt-get)"
+    apt_install orthanc orthanc-postgresql
+    if command -v systemctl >/dev/null 2>&1; then systemctl disable --now orthanc >/dev/null 2>&1 || true; fi
+  else
+    say "warning: orthanc not installed; the Orthanc test will be skipped (apt-get install orthanc orthanc-postgresql)"
   fi
 fi
 

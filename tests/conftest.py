@@ -19,6 +19,9 @@ import pytest
 from migrator.config import Config, from_dict
 
 DEFAULT_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+TEST_CUTOVER = {"health_seconds": 1.0}
+"""What the tests' configurations set in [cutover] unless a test says otherwise: a short health gate (its default,
+5 s, would add that to every cutover of the suite; tests/test_health.py watches longer where it matters)."""
 
 
 def _reachable(dsn: str) -> bool:
@@ -74,6 +77,7 @@ def make_config(source_dsn: str, target_dsn: str) -> Callable[..., Config]:
     def make(**sections: Any) -> Config:
         data: dict[str, Any] = {"source": {"dsn": source_dsn}, "target": {"dsn": target_dsn}}
         data.update(sections)
+        data["cutover"] = {**TEST_CUTOVER, **data.get("cutover", {})}
         return from_dict(data, env={})
 
     return make

@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,10 @@ class Bouncer:
             return admin.databases()
 
     def settings(self) -> dict[str, Any]:
+        """The [cutover] settings of this pooler. Its clients in these tests prepare no statement (psycopg with
+        prepare_threshold=None), and PgBouncer 1.18 carries none: declared, as a site whose clients do not would."""
         return {"pgbouncer_admin_dsn": self.admin_dsn, "pooler_databases": [POOL_DB],
-                "pgbouncer_ini": str(self.databases_ini)}
+                "pgbouncer_ini": str(self.databases_ini), "prepared_statements": "unused"}
 
 
 def _free_port() -> int:
@@ -64,6 +67,14 @@ def _free_port() -> int:
 @pytest.fixture
 def bouncer(source_dsn: str, target_dsn: str) -> Iterator[Bouncer]:
     """PgBouncer serving `pacs` -> the source database; its [databases] entry lives in an %include'd file."""
+    with running_bouncer(source_dsn, target_dsn) as b:
+        yield b
+
+
+@contextmanager
+def running_bouncer(source_dsn: str, target_dsn: str, *, entry_extra: str = "") -> Iterator[Bouncer]:
+    """A private PgBouncer (transaction pooling) serving `pacs` -> the source database; `entry_extra` is added to
+    the entry (e.g. "pool_size=1"). Skips the test when pgbouncer is not installed."""
     if PGBOUNCER is None:
         pytest.skip(NO_PGBOUNCER)
     src = psycopg.conninfo.conninfo_to_dict(source_dsn)
@@ -74,7 +85,7 @@ def bouncer(source_dsn: str, target_dsn: str) -> Iterator[Bouncer]:
     port = _free_port()
     databases_ini = work / "databases.ini"
     databases_ini.write_text(f"[databases]\n; the application's database\n{POOL_DB} = host={src.get('host', '127.0.0.1')} "
-                             f"port={src.get('port', 5432)} dbname={src['dbname']}\n")
+                             f"port={src.get('port', 5432)} dbname={src['dbname']}{' ' + entry_extra if entry_extra else ''}\n")
     (work / "users.txt").write_text(f'"{user}" ""\n')
     ini = work / "pgbouncer.ini"
     ini.write_text("\n".join([
@@ -123,22 +134,28 @@ class Clients:
 
     def _run(self, index: int) -> None:
         # prepare_threshold=None: no server-side prepared statements, as transaction pooling requires.
-        with psycopg.connect(self.dsn, prepare_threshold=None) as conn:
-            n = 0
-            while not self.stop.is_set():
-                n += 1
-                uid = f"c{index}-{n}"
-                t0 = time.monotonic()
-                try:
-                    conn.execute("INSERT INTO public.study (uid, note) VALUES (%s, 'through pgbouncer')", (uid,))
-                    conn.execute("UPDATE public.study SET note = 'updated' WHERE uid = %s", (uid,))
-                    conn.commit()
-                    self.committed.append(uid)
-                    self.latencies.append((t0, time.monotonic() - t0))
-                except psycopg.Error as exc:
-                    self.failed.append(f"{uid}: {exc.sqlstate} {str(exc).strip()}")
+        conn = psycopg.connect(self.dsn, prepare_threshold=None)
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            uid = f"c{index}-{n}"
+            t0 = time.monotonic()
+            try:
+                if conn.closed:  # its connection was dropped (the pooler's KILL): a new one, as a pool would
+                    conn = psycopg.connect(self.dsn, prepare_threshold=None)
+                conn.execute("INSERT INTO public.study (uid, note) VALUES (%s, 'through pgbouncer')", (uid,))
+                conn.execute("UPDATE public.study SET note = 'updated' WHERE uid = %s", (uid,))
+                conn.commit()
+                self.committed.append(uid)
+                self.latencies.append((t0, time.monotonic() - t0))
+            except psycopg.Error as exc:
+                self.failed.append(f"{uid}: {exc.sqlstate} {str(exc).strip()}")
+                if conn.pgconn.status == psycopg.pq.ConnStatus.OK:
                     conn.rollback()
-                time.sleep(0.02)
+                else:
+                    conn.close()
+            time.sleep(0.02)
+        conn.close()
 
     def __enter__(self) -> Clients:
         for i in range(self.n):

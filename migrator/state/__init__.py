@@ -11,7 +11,8 @@ Callers use the names re-exported here (`state.position(conn)`); the modules hol
 - `phases`: the migration row (each phase's time, the copy snapshot, the frozen flag) and each captured table's state
 - `copying`: the running copy's exported snapshot, the key-range chunks, the workers' progress
 - `sync_position`: the applied sync position, moved compare-and-set
-- `cutover_steps`: cutover and rollback attempts and their steps, the pooler entries a cutover rewrote
+- `cutover_steps`: cutover and rollback attempts and their steps, the health gate's verdicts, the pooler entries a
+  cutover rewrote
 - `flags`: every operator flag and every value passed between phases as a flag, each name declared once (among
   them the post-data copy left for sync)
 - `operators`: who acts, and the blockers an operator accepted by name
@@ -42,8 +43,10 @@ from migrator.state.cutover_steps import (
     PoolerEntry,
     attempts,
     finish_attempt,
+    health_passes,
     pooler_entries,
     record_attempt_pooler,
+    record_health,
     save_pooler_entry,
     set_pointing,
     start_attempt,
@@ -106,10 +109,10 @@ __all__ = [
     "advance_position", "attempts", "chunk_copied", "chunks", "claim_chunk", "cleaned_up", "clear",
     "clear_flag", "clear_post_data_deferred", "clear_post_data_pending", "copy_heartbeat", "copy_paused",
     "copy_run", "copy_workers", "cutover_held", "defer_post_data", "exists", "finish_attempt",
-    "finish_copy_run", "flag", "hold_cutover", "init_position", "key_secret", "last_verify", "lock_position",
+    "finish_copy_run", "flag", "health_passes", "hold_cutover", "init_position", "key_secret", "last_verify", "lock_position",
     "mark", "migration", "objects_copied", "operator", "overrides", "pause_copy", "plan_chunks",
     "pooler_entries", "position", "post_data_deferred", "post_data_pending", "record_attempt_pooler",
-    "record_cleanup", "record_objects", "record_override", "record_verify", "register_tables",
+    "record_cleanup", "record_health", "record_objects", "record_override", "record_verify", "register_tables",
     "release_cutover_hold", "require_prepared", "reset_chunks", "reset_tables", "resume_copy",
     "save_pooler_entry", "set_fingerprint", "set_flag", "set_pointing", "start_attempt", "start_copy_run",
     "start_migration", "step_finished", "step_started", "table_copied", "table_copy_started", "tables",

@@ -1,7 +1,7 @@
 """Cutover and rollback attempts, their steps as each starts and ends, and the pooler entries a cutover rewrote.
 
-The client-visible pause and go/no-go checklist of an attempt are recorded with it; the hold an operator sets on
-a cutover is a flag (`flags.HOLD_FLAG`).
+The client-visible pause, go/no-go checklist and health gate's verdict of an attempt are recorded with it; the hold
+an operator sets on a cutover is a flag (`flags.HOLD_FLAG`).
 """
 
 from __future__ import annotations
@@ -72,6 +72,25 @@ def record_attempt_pooler(conn: Conn, attempt: int, *, kind: str = "cutover", pa
                     "checklist = coalesce(%s, checklist) WHERE id = %s").format(relation("cutover_attempt")),
             (kind, pause_seconds, None if checklist is None else Jsonb(checklist), attempt),
         )
+
+
+def record_health(conn: Conn, attempt: int, health: dict[str, Any]) -> None:
+    """The health gate's verdict and figures for a cutover attempt (see migrator/health.py)."""
+    from psycopg.types.json import Jsonb
+
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("UPDATE {} SET health = %s WHERE id = %s").format(relation("cutover_attempt")),
+                    (Jsonb(health), attempt))
+
+
+def health_passes(conn: Conn) -> list[tuple[int, Any, dict[str, Any]]]:
+    """(attempt, when it finished, the gate's record) of every cutover attempt whose health gate passed with client
+    transactions through the switch, oldest first."""
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT id, coalesce(finished_at, started_at), health FROM {} WHERE kind = 'cutover' "
+                            "AND health->>'verdict' = 'pass' AND (health->>'client_transactions')::bigint > 0 "
+                            "ORDER BY id").format(relation("cutover_attempt")))
+        return [(int(r[0]), r[1], r[2]) for r in cur.fetchall()]
 
 
 @dataclass(frozen=True)
