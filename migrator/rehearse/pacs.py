@@ -198,7 +198,7 @@ SELECT i,
             ELSE date '1920-01-01' + (random() * 36500)::int END,
        (ARRAY['F', 'M', 'O', NULL, 'U'])[1 + i %% 5],
        timestamptz '2015-01-01 00:00+00' + random() * interval '3000 days'
-  FROM generate_series(%(lo)s, %(hi)s) AS i
+  FROM generate_series(%(lo)s::int, %(hi)s::int) AS i
 """
 
 _LOAD_STUDY = """
@@ -219,7 +219,7 @@ SELECT %(root)s || i,
                 'Bemerkung', (%(descriptions)s::text[])[1 + i %% cardinality(%(descriptions)s::text[])],
                 'rev', 0) END,
        (%(statuses)s::text[])[1 + i %% cardinality(%(statuses)s::text[])]
-  FROM generate_series(%(lo)s, %(hi)s) AS i
+  FROM generate_series(%(lo)s::int, %(hi)s::int) AS i
 """
 
 _LOAD_SERIES = """
@@ -232,7 +232,7 @@ SELECT %(series_root)s || s,
        CASE WHEN s %% 41 = 0 THEN NULL
             WHEN s > %(instances)s THEN 0
             ELSE (%(instances)s - s) / %(n)s + 1 END
-  FROM generate_series(%(lo)s, %(hi)s) AS s
+  FROM generate_series(%(lo)s::int, %(hi)s::int) AS s
 """
 
 _LOAD_INSTANCE = r"""
@@ -249,7 +249,7 @@ SELECT %(series_root)s || s || '.' || n,
        (%(syntaxes)s::text[])[1 + k %% cardinality(%(syntaxes)s::text[])]
   FROM (SELECT k, 1 + (k - 1) %% %(series)s AS s, (k - 1) / %(series)s + 1 AS n,
                timestamptz '2008-01-01 00:00+00' + random() * interval '6000 days' AS received
-          FROM generate_series(%(lo)s, %(hi)s) AS k) AS g
+          FROM generate_series(%(lo)s::int, %(hi)s::int) AS k) AS g
 """
 
 _LOAD_TREATMENT_COURSE = """
@@ -272,7 +272,7 @@ SELECT 1 + (c * 31) %% %(patients)s,
        END,
        CASE WHEN c %% 4 = 0 THEN NULL
             ELSE (%(descriptions)s::text[])[1 + c %% cardinality(%(descriptions)s::text[])] END
-  FROM generate_series(%(lo)s, %(hi)s) AS c
+  FROM generate_series(%(lo)s::int, %(hi)s::int) AS c
 """
 
 # Every tenth event repeats the one before it exactly: the duplicates a key-less table must keep.
@@ -282,7 +282,7 @@ SELECT timestamptz '2019-01-01 00:00+00' + k * interval '17 seconds' + (k %% 100
        (%(actors)s::text[])[1 + k %% cardinality(%(actors)s::text[])],
        (%(actions)s::text[])[1 + (k / 3) %% cardinality(%(actions)s::text[])],
        CASE WHEN k %% 29 = 0 THEN NULL ELSE %(root)s || (1 + k %% %(studies)s) END
-  FROM (SELECT CASE WHEN i %% 10 = 0 THEN i - 1 ELSE i END AS k FROM generate_series(%(lo)s, %(hi)s) AS i) AS g
+  FROM (SELECT CASE WHEN i %% 10 = 0 THEN i - 1 ELSE i END AS k FROM generate_series(%(lo)s::int, %(hi)s::int) AS i) AS g
 """
 
 
