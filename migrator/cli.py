@@ -496,20 +496,68 @@ def rollback_(obj: Ctx, yes: bool, overrides: tuple[str, ...], reconnect_clients
     _emit(report, as_json, report.render_text)
 
 
-@exits({ExitCode.FINDING: "the rehearsal failed (see its report)"})
+@exits({ExitCode.FINDING: "the rehearsal failed (see its report); or refused, changing nothing: no --config (or the "
+                          "default ./migration.toml) for a rehearsal on test databases, databases not declared test "
+                          "databases, a target neither empty nor made by a rehearsal"})
 @main.command()
-@click.option("--scale", type=float, default=0.01, show_default=True, help="Size of the synthetic PACS (1 ≈ 1.5 M rows).")
-@click.option("--workload-tps", type=float, default=40.0, show_default=True, help="Write transactions/s per writer.")
+@click.option("--scale", type=float, default=0.01, show_default=True,
+              help="Size of the synthetic PACS (1 ≈ 1.5 M rows); without --config only.")
+@click.option("--workload", type=click.Choice(["pacs", "generic"]), default=None,
+              help="The write load: pacs (the synthetic PACS writers; the default without --config) or generic "
+                   "(writers derived from the catalog, any schema; the default with --config).")
+@click.option("--rate", type=float, default=None, metavar="N",
+              help="--workload generic: write transactions per second over all writers (default 20).")
+@click.option("--workload-command", metavar="CMD", default=None,
+              help="With --config: the site's own load tool instead, started before the copy and stopped (SIGTERM) "
+                   "when the cutover begins; then the check is the full verify.")
+@click.option("--workload-tps", type=float, default=40.0, show_default=True,
+              help="--workload pacs: write transactions/s per writer.")
 @click.option("--writers", type=int, default=2, show_default=True)
-@click.option("--keep", is_flag=True, help="Keep the throwaway databases afterwards.")
+@click.option("--keep", is_flag=True, help="Keep the throwaway databases afterwards; with --config, keep migrator's "
+                                           "capture (and freeze) on the legacy database.")
 @json_option
-def rehearse(scale: float, workload_tps: float, writers: int, keep: bool, as_json: bool) -> None:
-    """The whole migration on throwaway databases under a concurrent clinical workload, timed."""
+@click.pass_context
+def rehearse(ctx: click.Context, scale: float, workload: str | None, rate: float | None, workload_command: str | None,
+             workload_tps: float, writers: int, keep: bool, as_json: bool) -> None:
+    """The whole migration under a concurrent write workload, timed: on throwaway databases and a synthetic PACS, or,
+    with --config naming a file that declares [rehearsal] test_databases = true, on the site's test databases."""
     from migrator import rehearse as rehearse_mod
 
-    report = rehearse_mod.run(scale=scale, tps=workload_tps, writers=writers, keep=keep)
+    obj = ctx.find_object(Ctx)
+    assert obj is not None
+    if obj.config_path is None:
+        if workload == "generic" or workload_command or rate is not None:
+            raise Blocked("refused: a rehearsal with --workload generic or --workload-command runs on the site's test "
+                          "databases, named by a configuration given with --config (never the default "
+                          "./migration.toml, which may be production's); nothing was changed",
+                          hint="migrator --config rehearsal.toml rehearse --workload generic (runbooks/00-rehearsal.md)")
+        report = rehearse_mod.run(scale=scale, tps=workload_tps, writers=writers, keep=keep)
+    else:
+        report = _rehearse_configured(ctx, obj, workload, rate, workload_command, workload_tps, writers, keep)
     _emit(report, as_json)
     sys.exit(ExitCode.OK if report.ok else ExitCode.FINDING)
+
+
+def _rehearse_configured(ctx: click.Context, obj: Ctx, workload: str | None, rate: float | None,
+                         command: str | None, tps: float, writers: int, keep: bool) -> Any:
+    from pathlib import Path
+
+    from migrator.rehearse import configured, loads
+
+    assert obj.config_path is not None
+    if ctx.get_parameter_source("scale") != click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--scale sizes the synthetic database; a rehearsal with --config uses the file's")
+    if command and workload:
+        raise click.UsageError("--workload and --workload-command exclude each other")
+    kind = "command" if command else (workload or "generic")
+    if rate is not None and kind != "generic":
+        raise click.UsageError("--rate is the generic workload's")
+    if Path(obj.config_path).resolve() == (Path.cwd() / config_mod.DEFAULT_PATH).resolve():
+        raise Blocked(f"refused: --config names the default {config_mod.DEFAULT_PATH}, which may be production's; "
+                      "a rehearsal writes to both databases; nothing was changed",
+                      hint="Give the rehearsal a file of its own (rehearsal.toml) naming the test databases.")
+    spec = loads.LoadSpec(kind, writers=writers, rate=rate if rate is not None else 20.0, tps=tps, command=command)
+    return configured.run(obj.cfg, spec, keep=keep)
 
 
 def run() -> None:

@@ -72,6 +72,8 @@ NonNegative = Annotated[float, Strict(), annotated_types.Ge(0)]
 CountOrZero = Annotated[int, Strict(), annotated_types.Ge(0)]
 """An integer >= 0 (a bound on errors)."""
 Text = Annotated[str, Strict(), annotated_types.MinLen(1)]
+Flag = Annotated[bool, Strict()]
+"""true or false (a string "true" is refused)."""
 
 
 def _pattern(value: str) -> str:
@@ -225,6 +227,19 @@ class ObjectSettings:
 
 
 @dataclass(frozen=True, config=_SECTION)
+class RehearsalSettings:
+    """`[rehearsal]`: a rehearsal on the site's own test databases (`migrator --config FILE rehearse`)."""
+
+    test_databases: Flag = False
+    """true declares that [source] and [target] are test databases (a restored copy of the legacy database, and an
+    empty one or a target an earlier rehearsal made): only then does `rehearse` write to them."""
+    sync_seconds: Positive = 10.0
+    """How long sync follows under the workload before the live verify (which sync keeps following through)."""
+    rollback: Flag = False
+    """After the cutover and its verify, roll back too (and verify again)."""
+
+
+@dataclass(frozen=True, config=_SECTION)
 class DatabaseSection:
     """`[source]` or `[target]`: where the database is (the environment may replace it, see the module docstring)."""
 
@@ -242,6 +257,7 @@ class _File:
     sync: SyncSettings = SyncSettings()
     cutover: CutoverSettings = CutoverSettings()
     objects: ObjectSettings = ObjectSettings()
+    rehearsal: RehearsalSettings = RehearsalSettings()
 
 
 @dataclass(frozen=True, config=_SECTION)
@@ -254,6 +270,7 @@ class Config:
     cutover: CutoverSettings = CutoverSettings()
     path: Path | None = None
     objects: ObjectSettings = ObjectSettings()
+    rehearsal: RehearsalSettings = RehearsalSettings()
 
     def __post_init__(self) -> None:
         _register_secrets_of(self)
@@ -316,7 +333,7 @@ def from_dict(data: dict[str, Any], *, path: Path | None = None, env: dict[str, 
                           hint="Fix what is named above in the file (or the environment variable named) and run the "
                                "command again; the README's configuration section lists every key.")
     return Config(source_dsn=source, target_dsn=target, tables=file.tables, copy=file.copy, sync=file.sync,
-                  cutover=file.cutover, path=path, objects=file.objects)
+                  cutover=file.cutover, path=path, objects=file.objects, rehearsal=file.rehearsal)
 
 
 def _raw_dsn(data: dict[str, Any], section: str) -> str | None:

@@ -15,8 +15,6 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import psycopg
 
@@ -26,64 +24,18 @@ from migrator.config import Config, from_dict
 from migrator.errors import ConnectionFailed
 from migrator.log import get
 from migrator.rehearse import pacs
+from migrator.rehearse.report import Phase, RehearsalReport
 from migrator.rehearse.workload import Workload, WorkloadSpec
 from migrator.rehearse.workload import verify as workload_verify
 from migrator.switchover import NOT_MOVED
+
+__all__ = ["Phase", "RehearsalReport", "run"]
 
 ADMIN_CANDIDATES = (
     "host=127.0.0.1 port=5432 dbname=postgres user=postgres",
     "dbname=postgres",
     "host=127.0.0.1 port=5432 dbname=postgres",
 )
-
-
-@dataclass
-class Phase:
-    name: str
-    seconds: float
-    detail: str = ""
-
-
-@dataclass
-class RehearsalReport:
-    ok: bool = False
-    scale: float = 0.0
-    rows: int = 0
-    bytes: int = 0
-    phases: list[Phase] = field(default_factory=list)
-    freeze_seconds: float | None = None
-    events_applied: int = 0
-    parity: dict[str, Any] = field(default_factory=dict)
-    workload: dict[str, Any] = field(default_factory=dict)
-    missing_studies: int = 0
-    problems: list[str] = field(default_factory=list)
-    databases: tuple[str, str] | None = None
-    kept: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["phases"] = [p.__dict__ for p in self.phases]
-        return d
-
-    def render_text(self) -> str:
-        lines = [f"rehearsal at scale {self.scale}: {self.rows} rows, {self.bytes / 1e6:.1f} MB", ""]
-        lines += [f"  {p.name:<10} {p.seconds:9.2f}s  {p.detail}" for p in self.phases]
-        lines.append("")
-        if self.freeze_seconds is not None:
-            lines.append(f"write freeze (client-visible window): {self.freeze_seconds:.2f}s")
-        lines.append(f"events replayed: {self.events_applied}")
-        w = self.workload
-        if w:
-            lines.append(f"workload: {w.get('committed', 0)} transactions committed, "
-                         f"{w.get('frozen_rejections', 0)} rejected by the freeze, "
-                         f"{w.get('rolled_back_on_purpose', 0)} rolled back on purpose")
-        lines.append(f"parity: {self.parity.get('summary', '?')}; studies missing on target: {self.missing_studies}")
-        if self.kept and self.databases:
-            lines.append(f"kept databases: {self.databases[0]} (legacy), {self.databases[1]} (new)")
-        for p in self.problems:
-            lines.append(f"PROBLEM: {p}")
-        lines.append("RESULT: " + ("OK — nothing lost, nothing doubled" if self.ok else "FAILED"))
-        return "\n".join(lines)
 
 
 def _admin_dsn() -> str:

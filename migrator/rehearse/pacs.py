@@ -354,3 +354,11 @@ def _count(conn: psycopg.Connection[Any], schema: str, name: str) -> int:
     ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def is_synthetic(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the database holds the tables `build` makes (the pacs workload writes them and nothing else)."""
+    row = conn.execute("SELECT bool_and(to_regclass(t) IS NOT NULL) FROM unnest(%s::text[]) AS t",
+                       ([sql.SQL("{}.{}").format(sql.Identifier(s), sql.Identifier(n)).as_string(conn)
+                         for s, n in TABLES],)).fetchone()
+    return bool(row and row[0])

@@ -18,6 +18,7 @@ Callers use the names re-exported here (`state.position(conn)`); the modules hol
 - `operators`: who acts, and the blockers an operator accepted by name
 - `object_copies`: the files `objects sync` has proved in the target store
 - `secret`: the migration's key for keyed hashes of key values
+- `rehearsal`: the mark that a rehearsal made this target, each rehearsal's phases and outcome
 """
 
 from __future__ import annotations
@@ -99,22 +100,32 @@ from migrator.state.phases import (
     table_copy_started,
     tables,
 )
+from migrator.state.rehearsal import (
+    Rehearsal,
+    drop_control_schema,
+    finish_rehearsal,
+    rehearsal_phase,
+    rehearsals,
+    start_rehearsal,
+)
 from migrator.state.secret import key_secret
 from migrator.state.sync_position import Position, advance_position, init_position, lock_position, position
 
 __all__ = [
     "CLEANUP_FLAG", "COPY_PAUSED_FLAG", "HOLD_FLAG", "POST_DATA_DEFERRED_FLAG", "POST_DATA_PENDING_FLAG",
     "VERIFY_FLAG", "Chunk", "Conn", "CopyRun", "DeferredPostData", "Migration", "MigrationColumn",
-    "ObjectCopy", "Override", "PoolerEntry", "Position", "TableState", "add_post_data_pending",
+    "ObjectCopy", "Override", "PoolerEntry", "Position", "Rehearsal", "TableState", "add_post_data_pending",
     "advance_position", "attempts", "chunk_copied", "chunks", "claim_chunk", "cleaned_up", "clear",
     "clear_flag", "clear_post_data_deferred", "clear_post_data_pending", "copy_heartbeat", "copy_paused",
-    "copy_run", "copy_workers", "cutover_held", "defer_post_data", "exists", "finish_attempt",
-    "finish_copy_run", "flag", "health_passes", "hold_cutover", "init_position", "key_secret", "last_verify", "lock_position",
+    "copy_run", "copy_workers", "cutover_held", "defer_post_data", "drop_control_schema", "exists", "finish_attempt",
+    "finish_copy_run", "finish_rehearsal", "flag", "health_passes", "hold_cutover", "init_position", "key_secret", "last_verify", "lock_position",
     "mark", "migration", "objects_copied", "operator", "overrides", "pause_copy", "plan_chunks",
     "pooler_entries", "position", "post_data_deferred", "post_data_pending", "record_attempt_pooler",
     "record_cleanup", "record_health", "record_objects", "record_override", "record_verify", "register_tables",
+    "rehearsal_phase", "rehearsals",
     "release_cutover_hold", "require_prepared", "reset_chunks", "reset_tables", "resume_copy",
     "save_pooler_entry", "set_fingerprint", "set_flag", "set_pointing", "start_attempt", "start_copy_run",
+    "start_rehearsal",
     "start_migration", "step_finished", "step_started", "table_copied", "table_copy_started", "tables",
     "upgrade", "worker_gone", "worker_progress",
 ]
