@@ -87,8 +87,8 @@ class RehearsalReport:
         if self.workload_check_text:
             lines.append(f"workload check: {self.workload_check_text}")
         lines += self.notes
-        lines.append("(the report with charts and the prediction for cutover night comes with `migrator report`, "
-                     "not built yet; `--json` prints these figures)")
+        lines.append("(a report with charts and the prediction for cutover night is not built yet; `--json` prints "
+                     "these figures)")
         for p in self.problems:
             lines.append(f"PROBLEM: {p}")
         lines.append("RESULT: " + ("OK — nothing lost, nothing doubled" if self.ok else "FAILED"))
