@@ -5,6 +5,8 @@ which finds a write that did not arrive."""
 from __future__ import annotations
 
 import json
+import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -176,3 +178,31 @@ def test_the_workload_check_finds_writes_that_did_not_arrive(
     assert lost + changed > 0
     assert (found.missing, found.different) == (lost, changed), found.to_dict()
     assert not found.ok and found.resurrected == found.miscounted == 0
+
+
+LOAD_TOOL = """
+import sys, time, psycopg
+with psycopg.connect(sys.argv[1], autocommit=True) as conn:
+    while True:
+        conn.execute("INSERT INTO clinic.event_log VALUES (now(), 'site load', 1)")
+        time.sleep(0.02)
+"""
+
+
+def test_the_sites_own_load_tool_runs_until_the_cutover_and_the_full_verify_checks(
+        legacy: str, target_dsn: str, tmp_path: Path) -> None:
+    tool = tmp_path / "load.py"
+    tool.write_text(LOAD_TOOL)
+    config = write_config(tmp_path / "rehearsal.toml", legacy, target_dsn, REHEARSAL + "test_databases = true\n")
+
+    run = migrator("--config", str(config), "rehearse", "--workload-command", f"{sys.executable} {tool} '{legacy}'",
+                   "--json", timeout=300)
+
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(run.stdout)
+    assert report["ok"] and report["parity"]["identical"]
+    assert report["workload"]["ended_early"] is False and report["workload"]["exit"] == -signal.SIGTERM
+    assert report["workload_check"] == {"by": "full verify"}
+    written = fetch(legacy, "SELECT count(*) FROM clinic.event_log WHERE what = 'site load'")[0][0]
+    assert written > 0 and fetch(target_dsn, "SELECT count(*) FROM clinic.event_log WHERE what = 'site load'") \
+        == [(written,)]

@@ -7,6 +7,10 @@ and is ok only if the target equals the frozen legacy database row for row and e
 arrived. The writers stay on the legacy database: there are no clients to move, so the cutover runs with
 `--override no-switch` (recorded with the attempt, and said in the report). The databases are dropped afterwards
 unless kept.
+
+The rehearsal on the site's own test databases (`migrator --config FILE rehearse`) is `configured.run`: which
+databases it may write is `target`, its write loads `loads` (the generic one, for any schema: `plan`, `generic`,
+`generic_writer`, `ledger`), what both report `report`.
 """
 
 from __future__ import annotations
