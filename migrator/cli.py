@@ -505,7 +505,7 @@ def rollback_(obj: Ctx, yes: bool, overrides: tuple[str, ...], reconnect_clients
 @click.option("--workload", type=click.Choice(["pacs", "generic"]), default=None,
               help="The write load: pacs (the synthetic PACS writers; the default without --config) or generic "
                    "(writers derived from the catalog, any schema; the default with --config).")
-@click.option("--rate", type=float, default=None, metavar="N",
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None, metavar="N",
               help="--workload generic: write transactions per second over all writers (default 20).")
 @click.option("--workload-command", metavar="CMD", default=None,
               help="With --config: the site's own load tool instead, started before the copy and stopped (SIGTERM) "

@@ -13,8 +13,9 @@ columns it may update:
   none when it has an identity column GENERATED ALWAYS (a copy would not be one).
 - an update sets one column that is neither part of the key nor of a unique index nor referenced by another table
   (nor part of a foreign key of several columns):
-  text columns get a new value of their length, other columns the value another existing row holds (a value of the
-  column's type, valid for its foreign key if it has one). Tables without a key are not updated: their rows cannot be
+  text columns get a new value that fits their declared length (a UID, or a short token for a short column; columns
+  shorter than SHORT_TEXT get another row's value), other columns the value another existing row holds (a value of
+  the column's type, valid for its foreign key if it has one). Tables without a key are not updated: their rows cannot be
   told apart.
 
 Column types are read as the catalog prints them (`format_type`); identifiers are only ever composed with
