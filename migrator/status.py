@@ -48,7 +48,7 @@ class Status:
         return conv(self.__dict__)
 
     def render_text(self) -> str:
-        from migrator.console import render_status  # the terminal's page, drawn with rich
+        from migrator.terminal import render_status  # the terminal's page, drawn with rich
 
         return render_status(self)
 

@@ -29,6 +29,18 @@ def pending(conn: psycopg.Connection[Any], applied: str | None) -> tuple[int, fl
     return int(row[0]), None if row[1] is None else float(row[1])
 
 
+def pending_by_table(conn: psycopg.Connection[Any], applied: str | None) -> tuple[dict[int, int], float | None]:
+    """The events committed since `applied` per table (its oid) and the age in seconds of the oldest, as `pending`
+    counts them, in one statement."""
+    with conn.cursor() as cur:
+        where = sql.SQL("true") if applied is None else snapshot.window(Snapshot.parse(applied))
+        cur.execute(sql.SQL("SELECT e.rel::bigint, count(*), extract(epoch FROM now() - min(e.captured_at))::float8 "
+                            "FROM {} AS e WHERE {} GROUP BY e.rel").format(LOG, where))
+        rows = cur.fetchall()
+    ages = [float(r[2]) for r in rows if r[2] is not None]
+    return {int(r[0]): int(r[1]) for r in rows}, max(max(ages), 0.0) if ages else None
+
+
 def has_log(conn: psycopg.Connection[Any]) -> bool:
     """Whether the database has a delta log (a capture is installed). Leaves the transaction open."""
     with conn.cursor() as cur:
