@@ -173,11 +173,6 @@ def _interrupted_code() -> ExitCode:
     return ExitCode.TERMINATED if _signalled and _signalled[0] == signal.SIGTERM else ExitCode.INTERRUPTED
 
 
-def audited(obj: Ctx, action: str, arguments: dict[str, Any]) -> Any:
-    """The operator action recorded in the audit trail (migrator/audit.py), before it starts and with its outcome."""
-    return audit_mod.recorded(obj.cfg, action, arguments, via="cli")
-
-
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON for scripts.")
 yes_option = click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 
@@ -250,7 +245,7 @@ def copy(obj: Ctx, workers: int | None, only: tuple[str, ...], max_rate: float |
     from migrator.terminal import CopyProgress
 
     if control is not None:
-        with audited(obj, f"copy --{control}", {}):
+        with audit_mod.recorded(obj.cfg, f"copy --{control}", {}):
             _emit(copy_mod.pause(obj.cfg) if control == "pause" else copy_mod.resume(obj.cfg), as_json)
         return
     if as_worker:
@@ -408,13 +403,13 @@ def cutover(obj: Ctx, yes: bool, overrides: tuple[str, ...], hold_: bool, releas
               lambda: f"go/no-go: {'GO' if checklist.go else 'NO GO'}\n{checklist.render_text()}")
         sys.exit(ExitCode.OK if checklist.go else ExitCode.FINDING)
     if hold_:
-        with audited(obj, "cutover --hold", {}):
+        with audit_mod.recorded(obj.cfg, "cutover --hold", {}):
             cutover_mod.hold(obj.cfg, f"held by {state.operator()}")
         _emit({"hold": True}, as_json, lambda: "held: a cutover waits at the go/no-go point until "
                                                "`migrator cutover --release-hold`")
         return
     if release_hold:
-        with audited(obj, "cutover --release-hold", {}) as rec:
+        with audit_mod.recorded(obj.cfg, "cutover --release-hold", {}) as rec:
             was = cutover_mod.release_hold(obj.cfg)
             rec.detail = None if was else "there was no hold"
         _emit({"hold": False, "was_held": was}, as_json,
@@ -422,7 +417,7 @@ def cutover(obj: Ctx, yes: bool, overrides: tuple[str, ...], hold_: bool, releas
         return
     _confirm(yes, "This freezes writes on the legacy database and moves clients to the target")
     _keep_going_on_hangup()
-    with audited(obj, "cutover", {"overrides": list(overrides)}) as rec:
+    with audit_mod.recorded(obj.cfg, "cutover", {"overrides": list(overrides)}) as rec:
         _cutover(obj, overrides, as_json, rec)
 
 
@@ -455,7 +450,7 @@ def release(obj: Ctx, yes: bool) -> None:
     from migrator import release as release_mod
 
     _confirm(yes, "This makes the legacy database writable again (split-brain risk if clients moved)")
-    with audited(obj, "release", {}):
+    with audit_mod.recorded(obj.cfg, "release", {}):
         click.echo(release_mod.run(obj.cfg).render_text())
 
 
@@ -479,7 +474,7 @@ def cleanup(obj: Ctx, yes: bool, release_freeze: bool, migration_id: str | None,
 
     _confirm(yes, "This removes capture from the legacy database (and from the target: the rollback window ends); "
                   "changes after it are no longer recorded")
-    with audited(obj, "cleanup", {"release_freeze": release_freeze, "migration": migration_id,
+    with audit_mod.recorded(obj.cfg, "cleanup", {"release_freeze": release_freeze, "migration": migration_id,
                                   "drop_control_schema": drop}):
         result = cleanup_mod.run(obj.cfg, release_freeze=release_freeze, migration=migration_id)
     if migration_id is None:
@@ -521,7 +516,7 @@ def rollback_(obj: Ctx, yes: bool, overrides: tuple[str, ...], as_json: bool) ->
 
     _confirm(yes, "This freezes the target and moves clients back to the legacy database")
     _keep_going_on_hangup()
-    with audited(obj, "rollback", {"overrides": list(overrides)}):
+    with audit_mod.recorded(obj.cfg, "rollback", {"overrides": list(overrides)}):
         try:
             report = rollback.run(obj.cfg, overrides=overrides,
                                   on_step=None if as_json else lambda s, st: click.echo(f"  {s}: {st}", err=True))
@@ -530,6 +525,19 @@ def rollback_(obj: Ctx, yes: bool, overrides: tuple[str, ...], as_json: bool) ->
                        if as_json else "go/no-go:\n" + exc.checklist, err=not as_json)
             raise
     _emit(report, as_json, report.render_text)
+
+
+@exits()
+@main.command()
+@click.option("--listen", metavar="HOST:PORT", default=None,
+              help="Where to listen (default [console] listen, 127.0.0.1:8765); beyond loopback it needs TLS.")
+@click.option("--insecure", is_flag=True, help="Allow an address beyond loopback without TLS (prints a warning).")
+@click.pass_obj
+def console(obj: Ctx, listen: str | None, insecure: bool) -> None:
+    """The cutover-night web page: status, lag, checklist, steps and audit live; actions with an operator token."""
+    from migrator import console as console_mod
+
+    console_mod.run(obj.cfg, listen=listen, insecure=insecure)
 
 
 @exits({ExitCode.FINDING: "the rehearsal failed (see its report)"})
