@@ -8,7 +8,6 @@
   let view = null;
   let offset = 0;            // server clock minus this browser's, in ms
   let pending = null;        // the action being confirmed
-  let token = "";
   // When each step was first shown (ms since the epoch, this browser's clock), for measuring the delay from a step
   // being recorded to it being on screen (bench/console.py reads it).
   const seen = (window.migratorSeen = {});
@@ -19,13 +18,13 @@
       if (v === null || v === undefined || v === false) continue;
       if (k === "class") node.className = v; else node.setAttribute(k, v === true ? "" : String(v));
     }
-    for (const c of children.flat()) {
+    for (const c of children.flat(Infinity)) {
       if (c === null || c === undefined) continue;
       node.append(c instanceof Node ? c : document.createTextNode(String(c)));
     }
     return node;
   }
-  const fill = (node, ...children) => { node.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined)); };
+  const fill = (node, ...children) => { node.replaceChildren(...children.flat(Infinity).filter((c) => c !== null && c !== undefined)); };
   const ms = (iso) => (iso ? Date.parse(iso) : NaN);
   const now = () => Date.now() + offset;
 
@@ -178,10 +177,18 @@
     fill($("hold"), h ? el("div", { class: "intent" }, `Hold: ${h.reason}, since ${when(h.since)}`) : null);
     fill($("intents"), (v.intents || []).map((i) => el("div", { class: "intent" },
       `${i.what} (since ${when(i.since)}). ${i.how}.`)));
-    fill($("actions"), (v.actions || []).map((a) => el("button", {
-      type: "button", "data-action": a.name, disabled: !a.enabled, title: a.why_not || a.label,
-      class: ["cutover", "rollback", "release"].includes(a.name) ? "danger" : null,
-    }, a.label)));
+    // Buttons are updated in place (a button replaced under the pointer would lose its click).
+    const box = $("actions");
+    for (const a of v.actions || []) {
+      let b = box.querySelector(`button[data-action="${a.name}"]`);
+      if (!b) {
+        b = el("button", { type: "button", "data-action": a.name,
+          class: ["cutover", "rollback", "release"].includes(a.name) ? "danger" : null }, a.label);
+        box.append(b);
+      }
+      b.disabled = !a.enabled;
+      b.title = a.why_not || a.label;
+    }
   }
 
   function renderTables(tables, copy) {
@@ -214,8 +221,6 @@
 
   // --- actions --------------------------------------------------------------------------------------------------
 
-  $("token").addEventListener("input", (e) => { token = e.target.value.trim(); });
-
   $("actions").addEventListener("click", (e) => {
     const button = e.target.closest("button[data-action]");
     if (!button || button.disabled) return;
@@ -240,6 +245,7 @@
     result.className = ""; result.textContent = `${pending.label}…`;
     try {
       const headers = { "Content-Type": "application/json" };
+      const token = $("token").value.trim();  // read when sent: the field is the one place it is kept
       if (token) headers["X-Migrator-Token"] = token;
       const r = await fetch(`/api/actions/${pending.name}`, { method: "POST", headers, cache: "no-store",
         body: JSON.stringify({ confirm: $("confirm-input").value, overrides }) });
