@@ -237,8 +237,9 @@ class ConsoleSettings:
     """Seconds between the console's reads of the control schema on the target (steps, flags, samples, audit)."""
     source_interval: Positive = 5.0
     """Seconds between the console's own reads of the legacy database (frozen, pending events, delta log size)."""
-    checklist_interval: Positive = 30.0
-    """Seconds between evaluations of the go/no-go checklist (which reads both databases)."""
+    checklist_interval: Positive = 60.0
+    """Seconds between evaluations of the go/no-go checklist (which reads both databases); it is evaluated at once,
+    too, when the phase changes or an action was carried out (at most every 5 seconds)."""
 
 
 @dataclass(frozen=True, config=_SECTION)

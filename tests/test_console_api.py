@@ -275,14 +275,15 @@ def test_every_package_and_the_console_page_ship() -> None:
 
 
 def _event(stream: object) -> dict[str, object]:
-    """The next `view` event of a server-sent event stream."""
-    data = []
+    """The next `view` event of a server-sent event stream (`clock` events skipped)."""
+    kind, data = "", []
     while True:
         line = stream.readline().decode()  # type: ignore[attr-defined]
-        if line.startswith("data: "):
+        if line.startswith("event: "):
+            kind = line[7:].strip()
+        elif line.startswith("data: "):
             data.append(line[6:].rstrip("\n"))
-        elif line == "\n" and data:
-            return json.loads("".join(data))  # type: ignore[no-any-return]
-
-
-
+        elif line == "\n":
+            if kind == "view" and data:
+                return json.loads("".join(data))  # type: ignore[no-any-return]
+            kind, data = "", []

@@ -122,6 +122,7 @@ def test_the_page_live_under_a_workload_hold_refusal_cutover_steps_and_freeze(
             assert _text(browser, "#phase") == "CUT OVER"
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             shot = ARTIFACTS / "console.png"
+            browser.set_window_size(1400, int(browser.execute_script("return document.body.scrollHeight")) + 200)
             browser.save_screenshot(str(shot))
             print(f"screenshot: {shot}")
             until(lambda: all(a.outcome != "started" for a in trail(target_dsn)), 60)

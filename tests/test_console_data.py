@@ -59,7 +59,8 @@ def test_no_patient_name_record_number_or_password_on_any_page_answer_or_metric(
             assert code == 200, path
             seen.append(body if isinstance(body, str) else repr(body))
         with urllib.request.urlopen(console.url + "api/events", timeout=30) as stream:
-            seen.append(b"".join(stream.readline() for _ in range(3)).decode())
+            seen.append(b"".join(stream.readline() for _ in range(6)).decode())  # a clock event, then the view
+        assert "event: view" in seen[-1]
     text = "\n".join(seen)
     outcomes = [(a.action, a.outcome) for a in trail(target_dsn)]
     assert ("verify", "done") in outcomes and ("cutover", "refused") in outcomes  # the paths above were taken

@@ -117,4 +117,8 @@ def run(cfg: Config, *, listen: str | None = None, insecure: bool = False) -> No
         say(f"operator token for {who} (shown once; give it in the page to act): {token}", err=True)
     sys.stderr.flush()
     get(phase="console").info("console.started", url=console.url, operators=len(console.operators.digests))
-    console.serve()
+    try:
+        console.serve()
+    except KeyboardInterrupt:  # SIGINT or SIGTERM, once the server has closed: the normal way to stop it
+        pass
+    say("console: stopped (commands it started run on, each under its guardian)", err=True)

@@ -40,7 +40,7 @@ from migrator.console.security import HEADER, Operators, Throttle
 
 SSE_POLL = 0.1
 """Seconds between an event stream's looks at the view's version (memory only: no database)."""
-KEEP_ALIVE = 15.0
+CLOCK_EVERY = 5.0
 HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
                                "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
@@ -80,15 +80,17 @@ class Api:
         return StreamingResponse(self._stream(), media_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
 
     async def _stream(self) -> AsyncIterator[str]:
-        sent, beat = -1, time.monotonic()
+        """A `view` event each time the view changes; a `clock` event (the target's time, which times the steps, for
+        the page's running clocks) first and every CLOCK_EVERY seconds, which also keeps the connection alive."""
+        sent, beat = -1, -float("inf")
         while not self.poller.stopped:
+            if time.monotonic() - beat >= CLOCK_EVERY:
+                beat = time.monotonic()
+                yield f"event: clock\ndata: {self.poller.now().isoformat()}\n\n"
             version, text = self.poller.snapshot()
             if version != sent:
-                sent, beat = version, time.monotonic()
+                sent = version
                 yield f"id: {version}\nevent: view\ndata: {text}\n\n"
-            elif time.monotonic() - beat > KEEP_ALIVE:
-                beat = time.monotonic()
-                yield ": keep-alive\n\n"
             await asyncio.sleep(SSE_POLL)
 
     async def act(self, request: Request) -> Response:
@@ -115,7 +117,10 @@ class Api:
         if not isinstance(body, dict):
             return JSONResponse({"error": "the body must be a JSON object"}, 400)
         outcome = await run_in_threadpool(self.runner.perform, name, operator, body)
-        self.poller.wake()
+        if outcome.code < 300:
+            self.poller.recheck()
+        else:
+            self.poller.wake()
         return JSONResponse(outcome.body, outcome.code)
 
     def _refused(self, request: Request, name: str) -> Response | None:

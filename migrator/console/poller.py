@@ -2,9 +2,9 @@
 
 Every `[console] poll_interval` seconds it reads the control schema on the target (steps as they start and end,
 flags, the sync samples, new audit rows) through one session; every `source_interval` seconds, through one session of
-its own, the legacy database: four short statements (frozen or not, events pending per table and their age, the delta
-log's size). While sync records samples younger than two of its intervals, the pending events, lag and log size come
-from them and only the freeze is read there. A second thread evaluates the go/no-go checklist every
+its own, the legacy database: one statement (`deltalog.read.overview`: frozen or not, the events pending per table
+and their age, the delta log's size). While sync records samples younger than two of its intervals, the pending
+events and lag come from them and that statement leaves them out. A second thread evaluates the go/no-go checklist every
 `checklist_interval` seconds (gonogo.run, which opens its own sessions), and not while a cutover or rollback runs.
 
 What it read becomes the page's view (migrator/console/view.py), published with a version number: the server-sent
@@ -26,6 +26,7 @@ from migrator import db, gonogo, state, status
 from migrator.config import Config
 from migrator.console import view as view_mod
 from migrator.console.actions import Runner
+from migrator.deltalog import read as read_log
 from migrator.errors import MigratorError
 from migrator.log import get
 from migrator.redaction import scrub
@@ -34,6 +35,8 @@ from migrator.state.lock import action_lock_held
 SAMPLES_KEPT = 720
 """Samples the page's chart shows: an hour at sync's default interval."""
 AUDIT_KEPT = 400
+RECHECK_AFTER = 5.0
+"""Seconds at least between two evaluations of the checklist that actions asked for."""
 
 
 class CountingCursor(psycopg.Cursor[Any]):
@@ -61,6 +64,7 @@ class Poller:
         """`status --json` as last read (for /api/status)."""
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._recheck = threading.Event()
         self._lock = threading.Lock()
         self._target: psycopg.Connection[Any] | None = None
         self._source: psycopg.Connection[Any] | None = None
@@ -72,6 +76,7 @@ class Poller:
         self._busy = False
         """A cutover or rollback holds the action lock (the checklist waits)."""
         self._phase = ""
+        self._clock = (dt.datetime.now(dt.UTC), time.monotonic())
         self._threads = [threading.Thread(target=self._loop, name="console-poller", daemon=True),
                          threading.Thread(target=self._checklist_loop, name="console-checklist", daemon=True)]
 
@@ -121,6 +126,8 @@ class Poller:
                 if self._source_reading is not None:
                     self._source_reading.apply(st)
             self._phase, self._busy = st.phase, extras.lock_held
+            if extras.now is not None:
+                self._clock = (extras.now, time.monotonic())
             view = view_mod.build(self.cfg, st, extras, self._checklist, self.runner)
             self.status = st.to_dict()
         except (psycopg.Error, MigratorError) as exc:
@@ -148,27 +155,30 @@ class Poller:
         return extras
 
     def _read_source(self, reading: status.TargetReading, extras: view_mod.Extras) -> None:
-        """At most every `source_interval` seconds; the pending events and log size from a fresh sample instead when
-        sync records them."""
+        """At most every `source_interval` seconds, one statement (`read.overview`); the pending events and lag
+        from a fresh sample instead when sync records them."""
         if time.monotonic() - self._source_at < self.cfg.console.source_interval:
             return
         self._source_at = time.monotonic()
-        fresh = (extras.samples and extras.now is not None
-                 and (extras.now - extras.samples[-1].at).total_seconds() < 2 * self.cfg.sync.sample_interval)
+        sample = extras.samples[-1] if extras.samples else None
+        fresh = (sample is not None and extras.now is not None
+                 and (extras.now - sample.at).total_seconds() < 2 * self.cfg.sync.sample_interval)
+        pos = reading.position
         try:
-            source = self._session("source")
-            if fresh:
-                sample = extras.samples[-1]
-                found = status.SourceReading(frozen=_frozen(source), pending_events=sample.pending_events,
-                                             lag_seconds=sample.lag_seconds, pending_by_table=sample.per_table)
-                found.delta_log = {"rows": None, "bytes": sample.log_bytes, "children": [], "from_sample": True}
-            else:
-                found = status.read_source(self.cfg, source, reading)
-            if any(w.startswith("source not readable") for w in found.warnings):
-                self._drop("source")
+            frozen, by_rel, age, log_bytes = read_log.overview(self._session("source"),
+                                                               pos.applied_snapshot if pos else None,
+                                                               pending=not fresh)
         except (psycopg.Error, MigratorError) as exc:
             self._drop("source")
-            found = status.SourceReading(warnings=[f"source not readable: {_line(exc)}"])
+            self._source_reading = status.SourceReading(warnings=[f"source not readable: {_line(exc)}"])
+            return
+        found = status.SourceReading(frozen=frozen, delta_log={"rows": None, "bytes": log_bytes, "children": []})
+        if fresh and sample is not None:
+            found.pending_events, found.lag_seconds = sample.pending_events, sample.lag_seconds
+            found.pending_by_table = sample.per_table
+        else:
+            found.pending_events, found.lag_seconds = sum(by_rel.values()), age
+            found.pending_by_table = {reading.tables.get(oid, f"oid {oid}"): n for oid, n in sorted(by_rel.items())}
         self._source_reading = found
 
     def _session(self, side: str) -> psycopg.Connection[Any]:
@@ -204,6 +214,11 @@ class Poller:
             self.view, self.text = view, text
             self.version += 1
 
+    def now(self) -> dt.datetime:
+        """The target's clock (which times the steps), as of the last read plus the time since."""
+        at, mono = self._clock
+        return at + dt.timedelta(seconds=time.monotonic() - mono)
+
     def snapshot(self) -> tuple[int, str]:
         """The current view's version and JSON."""
         with self._lock:
@@ -211,15 +226,23 @@ class Poller:
 
     # --- the checklist ------------------------------------------------------------------------------------------
 
+    def recheck(self) -> None:
+        """Evaluate the checklist again soon (an action was carried out)."""
+        self._recheck.set()
+        self.wake()
+
     def _checklist_loop(self) -> None:
         evaluated: tuple[str, float] = ("", -float("inf"))
         while not self._stop.wait(0.2):
             if self._phase not in ("syncing", "cut over"):
                 self._checklist = None
                 continue
-            due = time.monotonic() - evaluated[1] >= self.cfg.console.checklist_interval
-            if self._busy or not (due or evaluated[0] != self._phase):
+            since = time.monotonic() - evaluated[1]
+            due = (since >= self.cfg.console.checklist_interval or evaluated[0] != self._phase
+                   or (self._recheck.is_set() and since >= RECHECK_AFTER))
+            if self._busy or not due:
                 continue  # a running cutover or rollback records its own checklist
+            self._recheck.clear()
             evaluated = (self._phase, time.monotonic())
             self.evaluate_checklist()
 
@@ -235,12 +258,6 @@ class Poller:
             self._checklist = {"for": kind, "go": found.go, "items": found.to_list(), "at": at}
         except (MigratorError, psycopg.Error) as exc:
             self._checklist = {"for": "cutover", "go": False, "items": [], "at": at, "error": _line(exc)}
-
-
-def _frozen(source: psycopg.Connection[Any]) -> bool:
-    from migrator.deltalog import freeze
-
-    return freeze.is_frozen(source)
 
 
 def _line(exc: BaseException) -> str:

@@ -28,8 +28,7 @@ class Extras:
 
 
 def unreadable(cfg: Config, message: str) -> dict[str, Any]:
-    return {"migration": _names(cfg), "error": message, "phase": {"name": "unknown", "next": message},
-            "server_time": dt.datetime.now(dt.UTC)}
+    return {"migration": _names(cfg), "error": message, "phase": {"name": "unknown", "next": message}}
 
 
 def _names(cfg: Config) -> dict[str, str]:
@@ -42,7 +41,6 @@ def build(cfg: Config, st: Status, x: Extras, checklist: dict[str, Any] | None, 
     running = next((a for a in attempts if a["finished_at"] is None), None)
     phase = _phase(st, x, running)
     view: dict[str, Any] = {
-        "server_time": x.now or dt.datetime.now(dt.UTC),
         "migration": _names(cfg),
         "phase": phase,
         "frozen": st.frozen,

@@ -59,6 +59,10 @@ class RehearsalReport:
     problems: list[str] = field(default_factory=list)
     databases: tuple[str, str] | None = None
     kept: bool = False
+    config: str | None = None
+    """With --keep: a configuration file naming the kept databases (for `migrator console`, `status`, `audit`)."""
+    lag: dict[str, Any] = field(default_factory=dict)
+    """The lag sync sampled (the samples `migrator console` charts): count, median and worst seconds."""
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -72,6 +76,9 @@ class RehearsalReport:
         if self.freeze_seconds is not None:
             lines.append(f"write freeze (client-visible window): {self.freeze_seconds:.2f}s")
         lines.append(f"events replayed: {self.events_applied}")
+        if self.lag.get("samples"):
+            lines.append(f"lag sampled by sync: {self.lag['samples']} samples, median {self.lag['median']:.2f}s, "
+                         f"worst {self.lag['worst']:.2f}s")
         w = self.workload
         if w:
             lines.append(f"workload: {w.get('committed', 0)} transactions committed, "
@@ -80,6 +87,8 @@ class RehearsalReport:
         lines.append(f"parity: {self.parity.get('summary', '?')}; studies missing on target: {self.missing_studies}")
         if self.kept and self.databases:
             lines.append(f"kept databases: {self.databases[0]} (legacy), {self.databases[1]} (new)")
+        if self.kept and self.config:
+            lines.append(f"look at them: migrator --config {self.config} console   (or status, audit)")
         for p in self.problems:
             lines.append(f"PROBLEM: {p}")
         lines.append("RESULT: " + ("OK — nothing lost, nothing doubled" if self.ok else "FAILED"))
@@ -152,7 +161,7 @@ def run(*, scale: float = 0.01, tps: float = 40.0, writers: int = 2, keep: bool 
             total = 0
             for _ in range(sync_rounds):
                 time.sleep(1.0)  # the clinical workload keeps writing between sync runs
-                r = sync.sync(cfg)
+                r = sync.sync(cfg, samples=True)
                 total += r.events
             report.events_applied += total
             lag = sync.lag(cfg)
@@ -189,6 +198,9 @@ def run(*, scale: float = 0.01, tps: float = 40.0, writers: int = 2, keep: bool 
         timed("sync", do_sync)
         timed("cutover", do_cutover)
         timed("verify", do_verify)
+        report.lag = _sampled_lag(target_dsn)
+        if keep:
+            report.config = _write_config(tag, source_dsn, target_dsn)
         report.ok = not report.problems
     finally:
         if workload is not None:
@@ -203,3 +215,27 @@ def run(*, scale: float = 0.01, tps: float = 40.0, writers: int = 2, keep: bool 
                                  .format(psycopg.sql.Identifier(name)))
     return report
 
+
+
+def _sampled_lag(target_dsn: str) -> dict[str, Any]:
+    """What the samples sync recorded say of the lag (the same samples `migrator console` charts)."""
+    import statistics
+
+    from migrator import state
+
+    with psycopg.connect(target_dsn) as conn:
+        lags = [s.lag_seconds or 0.0 for s in state.samples(conn)]
+    return {"samples": len(lags), "median": statistics.median(lags), "worst": max(lags)} if lags else {}
+
+
+def _write_config(tag: str, source_dsn: str, target_dsn: str) -> str:
+    """rehearsal-<tag>.toml in the working directory, naming the kept databases with the admin DSN's parameters
+    (readable by its owner only: a password in MIGRATOR_REHEARSAL_DSN would be in it too)."""
+    import json
+    from pathlib import Path
+
+    path = Path(f"rehearsal-{tag}.toml")
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+        out.write(f"# The databases `migrator rehearse --keep` kept ({tag}); drop them with DROP DATABASE when done.\n"
+                  f"[source]\ndsn = {json.dumps(source_dsn)}\n[target]\ndsn = {json.dumps(target_dsn)}\n")
+    return str(path)

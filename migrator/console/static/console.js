@@ -6,7 +6,7 @@
 (function () {
   const $ = (id) => document.getElementById(id);
   let view = null;
-  let offset = 0;            // server clock minus this browser's, in ms
+  let offset = 0;            // the target's clock (which times the steps) minus this browser's, in ms
   let pending = null;        // the action being confirmed
   // When each step was first shown (ms since the epoch, this browser's clock), for measuring the delay from a step
   // being recorded to it being on screen (bench/console.py reads it).
@@ -52,7 +52,6 @@
 
   function render(v) {
     view = v;
-    offset = ms(v.server_time) - Date.now();
     const m = v.migration || {};
     $("names").textContent = `${m.source || "?"} → ${m.target || "?"}`;
     const p = v.phase || {};
@@ -263,6 +262,7 @@
 
   function connect() {
     const source = new EventSource("/api/events");
+    source.addEventListener("clock", (e) => { offset = ms(e.data) - Date.now(); tick(); });
     source.addEventListener("view", (e) => {
       $("live").textContent = "live"; $("live").className = "live";
       render(JSON.parse(e.data));
