@@ -1,11 +1,20 @@
 """Cleanup: end the migration's capture. Removes the capture triggers and the `_migrator` schema from the legacy
 database (deltalog/triggers.py), and from the target, whose capture recorded writes for a rollback (that window
 ends: rollback.disarm).
+
+Then the control schema, which lives on the target: its history (phases, tables, attempts and steps, overrides, the
+last verify, the audit trail, the lag by minute; no row values, no passwords) is written to a file in the local
+directory (`export_history`), and only then may it be dropped (`drop_control_schema`: `--drop-control-schema`, or
+yes to the question on a terminal), so that nothing of the engine stays behind unless asked for.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from migrator import db, ownership, rollback, state
@@ -23,15 +32,27 @@ class CleanupResult:
     schema_dropped: bool
     target_triggers_removed: int = 0
     """On the target, where they recorded writes for a rollback."""
+    history_file: str | None = None
+    """Where the control schema's history was written (`export_history`)."""
+    control_schema_dropped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"triggers_removed": self.triggers_removed, "schema_dropped": self.schema_dropped,
-                "target_triggers_removed": self.target_triggers_removed}
+                "target_triggers_removed": self.target_triggers_removed, "history_file": self.history_file,
+                "control_schema_dropped": self.control_schema_dropped}
 
     def render_text(self) -> str:
         on_target = self.target_triggers_removed
-        return (f"removed {self.triggers_removed} triggers and the _migrator schema"
+        text = (f"removed {self.triggers_removed} triggers and the _migrator schema"
                 + (f"; {on_target} triggers on the target (the rollback window is over)" if on_target else ""))
+        if self.history_file:
+            text += f"\nthe run's history and audit trail: {self.history_file}"
+        if self.control_schema_dropped:
+            text += "\nthe control schema was dropped from the target: nothing of migrator is left there"
+        elif self.history_file:
+            text += ("\nthe control schema stays on the target (`migrator cleanup --yes --drop-control-schema` "
+                     "drops it)")
+        return text
 
 
 def run(cfg: Config, *, release_freeze: bool = False, migration: str | None = None) -> CleanupResult:
@@ -67,3 +88,34 @@ def _record_cleanup(cfg: Config) -> None:
                 state.record_cleanup(target)
     except ConnectionFailed as exc:
         get(phase="cleanup").warning("cleanup.not_recorded", error=str(exc).splitlines()[0])
+
+
+def export_history(cfg: Config) -> Path | None:
+    """Write the control schema's history to `<local dir>/history-<migration id>-<time>.json` (mode 0600); its path,
+    or None when the target has no control schema (or cannot be reached: logged)."""
+    try:
+        with db.session(cfg.target_dsn, role="target", autocommit=True, connect_timeout=5) as target:
+            if not state.exists(target):
+                return None
+            found = state.history(target)
+    except ConnectionFailed as exc:
+        get(phase="cleanup").warning("cleanup.history_not_exported", error=str(exc).splitlines()[0])
+        return None
+    cfg.local_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = cfg.local_dir / f"history-{found.migration.get('migration_id') or 'migration'}-{stamp}.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(found.to_dict(), out, indent=1, default=str)
+        out.flush()
+        os.fsync(out.fileno())
+    get(phase="cleanup").info("cleanup.history_exported", path=str(path), audit_rows=len(found.audit))
+    return path
+
+
+def drop_control_schema(cfg: Config) -> None:
+    """Drop the control schema from the target (its history was exported first)."""
+    with db.session(cfg.target_dsn, role="target") as target:
+        state.drop(target)
+        target.commit()
+    get(phase="cleanup").info("cleanup.control_schema_dropped")

@@ -20,8 +20,10 @@ from typing import Any, TypeVar, cast
 import click
 import psycopg
 
+from migrator import audit as audit_mod
 from migrator import config as config_mod
 from migrator import log as log_mod
+from migrator import state
 from migrator.config import Config
 from migrator.errors import Blocked, ExitCode, Interrupted, MigratorError, database_hint
 from migrator.gonogo import NO_SWITCH, OVERRIDES
@@ -242,10 +244,11 @@ def copy(obj: Ctx, workers: int | None, only: tuple[str, ...], max_rate: float |
          wait: float, control: str | None, as_json: bool) -> None:
     """Bulk copy in key-range chunks from one consistent snapshot; re-run to resume after a failure."""
     from migrator import copy as copy_mod
-    from migrator.console import CopyProgress
+    from migrator.terminal import CopyProgress
 
     if control is not None:
-        _emit(copy_mod.pause(obj.cfg) if control == "pause" else copy_mod.resume(obj.cfg), as_json)
+        with audit_mod.recorded(obj.cfg, f"copy --{control}", {}):
+            _emit(copy_mod.pause(obj.cfg) if control == "pause" else copy_mod.resume(obj.cfg), as_json)
         return
     if as_worker:
         _emit(copy_mod.WorkerResult(copy_mod.work(obj.cfg, wait=wait)), as_json)
@@ -285,7 +288,7 @@ def sync(obj: Ctx, mode: str, check_lag: float | None, as_json: bool) -> None:
             click.echo(f"applied {info.events} events in {info.seconds:.2f}s; pending {lag.pending_events}, "
                        f"lag {lag.oldest_pending_seconds or 0:.1f}s", err=True)
 
-    result = sync_mod.sync(obj.cfg, follow=mode == "follow", stop=stop, on_batch=on_batch)
+    result = sync_mod.sync(obj.cfg, follow=mode == "follow", stop=stop, on_batch=on_batch, samples=True)
     _emit(result, as_json, result.render_text)
 
 
@@ -351,7 +354,7 @@ def objects_group() -> None:
 def objects_sync(obj: Ctx, follow: bool, workers: int | None, max_rate: float | None, as_json: bool) -> None:
     """Copy every listed file the target store lacks or holds with other bytes; exit 1 when some failed."""
     from migrator import objects
-    from migrator.console import CopyProgress
+    from migrator.terminal import CopyProgress
 
     stop = _stop_on_signals()
     with CopyProgress(enabled=not as_json and sys.stderr.isatty()) as progress:
@@ -399,7 +402,6 @@ def cutover(obj: Ctx, yes: bool, overrides: tuple[str, ...], hold_: bool, releas
     client-visible pause and the freeze window."""
     from migrator import cutover as cutover_mod
     from migrator import gonogo
-    from migrator.errors import NoGo
 
     if sum((hold_, release_hold, check)) > 1:
         raise click.UsageError("--hold, --release-hold and --check exclude each other")
@@ -409,29 +411,43 @@ def cutover(obj: Ctx, yes: bool, overrides: tuple[str, ...], hold_: bool, releas
               lambda: f"go/no-go: {'GO' if checklist.go else 'NO GO'}\n{checklist.render_text()}")
         sys.exit(ExitCode.OK if checklist.go else ExitCode.FINDING)
     if hold_:
-        cutover_mod.hold(obj.cfg)
+        with audit_mod.recorded(obj.cfg, "cutover --hold", {}):
+            cutover_mod.hold(obj.cfg, f"held by {state.operator()}")
         _emit({"hold": True}, as_json, lambda: "held: a cutover waits at the go/no-go point until "
                                                "`migrator cutover --release-hold`")
         return
     if release_hold:
-        was = cutover_mod.release_hold(obj.cfg)
+        with audit_mod.recorded(obj.cfg, "cutover --release-hold", {}) as rec:
+            was = cutover_mod.release_hold(obj.cfg)
+            rec.detail = None if was else "there was no hold"
         _emit({"hold": False, "was_held": was}, as_json,
               lambda: "hold released: a waiting cutover goes on" if was else "there was no hold")
         return
     _confirm(yes, "This freezes writes on the legacy database and moves clients to the target")
     _keep_going_on_hangup()
+    with audit_mod.recorded(obj.cfg, "cutover", {"overrides": list(overrides), "on_unhealthy": on_unhealthy}) as rec:
+        _cutover(obj, overrides, on_unhealthy, as_json, rec)
+
+
+def _cutover(obj: Ctx, overrides: tuple[str, ...], on_unhealthy: str, as_json: bool,
+             rec: audit_mod.Recording) -> None:
+    from migrator import cutover as cutover_mod
+    from migrator.errors import NoGo
 
     def show_checklist(checklist: Any) -> None:
         if not as_json:
             click.echo("go/no-go:\n" + checklist.render_text(), err=True)
 
     try:
-        report = cutover_mod.run(obj.cfg, overrides=overrides, on_checklist=show_checklist, on_unhealthy=on_unhealthy,
+        report = cutover_mod.run(obj.cfg, overrides=overrides, on_checklist=show_checklist,
+                                 on_unhealthy=on_unhealthy,
                                  on_step=None if as_json else lambda s, st: click.echo(f"  {s}: {st}", err=True))
     except NoGo as exc:
         if as_json:
             click.echo(json.dumps({"ok": False, "no_go": str(exc), "checklist": exc.checklist}, indent=2))
         raise
+    rec.detail = (f"attempt {report.attempt}, write freeze {report.freeze_seconds or 0:.2f}s"
+                  if not report.already_done else "nothing to do: the cutover was done")
     _emit(report, as_json, report.render_text)
 
 
@@ -444,7 +460,8 @@ def release(obj: Ctx, yes: bool) -> None:
     from migrator import release as release_mod
 
     _confirm(yes, "This makes the legacy database writable again (split-brain risk if clients moved)")
-    click.echo(release_mod.run(obj.cfg).render_text())
+    with audit_mod.recorded(obj.cfg, "release", {}):
+        click.echo(release_mod.run(obj.cfg).render_text())
 
 
 @exits({ExitCode.FINDING: "declined, or refused: the capture belongs to another migration"})
@@ -454,16 +471,42 @@ def release(obj: Ctx, yes: bool) -> None:
 @click.option("--migration", "migration_id", metavar="ID",
               help="Remove the capture of this migration (its id, as prepare recorded it) without asking its target, "
                    "which is gone; the configured target is left alone.")
+@click.option("--drop-control-schema", "drop", is_flag=True,
+              help="After writing its history to a file, drop the control schema from the target too.")
 @json_option
 @click.pass_obj
-def cleanup(obj: Ctx, yes: bool, release_freeze: bool, migration_id: str | None, as_json: bool) -> None:
-    """Remove the capture triggers and the _migrator schema from the legacy database."""
+def cleanup(obj: Ctx, yes: bool, release_freeze: bool, migration_id: str | None, drop: bool, as_json: bool) -> None:
+    """Remove the capture triggers and the _migrator schema from the legacy database; write the run's history and
+    audit trail to a file, then offer to drop the control schema from the target."""
+    from dataclasses import replace
+
     from migrator import cleanup as cleanup_mod
 
     _confirm(yes, "This removes capture from the legacy database (and from the target: the rollback window ends); "
                   "changes after it are no longer recorded")
-    result = cleanup_mod.run(obj.cfg, release_freeze=release_freeze, migration=migration_id)
+    with audit_mod.recorded(obj.cfg, "cleanup", {"release_freeze": release_freeze, "migration": migration_id,
+                                  "drop_control_schema": drop}):
+        result = cleanup_mod.run(obj.cfg, release_freeze=release_freeze, migration=migration_id)
+    if migration_id is None:
+        written = cleanup_mod.export_history(obj.cfg)
+        if written is not None and not drop and not yes and sys.stdin.isatty():
+            drop = click.confirm(f"The history is in {written}. Drop the control schema from the target too?",
+                                 default=False)
+        if drop and written is not None:
+            cleanup_mod.drop_control_schema(obj.cfg)
+        result = replace(result, history_file=str(written) if written else None,
+                         control_schema_dropped=drop and written is not None)
     _emit(result, as_json, result.render_text)
+
+
+@exits()
+@main.command(name="audit")
+@json_option
+@click.pass_obj
+def audit_(obj: Ctx, as_json: bool) -> None:
+    """The audit trail: every operator action (console and command line) and what the guardian did, with who, when,
+    the arguments, the outcome and how long it took."""
+    _emit(audit_mod.read(obj.cfg), as_json)
 
 
 @exits({ExitCode.FINDING: "declined, or refused: nothing moves the clients back (--override no-switch), or another "
@@ -486,14 +529,28 @@ def rollback_(obj: Ctx, yes: bool, overrides: tuple[str, ...], reconnect_clients
 
     _confirm(yes, "This freezes the target and moves clients back to the legacy database")
     _keep_going_on_hangup()
-    try:
-        report = rollback.run(obj.cfg, overrides=overrides, reconnect_clients=reconnect_clients,
-                              on_step=None if as_json else lambda s, st: click.echo(f"  {s}: {st}", err=True))
-    except NoGo as exc:
-        click.echo(json.dumps({"ok": False, "no_go": str(exc), "checklist": exc.checklist}, indent=2)
-                   if as_json else "go/no-go:\n" + exc.checklist, err=not as_json)
-        raise
+    with audit_mod.recorded(obj.cfg, "rollback", {"overrides": list(overrides)}):
+        try:
+            report = rollback.run(obj.cfg, overrides=overrides, reconnect_clients=reconnect_clients,
+                                  on_step=None if as_json else lambda s, st: click.echo(f"  {s}: {st}", err=True))
+        except NoGo as exc:
+            click.echo(json.dumps({"ok": False, "no_go": str(exc), "checklist": exc.checklist}, indent=2)
+                       if as_json else "go/no-go:\n" + exc.checklist, err=not as_json)
+            raise
     _emit(report, as_json, report.render_text)
+
+
+@exits()
+@main.command()
+@click.option("--listen", metavar="HOST:PORT", default=None,
+              help="Where to listen (default [console] listen, 127.0.0.1:8765); beyond loopback it needs TLS.")
+@click.option("--insecure", is_flag=True, help="Allow an address beyond loopback without TLS (prints a warning).")
+@click.pass_obj
+def console(obj: Ctx, listen: str | None, insecure: bool) -> None:
+    """The cutover-night web page: status, lag, checklist, steps and audit live; actions with an operator token."""
+    from migrator import console as console_mod
+
+    console_mod.run(obj.cfg, listen=listen, insecure=insecure)
 
 
 @exits({ExitCode.FINDING: "the rehearsal failed (see its report); or refused, changing nothing: no --config (or the "

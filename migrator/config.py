@@ -23,8 +23,9 @@ table (`[tables.filter]`) is a field of such a dataclass type, an array of table
 new environment variable is declared next to `ENV_DSN` and in this docstring. The README's configuration block is
 checked against the schema by tests/test_safety_config.py.
 
-`redact()` is the one place a text that may hold a DSN is made printable: it removes passwords by pattern (also from
-malformed DSNs) and replaces every password found in the configured DSNs literally, wherever it appears.
+`redact()` (migrator/passwords.py, re-exported here) is the one place a text that may hold a DSN is made printable:
+it removes passwords by pattern (also from malformed DSNs) and replaces every password found in the configured DSNs
+literally, wherever it appears.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ import typing
 from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
-from urllib.parse import unquote
 
 import annotated_types
 import psycopg
@@ -49,6 +49,7 @@ from pydantic import AfterValidator, ConfigDict, Strict, TypeAdapter, Validation
 from pydantic.dataclasses import dataclass
 
 from migrator.errors import ConfigError
+from migrator.passwords import passwords_in, redact, register_secret  # noqa: F401 - re-exported
 
 DEFAULT_PATH = Path("migration.toml")
 CAPTURE_SCHEMA = "_migrator"
@@ -59,8 +60,9 @@ CONTROL_SCHEMA = "migrator_control"
 ENV_DSN = {"MIGRATOR_SOURCE_DSN": "source", "MIGRATOR_TARGET_DSN": "target"}
 """The environment variables read, and the section whose `dsn` each replaces."""
 ENV_OTHER = ("MIGRATOR_TEST_DSN", "MIGRATOR_BENCH_DSN", "MIGRATOR_REHEARSAL_DSN", "MIGRATOR_SOURCE",
-             "MIGRATOR_TARGET", "MIGRATOR_DIRECTION")
-"""MIGRATOR_* variables that are not configuration (tests, benchmarks, rehearse; given to switch commands)."""
+             "MIGRATOR_TARGET", "MIGRATOR_DIRECTION", "MIGRATOR_AUDIT_ID")
+"""MIGRATOR_* variables that are not configuration (tests, benchmarks, rehearse; given to switch commands; given by
+the console to the command it starts, naming the audit row of the action: migrator/audit.py)."""
 
 _SECTION = ConfigDict(extra="forbid")
 
@@ -83,6 +85,16 @@ def _pattern(value: str) -> str:
 
 
 Pattern = Annotated[str, Strict(), annotated_types.MinLen(1), AfterValidator(_pattern)]
+
+
+def _listen(value: str) -> str:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f'"{value}" is not host:port, e.g. "127.0.0.1:8765" or "[::1]:8765"')
+    return value
+
+
+Listen = Annotated[str, Strict(), AfterValidator(_listen)]
 
 
 @dataclass(frozen=True, config=_SECTION)
@@ -134,6 +146,11 @@ class SyncSettings:
     """`status` warns when the delta log on the legacy database is larger than this (MB)."""
     warn_stalled_seconds: NonNegative = 300.0
     """`status` warns when changes are pending and sync has not moved its position for this long (seconds)."""
+    sample_interval: Positive = 5.0
+    """Seconds between the samples sync records in the control schema (lag, pending events per table, delta log size),
+    which `migrator console` charts and the rehearsal report summarises."""
+    sample_days: Positive = 7.0
+    """Samples older than this many days are deleted as new ones are recorded."""
 
 
 @dataclass(frozen=True, config=_SECTION)
@@ -240,6 +257,26 @@ class RehearsalSettings:
 
 
 @dataclass(frozen=True, config=_SECTION)
+class ConsoleSettings:
+    """`migrator console`, the web page for cutover night (migrator/console/)."""
+
+    listen: Listen = "127.0.0.1:8765"
+    """host:port; an address other than loopback needs tls_certfile and tls_keyfile (or `--insecure`, which warns)."""
+    operators_file: Text | None = None
+    """A TOML file of `name = "token"` lines, one per operator; without it a token is made at start for the operator
+    who started the console and printed once."""
+    tls_certfile: Text | None = None
+    tls_keyfile: Text | None = None
+    poll_interval: Positive = 0.5
+    """Seconds between the console's reads of the control schema on the target (steps, flags, samples, audit)."""
+    source_interval: Positive = 5.0
+    """Seconds between the console's own reads of the legacy database (frozen, pending events, delta log size)."""
+    checklist_interval: Positive = 60.0
+    """Seconds between evaluations of the go/no-go checklist (which reads both databases); it is evaluated at once,
+    too, when the phase changes or an action was carried out (at most every 5 seconds)."""
+
+
+@dataclass(frozen=True, config=_SECTION)
 class DatabaseSection:
     """`[source]` or `[target]`: where the database is (the environment may replace it, see the module docstring)."""
 
@@ -258,6 +295,7 @@ class _File:
     cutover: CutoverSettings = CutoverSettings()
     objects: ObjectSettings = ObjectSettings()
     rehearsal: RehearsalSettings = RehearsalSettings()
+    console: ConsoleSettings = ConsoleSettings()
 
 
 @dataclass(frozen=True, config=_SECTION)
@@ -271,6 +309,7 @@ class Config:
     path: Path | None = None
     objects: ObjectSettings = ObjectSettings()
     rehearsal: RehearsalSettings = RehearsalSettings()
+    console: ConsoleSettings = ConsoleSettings()
 
     def __post_init__(self) -> None:
         _register_secrets_of(self)
@@ -333,7 +372,8 @@ def from_dict(data: dict[str, Any], *, path: Path | None = None, env: dict[str, 
                           hint="Fix what is named above in the file (or the environment variable named) and run the "
                                "command again; the README's configuration section lists every key.")
     return Config(source_dsn=source, target_dsn=target, tables=file.tables, copy=file.copy, sync=file.sync,
-                  cutover=file.cutover, path=path, objects=file.objects, rehearsal=file.rehearsal)
+                  cutover=file.cutover, path=path, objects=file.objects, rehearsal=file.rehearsal,
+                  console=file.console)
 
 
 def _raw_dsn(data: dict[str, Any], section: str) -> str | None:
@@ -560,54 +600,7 @@ def _same_endpoint(source: str, target: str, env: dict[str, str]) -> str | None:
     return f"{a[0]}:{a[1]}/{a[2]}"
 
 
-# --- redaction -----------------------------------------------------------------------------------------------------
-
-_secrets: tuple[str, ...] = ()
-"""Passwords of the configured DSNs, longest first; replaced whole (never mutated, so redact() may run anywhere)."""
-_MIN_SECRET = 3
-"""Shorter pieces are not replaced literally (they would blank out ordinary words); the patterns still apply."""
-
-_URI_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@'\"]*:)[^\s'\"]*@")
-"""user:password@ of a URI, up to the LAST @ of the token: an unescaped @ in a password does not end it early."""
-_KV_PASSWORD = re.compile(
-    r"(password\s*=\s*)('(?:[^'\\]|\\.)*'?|\S+(?:[ \t]+(?![A-Za-z_][\w.-]*\s*=)\S+)*)", re.IGNORECASE)
-"""password=value (also PGPASSWORD=, sslpassword=): a quoted value with escapes, or an unquoted one running on over
-spaces up to the next key=, as a malformed DSN's value does."""
-
-
-def register_secret(value: str) -> None:
-    """Replace `value` (and the pieces a parser would cut it into) wherever redact() sees it."""
-    global _secrets
-    pieces = {p.strip() for p in (value, unquote(value), *re.split(r"[\s@]+", value))}
-    new = {p for p in pieces if len(p) >= _MIN_SECRET} - set(_secrets)
-    if new:
-        _secrets = tuple(sorted({*_secrets, *new}, key=len, reverse=True))
-
-
-def passwords_in(text: str) -> list[str]:
-    """Every password in a DSN as written, read leniently (malformed DSNs included)."""
-    found = []
-    for m in re.finditer(r"[A-Za-z][A-Za-z0-9+.-]*://", text):
-        rest = text[m.end():]
-        at = rest.rfind("@")
-        userinfo = rest[:at] if at >= 0 else ""
-        if ":" in userinfo:
-            found.append(userinfo.split(":", 1)[1])
-    for m in re.finditer(r"password\s*=\s*", text, re.IGNORECASE):
-        rest = text[m.end():]
-        if rest.startswith("'"):
-            value, i = [], 1
-            while i < len(rest) and rest[i] != "'":
-                if rest[i] == "\\" and i + 1 < len(rest):
-                    i += 1
-                value.append(rest[i])
-                i += 1
-            found.append("".join(value))
-        else:
-            end = re.search(r"\s+[A-Za-z_][\w.-]*\s*=|[&#]|$", rest)
-            found.append(rest[: end.start() if end else len(rest)])
-    return [p for p in found if p]
-
+# --- the passwords of the configuration (migrator/passwords.py redacts them) ------------------------------------
 
 def _register_raw_secrets(data: dict[str, Any], env: dict[str, str]) -> None:
     texts = [env.get(var, "") for var in ENV_DSN]
@@ -628,11 +621,3 @@ def _register_secrets_of(cfg: Config) -> None:
                  cfg.cutover.health_probe_dsn):
         for password in passwords_in(text or ""):
             register_secret(password)
-
-
-def redact(text: str) -> str:
-    """Remove passwords from anything that may contain a DSN (a URI or key=value form, well-formed or not)."""
-    for secret in _secrets:
-        text = text.replace(secret, "***")
-    text = _URI_PASSWORD.sub(r"\1***@", text)
-    return _KV_PASSWORD.sub(r"\1***", text)

@@ -168,6 +168,13 @@ class PoolerError(MigratorError):
                     "pgbouncer_ini; `SHOW DATABASES` on the admin console shows what the pooler serves.")
 
 
+class AuditUnavailable(MigratorError):
+    """An operator action's audit row could not be written on the target: the action was not started."""
+
+    default_hint = ("Check that the target (which holds the control schema and its audit trail) is reachable and "
+                    "prepared, then run the action again.")
+
+
 # --- database errors that reach the operator unnamed --------------------------------------------------------------
 # A psycopg error no phase turned into one of ours: the hint follows its SQLSTATE (class), and the schema it names.
 

@@ -313,6 +313,12 @@ def _record(target: psycopg.Connection[Any], j: Journal) -> None:
         state.finish_attempt(target, j.attempt, "done", error=j.detail)
     else:
         state.finish_attempt(target, j.attempt, "failed", failed_step=j.last_step or None, error=j.detail)
+    if state.audit_present(target):  # the audit trail (migrator/audit.py) says what was done on the operator's behalf
+        by_guardian = j.by == "the guardian"
+        state.audit_once(target, actor="guardian" if by_guardian else state.operator(),
+                         via="guardian" if by_guardian else "cli", action=f"{j.kind} resolved {j.outcome}",
+                         arguments={"attempt": j.attempt, "step": j.last_step or None}, outcome="done",
+                         detail=j.detail[:1000], pid=j.guardian or None)
     if not latest:
         return
     if j.outcome == "forward" and j.kind == "cutover":

@@ -6,7 +6,8 @@ Two rules, used by every phase that prints (logs, errors, reports):
   values in DETAIL (`Failing row contains (...)`, `Key (mrn)=(...)`), in CONTEXT (a COPY's column value), in the
   query text it echoes, and, for data exceptions, in the message itself (`invalid input syntax for type date:
   "..."`). `database_error` builds the message from the error's fields; `scrub` cleans free text (log lines, a
-  traceback, an error's message) by the same rules, and removes passwords (`config.redact`).
+  traceback, an error's message) by the same rules, and removes passwords
+  (`config.redact`, from migrator/passwords.py).
 * A key value is printed as it is only when its column is an integer or a uuid (surrogate ids and generated UIDs name a
   row without telling anything about a patient). Any other key column (text, varchar, dates, timestamps, numeric,
   composites) may be a patient's name, birth date or MRN, or a DICOM UID that embeds one (the DICOM de-identification

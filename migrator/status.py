@@ -11,6 +11,7 @@ import psycopg
 from migrator import db, postdata, state, sync
 from migrator.config import Config
 from migrator.deltalog import freeze, rotation
+from migrator.deltalog import read as read_log
 from migrator.errors import ConnectionFailed
 from migrator.redaction import scrub
 from migrator.state.lock import action_lock_held
@@ -48,69 +49,128 @@ class Status:
         return conv(self.__dict__)
 
     def render_text(self) -> str:
-        from migrator.console import render_status  # the terminal's page, drawn with rich
+        from migrator.terminal import render_status  # the terminal's page, drawn with rich
 
         return render_status(self)
 
 
+@dataclass
+class TargetReading:
+    """What the control schema said, that the legacy database's part of the status needs."""
+
+    migration: state.Migration
+    position: state.Position | None
+    now: dt.datetime | None
+    tables: dict[int, str] = field(default_factory=dict)
+    """Source oid -> schema.table, to name the pending events of each table."""
+
+
+@dataclass
+class SourceReading:
+    """What the legacy database said: frozen or not, the events pending (per table) and their age, the delta log."""
+
+    frozen: bool | None = None
+    pending_events: int | None = None
+    lag_seconds: float | None = None
+    pending_by_table: dict[str, int] = field(default_factory=dict)
+    delta_log: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def apply(self, st: Status) -> None:
+        st.frozen = self.frozen
+        if self.pending_events is not None:
+            st.sync.update(pending_events=self.pending_events, lag_seconds=self.lag_seconds,
+                           pending_by_table=self.pending_by_table)
+        if self.delta_log is not None:
+            st.sync["delta_log"] = self.delta_log
+        st.warnings += self.warnings
+
+
 def read(cfg: Config) -> Status:
-    st = Status(target=db.describe_dsn(cfg.target_dsn), source=db.describe_dsn(cfg.source_dsn))
-    with db.session(cfg.target_dsn, role="target") as target:
-        m = state.migration(target)
-        if m is None:
-            return st
-        st.prepared = m.prepared_at is not None
-        st.overrides = [o.to_dict() for o in state.overrides(target).values()]
-        tables = state.tables(target)
-        copied = [t for t in tables if t.status == "copied"]
-        st.tables = [{"table": t.display, "status": t.status, "rows": t.rows_copied, "bytes": t.bytes_copied,
-                      "key": t.key_columns} for t in tables]
-        st.copy = {"tables": len(tables), "copied": len(copied), "rows": sum(t.rows_copied or 0 for t in copied),
-                   "bytes": sum(t.bytes_copied or 0 for t in copied), "started_at": m.copy_started_at,
-                   "finished_at": m.copy_finished_at, "snapshot": m.copy_snapshot}
-        st.copy.update(_copy_progress(target))
-        owed = state.post_data_deferred(target)
-        st.copy["post_data_deferred"] = owed.objects if owed else []
-        if owed is not None:
-            st.warnings.append(f"post-data: {postdata.describe(owed)} wait for sync (the copy read its chunks under "
-                               "different snapshots); `migrator sync` restores them after its next batch, and the "
-                               "go/no-go refuses a cutover until it has")
-        pos = state.position(target)
-        st.cutover = [{k: v for k, v in a.items() if k != "steps"} | {"steps": a["steps"]}
-                      for a in state.attempts(target)]
-        st.interrupted = _interrupted(target, st.cutover)
-        st.warnings += [i["message"] for i in st.interrupted]
-        if m.cutover_at is not None:
-            st.phase = "cut over"
-        elif m.copy_finished_at is not None:
-            st.phase = "syncing"
-        elif m.copy_started_at is not None:
-            st.phase = "copying"
-        elif m.prepared_at is not None:
-            st.phase = "prepared"
-        if pos is not None:
-            st.sync = {"applied_snapshot": pos.applied_snapshot, "events_applied": pos.events_applied,
-                       "batches": pos.batches, "updated_at": pos.updated_at}
-        cleaned = state.cleaned_up(target)
-        now = target.execute("SELECT now()").fetchone()
-    if cleaned is not None:
-        # The legacy database holds no capture any more: nothing to read there but an error.
-        st.phase, st.cleaned_up_at = "cleaned up", cleaned
+    with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
+        st, reading = read_target(cfg, target)
+    if reading is None or st.cleaned_up_at is not None:
         return st
     try:
         with db.session(cfg.source_dsn, role="source", autocommit=True) as source:
-            st.frozen = freeze.is_frozen(source)
-            lag = sync.pending(source, pos.applied_snapshot if pos else None)
-            st.sync.update(pending_events=lag.pending_events, lag_seconds=lag.oldest_pending_seconds)
-            if lag.oldest_pending_seconds and lag.oldest_pending_seconds > 60 and m.copy_finished_at is not None:
-                st.warnings.append(f"sync is {lag.oldest_pending_seconds:.0f}s behind: is `migrator sync --follow` running?")
-            children = rotation.log_children(source)
-            st.sync["delta_log"] = {"rows": sum(c.rows for c in children), "bytes": sum(c.bytes for c in children),
-                                    "children": [c.to_dict() for c in children]}
-            st.warnings += _log_warnings(cfg, children, lag, pos, now[0] if now else None)
-    except (psycopg.Error, Exception) as exc:  # status must show what it can even when the source is down
-        st.warnings.append(f"source not readable: {scrub(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__}")
+            found = read_source(cfg, source, reading)
+    except ConnectionFailed as exc:
+        found = SourceReading(warnings=[_unreadable(exc)])
+    found.apply(st)
     return st
+
+
+def read_target(cfg: Config, target: psycopg.Connection[Any]) -> tuple[Status, TargetReading | None]:
+    """The status as far as the control schema tells it (an autocommit session); the reading the source's part
+    needs, or None before `prepare`."""
+    st = Status(target=db.describe_dsn(cfg.target_dsn), source=db.describe_dsn(cfg.source_dsn))
+    m = state.migration(target)
+    if m is None:
+        return st, None
+    st.prepared = m.prepared_at is not None
+    st.overrides = [o.to_dict() for o in state.overrides(target).values()]
+    tables = state.tables(target)
+    copied = [t for t in tables if t.status == "copied"]
+    st.tables = [{"table": t.display, "status": t.status, "rows": t.rows_copied, "bytes": t.bytes_copied,
+                  "key": t.key_columns} for t in tables]
+    st.copy = {"tables": len(tables), "copied": len(copied), "rows": sum(t.rows_copied or 0 for t in copied),
+               "bytes": sum(t.bytes_copied or 0 for t in copied), "started_at": m.copy_started_at,
+               "finished_at": m.copy_finished_at, "snapshot": m.copy_snapshot}
+    st.copy.update(_copy_progress(target))
+    owed = state.post_data_deferred(target)
+    st.copy["post_data_deferred"] = owed.objects if owed else []
+    if owed is not None:
+        st.warnings.append(f"post-data: {postdata.describe(owed)} wait for sync (the copy read its chunks under "
+                           "different snapshots); `migrator sync` restores them after its next batch, and the "
+                           "go/no-go refuses a cutover until it has")
+    pos = state.position(target)
+    st.cutover = [{k: v for k, v in a.items() if k != "steps"} | {"steps": a["steps"]}
+                  for a in state.attempts(target)]
+    st.interrupted = _interrupted(target, st.cutover)
+    st.warnings += [i["message"] for i in st.interrupted]
+    if m.cutover_at is not None:
+        st.phase = "cut over"
+    elif m.copy_finished_at is not None:
+        st.phase = "syncing"
+    elif m.copy_started_at is not None:
+        st.phase = "copying"
+    elif m.prepared_at is not None:
+        st.phase = "prepared"
+    if pos is not None:
+        st.sync = {"applied_snapshot": pos.applied_snapshot, "events_applied": pos.events_applied,
+                   "batches": pos.batches, "updated_at": pos.updated_at}
+    cleaned = state.cleaned_up(target)
+    now = target.execute("SELECT now()").fetchone()
+    if cleaned is not None:
+        # The legacy database holds no capture any more: nothing to read there but an error.
+        st.phase, st.cleaned_up_at = "cleaned up", cleaned
+    return st, TargetReading(m, pos, now[0] if now else None, {t.source_oid: t.display for t in tables})
+
+
+def read_source(cfg: Config, source: psycopg.Connection[Any], reading: TargetReading) -> SourceReading:
+    """The legacy database's part of the status, on an autocommit session: four short statements. A source that
+    cannot be read is a warning, not an error (status must show what it can)."""
+    found = SourceReading()
+    pos, m = reading.position, reading.migration
+    try:
+        found.frozen = freeze.is_frozen(source)
+        by_rel, age = read_log.pending_by_table(source, pos.applied_snapshot if pos else None)
+        found.pending_events, found.lag_seconds = sum(by_rel.values()), age
+        found.pending_by_table = {reading.tables.get(oid, f"oid {oid}"): n for oid, n in sorted(by_rel.items())}
+        if age and age > 60 and m.copy_finished_at is not None:
+            found.warnings.append(f"sync is {age:.0f}s behind: is `migrator sync --follow` running?")
+        children = rotation.log_children(source)
+        found.delta_log = {"rows": sum(c.rows for c in children), "bytes": sum(c.bytes for c in children),
+                           "children": [c.to_dict() for c in children]}
+        lag = sync.Lag(found.pending_events, age, pos.applied_snapshot if pos else None)
+        found.warnings += _log_warnings(cfg, children, lag, pos, reading.now)
+    except (psycopg.Error, Exception) as exc:  # status must show what it can even when the source is down
+        found.warnings.append(_unreadable(exc))
+    return found
+
+
+def _unreadable(exc: BaseException) -> str:
+    return f"source not readable: {scrub(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__}"
 
 
 def _interrupted(target: psycopg.Connection[Any], attempts: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -319,6 +319,25 @@ class Syncer:
                 self.log.info("sync.log_rotation_waits", why=note)
             self.rotation_note = note
 
+    def sample(self) -> None:
+        """Record what sync sees now (lag, pending events per table, the delta log's size) in the control schema,
+        for the console's chart; the oldest samples beyond `[sync] sample_days` go."""
+        if not state.audit_present(self.target):  # a control schema from before samples: `prepare` upgrades it
+            self.target.rollback()
+            return
+        pos = state.position(self.target)
+        try:
+            by_rel, age = read.pending_by_table(self.source, pos.applied_snapshot if pos else None)
+            log_bytes = sum(c.bytes for c in rotation.log_children(self.source))
+        finally:
+            self.source.rollback()
+        names = {s.source_oid: s.display for s in self.states}
+        state.record_sample(self.target, lag_seconds=age, pending_events=sum(by_rel.values()), log_bytes=log_bytes,
+                            events_applied=pos.events_applied if pos else 0,
+                            per_table={names.get(oid, f"oid {oid}"): n for oid, n in sorted(by_rel.items())},
+                            keep_days=self.cfg.sync.sample_days)
+        self.target.commit()
+
     def lag(self) -> Lag:
         pos = state.position(self.target)
         self.target.rollback()
@@ -329,8 +348,11 @@ class Syncer:
 
 
 def sync(cfg: Config, *, follow: bool = False, stop: threading.Event | None = None,
-         on_batch: Callable[[BatchInfo, Lag], None] | None = None, max_retries: int = 5) -> SyncResult:
-    """Apply batches until nothing committed is pending (or, with follow, until `stop` is set).
+         on_batch: Callable[[BatchInfo, Lag], None] | None = None, max_retries: int = 5,
+         samples: bool = False) -> SyncResult:
+    """Apply batches until nothing committed is pending (or, with follow, until `stop` is set); with `samples`,
+    record a sample (`Syncer.sample`) after the first batch and then every `[sync] sample_interval` seconds (the
+    command does; a cutover's catch-up and drain do not, to keep the freeze short).
 
     Connection failures are retried with backoff (for ever with follow, `max_retries` times otherwise); errors that
     need an operator (DDL, a refused change) stop it with the position unchanged. `stop` also cancels a batch in
@@ -341,6 +363,7 @@ def sync(cfg: Config, *, follow: bool = False, stop: threading.Event | None = No
     started = time.monotonic()
     syncer: Syncer | None = None
     failures = 0
+    last_sample = -float("inf")
     log = get(phase="sync")
     try:
         while not stop.is_set():
@@ -360,6 +383,9 @@ def sync(cfg: Config, *, follow: bool = False, stop: threading.Event | None = No
                 result.applied_snapshot = info.snapshot
                 if on_batch is not None:
                     on_batch(info, syncer.lag())
+                if samples and time.monotonic() - last_sample >= cfg.sync.sample_interval:
+                    last_sample = time.monotonic()
+                    syncer.sample()
                 # Under a steady workload a batch never comes back empty; without follow, a batch shorter than the
                 # poll interval counts as caught up (everything committed before it began is applied), or
                 # `sync --until-caught-up` and the cutover's catch-up would never return.

@@ -65,6 +65,16 @@ if [ ! -x /usr/sbin/Orthanc ] || [ ! -e /usr/share/orthanc/plugins/libOrthancPos
   fi
 fi
 
+# Chromium and its driver: the console's browser tests (tests/test_console_browser.py) drive a real headless one.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if can_apt; then
+    say "installing chromium and chromium-driver (apt-get)"
+    apt_install chromium chromium-driver
+  else
+    say "warning: chromium or chromedriver missing; the console's browser test is skipped (apt-get install chromium chromium-driver)"
+  fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
   say "creating .venv"
   python3 -m venv .venv 2>/dev/null || {

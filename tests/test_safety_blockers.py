@@ -14,9 +14,9 @@ import pytest
 
 from migrator import copy, gonogo, prepare, state, status, sync, verify
 from migrator.config import Config
-from migrator.console import render_status
 from migrator.db import session
 from migrator.errors import Blocked
+from migrator.terminal import render_status
 from tests.helpers import fetch, run_sql
 
 MIGRATOR = str(Path(sys.executable).with_name("migrator"))

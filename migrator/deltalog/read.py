@@ -29,6 +29,43 @@ def pending(conn: psycopg.Connection[Any], applied: str | None) -> tuple[int, fl
     return int(row[0]), None if row[1] is None else float(row[1])
 
 
+def pending_by_table(conn: psycopg.Connection[Any], applied: str | None) -> tuple[dict[int, int], float | None]:
+    """The events committed since `applied` per table (its oid) and the age in seconds of the oldest, as `pending`
+    counts them, in one statement."""
+    with conn.cursor() as cur:
+        where = sql.SQL("true") if applied is None else snapshot.window(Snapshot.parse(applied))
+        cur.execute(sql.SQL("SELECT e.rel::bigint, count(*), extract(epoch FROM now() - min(e.captured_at))::float8 "
+                            "FROM {} AS e WHERE {} GROUP BY e.rel").format(LOG, where))
+        rows = cur.fetchall()
+    ages = [float(r[2]) for r in rows if r[2] is not None]
+    return {int(r[0]): int(r[1]) for r in rows}, max(max(ages), 0.0) if ages else None
+
+
+def overview(conn: psycopg.Connection[Any], applied: str | None, *,
+             pending: bool = True) -> tuple[bool, dict[int, int], float | None, int]:
+    """In one statement (the console's look at the legacy database): whether it is frozen, the events committed
+    since `applied` per table (its oid) and the age of the oldest (as `pending_by_table`; left out, as empty, unless
+    `pending`), and the delta log's size in bytes. Needs the capture installed (raises UndefinedTable otherwise)."""
+    window = sql.SQL("true") if applied is None else snapshot.window(Snapshot.parse(applied))
+    per_table = sql.SQL(
+        "(SELECT coalesce(json_agg(json_build_array(p.rel, p.n, p.age)), '[]'::json) FROM "
+        " (SELECT e.rel::bigint AS rel, count(*) AS n, extract(epoch FROM now() - min(e.captured_at))::float8 AS age "
+        "  FROM {log} AS e WHERE {window} GROUP BY e.rel) AS p)").format(log=LOG, window=window)
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL(
+            "SELECT (SELECT frozen FROM {schema}.freeze_state WHERE id = 1), {per_table}, "
+            "       (SELECT coalesce(sum(pg_total_relation_size(i.inhrelid)), 0) FROM pg_inherits AS i "
+            "        WHERE i.inhparent = to_regclass(%s))").format(
+            schema=sql.Identifier(CAPTURE_SCHEMA), per_table=per_table if pending else sql.SQL("'[]'::json")),
+            (f"{CAPTURE_SCHEMA}.delta_log",))
+        row = cur.fetchone()
+    assert row is not None
+    rows = row[1] or []
+    ages = [float(r[2]) for r in rows if r[2] is not None]
+    return (bool(row[0]), {int(r[0]): int(r[1]) for r in rows}, max(max(ages), 0.0) if ages else None,
+            int(row[2] or 0))
+
+
 def has_log(conn: psycopg.Connection[Any]) -> bool:
     """Whether the database has a delta log (a capture is installed). Leaves the transaction open."""
     with conn.cursor() as cur:

@@ -19,6 +19,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 
@@ -108,7 +109,7 @@ def run(*, scale: float = 0.01, tps: float = 40.0, writers: int = 2, keep: bool 
             total = 0
             for _ in range(sync_rounds):
                 time.sleep(1.0)  # the clinical workload keeps writing between sync runs
-                r = sync.sync(cfg)
+                r = sync.sync(cfg, samples=True)
                 total += r.events
             report.events_applied += total
             lag = sync.lag(cfg)
@@ -145,6 +146,9 @@ def run(*, scale: float = 0.01, tps: float = 40.0, writers: int = 2, keep: bool 
         timed("sync", do_sync)
         timed("cutover", do_cutover)
         timed("verify", do_verify)
+        report.lag = _sampled_lag(target_dsn)
+        if keep:
+            report.config = _write_config(tag, source_dsn, target_dsn)
         report.ok = not report.problems
     finally:
         if workload is not None:
@@ -159,3 +163,26 @@ def run(*, scale: float = 0.01, tps: float = 40.0, writers: int = 2, keep: bool 
                                  .format(psycopg.sql.Identifier(name)))
     return report
 
+
+def _sampled_lag(target_dsn: str) -> dict[str, Any]:
+    """What the samples sync recorded say of the lag (the same samples `migrator console` charts)."""
+    import statistics
+
+    from migrator import state
+
+    with psycopg.connect(target_dsn) as conn:
+        lags = [s.lag_seconds or 0.0 for s in state.samples(conn)]
+    return {"samples": len(lags), "median": statistics.median(lags), "worst": max(lags)} if lags else {}
+
+
+def _write_config(tag: str, source_dsn: str, target_dsn: str) -> str:
+    """rehearsal-<tag>.toml in the working directory, naming the kept databases with the admin DSN's parameters
+    (readable by its owner only: a password in MIGRATOR_REHEARSAL_DSN would be in it too)."""
+    import json
+    from pathlib import Path
+
+    path = Path(f"rehearsal-{tag}.toml")
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+        out.write(f"# The databases `migrator rehearse --keep` kept ({tag}); drop them with DROP DATABASE when done.\n"
+                  f"[source]\ndsn = {json.dumps(source_dsn)}\n[target]\ndsn = {json.dumps(target_dsn)}\n")
+    return str(path)

@@ -45,6 +45,10 @@ class RehearsalReport:
     """configured: sync following under the workload (events, batches, lag mean, worst and last)."""
     notes: list[str] = field(default_factory=list)
     """configured: what stays in the two databases afterwards."""
+    config: str | None = None
+    """With --keep: a configuration file naming the kept databases (for `migrator console`, `status`, `audit`)."""
+    lag: dict[str, Any] = field(default_factory=dict)
+    """The lag sync sampled (the samples `migrator console` charts): count, median and worst seconds."""
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -60,6 +64,9 @@ class RehearsalReport:
         if self.freeze_seconds is not None:
             lines.append(f"write freeze (client-visible window): {self.freeze_seconds:.2f}s")
         lines.append(f"events replayed: {self.events_applied}")
+        if self.lag.get("samples"):
+            lines.append(f"lag sampled by sync: {self.lag['samples']} samples, median {self.lag['median']:.2f}s, "
+                         f"worst {self.lag['worst']:.2f}s")
         w = self.workload
         if w:
             lines.append(f"workload: {w.get('committed', 0)} transactions committed, "
@@ -68,6 +75,8 @@ class RehearsalReport:
         lines.append(f"parity: {self.parity.get('summary', '?')}; studies missing on target: {self.missing_studies}")
         if self.kept and self.databases:
             lines.append(f"kept databases: {self.databases[0]} (legacy), {self.databases[1]} (new)")
+        if self.kept and self.config:
+            lines.append(f"look at them: migrator --config {self.config} console   (or status, audit)")
         for p in self.problems:
             lines.append(f"PROBLEM: {p}")
         lines.append("RESULT: " + ("OK — nothing lost, nothing doubled" if self.ok else "FAILED"))

@@ -7,7 +7,7 @@ state in the same transaction as the data it describes (the applied position com
 
 Callers use the names re-exported here (`state.position(conn)`); the modules hold them by concern:
 
-- `control`: `relation` (how the package's modules name a control table), `upgrade`, `exists`
+- `control`: `relation` (how the package's modules name a control table), `upgrade`, `exists`, `drop`
 - `phases`: the migration row (each phase's time, the copy snapshot, the frozen flag) and each captured table's state
 - `copying`: the running copy's exported snapshot, the key-range chunks, the workers' progress
 - `sync_position`: the applied sync position, moved compare-and-set
@@ -19,11 +19,23 @@ Callers use the names re-exported here (`state.position(conn)`); the modules hol
 - `object_copies`: the files `objects sync` has proved in the target store
 - `secret`: the migration's key for keyed hashes of key values
 - `rehearsal`: the mark that a rehearsal made this target, each rehearsal's phases and outcome
+- `audit`: the audit trail of operator actions (append-only), and the run's history that `cleanup` exports
+- `samples`: what sync saw every few seconds (lag, pending events per table, delta log size), for the console
 """
 
 from __future__ import annotations
 
-from migrator.state.control import Conn, exists, upgrade
+from migrator.state.audit import (
+    AuditRow,
+    History,
+    audit_end,
+    audit_once,
+    audit_present,
+    audit_rows,
+    audit_start,
+    history,
+)
+from migrator.state.control import Conn, drop, exists, upgrade
 from migrator.state.copying import (
     Chunk,
     CopyRun,
@@ -69,6 +81,7 @@ from migrator.state.flags import (
     clear_post_data_pending,
     copy_paused,
     cutover_held,
+    cutover_hold,
     defer_post_data,
     flag,
     hold_cutover,
@@ -108,10 +121,13 @@ from migrator.state.rehearsal import (
     rehearsals,
     start_rehearsal,
 )
+from migrator.state.samples import SyncSample, record_sample, samples
 from migrator.state.secret import key_secret
 from migrator.state.sync_position import Position, advance_position, init_position, lock_position, position
 
 __all__ = [
+    "AuditRow", "History", "SyncSample", "audit_end", "audit_once", "audit_present", "audit_rows", "audit_start",
+    "cutover_hold", "drop", "history", "record_sample", "samples",
     "CLEANUP_FLAG", "COPY_PAUSED_FLAG", "HOLD_FLAG", "POST_DATA_DEFERRED_FLAG", "POST_DATA_PENDING_FLAG",
     "VERIFY_FLAG", "Chunk", "Conn", "CopyRun", "DeferredPostData", "Migration", "MigrationColumn",
     "ObjectCopy", "Override", "PoolerEntry", "Position", "Rehearsal", "TableState", "add_post_data_pending",

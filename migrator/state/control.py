@@ -46,3 +46,9 @@ def exists(conn: Conn) -> bool:
         cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{CONTROL_SCHEMA}.migration",))
         row = cur.fetchone()
     return bool(row and row[0])
+
+
+def drop(conn: Conn) -> None:
+    """Drop the control schema and everything in it (`migrator cleanup --drop-control-schema`, after the history was
+    written to a file); the caller commits."""
+    conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(CONTROL_SCHEMA)))

@@ -94,6 +94,14 @@ def cutover_held(conn: Conn) -> bool:
     return flag(conn, HOLD_FLAG) is not None
 
 
+def cutover_hold(conn: Conn) -> tuple[str, dt.datetime] | None:
+    """The hold's reason (who set it) and when it was set; None when no hold is set."""
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT value, set_at FROM {} WHERE name = %s").format(relation("flag")), (HOLD_FLAG,))
+        row = cur.fetchone()
+    return (str(row[0]), row[1]) if row else None
+
+
 def release_cutover_hold(conn: Conn) -> None:
     clear_flag(conn, HOLD_FLAG)
 

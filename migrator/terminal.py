@@ -1,4 +1,5 @@
-"""What the operator sees on a terminal: copy progress, the status page. Rendering only; no database access."""
+"""What the operator sees on a terminal: copy progress, the status page (drawn with rich). Rendering only; no database
+access. The web page for cutover night is `migrator console` (migrator/console/)."""
 
 from __future__ import annotations
 
