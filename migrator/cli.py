@@ -551,7 +551,7 @@ def rehearse(scale: float, workload_tps: float, writers: int, keep: bool, as_jso
     """The whole migration on throwaway databases under a concurrent clinical workload, timed."""
     from migrator import rehearse as rehearse_mod
 
-    report = rehearse_mod.run(scale=scale, tps=workload_tps, writers=writers, keep=keep)
+    report = rehearse_mod.run(scale=scale, tps=workload_tps, writers=writers, keep=keep, write_config=keep)
     _emit(report, as_json)
     sys.exit(ExitCode.OK if report.ok else ExitCode.FINDING)
 
