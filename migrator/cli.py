@@ -588,7 +588,7 @@ def rehearse(ctx: click.Context, scale: float, workload: str | None, rate: float
                           "databases, named by a configuration given with --config (never the default "
                           "./migration.toml, which may be production's); nothing was changed",
                           hint="migrator --config rehearsal.toml rehearse --workload generic (runbooks/00-rehearsal.md)")
-        report = rehearse_mod.run(scale=scale, tps=workload_tps, writers=writers, keep=keep)
+        report = rehearse_mod.run(scale=scale, tps=workload_tps, writers=writers, keep=keep, write_config=keep)
     else:
         report = _rehearse_configured(ctx, obj, workload, rate, workload_command, workload_tps, writers, keep)
     _emit(report, as_json)

@@ -266,6 +266,7 @@ class ConsoleSettings:
     """A TOML file of `name = "token"` lines, one per operator; without it a token is made at start for the operator
     who started the console and printed once."""
     tls_certfile: Text | None = None
+    """The certificate (PEM) the console serves https with; a relative path is relative to this file's directory."""
     tls_keyfile: Text | None = None
     poll_interval: Positive = 0.5
     """Seconds between the console's reads of the control schema on the target (steps, flags, samples, audit)."""

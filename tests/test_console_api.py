@@ -21,7 +21,7 @@ import pytest
 
 from migrator import state
 from migrator.config import from_dict
-from migrator.console import security
+from migrator.console import Console, security
 from migrator.console.actions import SPECS
 from migrator.errors import ConfigError
 from tests.console_helpers import TOKENS, act, attempts, call, configured, migrated, serving, trail, until
@@ -83,8 +83,8 @@ def test_quick_actions_are_carried_out_and_audited_with_the_operator_and_pushed_
         assert pushed["phase"]["name"] == "held" and pushed["intents"][0]["cancel"] == "release-hold"
         # A command-line action shows in the console's trail too.
         assert cli(cfg.path, "cutover", "--release-hold").returncode == 0
-        pushed = until(lambda: (lambda v: v if len(v["audit"]) == 4 else None)(_event(stream)))
-        assert pushed["hold"] is None
+        pushed = until(lambda: (lambda v: v if len(v["audit"]) == 4 and v["hold"] is None else None)(_event(stream)))
+        assert pushed["audit"][-1]["action"] == "cutover --release-hold"
         stream.close()
         assert call(console, "/api/audit")[1] == json.loads(cli(cfg.path, "audit", "--json").stdout)
     assert [(a.action, a.actor, a.via, a.outcome) for a in trail(target_dsn)] == [
@@ -235,6 +235,24 @@ def test_where_the_console_may_listen_and_whose_tokens_it_takes(source_dsn: str,
             security.operators(filed, "me@here")
     made = security.operators(cfg, "me@here")
     assert made.generated is not None and made.who(made.generated[1]) == "me@here"
+
+
+def test_with_a_certificate_and_key_it_serves_https(source_dsn: str, target_dsn: str, tmp_path: Path) -> None:
+    import shutil
+    import ssl
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-days", "1",
+                    "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")], check=True,
+                   capture_output=True)
+    cfg = configured(tmp_path, source_dsn, target_dsn, 'tls_certfile = "cert.pem"\ntls_keyfile = "key.pem"\n')
+    with Console(cfg, listen="127.0.0.1:0", ops=security.Operators.of(TOKENS)) as console:
+        assert console.url.startswith("https://127.0.0.1:")
+        context = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+        context.check_hostname = False
+        with urllib.request.urlopen(console.url + "api/view", context=context, timeout=30) as r:
+            assert r.status == 200 and json.loads(r.read())["phase"]["name"] == "not prepared"
 
 
 def test_the_command_prints_its_address_and_a_token_once_and_serves_the_page(

@@ -27,7 +27,7 @@ from migrator.config import Config
 from migrator.console.actions import Runner
 from migrator.console.app import make_app
 from migrator.console.poller import Poller
-from migrator.console.security import Operators, check_listen, operators, split_listen
+from migrator.console.security import Operators, beside, check_listen, operators, split_listen
 from migrator.errors import ConfigError, ConnectionFailed
 from migrator.log import get
 
@@ -56,12 +56,15 @@ class Console:
             self.sock.close()
             raise ConfigError(f"the console cannot listen on {listen}: {exc.strerror}",
                               hint="Choose another address with --listen (or [console] listen).") from exc
-        tls = bool(cfg.console.tls_certfile)
+        c = cfg.console
+        cert = str(beside(cfg, c.tls_certfile)) if c.tls_certfile else None
+        key = str(beside(cfg, c.tls_keyfile)) if c.tls_keyfile else None
+        tls = cert is not None
         shown = f"[{host}]" if ":" in host else host
         self.url = f"{'https' if tls else 'http'}://{shown}:{self.sock.getsockname()[1]}/"
         self.server = uvicorn.Server(uvicorn.Config(
             self.app, log_level="warning", access_log=False, timeout_graceful_shutdown=1, lifespan="off",
-            ssl_certfile=cfg.console.tls_certfile, ssl_keyfile=cfg.console.tls_keyfile))
+            ssl_certfile=cert, ssl_keyfile=key))
         self._thread: threading.Thread | None = None
 
     def serve(self) -> None:

@@ -69,9 +69,7 @@ def operators(cfg: Config, started_by: str) -> Operators:
     if path is None:
         token = secrets.token_urlsafe(24)
         return Operators({started_by: _digest(token)}, (started_by, token))
-    p = Path(path)
-    if cfg.path is not None and not p.is_absolute():
-        p = cfg.path.resolve().parent / p
+    p = beside(cfg, path)
     try:
         if p.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise ConfigError(f"[console] operators_file {p} may be read by others (mode "
@@ -91,6 +89,12 @@ def operators(cfg: Config, started_by: str) -> Operators:
         raise ConfigError(f"[console] operators_file {p}: two operators share a token; the audit could not tell "
                           "them apart", hint="Give each operator a token of their own.")
     return Operators.of({str(name): str(token) for name, token in data.items()})
+
+
+def beside(cfg: Config, path: str) -> Path:
+    """A file the configuration names: a relative path is relative to the configuration file's directory."""
+    p = Path(path)
+    return cfg.path.resolve().parent / p if cfg.path is not None and not p.is_absolute() else p
 
 
 class Throttle:

@@ -60,8 +60,10 @@ def _admin_dsn() -> str:
 # C901: the complexity (18) is the sum of the six phase closures, each a few lines, that `run` lists as six timed
 # steps; the closures fill the one report, so splitting them apart would scatter it.
 def run(*, scale: float = 0.01, tps: float = 40.0, writers: int = 2, keep: bool = False,  # noqa: C901
-        sync_rounds: int = 2, admin_dsn: str | None = None,
+        sync_rounds: int = 2, admin_dsn: str | None = None, write_config: bool = False,
         on_phase: Callable[[str], None] | None = None) -> RehearsalReport:
+    """The rehearsal; with `keep` and `write_config` (the command's --keep), also a configuration file naming the kept
+    databases in the working directory (`RehearsalReport.config`)."""
     log = get(phase="rehearse")
     admin = admin_dsn or _admin_dsn()
     tag = uuid.uuid4().hex[:8]
@@ -147,7 +149,7 @@ def run(*, scale: float = 0.01, tps: float = 40.0, writers: int = 2, keep: bool 
         timed("cutover", do_cutover)
         timed("verify", do_verify)
         report.lag = _sampled_lag(target_dsn)
-        if keep:
+        if keep and write_config:
             report.config = _write_config(tag, source_dsn, target_dsn)
         report.ok = not report.problems
     finally:
