@@ -63,7 +63,7 @@ def test_a_cutover_and_its_overrides_are_audited_and_the_trail_is_append_only(
     assert done.returncode == 0, done.stderr
     trail = audit.read(cfg).actions
     assert [(a.action, a.arguments, a.outcome) for a in trail] == [
-        ("cutover", {"overrides": ["no-switch", "verify"]}, "done")]
+        ("cutover", {"overrides": ["no-switch", "verify"], "on_unhealthy": "rollback"}, "done")]
     assert trail[0].detail is not None and trail[0].detail.startswith("attempt 1, write freeze ")
     for statement in ("UPDATE migrator_control.audit SET outcome = 'done'", "DELETE FROM migrator_control.audit",
                       "TRUNCATE migrator_control.audit"):
