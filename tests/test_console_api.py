@@ -135,7 +135,7 @@ def test_a_cutover_from_the_console_runs_detached_a_conflicting_one_is_refused_a
         ("cutover --hold", "alice", "console", {}, "done"),
         ("cutover", "alice", "console", {"overrides": ["no-switch", "verify"]}, "interrupted"),
         ("cutover", "bob", "console", {"overrides": ["no-switch"]}, "refused"),
-        ("cutover", state.operator(), "cli", {"overrides": ["no-switch"]}, "refused"),
+        ("cutover", state.operator(), "cli", {"overrides": ["no-switch"], "on_unhealthy": "rollback"}, "refused"),
         ("rollback", "alice", "console", {"overrides": ["no-switch"]}, "refused"),
         ("cancel", "bob", "console", {}, "done"),
         ("cutover --release-hold", "alice", "console", {}, "done"),
