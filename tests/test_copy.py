@@ -85,7 +85,7 @@ def test_several_worker_processes_share_the_chunks(source_dsn: str, target_dsn: 
         time.sleep(1.0)
         # Throttled, so that the coordinator's own worker cannot take every chunk before the joined ones poll
         # (on a loaded machine it once did): every process gets chunks whatever the scheduling.
-        coordinator = procs.run("copy", "--workers", "1", "--max-rate", "1", "--json", timeout=120)
+        coordinator = procs.run("copy", "--workers", "1", "--max-rate", "0.5", "--json", timeout=120)
         for proc in joined:
             assert proc.wait(timeout=60) == 0, procs.output(proc)
     finally:
