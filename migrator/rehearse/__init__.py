@@ -19,12 +19,14 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
 
 from migrator import copy, cutover, gonogo, prepare, sync, verify
 from migrator import inspect as inspect_mod
+from migrator import report as report_mod
 from migrator.config import Config, from_dict
 from migrator.errors import ConnectionFailed
 from migrator.log import get
@@ -60,7 +62,7 @@ def _admin_dsn() -> str:
 # C901: the complexity (18) is the sum of the six phase closures, each a few lines, that `run` lists as six timed
 # steps; the closures fill the one report, so splitting them apart would scatter it.
 def run(*, scale: float = 0.01, tps: float = 40.0, writers: int = 2, keep: bool = False,  # noqa: C901
-        sync_rounds: int = 2, admin_dsn: str | None = None,
+        sync_rounds: int = 2, admin_dsn: str | None = None, report_dir: Path | None = None,
         on_phase: Callable[[str], None] | None = None) -> RehearsalReport:
     log = get(phase="rehearse")
     admin = admin_dsn or _admin_dsn()
@@ -147,6 +149,7 @@ def run(*, scale: float = 0.01, tps: float = 40.0, writers: int = 2, keep: bool 
         timed("cutover", do_cutover)
         timed("verify", do_verify)
         report.lag = _sampled_lag(target_dsn)
+        report.report = str(report_mod.write(cfg, report_dir).html)  # before the databases are dropped
         if keep:
             report.config = _write_config(tag, source_dsn, target_dsn)
         report.ok = not report.problems
