@@ -255,8 +255,8 @@ class RehearsalSettings:
     rollback: Flag = False
     """After the cutover and its verify, roll back too (and verify again)."""
     production_bytes: Positive | None = None
-    """The production database's size in bytes (what `inspect` or pg_database_size says of it): `migrator report`
-    predicts its copy time from the measured copy throughput."""
+    """The production tables' total size in bytes (`migrator inspect`'s total: pg_total_relation_size of each
+    table): `migrator report` predicts the copy time from the rehearsal's tables, measured the same way."""
     production_rows: Positive | None = None
     """The production database's rows: the report predicts the copy time from the measured rows per second too."""
     production_write_rate: Positive | None = None

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from migrator import __version__, db, state
 from migrator.config import Config, redact
@@ -129,14 +130,21 @@ def _safe(value: Any, key: str = "") -> Any:
     return value if value is None or isinstance(value, bool | int | float) else redact(str(value))
 
 
-def _server(dsn: str, role: str) -> dict[str, Any]:
-    """A server's version and its database's size; what failed, when it is not reachable."""
+def _server(dsn: str, role: str, tables: list[str] | None = None) -> dict[str, Any]:
+    """A server's version and its database's size (and the total size of `tables`, schema.table, as `inspect`
+    measures a table: pg_total_relation_size); what failed, when it is not reachable."""
     try:
         with db.connect(dsn, role=role, connect_timeout=5) as conn:
             row = conn.execute("SELECT current_setting('server_version'), pg_database_size(current_database())"
                                ).fetchone()
             assert row is not None
-            return {"server_version": row[0], "database_bytes": int(row[1])}
+            found: dict[str, Any] = {"server_version": row[0], "database_bytes": int(row[1])}
+            if tables:
+                size = conn.execute("SELECT sum(pg_total_relation_size(to_regclass(t)))::bigint FROM unnest(%s::text[])"
+                                    " AS t", ([sql.Identifier(*t.split(".", 1)).as_string(conn)
+                                               for t in tables],)).fetchone()
+                found["tables_bytes"] = int(size[0]) if size and size[0] is not None else None
+            return found
     except (psycopg.Error, Exception) as exc:  # noqa: BLE001 - an unreachable server is a line of the report
         return {"unreachable": redact(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__}
 
@@ -185,7 +193,8 @@ def gather(cfg: Config) -> dict[str, Any]:
         "verify": verify,
         "audit": _safe(audit),
         "rehearsals": rehearsals,
-        "environment": {"migrator_version": __version__, "source": _server(cfg.source_dsn, "source"),
+        "environment": {"migrator_version": __version__,
+                        "source": _server(cfg.source_dsn, "source", [t["table"] for t in tables]),
                         "target": _server(cfg.target_dsn, "target"),
                         "config": _safe(json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))},
     }
@@ -211,10 +220,16 @@ def _predict_copy(data: dict[str, Any], cfg: Config) -> dict[str, Any]:
                           f"the same servers, network and [copy] workers ({cfg.copy.workers}) for production",
                           "throughput stays the same at production's size (copy time grows linearly)"]
     guesses = []
-    if r.production_bytes and c["bytes_per_second"]:
-        out["seconds_by_bytes"] = r.production_bytes / c["bytes_per_second"]
+    sized = data["environment"]["source"].get("tables_bytes")
+    if r.production_bytes and sized:
+        out["tables_bytes_per_second"] = sized / c["seconds"]
+        out["seconds_by_bytes"] = r.production_bytes / out["tables_bytes_per_second"]
         guesses.append(out["seconds_by_bytes"])
-        out["assumptions"].append(f"production size: {r.production_bytes / 1e9:.2f} GB ([rehearsal] production_bytes)")
+        out["assumptions"] += [
+            f"production size: {r.production_bytes / 1e9:.2f} GB ([rehearsal] production_bytes: the tables' total "
+            "size, as `migrator inspect` reports it)",
+            f"the rehearsal's tables measure {sized / 1e6:.1f} MB the same way now (after the workload's writes): "
+            f"{out['tables_bytes_per_second'] / 1e6:.2f} MB/s of table size copied"]
     if r.production_rows and c["rows_per_second"]:
         out["seconds_by_rows"] = r.production_rows / c["rows_per_second"]
         guesses.append(out["seconds_by_rows"])

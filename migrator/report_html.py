@@ -88,6 +88,21 @@ def _timeline(data: dict[str, Any]) -> str:
     return bar_chart("phases (seconds from the first)", bars, "s")
 
 
+def _rehearsal(data: dict[str, Any]) -> str:
+    """The last rehearsal's phases as it recorded them (a rehearsal on configured test databases records them)."""
+    if not data["rehearsals"]:
+        return ""
+    r = data["rehearsals"][-1]
+    bars, start = [], 0.0
+    for p in r["phases"]:
+        bars.append((p["name"], start, float(p["seconds"])))
+        start += float(p["seconds"])
+    outcome = {True: "ok", False: "FAILED", None: "unfinished"}[r["ok"]]
+    return (f"<h3>rehearsal {r['id']} ({escape(r['workload'])} workload): {outcome}</h3>"
+            + bar_chart(f"rehearsal {r['id']} phases", bars, "s")
+            + _table(["phase", "seconds", "detail"], [[p["name"], p["seconds"], p["detail"]] for p in r["phases"]]))
+
+
 def _sync_charts(data: dict[str, Any]) -> str:
     samples = data["sync"]["samples"]
     if not samples:
@@ -166,7 +181,7 @@ def render(data: dict[str, Any]) -> str:
     tables = sorted(c["tables"], key=lambda t: -(t["seconds"] or 0))
     sections = [
         ("The prediction for cutover night", _prediction(data)),
-        ("Timeline", _timeline(data)),
+        ("Timeline", _timeline(data) + _rehearsal(data)),
         ("Copy", f"<p>{_fmt(c['rows'])} rows, {_fmt(c['bytes'])} bytes in {_fmt(c['seconds'])} s "
                  f"({_fmt(c['rows_per_second'], 0)} rows/s, {_fmt((c['bytes_per_second'] or 0) / 1e6)} MB/s)</p>"
                  + bar_chart("copy throughput per table (MB/s)", [(t["table"], 0.0, (t["bytes_per_second"] or 0) / 1e6)
