@@ -130,6 +130,21 @@ def _safe(value: Any, key: str = "") -> Any:
     return value if value is None or isinstance(value, bool | int | float) else redact(str(value))
 
 
+def _busy(tables: list[dict[str, Any]]) -> float | None:
+    """Seconds in which some table was being copied (the union of the tables' copy intervals): the copy's time
+    without its setup (snapshot, workers starting) and its end."""
+    spans = sorted((dt.datetime.fromisoformat(t["started_at"]), t["seconds"]) for t in tables
+                   if t["started_at"] and t["seconds"] is not None)
+    total, end = 0.0, None
+    for start, seconds in spans:
+        stop = start + dt.timedelta(seconds=seconds)
+        if end is None or start >= end:
+            total, end = total + seconds, stop
+        elif stop > end:
+            total, end = total + (stop - end).total_seconds(), stop
+    return total if spans else None
+
+
 def _server(dsn: str, role: str, tables: list[str] | None = None) -> dict[str, Any]:
     """A server's version and its database's size (and the total size of `tables`, schema.table, as `inspect`
     measures a table: pg_total_relation_size); what failed, when it is not reachable."""
@@ -164,6 +179,7 @@ def gather(cfg: Config) -> dict[str, Any]:
     if found is not None:
         verify = dict(found[0], started_at=found[1].isoformat())
     copy_seconds = _seconds(m.copy_started_at, m.copy_finished_at) if m else None
+    busy = _busy(tables)
     copied_rows = sum(t["rows"] or 0 for t in tables)
     copied_bytes = sum(t["bytes"] or 0 for t in tables)
     lags = [s["lag_seconds"] or 0.0 for s in samples]
@@ -177,7 +193,7 @@ def gather(cfg: Config) -> dict[str, Any]:
                                                  "copy_finished_at", "post_data_at", "cutover_at")},
             "frozen": m.frozen},
         "timeline": _timeline(m, samples, attempts, verify),
-        "copy": {"seconds": copy_seconds, "rows": copied_rows, "bytes": copied_bytes,
+        "copy": {"seconds": copy_seconds, "rows": copied_rows, "bytes": copied_bytes, "busy_seconds": busy,
                  "workers_rate_limit_mb_s": run.max_rate if run else None,
                  "rows_per_second": copied_rows / copy_seconds if copy_seconds else None,
                  "bytes_per_second": copied_bytes / copy_seconds if copy_seconds else None, "tables": tables},
@@ -219,19 +235,25 @@ def _predict_copy(data: dict[str, Any], cfg: Config) -> dict[str, Any]:
                           f"({c['bytes_per_second'] / 1e6:.2f} MB/s, {c['rows_per_second']:.0f} rows/s)",
                           f"the same servers, network and [copy] workers ({cfg.copy.workers}) for production",
                           "throughput stays the same at production's size (copy time grows linearly)"]
+    busy = c["busy_seconds"] or c["seconds"]
+    fixed = max(0.0, c["seconds"] - busy)
+    out["fixed_seconds"] = fixed
+    out["assumptions"].append(f"of the {c['seconds']:.1f} s, {busy:.1f} s copied tables' rows and {fixed:.1f} s went "
+                              "before the first table (snapshot, workers) and after the last (post-data: indexes, "
+                              "constraints): taken as fixed, although index builds grow with the size")
     guesses = []
     sized = data["environment"]["source"].get("tables_bytes")
     if r.production_bytes and sized:
-        out["tables_bytes_per_second"] = sized / c["seconds"]
-        out["seconds_by_bytes"] = r.production_bytes / out["tables_bytes_per_second"]
+        out["tables_bytes_per_second"] = sized / busy
+        out["seconds_by_bytes"] = fixed + r.production_bytes / out["tables_bytes_per_second"]
         guesses.append(out["seconds_by_bytes"])
         out["assumptions"] += [
             f"production size: {r.production_bytes / 1e9:.2f} GB ([rehearsal] production_bytes: the tables' total "
             "size, as `migrator inspect` reports it)",
             f"the rehearsal's tables measure {sized / 1e6:.1f} MB the same way now (after the workload's writes): "
             f"{out['tables_bytes_per_second'] / 1e6:.2f} MB/s of table size copied"]
-    if r.production_rows and c["rows_per_second"]:
-        out["seconds_by_rows"] = r.production_rows / c["rows_per_second"]
+    if r.production_rows and c["rows"]:
+        out["seconds_by_rows"] = fixed + r.production_rows * busy / c["rows"]
         guesses.append(out["seconds_by_rows"])
         out["assumptions"].append(f"production rows: {r.production_rows:.0f} ([rehearsal] production_rows)")
     if not guesses:

@@ -92,7 +92,9 @@ def test_a_second_report_shows_the_first_in_its_history_and_predicts_from_produc
     assert data["history"][0]["copy_seconds"] == data["history"][1]["copy_seconds"] == first["copy"]["seconds"]
     p = data["prediction"]
     sized = data["environment"]["source"]["tables_bytes"]
-    assert sized > 0 and p["copy"]["seconds_by_bytes"] == pytest.approx(1e9 * data["copy"]["seconds"] / sized)
+    busy = data["copy"]["busy_seconds"]
+    assert 0 < busy <= data["copy"]["seconds"] and p["copy"]["fixed_seconds"] == data["copy"]["seconds"] - busy
+    assert sized > 0 and p["copy"]["seconds_by_bytes"] == pytest.approx(p["copy"]["fixed_seconds"] + 1e9 * busy / sized)
     assert p["copy"]["seconds"] == max(p["copy"]["seconds_by_bytes"], p["copy"]["seconds_by_rows"])
     assert any("production_write_rate" in a for a in p["lag"]["assumptions"])
     assert p["freeze"]["seconds"] == pytest.approx(p["freeze"]["fixed_seconds"] + p["freeze"]["drain_seconds"])
