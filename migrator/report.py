@@ -290,6 +290,21 @@ def _predict_lag(data: dict[str, Any], cfg: Config) -> dict[str, Any]:
     return out
 
 
+def _step_seconds(attempt: dict[str, Any] | None, name: str) -> float:
+    return sum(s["seconds"] or 0.0 for s in (attempt or {}).get("steps", []) if s["step"] == name)
+
+
+def _size_ratio(data: dict[str, Any], cfg: Config) -> tuple[float, str]:
+    """Production's size over the rehearsal's (rows, else table bytes), and how it was found."""
+    r, c = cfg.rehearsal, data["copy"]
+    if r.production_rows and c["rows"]:
+        return r.production_rows / c["rows"], f"production_rows / the {c['rows']} rows copied"
+    sized = data["environment"]["source"].get("tables_bytes")
+    if r.production_bytes and sized:
+        return r.production_bytes / sized, "production_bytes / the rehearsal's tables' size"
+    return 1.0, "no production size given: the rehearsal's"
+
+
 def _predict_freeze(data: dict[str, Any], cfg: Config) -> dict[str, Any]:
     last, rate = data["last_attempt"], cfg.rehearsal.production_write_rate
     attempt = data["attempts"][-1] if data["attempts"] else None
@@ -299,16 +314,21 @@ def _predict_freeze(data: dict[str, Any], cfg: Config) -> dict[str, Any]:
         out["text"] = "freeze window: no finished cutover recorded; nothing to predict from"
         return out
     freeze, (drain_s, drained) = float(last["freeze_seconds"]), drain
-    fixed = max(0.0, freeze - drain_s)
+    verify_s = _step_seconds(attempt, "verify") if cfg.cutover.verify != "none" else 0.0
+    ratio, how = _size_ratio(data, cfg)
+    fixed = max(0.0, freeze - drain_s - verify_s)
     measured_rate = data["sync"]["applied_per_second_median"]
     expected = drained * (rate / measured_rate) if rate and measured_rate else float(drained)
     per_event = drain_s / drained if drained else 0.0
-    out.update(fixed_seconds=fixed, expected_pending_events=expected, drain_seconds=expected * per_event)
-    out["seconds"] = fixed + out["drain_seconds"]
+    out.update(fixed_seconds=fixed, expected_pending_events=expected, drain_seconds=expected * per_event,
+               verify_seconds=verify_s * ratio)
+    out["seconds"] = fixed + out["drain_seconds"] + out["verify_seconds"]
     out["assumptions"] = [
-        f"measured: freeze {freeze:.2f} s = fixed step costs {fixed:.2f} s + drain {drain_s:.2f} s of {drained} events",
-        "the fixed steps (freeze, verify, sequences, switch...) cost the same on production"
-        + ("" if cfg.cutover.verify == "counts" else f" ([cutover] verify = {cfg.cutover.verify})"),
+        f"measured: freeze {freeze:.2f} s = fixed step costs {fixed:.2f} s + verify {verify_s:.2f} s + drain "
+        f"{drain_s:.2f} s of {drained} events",
+        "the fixed steps (freeze, sequences, switch...) cost the same on production",
+        f"the verify inside the freeze ([cutover] verify = {cfg.cutover.verify}) grows with the size: × {ratio:.1f} "
+        f"({how})",
         f"events pending at the freeze scale with the write rate: {drained} × {rate or 0:g}/"
         f"{_num(measured_rate)} = {expected:.0f}" if rate and measured_rate
         else "events pending at the freeze: as in the rehearsal (no production_write_rate given)",

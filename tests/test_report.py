@@ -97,7 +97,10 @@ def test_a_second_report_shows_the_first_in_its_history_and_predicts_from_produc
     assert sized > 0 and p["copy"]["seconds_by_bytes"] == pytest.approx(p["copy"]["fixed_seconds"] + 1e9 * busy / sized)
     assert p["copy"]["seconds"] == max(p["copy"]["seconds_by_bytes"], p["copy"]["seconds_by_rows"])
     assert any("production_write_rate" in a for a in p["lag"]["assumptions"])
-    assert p["freeze"]["seconds"] == pytest.approx(p["freeze"]["fixed_seconds"] + p["freeze"]["drain_seconds"])
+    assert p["freeze"]["seconds"] == pytest.approx(p["freeze"]["fixed_seconds"] + p["freeze"]["drain_seconds"]
+                                                   + p["freeze"]["verify_seconds"])
+    verify_step = next(s["seconds"] for s in first["attempts"][0]["steps"] if s["step"] == "verify")
+    assert p["freeze"]["verify_seconds"] == pytest.approx(verify_step * 5e6 / data["copy"]["rows"])
     assert SECRET not in done.stdout
     text = migrator("--config", str(cfg), "report", "--out", str(tmp_path / "r"))
     assert text.returncode == 0 and "predicted copy time for production" in text.stdout, text.stderr
