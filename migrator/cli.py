@@ -509,6 +509,23 @@ def audit_(obj: Ctx, as_json: bool) -> None:
     _emit(audit_mod.read(obj.cfg), as_json)
 
 
+@exits()
+@main.command(name="report")
+@click.option("--out", "out", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Directory of the reports and their history (default .migrator/reports).")
+@json_option
+@click.pass_obj
+def report_(obj: Ctx, out: str | None, as_json: bool) -> None:
+    """One HTML file (and its JSON) for the current migration from the control schema: timeline, copy, sync lag,
+    cutover steps, verify, checklist, operator actions, environment, the prediction for cutover night
+    ([rehearsal] production_bytes, production_rows, production_write_rate) and the earlier reports of DIR."""
+    from pathlib import Path
+
+    from migrator import report
+
+    _emit(report.write(obj.cfg, Path(out) if out else None), as_json)
+
+
 @exits({ExitCode.FINDING: "declined, or refused: nothing moves the clients back (--override no-switch), or another "
                           "cutover or rollback is running",
         ExitCode.CUTOVER_STOPPED: "the rollback stopped; clients stay on the target, which takes writes"})

@@ -254,6 +254,14 @@ class RehearsalSettings:
     """How long sync follows under the workload before the live verify (which sync keeps following through)."""
     rollback: Flag = False
     """After the cutover and its verify, roll back too (and verify again)."""
+    production_bytes: Positive | None = None
+    """The production tables' total size in bytes (`migrator inspect`'s total: pg_total_relation_size of each
+    table): `migrator report` predicts the copy time from the rehearsal's tables, measured the same way."""
+    production_rows: Positive | None = None
+    """The production database's rows: the report predicts the copy time from the measured rows per second too."""
+    production_write_rate: Positive | None = None
+    """Production's write rate, in captured row changes per second: the report predicts sync's lag and the cutover's
+    freeze window at it."""
 
 
 @dataclass(frozen=True, config=_SECTION)

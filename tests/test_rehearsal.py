@@ -87,11 +87,16 @@ def test_a_rehearsal_on_configured_test_databases_under_the_generic_workload(
                           REHEARSAL + "test_databases = true\nrollback = true\n")
 
     run = migrator("--config", str(config), "rehearse", "--workload", "generic", "--rate", "40", "--json",
-                   timeout=300)
+                   timeout=300, cwd=tmp_path)
 
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads(run.stdout)
     assert report["ok"] and report["problems"] == []
+    # Its report, written at the end from the control schema (into .migrator/reports of the working directory).
+    page = tmp_path / report["report"]
+    assert page.parent == tmp_path / ".migrator" / "reports" and "<svg" in page.read_text()
+    assert [p["name"] for p in json.loads(page.with_suffix(".json").read_text())["rehearsals"][-1]["phases"]][:3] == \
+        ["start", "workload", "inspect"]
     assert [p["name"] for p in report["phases"]] == [
         "start", "workload", "inspect", "prepare", "copy", "sync", "live_verify", "cutover", "verify", "rollback",
         "verify_back", "cleanup"]

@@ -19,12 +19,14 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
 
 from migrator import copy, cutover, gonogo, prepare, sync, verify
 from migrator import inspect as inspect_mod
+from migrator import report as report_mod
 from migrator.config import Config, from_dict
 from migrator.errors import ConnectionFailed
 from migrator.log import get
@@ -61,6 +63,7 @@ def _admin_dsn() -> str:
 # steps; the closures fill the one report, so splitting them apart would scatter it.
 def run(*, scale: float = 0.01, tps: float = 40.0, writers: int = 2, keep: bool = False,  # noqa: C901
         sync_rounds: int = 2, admin_dsn: str | None = None, write_config: bool = False,
+        report_dir: Path | None = None,
         on_phase: Callable[[str], None] | None = None) -> RehearsalReport:
     """The rehearsal; with `keep` and `write_config` (the command's --keep), also a configuration file naming the kept
     databases in the working directory (`RehearsalReport.config`)."""
@@ -149,6 +152,7 @@ def run(*, scale: float = 0.01, tps: float = 40.0, writers: int = 2, keep: bool 
         timed("cutover", do_cutover)
         timed("verify", do_verify)
         report.lag = _sampled_lag(target_dsn)
+        report.report = str(report_mod.write(cfg, report_dir).html)  # before the databases are dropped
         if keep and write_config:
             report.config = _write_config(tag, source_dsn, target_dsn)
         report.ok = not report.problems

@@ -22,11 +22,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg
 
 from migrator import cleanup, copy, cutover, db, gonogo, prepare, rollback, state, sync, verify
 from migrator import inspect as inspect_mod
+from migrator import report as report_mod
 from migrator.config import Config
 from migrator.errors import MigratorError
 from migrator.log import get
@@ -34,12 +36,12 @@ from migrator.rehearse import loads, target
 from migrator.rehearse.report import Phase, RehearsalReport
 
 
-def run(cfg: Config, spec: loads.LoadSpec, *, keep: bool = False,
+def run(cfg: Config, spec: loads.LoadSpec, *, keep: bool = False, report_dir: Path | None = None,
         on_phase: Callable[[str], None] | None = None) -> RehearsalReport:
     """Rehearse on the configured test databases; refused (Blocked, nothing changed) unless `target.admit` says
     both may be written. Errors of a phase propagate, after cleanup (unless `keep`)."""
     admitted = target.admit(cfg, spec.kind)
-    return _Rehearsal(cfg, spec, keep, on_phase).run(admitted)
+    return _Rehearsal(cfg, spec, keep, on_phase, report_dir).run(admitted)
 
 
 @dataclass
@@ -57,8 +59,9 @@ class _Lag:
 
 class _Rehearsal:
     def __init__(self, cfg: Config, spec: loads.LoadSpec, keep: bool,
-                 on_phase: Callable[[str], None] | None) -> None:
+                 on_phase: Callable[[str], None] | None, report_dir: Path | None = None) -> None:
         self.cfg, self.spec, self.keep, self.on_phase = cfg, spec, keep, on_phase
+        self.report_dir = report_dir
         self.report = RehearsalReport(mode="configured", source=db.describe_dsn(cfg.source_dsn),
                                       target=db.describe_dsn(cfg.target_dsn), workload_kind=spec.kind, kept=keep)
         self.log = get(phase="rehearse")
@@ -272,5 +275,6 @@ class _Rehearsal:
         try:
             with db.session(self.cfg.target_dsn, role="target", autocommit=True) as conn:
                 state.finish_rehearsal(conn, self.rehearsal_id, self.report.ok)
-        except (MigratorError, psycopg.Error) as exc:
+            self.report.report = str(report_mod.write(self.cfg, self.report_dir).html)
+        except (MigratorError, psycopg.Error, OSError) as exc:
             self.log.warning("rehearse.not_recorded", error=str(exc).splitlines()[0])

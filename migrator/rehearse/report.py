@@ -49,6 +49,8 @@ class RehearsalReport:
     """With --keep: a configuration file naming the kept databases (for `migrator console`, `status`, `audit`)."""
     lag: dict[str, Any] = field(default_factory=dict)
     """The lag sync sampled (the samples `migrator console` charts): count, median and worst seconds."""
+    report: str | None = None
+    """The HTML report `migrator report` writes from the control schema at the end (its JSON beside it)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -77,6 +79,8 @@ class RehearsalReport:
             lines.append(f"kept databases: {self.databases[0]} (legacy), {self.databases[1]} (new)")
         if self.kept and self.config:
             lines.append(f"look at them: migrator --config {self.config} console   (or status, audit)")
+        if self.report:
+            lines.append(f"report (charts, the prediction for cutover night, history): {self.report}")
         for p in self.problems:
             lines.append(f"PROBLEM: {p}")
         lines.append("RESULT: " + ("OK — nothing lost, nothing doubled" if self.ok else "FAILED"))
@@ -96,8 +100,8 @@ class RehearsalReport:
         if self.workload_check_text:
             lines.append(f"workload check: {self.workload_check_text}")
         lines += self.notes
-        lines.append("(a report with charts and the prediction for cutover night is not built yet; `--json` prints "
-                     "these figures)")
+        if self.report:
+            lines.append(f"report (charts, the prediction for cutover night, history): {self.report}")
         for p in self.problems:
             lines.append(f"PROBLEM: {p}")
         lines.append("RESULT: " + ("OK — nothing lost, nothing doubled" if self.ok else "FAILED"))

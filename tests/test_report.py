@@ -1,0 +1,132 @@
+"""`migrator report` (issue 16): its figures are what the control schema recorded, the page holds its charts as
+inline SVG and no secret and no external address, a second report shows the first in its history, and the page
+renders in headless Chromium (a screenshot kept under build/test-artifacts). One small synthetic rehearsal, kept,
+gives the control schema every part of the report reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from migrator import rehearse, state
+from tests.test_cli import migrator, write_config
+
+SECRET = "sekrit-report-42"
+ADMIN = f"host=127.0.0.1 port=5432 dbname=postgres user=postgres password={SECRET}"  # trust: the password is unused
+ARTIFACTS = Path(__file__).resolve().parent.parent / "build" / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    home = tmp_path_factory.mktemp("report")
+    cwd = Path.cwd()
+    os.chdir(home)  # the kept rehearsal's configuration file goes to the working directory
+    try:
+        r = rehearse.run(scale=0.002, keep=True, admin_dsn=ADMIN, report_dir=home / "reports", sync_rounds=4)
+    finally:
+        os.chdir(cwd)
+    assert r.ok and r.report and r.databases
+    dsns = [psycopg.conninfo.make_conninfo(ADMIN, dbname=n) for n in r.databases]
+    try:
+        yield {"home": home, "html": Path(r.report), "source": dsns[0], "target": dsns[1]}
+    finally:
+        with psycopg.connect(ADMIN, autocommit=True) as conn:
+            for name in r.databases:
+                conn.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+                             .format(psycopg.sql.Identifier(name)))
+
+
+def test_the_reports_figures_are_what_the_control_schema_recorded(run: dict[str, Any]) -> None:
+    data = json.loads(run["html"].with_suffix(".json").read_text())
+    with psycopg.connect(run["target"]) as conn:
+        m = state.migration(conn)
+        tables = {t.display: t for t in state.tables(conn)}
+        samples = state.samples(conn)
+        attempts = state.attempts(conn)
+        verify = state.last_verify(conn)
+    assert m is not None and verify is not None
+    assert data["copy"]["seconds"] == (m.copy_finished_at - m.copy_started_at).total_seconds()  # type: ignore[operator]
+    assert {t["table"]: (t["rows"], t["bytes"]) for t in data["copy"]["tables"]} == \
+        {k: (t.rows_copied, t.bytes_copied) for k, t in tables.items()}
+    assert data["copy"]["rows"] == sum(t.rows_copied or 0 for t in tables.values())
+    assert [s["lag_seconds"] for s in data["sync"]["samples"]] == [s.lag_seconds for s in samples]
+    assert [s["events_applied"] for s in data["sync"]["samples"]] == [s.events_applied for s in samples]
+    assert len(data["attempts"]) == len(attempts) == 1
+    assert data["last_attempt"]["freeze_seconds"] == attempts[-1]["freeze_seconds"]
+    assert [s["step"] for s in data["attempts"][0]["steps"]] == [s["step"] for s in attempts[-1]["steps"]]
+    assert data["last_attempt"]["checklist"] == attempts[-1]["checklist"]
+    assert data["verify"]["identical"] is verify[0]["identical"] is True
+    # No production figures in the rehearsal's configuration: the prediction says what to give, and measured the rest.
+    assert "production_bytes" in data["prediction"]["copy"]["text"]
+    assert data["prediction"]["freeze"]["seconds"] == pytest.approx(data["last_attempt"]["freeze_seconds"])
+
+
+def test_the_page_has_its_charts_and_no_secret_and_no_external_address(run: dict[str, Any]) -> None:
+    html = run["html"].read_text()
+    for title in ("phases", "copy throughput per table", "sync lag", "pending events", "events applied per second",
+                  "steps of attempt 1"):
+        assert f"<title>{title}" in html
+    assert html.count("<svg") >= 6
+    for text in (html, run["html"].with_suffix(".json").read_text()):
+        assert SECRET not in text
+        assert "http://" not in text and "https://" not in text and "src=" not in text
+
+
+def test_a_second_report_shows_the_first_in_its_history_and_predicts_from_production_figures(
+        run: dict[str, Any], tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "m.toml", run["source"], run["target"],
+                       "[rehearsal]\nproduction_bytes = 1e9\nproduction_rows = 5e6\nproduction_write_rate = 2000.0\n")
+    done = migrator("--config", str(cfg), "report", "--out", str(run["html"].parent), "--json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert [h["file"] for h in data["history"]][:-1] == [run["html"].with_suffix(".json").name]
+    first = json.loads(run["html"].with_suffix(".json").read_text())
+    assert data["history"][0]["freeze_seconds"] == first["last_attempt"]["freeze_seconds"]
+    assert data["history"][0]["copy_seconds"] == data["history"][1]["copy_seconds"] == first["copy"]["seconds"]
+    p = data["prediction"]
+    sized = data["environment"]["source"]["tables_bytes"]
+    busy = data["copy"]["busy_seconds"]
+    assert 0 < busy <= data["copy"]["seconds"] and p["copy"]["fixed_seconds"] == data["copy"]["seconds"] - busy
+    assert sized > 0 and p["copy"]["seconds_by_bytes"] == pytest.approx(p["copy"]["fixed_seconds"] + 1e9 * busy / sized)
+    assert p["copy"]["seconds"] == max(p["copy"]["seconds_by_bytes"], p["copy"]["seconds_by_rows"])
+    assert any("production_write_rate" in a for a in p["lag"]["assumptions"])
+    assert p["freeze"]["seconds"] == pytest.approx(p["freeze"]["fixed_seconds"] + p["freeze"]["drain_seconds"]
+                                                   + p["freeze"]["verify_seconds"])
+    verify_step = next(s["seconds"] for s in first["attempts"][0]["steps"] if s["step"] == "verify")
+    assert p["freeze"]["verify_seconds"] == pytest.approx(verify_step * 5e6 / data["copy"]["rows"])
+    assert SECRET not in done.stdout
+    text = migrator("--config", str(cfg), "report", "--out", str(tmp_path / "r"))
+    assert text.returncode == 0 and "predicted copy time for production" in text.stdout, text.stderr
+
+
+def test_the_page_renders_in_headless_chromium(run: dict[str, Any]) -> None:
+    chromium, driver_path = "/usr/bin/chromium", "/usr/bin/chromedriver"
+    if not (shutil.which(chromium) and shutil.which(driver_path)):
+        if os.environ.get("CI"):
+            pytest.fail("chromium and chromium-driver are missing: scripts/bootstrap.sh installs them")
+        pytest.skip("chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1000,3000"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(run["html"].as_uri())
+        charts = driver.find_elements(By.CSS_SELECTOR, "svg.chart")
+        assert len(charts) >= 6 and all(c.size["width"] > 100 and c.size["height"] > 50 for c in charts)
+        assert "The prediction for cutover night" in driver.find_element(By.TAG_NAME, "body").text
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        assert driver.save_screenshot(str(ARTIFACTS / "report.png"))
+    finally:
+        driver.quit()
