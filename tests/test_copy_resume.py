@@ -134,7 +134,8 @@ def test_copy_killed_several_times_then_resumed_finishes_with_every_constraint(
     ward.start()
     procs = Processes(config_file(tmp_path, source_dsn, target_dsn, chunk_mb=CHUNK_MB))
     try:
-        for _ in range(3):
+        # Two killed runs: with the schema's six chunks, a third could copy the last of them before its kill.
+        for _ in range(2):
             before = _copied(target_dsn)
             proc = procs.start("copy", "--workers", "1", "--max-rate", "0.5")
 
@@ -148,7 +149,7 @@ def test_copy_killed_several_times_then_resumed_finishes_with_every_constraint(
         chunks = chunk_rows(target_dsn)
         print("chunks per snapshot before the last run:", sorted(Counter(r[5] for r in chunks).values()))
         assert any(r[4] != "copied" for r in chunks), "the kills must land before the copy's end"
-        assert len({r[5] for r in chunks if r[4] == "copied"}) >= 3, "each killed run copied under its own snapshot"
+        assert len({r[5] for r in chunks if r[4] == "copied"}) >= 2, "each killed run copied under its own snapshot"
 
         done = procs.run("copy", "--json", timeout=120)
 
