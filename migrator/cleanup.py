@@ -102,7 +102,7 @@ def export_history(cfg: Config) -> Path | None:
         get(phase="cleanup").warning("cleanup.history_not_exported", error=str(exc).splitlines()[0])
         return None
     cfg.local_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")  # two cleanups may fall in one second
     path = cfg.local_dir / f"history-{found.migration.get('migration_id') or 'migration'}-{stamp}.json"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as out:
