@@ -726,8 +726,8 @@ def test_application_triggers_and_foreign_keys_do_not_fire_on_the_target_and_sta
     triggers = fetch(
         target_dsn,
         "SELECT c.relname, t.tgname, t.tgenabled::text FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
-        "WHERE NOT t.tgisinternal ORDER BY 1, 2",
-    )
+        "WHERE NOT t.tgisinternal AND c.relnamespace::regnamespace::text <> 'migrator_control' ORDER BY 1, 2",
+    )  # the control schema's own (its audit trail is append-only by a trigger) are not the application's
     assert triggers == [("patient", "patient_audit", "O"), ("patient", "patient_replica", "R"),
                         ("patient", "patient_stamp", "O"), ("patient", "patient_version", "A")]
     assert fetch(target_dsn, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE '\\_migrator%'") == [(0,)]
