@@ -211,7 +211,9 @@ def test_truncate_keeps_a_child_holding_events_not_surely_applied_and_gives_up_r
             started = time.monotonic()
             with pytest.raises(psycopg.errors.LockNotAvailable):
                 rotation.truncate_log_child(conn, 0, _xmin(conn), **bounds)
-            assert time.monotonic() - started < 2.0
+            # It gave up on lock_timeout (the error above), not after statement_timeout: a loaded machine slows the
+            # retries, not the bound.
+            assert time.monotonic() - started < bounds["statement_timeout"]
             open_writer.rollback()
 
         freed = rotation.truncate_log_child(conn, 0, _xmin(conn), **bounds)
