@@ -237,7 +237,13 @@ def test_twenty_clients_through_pgbouncer_see_no_error_and_every_committed_trans
     assert pointing == "target" and f"dbname={bouncer.legacy_db}" in legacy_entry
 
 
-@pytest.mark.parametrize("failure", ["pause_timeout", "target_unreachable", "verify_mismatch", "at_switch"])
+# CI's time budget keeps the two that differ most (the pooler's own timeout; the last step before the point of no
+# return); the target failing mid-way and a verify mismatch run outside CI.
+FAILURES = (["pause_timeout", "at_switch"] if os.environ.get("CI")
+            else ["pause_timeout", "target_unreachable", "verify_mismatch", "at_switch"])
+
+
+@pytest.mark.parametrize("failure", FAILURES)
 def test_failure_at_a_step_leaves_the_pooler_resumed_on_the_legacy_database_and_legacy_writable(
         failure: str, make_config: Callable[..., Config], source_dsn: str, target_dsn: str, admin_dsn: str,
         bouncer: Bouncer) -> None:
