@@ -10,10 +10,8 @@ its own meanings with `exits`, which ends its --help with them; the README's tab
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
-import threading
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -24,7 +22,19 @@ from migrator import audit as audit_mod
 from migrator import config as config_mod
 from migrator import log as log_mod
 from migrator import state
-from migrator.config import Config
+from migrator.clibase import (
+    DECLARED,
+    Ctx,
+    confirm,
+    emit,
+    exits,
+    interrupted_code,
+    json_option,
+    keep_going_on_hangup,
+    stop_on_signals,
+    terminate,
+    yes_option,
+)
 from migrator.errors import Blocked, ExitCode, Interrupted, MigratorError, database_hint
 from migrator.gonogo import NO_SWITCH, OVERRIDES
 from migrator.inspect import OVERRIDABLE as OVERRIDABLE_BLOCKERS
@@ -34,46 +44,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 C = TypeVar("C", bound=click.Command)
 
 
-class Ctx:
-    def __init__(self, config_path: str | None) -> None:
-        self.config_path = config_path
-        self._cfg: Config | None = None
-
-    @property
-    def cfg(self) -> Config:
-        if self._cfg is None:
-            self._cfg = config_mod.load(self.config_path)
-        return self._cfg
-
-    @property
-    def roles(self) -> str:
-        """The roles migrator connects as, for a privilege error ("" before the configuration is loaded)."""
-        if self._cfg is None:
-            return ""
-        users = {}
-        for side, dsn in (("source", self._cfg.source_dsn), ("target", self._cfg.target_dsn)):
-            try:
-                users[side] = psycopg.conninfo.conninfo_to_dict(dsn).get("user") or "the default user"
-            except psycopg.ProgrammingError:
-                users[side] = "?"
-        return ", ".join(f"{side}: {user}" for side, user in users.items())
-
-
 # --- exit codes ---------------------------------------------------------------------------------------------------
-
-EVERY_COMMAND = (ExitCode.OK, ExitCode.ERROR, ExitCode.USAGE, ExitCode.INTERRUPTED, ExitCode.TERMINATED)
-_EXITS: dict[click.Command, dict[ExitCode, str]] = {}
-
-
-def exits(specific: dict[ExitCode, str] | None = None) -> Callable[[C], C]:
-    """Declare a command's exit codes (those of every command, and its own meanings) and end its --help with them."""
-    def declare(command: C) -> C:
-        codes = {code: code.meaning for code in EVERY_COMMAND} | (specific or {})
-        _EXITS[command] = codes
-        command.epilog = "\b\nExit codes:\n" + "\n".join(f"  {int(c):<4} {codes[c]}" for c in sorted(codes))
-        return command
-    return declare
-
 
 def exit_codes() -> dict[str, dict[ExitCode, str]]:
     """Every command's exit codes by its full name ("objects sync"), as declared with `exits`."""
@@ -84,7 +55,7 @@ def exit_codes() -> dict[str, dict[ExitCode, str]]:
             if isinstance(command, click.Group):
                 walk(command, f"{prefix}{name} ")
             else:
-                found[f"{prefix}{name}"] = _EXITS[command]
+                found[f"{prefix}{name}"] = DECLARED[command]
     walk(main, "")
     return found
 
@@ -103,80 +74,6 @@ def exit_code_table() -> str:
                               for name, text in having.items())
         lines.append(f"| {int(code)} | {code.meaning} | {which} |")
     return "\n".join(lines)
-
-
-def _emit(result: Any, as_json: bool, text: Callable[[], str] | None = None) -> None:
-    """Print a result as JSON (`to_dict`) or as text (`text`, else the result's own `render_text`)."""
-    if as_json:
-        data = result.to_dict() if hasattr(result, "to_dict") else result
-        click.echo(json.dumps(data, indent=2, default=str))
-    elif text is not None:
-        click.echo(text())
-    elif hasattr(result, "render_text"):
-        click.echo(result.render_text())
-    else:
-        data = result.to_dict() if hasattr(result, "to_dict") else result
-        click.echo(json.dumps(data, indent=2, default=str))
-
-
-def _confirm(yes: bool, what: str) -> None:
-    """Ask before a change to a database; a wrong configuration is refused before the question."""
-    obj = click.get_current_context().find_object(Ctx)
-    if obj is not None:
-        _ = obj.cfg
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise Blocked(f"{what}: confirmation needed", hint="Run it again with --yes (scripts) or on a terminal.")
-    if not click.confirm(f"{what}. Go on?", default=False):
-        raise Blocked("declined by the operator")
-
-
-_signalled: list[int] = []
-"""The signals received (SIGINT, SIGTERM): an interrupted command exits 128 + the first one's number."""
-
-
-def _stop_on_signals() -> threading.Event:
-    """For commands that stop cleanly: SIGINT and SIGTERM set the event instead of raising KeyboardInterrupt."""
-    stop = threading.Event()
-
-    def handler(signum: int, _: Any) -> None:
-        log_mod.get(phase="cli").info("cli.stopping", signal=signal.Signals(signum).name)
-        _signalled.append(signum)
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return stop
-
-
-def _hung_up(signum: int, _: Any) -> None:
-    """The operator's terminal went away (SSH dropped): a cutover or rollback goes on. What it would print, its log
-    lines included, goes to /dev/null from now on (a write to a hung-up terminal fails); the control schema and the
-    guardian's journal keep the record (`migrator status` shows it)."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
-    os.close(devnull)
-
-
-def _keep_going_on_hangup() -> None:
-    """Cutover and rollback ignore SIGHUP: runbook 02 says to run them under tmux or systemd-run all the same."""
-    signal.signal(signal.SIGHUP, _hung_up)
-
-
-def _terminate(signum: int, _: Any) -> None:
-    """SIGTERM stops a command as Ctrl-C does (KeyboardInterrupt: what it holds is released on the way out)."""
-    _signalled.append(signum)
-    raise KeyboardInterrupt
-
-
-def _interrupted_code() -> ExitCode:
-    return ExitCode.TERMINATED if _signalled and _signalled[0] == signal.SIGTERM else ExitCode.INTERRUPTED
-
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON for scripts.")
-yes_option = click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 
 
 @exits({code: code.meaning for code in ExitCode})
@@ -205,7 +102,7 @@ def inspect(obj: Ctx, as_json: bool) -> None:
     from migrator import inspect as inspect_mod
 
     report = inspect_mod.run(obj.cfg)
-    _emit(report, as_json)
+    emit(report, as_json)
     sys.exit(ExitCode.OK if report.ready else ExitCode.FINDING)
 
 
@@ -222,9 +119,9 @@ def prepare(obj: Ctx, yes: bool, overrides: tuple[str, ...], as_json: bool) -> N
     (exit 1, creating nothing) while a blocker stands that --override does not name."""
     from migrator import prepare as prepare_mod
 
-    _confirm(yes, "This installs capture triggers and the _migrator schema on the legacy database")
+    confirm(yes, "This installs capture triggers and the _migrator schema on the legacy database")
     result = prepare_mod.prepare(obj.cfg, overrides=overrides)
-    _emit(result, as_json, result.render_text)
+    emit(result, as_json, result.render_text)
 
 
 @exits()
@@ -248,15 +145,15 @@ def copy(obj: Ctx, workers: int | None, only: tuple[str, ...], max_rate: float |
 
     if control is not None:
         with audit_mod.recorded(obj.cfg, f"copy --{control}", {}):
-            _emit(copy_mod.pause(obj.cfg) if control == "pause" else copy_mod.resume(obj.cfg), as_json)
+            emit(copy_mod.pause(obj.cfg) if control == "pause" else copy_mod.resume(obj.cfg), as_json)
         return
     if as_worker:
-        _emit(copy_mod.WorkerResult(copy_mod.work(obj.cfg, wait=wait)), as_json)
+        emit(copy_mod.WorkerResult(copy_mod.work(obj.cfg, wait=wait)), as_json)
         return
     with CopyProgress(enabled=not as_json and sys.stderr.isatty()) as progress:
         result = copy_mod.run(obj.cfg, workers=workers, progress=progress.update, only=list(only) or None,
                               max_rate=max_rate, overall=progress.overall)
-    _emit(result, as_json)
+    emit(result, as_json)
 
 
 @exits({ExitCode.OK: "caught up; --follow: stopped by SIGINT or SIGTERM",
@@ -277,10 +174,10 @@ def sync(obj: Ctx, mode: str, check_lag: float | None, as_json: bool) -> None:
     if check_lag is not None:
         lag = sync_mod.lag(obj.cfg)
         behind = (lag.oldest_pending_seconds or 0.0) > check_lag
-        _emit(lag, as_json, lambda: f"{lag.pending_events} events pending, oldest "
+        emit(lag, as_json, lambda: f"{lag.pending_events} events pending, oldest "
                                     f"{lag.oldest_pending_seconds or 0:.1f}s ({'over' if behind else 'within'} {check_lag}s)")
         sys.exit(ExitCode.FINDING if behind else ExitCode.OK)
-    stop = _stop_on_signals()
+    stop = stop_on_signals()
     live = mode == "follow" and not as_json
 
     def on_batch(info: sync_mod.BatchInfo, lag: sync_mod.Lag) -> None:
@@ -289,7 +186,7 @@ def sync(obj: Ctx, mode: str, check_lag: float | None, as_json: bool) -> None:
                        f"lag {lag.oldest_pending_seconds or 0:.1f}s", err=True)
 
     result = sync_mod.sync(obj.cfg, follow=mode == "follow", stop=stop, on_batch=on_batch, samples=True)
-    _emit(result, as_json, result.render_text)
+    emit(result, as_json, result.render_text)
 
 
 @exits({ExitCode.FINDING: "rows (or files) differ, listed by key",
@@ -324,7 +221,7 @@ def verify(obj: Ctx, tables: tuple[str, ...], with_objects: bool, show_values: b
         # instead. (After `cleanup`, comparing the two sides still makes sense.)
         status_mod.require_prepared(obj.cfg, after_cleanup=True)
     if not with_objects:
-        _emit(report, as_json, report.render_text)
+        emit(report, as_json, report.render_text)
         sys.exit(report.exit_code)
     from migrator import objects
 
@@ -332,7 +229,7 @@ def verify(obj: Ctx, tables: tuple[str, ...], with_objects: bool, show_values: b
                            progress=(lambda files, _: show("objects", files)) if live else None)
     if live:
         click.echo("", err=True)
-    _emit({"rows": report.to_dict(), "objects": found.to_dict()}, as_json,
+    emit({"rows": report.to_dict(), "objects": found.to_dict()}, as_json,
           lambda: report.render_text() + "\n" + found.render_text())
     sys.exit(max(report.exit_code, found.exit_code))
 
@@ -356,14 +253,14 @@ def objects_sync(obj: Ctx, follow: bool, workers: int | None, max_rate: float | 
     from migrator import objects
     from migrator.terminal import CopyProgress
 
-    stop = _stop_on_signals()
+    stop = stop_on_signals()
     with CopyProgress(enabled=not as_json and sys.stderr.isatty()) as progress:
         result = objects.sync(obj.cfg, follow=follow, stop=stop, workers=workers, max_rate=max_rate,
                               progress=lambda files, nbytes: progress.update("objects", files, nbytes))
     if stop.is_set() and not follow:
         raise Interrupted(f"objects sync stopped before its pass was over ({result.copied} files copied, and "
                           "recorded)")
-    _emit(result, as_json)
+    emit(result, as_json)
     sys.exit(ExitCode.OK if result.ok else ExitCode.FINDING)
 
 
@@ -375,7 +272,7 @@ def status(obj: Ctx, as_json: bool) -> None:
     """The migration's state from the control schema, with the sync lag."""
     from migrator import status as status_mod
 
-    _emit(status_mod.read(obj.cfg), as_json)
+    emit(status_mod.read(obj.cfg), as_json)
 
 
 @exits({ExitCode.FINDING: "no-go (also --check), or declined, or refused: another cutover or rollback is running",
@@ -407,24 +304,24 @@ def cutover(obj: Ctx, yes: bool, overrides: tuple[str, ...], hold_: bool, releas
         raise click.UsageError("--hold, --release-hold and --check exclude each other")
     if check:
         checklist = gonogo.run(obj.cfg, overrides=overrides)
-        _emit({"go": checklist.go, "checklist": checklist.to_list()}, as_json,
+        emit({"go": checklist.go, "checklist": checklist.to_list()}, as_json,
               lambda: f"go/no-go: {'GO' if checklist.go else 'NO GO'}\n{checklist.render_text()}")
         sys.exit(ExitCode.OK if checklist.go else ExitCode.FINDING)
     if hold_:
         with audit_mod.recorded(obj.cfg, "cutover --hold", {}):
             cutover_mod.hold(obj.cfg, f"held by {state.operator()}")
-        _emit({"hold": True}, as_json, lambda: "held: a cutover waits at the go/no-go point until "
+        emit({"hold": True}, as_json, lambda: "held: a cutover waits at the go/no-go point until "
                                                "`migrator cutover --release-hold`")
         return
     if release_hold:
         with audit_mod.recorded(obj.cfg, "cutover --release-hold", {}) as rec:
             was = cutover_mod.release_hold(obj.cfg)
             rec.detail = None if was else "there was no hold"
-        _emit({"hold": False, "was_held": was}, as_json,
+        emit({"hold": False, "was_held": was}, as_json,
               lambda: "hold released: a waiting cutover goes on" if was else "there was no hold")
         return
-    _confirm(yes, "This freezes writes on the legacy database and moves clients to the target")
-    _keep_going_on_hangup()
+    confirm(yes, "This freezes writes on the legacy database and moves clients to the target")
+    keep_going_on_hangup()
     with audit_mod.recorded(obj.cfg, "cutover", {"overrides": list(overrides), "on_unhealthy": on_unhealthy}) as rec:
         _cutover(obj, overrides, on_unhealthy, as_json, rec)
 
@@ -448,7 +345,7 @@ def _cutover(obj: Ctx, overrides: tuple[str, ...], on_unhealthy: str, as_json: b
         raise
     rec.detail = (f"attempt {report.attempt}, write freeze {report.freeze_seconds or 0:.2f}s"
                   if not report.already_done else "nothing to do: the cutover was done")
-    _emit(report, as_json, report.render_text)
+    emit(report, as_json, report.render_text)
 
 
 @exits({ExitCode.FINDING: "declined, or refused: the freeze belongs to another migration"})
@@ -459,7 +356,7 @@ def release(obj: Ctx, yes: bool) -> None:
     """Make the legacy database writable again after a cutover (capture stays installed)."""
     from migrator import release as release_mod
 
-    _confirm(yes, "This makes the legacy database writable again (split-brain risk if clients moved)")
+    confirm(yes, "This makes the legacy database writable again (split-brain risk if clients moved)")
     with audit_mod.recorded(obj.cfg, "release", {}):
         click.echo(release_mod.run(obj.cfg).render_text())
 
@@ -482,7 +379,7 @@ def cleanup(obj: Ctx, yes: bool, release_freeze: bool, migration_id: str | None,
 
     from migrator import cleanup as cleanup_mod
 
-    _confirm(yes, "This removes capture from the legacy database (and from the target: the rollback window ends); "
+    confirm(yes, "This removes capture from the legacy database (and from the target: the rollback window ends); "
                   "changes after it are no longer recorded")
     with audit_mod.recorded(obj.cfg, "cleanup", {"release_freeze": release_freeze, "migration": migration_id,
                                   "drop_control_schema": drop}):
@@ -496,7 +393,7 @@ def cleanup(obj: Ctx, yes: bool, release_freeze: bool, migration_id: str | None,
             cleanup_mod.drop_control_schema(obj.cfg)
         result = replace(result, history_file=str(written) if written else None,
                          control_schema_dropped=drop and written is not None)
-    _emit(result, as_json, result.render_text)
+    emit(result, as_json, result.render_text)
 
 
 @exits()
@@ -506,7 +403,7 @@ def cleanup(obj: Ctx, yes: bool, release_freeze: bool, migration_id: str | None,
 def audit_(obj: Ctx, as_json: bool) -> None:
     """The audit trail: every operator action (console and command line) and what the guardian did, with who, when,
     the arguments, the outcome and how long it took."""
-    _emit(audit_mod.read(obj.cfg), as_json)
+    emit(audit_mod.read(obj.cfg), as_json)
 
 
 @exits()
@@ -523,7 +420,7 @@ def report_(obj: Ctx, out: str | None, as_json: bool) -> None:
 
     from migrator import report
 
-    _emit(report.write(obj.cfg, Path(out) if out else None), as_json)
+    emit(report.write(obj.cfg, Path(out) if out else None), as_json)
 
 
 @exits({ExitCode.FINDING: "declined, or refused: nothing moves the clients back (--override no-switch), or another "
@@ -544,8 +441,8 @@ def rollback_(obj: Ctx, yes: bool, overrides: tuple[str, ...], reconnect_clients
     from migrator import rollback
     from migrator.errors import NoGo
 
-    _confirm(yes, "This freezes the target and moves clients back to the legacy database")
-    _keep_going_on_hangup()
+    confirm(yes, "This freezes the target and moves clients back to the legacy database")
+    keep_going_on_hangup()
     with audit_mod.recorded(obj.cfg, "rollback", {"overrides": list(overrides)}):
         try:
             report = rollback.run(obj.cfg, overrides=overrides, reconnect_clients=reconnect_clients,
@@ -554,7 +451,7 @@ def rollback_(obj: Ctx, yes: bool, overrides: tuple[str, ...], reconnect_clients
             click.echo(json.dumps({"ok": False, "no_go": str(exc), "checklist": exc.checklist}, indent=2)
                        if as_json else "go/no-go:\n" + exc.checklist, err=not as_json)
             raise
-    _emit(report, as_json, report.render_text)
+    emit(report, as_json, report.render_text)
 
 
 @exits()
@@ -608,7 +505,7 @@ def rehearse(ctx: click.Context, scale: float, workload: str | None, rate: float
         report = rehearse_mod.run(scale=scale, tps=workload_tps, writers=writers, keep=keep, write_config=keep)
     else:
         report = _rehearse_configured(ctx, obj, workload, rate, workload_command, workload_tps, writers, keep)
-    _emit(report, as_json)
+    emit(report, as_json)
     sys.exit(ExitCode.OK if report.ok else ExitCode.FINDING)
 
 
@@ -637,13 +534,13 @@ def _rehearse_configured(ctx: click.Context, obj: Ctx, workload: str | None, rat
 def run() -> None:
     """Entry point with error handling: our errors become a message, a hint and an exit code (`errors.ExitCode`)."""
     obj = Ctx(None)
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, terminate)
     try:
         main.main(standalone_mode=False, obj=obj)
     except click.exceptions.Abort:  # KeyboardInterrupt (SIGINT, or SIGTERM through _terminate), or Ctrl-D at a prompt
         click.echo("interrupted; run the same command again to continue: it resumes from the recorded state",
                    err=True)
-        sys.exit(_interrupted_code())
+        sys.exit(interrupted_code())
     except click.UsageError as exc:
         exc.show()
         sys.exit(ExitCode.USAGE)
@@ -652,7 +549,7 @@ def run() -> None:
         sys.exit(ExitCode.ERROR)
     except Interrupted as exc:
         _fail("interrupted", scrub(str(exc)), exc.hint)
-        sys.exit(_interrupted_code())
+        sys.exit(interrupted_code())
     except MigratorError as exc:
         _fail("error", scrub(str(exc)), exc.hint)
         sys.exit(exc.exit_code)
@@ -662,7 +559,7 @@ def run() -> None:
         sys.exit(ExitCode.ERROR)
     except KeyboardInterrupt:
         click.echo("interrupted; run the same command again to continue", err=True)
-        sys.exit(_interrupted_code())
+        sys.exit(interrupted_code())
 
 
 def _fail(what: str, message: str, hint: str) -> None:
