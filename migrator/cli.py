@@ -35,10 +35,10 @@ from migrator.clibase import (
     terminate,
     yes_option,
 )
-from migrator.errors import Blocked, ExitCode, Interrupted, MigratorError, database_hint
+from migrator.errors import Blocked, ExitCode, Interrupted, MigratorError
 from migrator.gonogo import NO_SWITCH, OVERRIDES
 from migrator.inspect import OVERRIDABLE as OVERRIDABLE_BLOCKERS
-from migrator.redaction import database_error, scrub
+from migrator.redaction import database_error, database_hint, scrub
 
 F = TypeVar("F", bound=Callable[..., Any])
 C = TypeVar("C", bound=click.Command)

@@ -14,6 +14,8 @@ Two rules, used by every phase that prints (logs, errors, reports):
   profile replaces UIDs for that reason), and is printed as `hmac:<16 hex>`: an HMAC-SHA256 keyed by the migration's
   secret (`state.key_secret`, on the target), so the same key reads alike in every finding and run of a migration, and
   a dictionary of names cannot reverse it. `--show-values` prints the values.
+
+`database_hint` says what to do about a database error no phase turned into one of ours, by its SQLSTATE.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 
 import psycopg
 
-from migrator.config import redact
+from migrator.config import CAPTURE_SCHEMA, CONTROL_SCHEMA, redact
 
 PLAIN_KEY_TYPES = frozenset({"smallint", "integer", "bigint", "uuid"})
 """Key column types whose values are printed as they are; every other key value is printed as its keyed hash."""
@@ -124,3 +126,45 @@ class KeyMask:
         """A row's key as `(col=value, ...)`."""
         return "(" + ", ".join(f"{c}={self.value(t, v)}"
                                for c, t, v in zip(columns, types, values, strict=True)) + ")"
+
+
+# --- database errors that reach the operator unnamed --------------------------------------------------------------
+# A psycopg error no phase turned into one of ours: the hint follows its SQLSTATE (class), and the schema it names.
+
+def database_hint(exc: psycopg.Error, roles: str = "") -> str:
+    """What to do about a database error, by its SQLSTATE; `roles` names the roles migrator connects as (for a
+    privilege error), e.g. "source: alice, target: bob"."""
+    state = exc.sqlstate or ""
+    text = str(exc)
+    if state in ("42P01", "42704", "3F000", "42883"):  # undefined table, object, schema, function
+        schema = re.search(rf'(?<!\w)"?({re.escape(CONTROL_SCHEMA)}|{re.escape(CAPTURE_SCHEMA)})"?\.', text)
+        if schema and schema.group(1) == CONTROL_SCHEMA:
+            return "The target has no control schema: run `migrator prepare --yes` first."
+        if schema:
+            return ("The legacy database has no capture (schema _migrator): run `migrator prepare --yes` first; "
+                    "if `migrator cleanup` removed it, this migration is over.")
+        return ("An object named above does not exist: it was dropped or renamed during the migration (DDL), or "
+                "[tables] names something the servers do not have. Check it on both servers; after DDL, follow "
+                "the runbook (prepare, copy, sync).")
+    if state == "42501" or state.startswith("28"):  # insufficient privilege; invalid authorization
+        who = f" ({roles})" if roles else ""
+        return (f"A role migrator connects as{who} lacks the privilege named above. Grant it (the source role must "
+                "read the captured tables and create triggers on them; the target role must be a superuser or "
+                "the database owner with SET ON PARAMETER session_replication_role), or connect as a role that "
+                "has it; then run the command again.")
+    if state == "55P03":  # lock not available
+        return ("Another session holds a lock migrator needs (pg_locks shows which); run the command again when it "
+                "has finished, or end that session.")
+    if state == "57014":  # query canceled: statement_timeout, or cancelled by an operator
+        return ("A statement was cancelled (statement_timeout, or pg_cancel_backend); run the command again; if it "
+                "repeats, raise [sync] statement_timeout or find what slows the server.")
+    if state in ("40001", "40P01"):  # serialization failure, deadlock
+        return "A concurrent transaction conflicted with this one; run the command again."
+    if state.startswith("53"):  # insufficient resources
+        return ("The server named above lacks resources (disk space, memory or connections, see the message); "
+                "free them and run the command again.")
+    if state.startswith("08") or state.startswith("57P") or isinstance(exc, psycopg.OperationalError):
+        return ("The connection to a server was lost or refused: check that both servers are reachable and run the "
+                "command again; every command resumes from the recorded state.")
+    return ("The database refused a statement (SQLSTATE above); every command resumes from the recorded state, so "
+            "run it again once the cause is fixed; if it repeats, keep the log for a bug report.")

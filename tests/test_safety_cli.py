@@ -20,7 +20,8 @@ from click.testing import CliRunner
 from migrator import copy, prepare, sync
 from migrator.cli import exit_code_table, exit_codes, main
 from migrator.config import Config
-from migrator.errors import ExitCode, database_hint
+from migrator.errors import ExitCode
+from migrator.redaction import database_hint
 from tests.helpers import fetch, run_sql
 from tests.test_cli import MIGRATOR, migrator, write_config
 
