@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Any, Self
 
 import psycopg
 
@@ -19,6 +19,34 @@ def run_sql(dsn: str, *statements: str) -> None:
 def fetch(dsn: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         return conn.execute(query, params).fetchall()  # type: ignore[arg-type]
+
+
+class ClientThreads:
+    """What the tests' client pools share: `n` threads each run `client(index)` until `stop` is set; entering waits
+    (up to 30 s) until the clients together committed 3 transactions each, leaving lets every thread end."""
+
+    n: int
+    committed: list[Any]
+    stop: threading.Event
+    threads: list[threading.Thread]
+
+    def client(self, index: int) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        for i in range(self.n):
+            t = threading.Thread(target=self.client, args=(i,), daemon=True)
+            t.start()
+            self.threads.append(t)
+        deadline = time.monotonic() + 30
+        while len(self.committed) < 3 * self.n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
 
 
 class Writers:

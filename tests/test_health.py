@@ -27,7 +27,7 @@ from migrator import cutover, faults, gonogo, rollback
 from migrator import status as status_mod
 from migrator.config import Config
 from migrator.errors import ClientsUnhealthy, ExitCode
-from tests.helpers import fetch
+from tests.helpers import ClientThreads, fetch
 from tests.test_cutover import READ_ONLY, cli, migrated, sqlstate_of_write, write_config
 from tests.test_pgbouncer import POOL_DB, Bouncer, Clients, bouncer, running_bouncer, uids  # noqa: F401
 
@@ -39,7 +39,7 @@ def pool_of_one(source_dsn: str, target_dsn: str) -> Iterator[Bouncer]:
 
 
 @dataclass
-class PreparedClients:
+class PreparedClients(ClientThreads):
     """Clients as Orthanc's index: each connection prepares its statement once, by a fixed name, and executes it in
     explicit transactions; it prepares again only on a new connection, which it opens when its connection is lost."""
 
@@ -67,7 +67,7 @@ class PreparedClients:
         state = res.error_field(DiagnosticField.SQLSTATE)
         return f"{state.decode() if state else ''} {res.error_message.decode(errors='replace').strip()[:100]}"
 
-    def _run(self, index: int) -> None:
+    def client(self, index: int) -> None:
         n = 0
         conn = None
         while not self.stop.is_set():
@@ -100,21 +100,6 @@ class PreparedClients:
             self.committed.append((time.monotonic(), uid))
         else:
             self.errors.append((time.monotonic(), self._said(res)))
-
-    def __enter__(self) -> PreparedClients:
-        for i in range(self.n):
-            t = threading.Thread(target=self._run, args=(i,), daemon=True)
-            t.start()
-            self.threads.append(t)
-        deadline = time.monotonic() + 30
-        while len(self.committed) < 3 * self.n and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=30)
 
     def committed_after(self, t: float) -> int:
         return sum(1 for at, _ in self.committed if at > t)

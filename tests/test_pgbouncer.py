@@ -27,7 +27,7 @@ import pytest
 from migrator import cutover, pooler
 from migrator.config import Config
 from migrator.errors import CutoverFailed, NoGo
-from tests.helpers import fetch, run_sql
+from tests.helpers import ClientThreads, fetch, run_sql
 from tests.test_cutover import READ_ONLY, cli, migrated, sqlstate_of_write, write_config
 
 PGBOUNCER = shutil.which("pgbouncer") or next(
@@ -121,7 +121,7 @@ def running_bouncer(source_dsn: str, target_dsn: str, *, entry_extra: str = "") 
 
 
 @dataclass
-class Clients:
+class Clients(ClientThreads):
     """N connections through the pooler, each running short write transactions until stopped."""
 
     dsn: str
@@ -132,7 +132,7 @@ class Clients:
     stop: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
 
-    def _run(self, index: int) -> None:
+    def client(self, index: int) -> None:
         # prepare_threshold=None: no server-side prepared statements, as transaction pooling requires.
         conn = psycopg.connect(self.dsn, prepare_threshold=None)
         n = 0
@@ -156,21 +156,6 @@ class Clients:
                     conn.close()
             time.sleep(0.02)
         conn.close()
-
-    def __enter__(self) -> Clients:
-        for i in range(self.n):
-            t = threading.Thread(target=self._run, args=(i,), daemon=True)
-            t.start()
-            self.threads.append(t)
-        deadline = time.monotonic() + 30
-        while len(self.committed) < 3 * self.n and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=30)
 
     def uids(self) -> set[str]:
         return set(self.committed)
