@@ -29,12 +29,11 @@ from psycopg import sql
 from migrator import db
 from migrator.rehearse.ledger import Key, Ledger
 from migrator.rehearse.plan import UID_LENGTH, Fresh, TablePlan
-from migrator.rehearse.spec import FROZEN
+from migrator.rehearse.spec import end_failed
 
 KINDS = (("update", 60), ("insert", 25), ("delete", 15))
 _TIMEOUTS = ("SET lock_timeout = '5s'", "SET statement_timeout = '30s'")
 _RECONNECT_PAUSE = 0.5
-_FROZEN_PAUSE = 0.3
 
 
 @dataclass(frozen=True)
@@ -257,16 +256,7 @@ class _Writer:
 
     def _failed(self, where: str, sqlstate: str | None) -> None:
         self.report.failed[where] += 1
-        if self.conn is not None:
-            if self.conn.broken:
-                self.conn.close()
-            else:
-                try:
-                    self.conn.rollback()
-                except psycopg.Error:
-                    self.conn.close()
-        if sqlstate == FROZEN:
-            self.stop.wait(_FROZEN_PAUSE)
+        end_failed(self.conn, sqlstate, self.stop)
 
     def _apply(self, effect: tuple[Any, ...]) -> None:
         kind, tbl = effect[0], effect[1]

@@ -8,10 +8,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
+
 ROLLED_BACK_MARKER = "rehearse: rolled back, must never be seen"
 """Written only by statements that are rolled back (whole transaction or to a savepoint)."""
 
 FROZEN = "25006"  # read_only_sql_transaction: what a frozen legacy database answers
+FROZEN_PAUSE = 0.3
+"""Seconds a writer waits after the frozen database refused it, before its next transaction."""
 
 DEFAULT_MIX: tuple[tuple[str, int], ...] = (
     ("arrive", 30),
@@ -133,3 +137,18 @@ class Report:
     kinds: Counter[str] = field(default_factory=Counter)
     ledger: dict[str, str] = field(default_factory=dict)
     """study_uid -> "present" | "gone" | "unknown", last commit wins (one writer per UID, see the module doc)."""
+
+
+def end_failed(conn: psycopg.Connection[Any] | None, sqlstate: str | None, stop: Any) -> None:
+    """A writer's transaction failed: roll it back, or close a connection that cannot (the writer reconnects); after
+    the freeze's refusal, wait FROZEN_PAUSE (or until `stop`, a threading or multiprocessing Event, is set)."""
+    if conn is not None:
+        if conn.broken:
+            conn.close()
+        else:
+            try:
+                conn.rollback()
+            except psycopg.Error:
+                conn.close()
+    if sqlstate == FROZEN:
+        stop.wait(FROZEN_PAUSE)

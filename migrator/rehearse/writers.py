@@ -26,7 +26,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from migrator.rehearse.pacs import STUDY_UID_ROOT
-from migrator.rehearse.spec import FROZEN, ROLLED_BACK_MARKER, Report, Survey, WorkloadSpec
+from migrator.rehearse.spec import ROLLED_BACK_MARKER, Report, Survey, WorkloadSpec, end_failed
 
 # Session settings per worker (by index, cycling): the applications' own, never migrator's pinned ones.
 _SESSION_SETTINGS: tuple[dict[str, str], ...] = (
@@ -37,7 +37,6 @@ _SESSION_SETTINGS: tuple[dict[str, str], ...] = (
 )
 # Bounds every statement: a worker blocked behind a cutover's locks gives up, counts it and tries again.
 _TIMEOUTS = {"lock_timeout": "5s", "statement_timeout": "30s"}
-_FROZEN_PAUSE = 0.3
 _RECONNECT_PAUSE = 0.5
 
 
@@ -232,16 +231,7 @@ class _Worker:
 
     def _failed(self, state: str) -> None:
         self.report.failed[state] += 1
-        if self.conn is not None:
-            if self.conn.broken:
-                self.conn.close()
-            else:
-                try:
-                    self.conn.rollback()
-                except psycopg.Error:
-                    self.conn.close()
-        if state == FROZEN:
-            self.stop.wait(_FROZEN_PAUSE)
+        end_failed(self.conn, state, self.stop)
 
     # Picking rows ---------------------------------------------------------------------------------------------
 
