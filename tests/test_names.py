@@ -225,7 +225,7 @@ def test_no_module_reaches_another_modules_private_names() -> None:
 # Modules outside migrator/deltalog/ that may name the engine's schema, and why: none of them reads or writes it.
 _SCHEMA_NAMED_ELSEWHERE = {
     "config.py": "declares CAPTURE_SCHEMA (and keeps table filters out of it)",
-    "errors.py": "recognises the schema's name in a server's error message, to hint that prepare has not run",
+    "redaction.py": "recognises the schema's name in a server's error message, to hint that prepare has not run",
     "inspect.py": "reads the catalog about the schema (whether it exists, who owns it, its tables left out of the "
                   "rights prepare needs), before anything is installed",
     "schema.py": "pg_dump --exclude-schema: the schema copy leaves the engine's schema out",
