@@ -101,7 +101,8 @@ def test_the_page_live_under_a_workload_hold_refusal_cutover_steps_and_freeze(
             said = _act(browser, "hold", f"hold {database}", TOKENS["alice"])
             assert said.startswith("held"), said
             until(lambda: "cutover --hold" in _text(browser, "#audit tbody tr") and "alice" in _text(browser, "#audit"))
-            assert _text(browser, "#phase") == "HELD"
+            # The audit row and the phase reach the page in separate pushes: one may come before the other.
+            until(lambda: _text(browser, "#phase") == "HELD", 30)
 
             refused = _act(browser, "cutover", f"cutover {database}", "", ("no-switch",))
             assert "refused: no operator token" in refused, refused
