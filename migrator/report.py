@@ -151,10 +151,11 @@ def _server(dsn: str, role: str, tables: list[str] | None = None) -> dict[str, A
     measures a table: pg_total_relation_size, and their indexes' size); what failed, when it is not reachable."""
     try:
         with db.connect(dsn, role=role, connect_timeout=5) as conn:
-            row = conn.execute("SELECT current_setting('server_version'), pg_database_size(current_database())"
-                               ).fetchone()
+            row = conn.execute("SELECT current_setting('server_version'), pg_database_size(current_database()), "
+                               "current_setting('default_statistics_target')::int").fetchone()
             assert row is not None
-            found: dict[str, Any] = {"server_version": row[0], "database_bytes": int(row[1])}
+            found: dict[str, Any] = {"server_version": row[0], "database_bytes": int(row[1]),
+                                     "statistics_target": int(row[2])}
             if tables:
                 size = conn.execute("SELECT sum(pg_total_relation_size(to_regclass(t)))::bigint, "
                                     "sum(pg_indexes_size(to_regclass(t)))::bigint FROM unnest(%s::text[]) AS t",

@@ -23,7 +23,7 @@ from migrator import catalog, db, state
 from migrator.config import Config
 from migrator.redaction import redact
 
-ANALYZE_SAMPLE_NOTE = "ANALYZE reads a sample (300 × default_statistics_target rows a table), not the table"
+ANALYZE_SAMPLE_NOTE = "ANALYZE reads a sample (300 × default_statistics_target rows a table), not the whole table"
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,18 @@ def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
     if fixed < 0:
         return 0.0, sum(x * y for x, y in points) / sum(x * x for x in xs)
     return fixed, slope
+
+
+def fit_fixed_first(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(fixed, per unit) where one large item outweighs the others (a schema's biggest table): the fixed cost is the
+    median item's seconds (no more than the mean), the rest of the total is per unit. A least-squares line there
+    follows the one large item and its noise."""
+    if not points:
+        return 0.0, 0.0
+    seconds = [y for _, y in points]
+    fixed = min(statistics.median(seconds), statistics.mean(seconds))
+    units = sum(x for x, _ in points)
+    return fixed, (max(0.0, sum(seconds) - fixed * len(points)) / units if units else 0.0)
 
 
 @dataclass(frozen=True)
@@ -237,12 +249,25 @@ def predict_copy(data: dict[str, Any], cfg: Config, prod: Production | None) -> 
               + (" (production's indexes, read from its catalog)" if prod_index else " (the size ratio)")
               + f", up to n log n (× {n_log_n:.2f} more) in the high figure; the other {post_fixed:.2f} s "
               "(pg_dump, pg_restore, small items) fixed"),
-        _fixed("ANALYZE", parts["analyze_seconds"], f"fixed: {ANALYZE_SAMPLE_NOTE}")]
+        _analyze_part(data, parts["analyze_seconds"], (low_k, mid_k, high_k))]
     _total(out)
     out["assumptions"] += [f"{p['part']}: {p['rule']}" for p in out["parts"]]
     out["text"] = (f"predicted copy time for production: {duration(out['seconds'])} (range "
                    f"{duration(out['low_seconds'])} to {duration(out['high_seconds'])})")
     return out
+
+
+def _analyze_part(data: dict[str, Any], seconds: float, ks: tuple[float, float, float]) -> dict[str, Any]:
+    """ANALYZE samples at most 300 × default_statistics_target rows of a table: its work grows with the rows it
+    samples, which stop growing once a table is larger than the sample."""
+    target = data["environment"]["target"].get("statistics_target") or 100
+    cap = 300 * target
+    rows = [t["rows"] or 0 for t in data["copy"]["tables"]]
+    sampled = sum(min(n, cap) for n in rows)
+    grown = [sum(min(n * k, cap) for n in rows) / sampled if sampled else 1.0 for k in ks]
+    return _part("ANALYZE", seconds, seconds * grown[0], seconds * grown[1], seconds * grown[2],
+                 f"{ANALYZE_SAMPLE_NOTE}: grows with the rows sampled, min(rows, {cap}) a table: {sampled} in the "
+                 f"rehearsal, × {grown[1]:.2f} on production")
 
 
 def predict_lag(data: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -353,14 +378,16 @@ def _verify_part(verify: dict[str, Any] | None, seconds: float, cfg: Config, siz
     if mode != "counts" or not counted:
         return _part("verify", seconds, seconds * ks[0], seconds * size.mid, seconds * ks[-1],
                      f"[cutover] verify = {mode}: grows with the size (× {size.mid:.2f})")
-    per_table, per_row = fit_line([(float(t["rows"]), float(t["seconds"])) for t in counted])
+    per_table, per_row = fit_fixed_first([(float(t["rows"]), float(t["seconds"])) for t in counted])
     rows = sum(t["rows"] for t in counted)
     tables = prod.tables if prod is not None and prod.tables else len(counted)
-    mid = [tables * per_table + per_row * rows * k for k in (ks[0], size.mid, ks[-1])]
+    # The measured step plus what more tables and more rows add: the step's own overhead (the lag check, two
+    # connections) stays, and at the rehearsal's size the prediction is what was measured.
+    mid = [seconds + (tables - len(counted)) * per_table + per_row * rows * (k - 1) for k in (ks[0], size.mid, ks[-1])]
     return _part("verify", seconds, min(mid[0], seconds * ks[0]), mid[1], max(mid[2], seconds * ks[-1]),
-                 f"counts: {per_table * 1000:.1f} ms per table + {per_row * 1e6:.3f} µs per row (fitted on the "
-                 f"{len(counted)} tables' counts), {tables} tables, the rows × {size.mid:.2f}; the range runs to "
-                 "all of it per row (the measured verify × the ratio)")
+                 f"counts: the measured {seconds:.3f} s + {per_table * 1000:.1f} ms per table more + "
+                 f"{per_row * 1e6:.3f} µs per row more (the median table's count, and the rest per row, of the {len(counted)} tables' counts), {tables} "
+                 f"tables, the rows × {size.mid:.2f}; the range runs to all of it per row (the verify × the ratio)")
 
 
 def num(value: float | None) -> str:
