@@ -188,9 +188,11 @@ def _total(out: dict[str, Any]) -> None:
         out["seconds" if key == "predicted" else f"{key}_seconds"] = sum(p[key] for p in out["parts"])
 
 
-def _rows_phase(parts: dict[str, Any], k: float, chunk_bytes: float) -> tuple[float, str]:
+def _rows_phase(parts: dict[str, Any], k: float, chunk_bytes: float,
+                at_once: float | None = None) -> tuple[float, str]:
     """The rows' wall time at `k` times the size: per chunk fixed + per byte (fitted on the rehearsal's chunks),
-    production's chunks from each table's planned size at `k` times, shared among the workers."""
+    production's chunks from each table's planned size at `k` times, `at_once` of them at a time (default: as many as
+    the rehearsal loaded at once)."""
     fixed, per_byte = fit_line([(c["bytes"], c["seconds"]) for c in parts["chunks"]])
     fixed += parts["gap_seconds"]
     n, work, longest = 0, 0.0, 0.0
@@ -198,12 +200,20 @@ def _rows_phase(parts: dict[str, Any], k: float, chunk_bytes: float) -> tuple[fl
         count = max(t["chunks"], math.ceil(t["est_bytes"] * k / chunk_bytes))
         each = fixed + per_byte * t["bytes"] * k / count
         n, work, longest = n + count, work + count * each, max(longest, each)
-    workers = max(1, parts["workers"])
+    at_once = at_once or concurrency(parts)
     rule = (f"{n} chunks (each table's planned size × {k:.2f} in chunks of {chunk_bytes / 1e6:.0f} MB), each "
             f"{fixed:.3f} s + {per_byte * 1e6 * 1000:.1f} ms per MB (fitted on the rehearsal's "
             f"{len(parts['chunks'])} chunks, with the {parts['gap_seconds']:.3f} s a worker took between two), "
-            f"shared by {workers} workers")
-    return max(longest, work / workers), rule
+            f"{at_once:.2f} at once (as many as the rehearsal's chunks ran at once on average; the low figure: all "
+            f"{parts['workers']} workers)")
+    return max(longest, work / at_once), rule
+
+
+def concurrency(parts: dict[str, Any]) -> float:
+    """How many chunks the rehearsal loaded at once on average (their seconds over the rows' wall time), between
+    one and the workers: what the workers gained together on these servers, cores shared with the databases."""
+    busy = sum(c["seconds"] for c in parts["chunks"])
+    return min(float(max(1, parts["workers"])), max(1.0, busy / parts["rows_seconds"] if parts["rows_seconds"] else 1.0))
 
 
 def predict_copy(data: dict[str, Any], cfg: Config, prod: Production | None) -> dict[str, Any]:
@@ -231,9 +241,10 @@ def predict_copy(data: dict[str, Any], cfg: Config, prod: Production | None) -> 
         out["assumptions"].append(f"the size ratio used: × {mid_k:.2f} (the geometric mean; the range takes each)")
     chunk = cfg.copy.chunk_mb * 1e6
     rows = [_rows_phase(parts, k, chunk) for k in (low_k, mid_k, high_k)]
+    rows[0] = (min(rows[0][0], _rows_phase(parts, low_k, chunk, float(max(1, parts["workers"])))[0]), "")
     index = c.get("index_bytes") or 0.0
     rate = sum(x["bytes"] for x in parts["chunks"]) / max(1e-9, sum(x["seconds"] for x in parts["chunks"]))
-    rate *= max(1, parts["workers"])
+    rate *= concurrency(parts)
     built = min(parts["post_data_seconds"], index / rate) if rate else 0.0
     prod_index = prod.index_bytes if prod is not None and prod.index_bytes else None
     grow = [((prod_index / index) if prod_index and index else k) for k in (low_k, mid_k, high_k)]
