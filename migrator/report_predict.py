@@ -79,7 +79,8 @@ def read_production(dsn: str, cfg: Config) -> Production:
 def copy_parts(m: state.Migration | None, chunks: list[state.Chunk], workers: int) -> dict[str, Any] | None:
     """The copy's parts as the control schema recorded them: setup (from the copy's start to its first chunk:
     snapshot, workers starting), the rows (chunks, each with its bytes and seconds, and the gap a worker spent
-    between two chunks), post-data (from the last chunk to post_data_at) and ANALYZE (to copy_finished_at)."""
+    between two chunks), post-data (from the last chunk to post_data_at) and ANALYZE (to copy_finished_at). Of a
+    copy run in one go: one stopped and resumed shows its interruption as setup or rows."""
     done = [c for c in chunks if c.copy_started_at and c.copy_finished_at]
     if m is None or not done or not (m.copy_started_at and m.copy_finished_at and m.post_data_at):
         return None
