@@ -143,7 +143,7 @@ def _prediction(data: dict[str, Any]) -> str:
     if prod:
         shown = {k: v for k, v in prod.items() if v is not None and k != "source"}
         out.append(f"<p>production, from {escape(prod['source'])}: "
-                   + (", ".join(f"{escape(k)} {_fmt(v)}" for k, v in shown.items()) or "no figure") + "</p>")
+                   + (", ".join(f"{escape(k)} {_fmt(v, 0)}" for k, v in shown.items()) or "no figure") + "</p>")
     for name, title in (("copy", "Copy time"), ("lag", "Sync lag"), ("freeze", "Freeze window and client pause")):
         p = data["prediction"][name]
         items = "".join(f"<li>{escape(a)}</li>" for a in p["assumptions"])
