@@ -415,7 +415,8 @@ def audit_(obj: Ctx, as_json: bool) -> None:
 def report_(obj: Ctx, out: str | None, as_json: bool) -> None:
     """One HTML file (and its JSON) for the current migration from the control schema: timeline, copy, sync lag,
     cutover steps, verify, checklist, operator actions, environment, the prediction for cutover night
-    ([rehearsal] production_bytes, production_rows, production_write_rate) and the earlier reports of DIR."""
+    ([rehearsal] production_dsn or production_bytes and production_rows; production_write_rate) and the earlier
+    reports of DIR."""
     from pathlib import Path
 
     from migrator import report

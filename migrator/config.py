@@ -257,6 +257,10 @@ class RehearsalSettings:
     table): `migrator report` predicts the copy time from the rehearsal's tables, measured the same way."""
     production_rows: Positive | None = None
     """The production database's rows: the report predicts the copy time from the measured rows per second too."""
+    production_dsn: Text | None = None
+    """Instead of production_bytes and production_rows: a DSN of the production legacy database, which `migrator
+    report` reads (read-only: the migrating tables' sizes, row estimates and index sizes, and the server version;
+    it writes nothing there) to predict cutover night. It must name neither [source] nor [target]."""
     production_write_rate: Positive | None = None
     """Production's write rate, in captured row changes per second: the report predicts sync's lag and the cutover's
     freeze window at it."""
@@ -362,11 +366,12 @@ def from_dict(data: dict[str, Any], *, path: Path | None = None, env: dict[str, 
             problems.append(f"{where}: {problem}")
         else:
             dsns[section] = dsn
-    for key in ("pgbouncer_admin_dsn", "health_probe_dsn"):
-        value = getattr(file.cutover, key) if file is not None else None
+    for section, key in (("cutover", "pgbouncer_admin_dsn"), ("cutover", "health_probe_dsn"),
+                         ("rehearsal", "production_dsn")):
+        value = getattr(getattr(file, section), key) if file is not None else None
         problem = dsn_problem(value) if value else None
         if problem:
-            problems.append(f"[cutover] {key}: {problem}")
+            problems.append(f"[{section}] {key}: {problem}")
     problems += _misspelled_env(env)
     source, target = dsns.get("source"), dsns.get("target")
     if source and target:
@@ -374,6 +379,10 @@ def from_dict(data: dict[str, Any], *, path: Path | None = None, env: dict[str, 
         if same:
             problems.append(f"[source] dsn and [target] dsn name the same database ({same}); the target must be the "
                             "new, empty database")
+    production = file.rehearsal.production_dsn if file is not None else None
+    if production and not dsn_problem(production):
+        problems += configmessages.production_problems(
+            {section: _same_endpoint(production, dsn, env) for section, dsn in dsns.items()})
     if problems or file is None or source is None or target is None:
         raise ConfigError(configmessages.problems_text(problems, path),
                           hint="Fix what is named above in the file (or the environment variable named) and run the "
@@ -494,7 +503,7 @@ def _same_endpoint(source: str, target: str, env: dict[str, str]) -> str | None:
 def _register_raw_secrets(data: dict[str, Any], env: dict[str, str]) -> None:
     texts = [env.get(var, "") for var in ENV_DSN]
     for section, key in (("source", "dsn"), ("target", "dsn"), ("cutover", "pgbouncer_admin_dsn"),
-                         ("cutover", "pooler_target"), ("cutover", "health_probe_dsn")):
+                         ("cutover", "pooler_target"), ("cutover", "health_probe_dsn"), ("rehearsal", "production_dsn")):
         value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else data.get(section)
         if isinstance(value, str):
             texts.append(value)
@@ -507,6 +516,6 @@ def _register_raw_secrets(data: dict[str, Any], env: dict[str, str]) -> None:
 
 def _register_secrets_of(cfg: Config) -> None:
     for text in (cfg.source_dsn, cfg.target_dsn, cfg.cutover.pgbouncer_admin_dsn, cfg.cutover.pooler_target,
-                 cfg.cutover.health_probe_dsn):
+                 cfg.cutover.health_probe_dsn, cfg.rehearsal.production_dsn):
         for password in passwords_in(text or ""):
             register_secret(password)

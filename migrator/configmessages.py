@@ -129,6 +129,14 @@ def describe_error(root: Any, err: Any) -> str:
     return f"{_where(loc)}: given {given}; {suggestion}allowed: {allowed}"
 
 
+def production_problems(same: dict[str, str | None]) -> list[str]:
+    """[rehearsal] production_dsn naming the database of [source] or [target] (`same`: section -> the database both
+    name, or None): a rehearsal writes to both, so production must be neither."""
+    return [f"[rehearsal] production_dsn names the same database as [{section}] dsn ({where}); a rehearsal writes "
+            "to [source] and [target], so production must be another database (the one the test copies were "
+            "restored from)" for section, where in same.items() if where]
+
+
 def problems_text(problems: list[str], path: Path | None) -> str:
     where = str(path) if path is not None else "the configuration"
     if len(problems) == 1:

@@ -47,7 +47,7 @@ from migrator.switchover import (
     StepRunner,
     StepTiming,
     carry_sequences,
-    count_differences,
+    count_tables,
     first_line,
     run_command,
 )
@@ -245,6 +245,7 @@ class _Cutover(AttemptRecorder):
 
     def catch_up(self) -> str:
         r = sync.sync(self.cfg)
+        state.step_figures(self.target, self.report.attempt, "catch_up", {"events": r.events})
         return f"{r.events} events applied"
 
     def preflight(self) -> str:
@@ -330,6 +331,7 @@ class _Cutover(AttemptRecorder):
     def drain(self) -> str:
         r = sync.sync(self.cfg)
         self.report.events_drained = r.events
+        state.step_figures(self.target, self.report.attempt, "drain", {"events": r.events})
         left = sync.lag(self.cfg)
         if left.pending_events:
             raise MigratorError(f"{left.pending_events} events still pending after the drain")
@@ -349,7 +351,11 @@ class _Cutover(AttemptRecorder):
             return "every event applied; rows identical"
         with db.session(self.cfg.source_dsn, role="source", autocommit=True) as s, \
                 db.session(self.cfg.target_dsn, role="target", autocommit=True) as t:
-            differ = count_differences(s, t, self.tables)
+            counted = count_tables(s, t, self.tables)
+        # Counts and seconds per table, kept for the report's model of the freeze (never a row value).
+        state.step_figures(self.target, self.report.attempt, "verify",
+                           {"mode": "counts", "tables": [c.to_dict() for c in counted]})
+        differ = [c.table for c in counted if c.rows != c.other_rows]
         if differ:
             raise MigratorError(f"row counts differ: {', '.join(differ[:10])}")
         return f"every event applied; counts equal in {len(self.tables)} tables"

@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from migrator import __version__, db, state
+from migrator import __version__, db, report_predict, state
 from migrator.config import Config, redact
 from migrator.log import get
 
@@ -90,7 +90,8 @@ def _attempts(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     out = []
     for a in state.attempts(conn):
         steps = [{"step": s["step"], "status": s["status"], "started_at": _iso(s["started_at"]),
-                  "seconds": _seconds(s["started_at"], s["finished_at"]), "detail": redact(s["detail"] or "")}
+                  "seconds": _seconds(s["started_at"], s["finished_at"]), "detail": redact(s["detail"] or ""),
+                  "figures": s.get("figures")}
                  for s in a.pop("steps")]
         row = {k: (v.isoformat() if isinstance(v, dt.datetime) else v) for k, v in a.items()}
         if row.get("error"):
@@ -147,18 +148,20 @@ def _busy(tables: list[dict[str, Any]]) -> float | None:
 
 def _server(dsn: str, role: str, tables: list[str] | None = None) -> dict[str, Any]:
     """A server's version and its database's size (and the total size of `tables`, schema.table, as `inspect`
-    measures a table: pg_total_relation_size); what failed, when it is not reachable."""
+    measures a table: pg_total_relation_size, and their indexes' size); what failed, when it is not reachable."""
     try:
         with db.connect(dsn, role=role, connect_timeout=5) as conn:
-            row = conn.execute("SELECT current_setting('server_version'), pg_database_size(current_database())"
-                               ).fetchone()
+            row = conn.execute("SELECT current_setting('server_version'), pg_database_size(current_database()), "
+                               "current_setting('default_statistics_target')::int").fetchone()
             assert row is not None
-            found: dict[str, Any] = {"server_version": row[0], "database_bytes": int(row[1])}
+            found: dict[str, Any] = {"server_version": row[0], "database_bytes": int(row[1]),
+                                     "statistics_target": int(row[2])}
             if tables:
-                size = conn.execute("SELECT sum(pg_total_relation_size(to_regclass(t)))::bigint FROM unnest(%s::text[])"
-                                    " AS t", ([sql.Identifier(*t.split(".", 1)).as_string(conn)
-                                               for t in tables],)).fetchone()
+                size = conn.execute("SELECT sum(pg_total_relation_size(to_regclass(t)))::bigint, "
+                                    "sum(pg_indexes_size(to_regclass(t)))::bigint FROM unnest(%s::text[]) AS t",
+                                    ([sql.Identifier(*t.split(".", 1)).as_string(conn) for t in tables],)).fetchone()
                 found["tables_bytes"] = int(size[0]) if size and size[0] is not None else None
+                found["index_bytes"] = int(size[1]) if size and size[1] is not None else None
             return found
     except (psycopg.Error, Exception) as exc:  # noqa: BLE001 - an unreachable server is a line of the report
         return {"unreachable": redact(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__}
@@ -175,6 +178,7 @@ def gather(cfg: Config) -> dict[str, Any]:
         audit = [r.to_dict() for r in state.audit_rows(conn)] if m and state.audit_present(conn) else []
         rehearsals = [dataclasses.asdict(r) for r in state.rehearsals(conn)]
         run = state.copy_run(conn) if m else None
+        parts = report_predict.copy_parts(m, state.chunks(conn), cfg.copy.workers) if m else None
     verify = None
     if found is not None:
         verify = dict(found[0], started_at=found[1].isoformat())
@@ -185,6 +189,7 @@ def gather(cfg: Config) -> dict[str, Any]:
     lags = [s["lag_seconds"] or 0.0 for s in samples]
     rates = [s["applied_per_second"] for s in samples if s["applied_per_second"] is not None]
     last = attempts[-1] if attempts else None
+    source = _server(cfg.source_dsn, "source", [t["table"] for t in tables])
     return {
         "generated_at": dt.datetime.now(dt.UTC).isoformat(),
         "migration": None if m is None else {
@@ -196,7 +201,8 @@ def gather(cfg: Config) -> dict[str, Any]:
         "copy": {"seconds": copy_seconds, "rows": copied_rows, "bytes": copied_bytes, "busy_seconds": busy,
                  "workers_rate_limit_mb_s": run.max_rate if run else None,
                  "rows_per_second": copied_rows / copy_seconds if copy_seconds else None,
-                 "bytes_per_second": copied_bytes / copy_seconds if copy_seconds else None, "tables": tables},
+                 "bytes_per_second": copied_bytes / copy_seconds if copy_seconds else None, "tables": tables,
+                 "parts": parts, "index_bytes": source.get("index_bytes")},
         "sync": {"samples": samples, "lag_median": statistics.median(lags) if lags else None,
                  "lag_worst": max(lags) if lags else None,
                  "pending_worst": max((s["pending_events"] for s in samples), default=None),
@@ -210,152 +216,10 @@ def gather(cfg: Config) -> dict[str, Any]:
         "audit": _safe(audit),
         "rehearsals": rehearsals,
         "environment": {"migrator_version": __version__,
-                        "source": _server(cfg.source_dsn, "source", [t["table"] for t in tables]),
+                        "source": source,
                         "target": _server(cfg.target_dsn, "target"),
                         "config": _safe(json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))},
     }
-
-
-def _drain(attempt: dict[str, Any] | None) -> tuple[float, int] | None:
-    """The drain step of a done cutover attempt: its seconds and the events it applied (from the step's detail)."""
-    for s in (attempt or {}).get("steps", []):
-        found = re.match(r"(\d+) events applied", s["detail"] or "")
-        if s["step"] == "drain" and s["seconds"] is not None and found:
-            return s["seconds"], int(found.group(1))
-    return None
-
-
-def _predict_copy(data: dict[str, Any], cfg: Config) -> dict[str, Any]:
-    c, r = data["copy"], cfg.rehearsal
-    out: dict[str, Any] = {"assumptions": []}
-    if not c["seconds"]:
-        out["text"] = "copy time: no finished copy recorded; nothing to predict from"
-        return out
-    out["assumptions"] = [f"measured: {c['bytes'] / 1e6:.1f} MB, {c['rows']} rows in {c['seconds']:.1f} s "
-                          f"({c['bytes_per_second'] / 1e6:.2f} MB/s, {c['rows_per_second']:.0f} rows/s)",
-                          f"the same servers, network and [copy] workers ({cfg.copy.workers}) for production",
-                          "throughput stays the same at production's size (copy time grows linearly)"]
-    busy = c["busy_seconds"] or c["seconds"]
-    fixed = max(0.0, c["seconds"] - busy)
-    out["fixed_seconds"] = fixed
-    out["assumptions"].append(f"of the {c['seconds']:.1f} s, {busy:.1f} s copied tables' rows and {fixed:.1f} s went "
-                              "before the first table (snapshot, workers) and after the last (post-data: indexes, "
-                              "constraints): taken as fixed, although index builds grow with the size")
-    guesses = []
-    sized = data["environment"]["source"].get("tables_bytes")
-    if r.production_bytes and sized:
-        out["tables_bytes_per_second"] = sized / busy
-        out["seconds_by_bytes"] = fixed + r.production_bytes / out["tables_bytes_per_second"]
-        guesses.append(out["seconds_by_bytes"])
-        out["assumptions"] += [
-            f"production size: {r.production_bytes / 1e9:.2f} GB ([rehearsal] production_bytes: the tables' total "
-            "size, as `migrator inspect` reports it)",
-            f"the rehearsal's tables measure {sized / 1e6:.1f} MB the same way now (after the workload's writes): "
-            f"{out['tables_bytes_per_second'] / 1e6:.2f} MB/s of table size copied"]
-    if r.production_rows and c["rows"]:
-        out["seconds_by_rows"] = fixed + r.production_rows * busy / c["rows"]
-        guesses.append(out["seconds_by_rows"])
-        out["assumptions"].append(f"production rows: {r.production_rows:.0f} ([rehearsal] production_rows)")
-    if not guesses:
-        out["text"] = "copy time: give [rehearsal] production_bytes or production_rows to predict production's"
-        return out
-    out["seconds"] = max(guesses)
-    out["text"] = f"predicted copy time for production: {_duration(out['seconds'])} (the larger of the estimates)"
-    return out
-
-
-def _predict_lag(data: dict[str, Any], cfg: Config) -> dict[str, Any]:
-    s, rate = data["sync"], cfg.rehearsal.production_write_rate
-    drain = _drain(data["attempts"][-1] if data["attempts"] else None)
-    capacity = drain[1] / drain[0] if drain and drain[0] > 0 and drain[1] > 0 else None
-    out: dict[str, Any] = {"capacity_events_per_second": capacity, "assumptions": [
-        f"measured: lag median {_num(s['lag_median'])} s, worst {_num(s['lag_worst'])} s; applied "
-        f"{_num(s['applied_per_second_median'])} events/s (median of the samples: the rehearsal's write rate)",
-        "sync's capacity: the cutover's drain, which applies pending events as fast as it can: "
-        + (f"{capacity:.0f} events/s" if capacity else "not measured (no drain with events)")]}
-    if rate is None or s["lag_median"] is None:
-        out["text"] = ("sync lag: give [rehearsal] production_write_rate to predict it" if rate is None
-                       else "sync lag: no samples recorded; nothing to predict from")
-        return out
-    out["assumptions"].append(f"production write rate: {rate:g} row changes/s ([rehearsal] production_write_rate)")
-    if capacity is not None and rate >= capacity:
-        out["seconds"] = None
-        out["text"] = (f"sync lag at {rate:g}/s: GROWS without bound — above the measured capacity "
-                       f"({capacity:.0f}/s); more apply capacity or a lower write rate is needed")
-        return out
-    out["seconds"] = s["lag_median"]
-    out["assumptions"].append("below capacity the lag is set by sync's batch interval, not by the rate: the median "
-                              "measured stays")
-    out["text"] = f"expected sync lag at {rate:g}/s: about {s['lag_median']:.2f} s (the rehearsal's median)"
-    return out
-
-
-def _step_seconds(attempt: dict[str, Any] | None, name: str) -> float:
-    return sum(s["seconds"] or 0.0 for s in (attempt or {}).get("steps", []) if s["step"] == name)
-
-
-def _size_ratio(data: dict[str, Any], cfg: Config) -> tuple[float, str]:
-    """Production's size over the rehearsal's (rows, else table bytes), and how it was found."""
-    r, c = cfg.rehearsal, data["copy"]
-    if r.production_rows and c["rows"]:
-        return r.production_rows / c["rows"], f"production_rows / the {c['rows']} rows copied"
-    sized = data["environment"]["source"].get("tables_bytes")
-    if r.production_bytes and sized:
-        return r.production_bytes / sized, "production_bytes / the rehearsal's tables' size"
-    return 1.0, "no production size given: the rehearsal's"
-
-
-def _predict_freeze(data: dict[str, Any], cfg: Config) -> dict[str, Any]:
-    last, rate = data["last_attempt"], cfg.rehearsal.production_write_rate
-    attempt = data["attempts"][-1] if data["attempts"] else None
-    drain = _drain(attempt)
-    out: dict[str, Any] = {"assumptions": []}
-    if not last or last.get("freeze_seconds") is None or drain is None:
-        out["text"] = "freeze window: no finished cutover recorded; nothing to predict from"
-        return out
-    freeze, (drain_s, drained) = float(last["freeze_seconds"]), drain
-    verify_s = _step_seconds(attempt, "verify") if cfg.cutover.verify != "none" else 0.0
-    ratio, how = _size_ratio(data, cfg)
-    fixed = max(0.0, freeze - drain_s - verify_s)
-    measured_rate = data["sync"]["applied_per_second_median"]
-    expected = drained * (rate / measured_rate) if rate and measured_rate else float(drained)
-    per_event = drain_s / drained if drained else 0.0
-    out.update(fixed_seconds=fixed, expected_pending_events=expected, drain_seconds=expected * per_event,
-               verify_seconds=verify_s * ratio)
-    out["seconds"] = fixed + out["drain_seconds"] + out["verify_seconds"]
-    out["assumptions"] = [
-        f"measured: freeze {freeze:.2f} s = fixed step costs {fixed:.2f} s + verify {verify_s:.2f} s + drain "
-        f"{drain_s:.2f} s of {drained} events",
-        "the fixed steps (freeze, sequences, switch...) cost the same on production",
-        f"the verify inside the freeze ([cutover] verify = {cfg.cutover.verify}) grows with the size: × {ratio:.1f} "
-        f"({how})",
-        f"events pending at the freeze scale with the write rate: {drained} × {rate or 0:g}/"
-        f"{_num(measured_rate)} = {expected:.0f}" if rate and measured_rate
-        else "events pending at the freeze: as in the rehearsal (no production_write_rate given)",
-        f"drain time per event as measured: {per_event * 1000:.2f} ms"]
-    pause = last.get("pause_seconds")
-    out["client_pause_seconds"] = None if pause is None else float(pause) - freeze + out["seconds"]
-    if pause is None:
-        out["assumptions"].append("client pause: no pooler pause measured (clients were not paused)")
-    else:
-        out["assumptions"].append(f"client pause = measured pause {float(pause):.2f} s − measured freeze + "
-                                  "expected freeze")
-    out["text"] = (f"expected freeze window: {out['seconds']:.2f} s" +
-                   ("" if pause is None else f"; client pause {out['client_pause_seconds']:.2f} s"))
-    return out
-
-
-def _num(value: float | None) -> str:
-    return "?" if value is None else f"{value:.2f}"
-
-
-def _duration(seconds: float) -> str:
-    h, rest = divmod(int(seconds), 3600)
-    return f"{h} h {rest // 60:02d} min" if h else f"{rest // 60} min {rest % 60:02d} s"
-
-
-def predict(data: dict[str, Any], cfg: Config) -> dict[str, Any]:
-    return {"copy": _predict_copy(data, cfg), "lag": _predict_lag(data, cfg), "freeze": _predict_freeze(data, cfg)}
 
 
 def summary(data: dict[str, Any]) -> dict[str, Any]:
@@ -384,7 +248,7 @@ def write(cfg: Config, out: Path | None = None) -> Written:
     out = out or DEFAULT_DIR
     out.mkdir(parents=True, exist_ok=True)
     data = gather(cfg)
-    data["prediction"] = predict(data, cfg)
+    data["prediction"] = report_predict.predict(data, cfg, report_predict.production(cfg))
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
     data["history"] = _history(out) + [dict(summary(data), file=f"report-{stamp}.json")]
     json_path, html_path = out / f"report-{stamp}.json", out / f"report-{stamp}.html"

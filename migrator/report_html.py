@@ -139,10 +139,18 @@ def _attempts(data: dict[str, Any]) -> str:
 
 def _prediction(data: dict[str, Any]) -> str:
     out = []
+    prod = data["prediction"].get("production")
+    if prod:
+        shown = {k: v for k, v in prod.items() if v is not None and k != "source"}
+        out.append(f"<p>production, from {escape(prod['source'])}: "
+                   + (", ".join(f"{escape(k)} {_fmt(v, 0)}" for k, v in shown.items()) or "no figure") + "</p>")
     for name, title in (("copy", "Copy time"), ("lag", "Sync lag"), ("freeze", "Freeze window and client pause")):
         p = data["prediction"][name]
         items = "".join(f"<li>{escape(a)}</li>" for a in p["assumptions"])
-        out.append(f"<h3>{title}</h3><p class='big'>{escape(p.get('text', ''))}</p><ul>{items}</ul>")
+        parts = _table(["part", "measured s", "low s", "predicted s", "high s"],
+                       [[x["part"], x["measured"], x["low"], x["predicted"], x["high"]] for x in p["parts"]]
+                       ) if p.get("parts") else ""
+        out.append(f"<h3>{title}</h3><p class='big'>{escape(p.get('text', ''))}</p>{parts}<ul>{items}</ul>")
     return "".join(out)
 
 

@@ -11,8 +11,8 @@ Callers use the names re-exported here (`state.position(conn)`); the modules hol
 - `phases`: the migration row (each phase's time, the copy snapshot, the frozen flag) and each captured table's state
 - `copying`: the running copy's exported snapshot, the key-range chunks, the workers' progress
 - `sync_position`: the applied sync position, moved compare-and-set
-- `cutover_steps`: cutover and rollback attempts and their steps, the health gate's verdicts, the pooler entries a
-  cutover rewrote
+- `cutover_steps`: cutover and rollback attempts and their steps (with what each measured), the health gate's
+  verdicts, the pooler entries a cutover rewrote
 - `flags`: every operator flag and every value passed between phases as a flag, each name declared once (among
   them the post-data copy left for sync)
 - `operators`: who acts, and the blockers an operator accepted by name
@@ -63,6 +63,7 @@ from migrator.state.cutover_steps import (
     save_pooler_entry,
     set_pointing,
     start_attempt,
+    step_figures,
     step_finished,
     step_started,
 )
@@ -142,6 +143,6 @@ __all__ = [
     "release_cutover_hold", "require_prepared", "reset_chunks", "reset_tables", "resume_copy",
     "save_pooler_entry", "set_fingerprint", "set_flag", "set_pointing", "start_attempt", "start_copy_run",
     "start_rehearsal",
-    "start_migration", "step_finished", "step_started", "table_copied", "table_copy_started", "tables",
+    "start_migration", "step_figures", "step_finished", "step_started", "table_copied", "table_copy_started", "tables",
     "upgrade", "worker_gone", "worker_progress",
 ]

@@ -41,6 +41,28 @@ def step_finished(conn: Conn, attempt: int, step: str, status: str = "done", det
         )
 
 
+def _has_figures(conn: Conn) -> bool:
+    """Whether the control schema has revision 0015's step figures (a migration prepared before it has not, and its
+    cutover must not fail for a missing column: the figures are then not kept)."""
+    row = conn.execute("SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+                       "AND attname = 'figures' AND NOT attisdropped)", (relation("cutover_step").as_string(conn),)
+                       ).fetchone()
+    return bool(row and row[0])
+
+
+def step_figures(conn: Conn, attempt: int, step: str, figures: dict[str, Any]) -> bool:
+    """Keep what a step measured, as data (counts, seconds, table names; never a row value); False when the
+    control schema predates them."""
+    from psycopg.types.json import Jsonb
+
+    if not _has_figures(conn):
+        return False
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("UPDATE {} SET figures = %s WHERE attempt_id = %s AND step = %s")
+                    .format(relation("cutover_step")), (Jsonb(figures), attempt, step))
+    return True
+
+
 def finish_attempt(conn: Conn, attempt: int, status: str, *, failed_step: str | None = None,
                    error: str | None = None, freeze_seconds: float | None = None) -> None:
     with conn.cursor() as cur:
@@ -52,12 +74,15 @@ def finish_attempt(conn: Conn, attempt: int, status: str, *, failed_step: str | 
 
 
 def attempts(conn: Conn) -> list[dict[str, Any]]:
+    figures = _has_figures(conn)
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(sql.SQL("SELECT * FROM {} ORDER BY id").format(relation("cutover_attempt")))
         rows = cur.fetchall()
         for r in rows:
-            cur.execute(sql.SQL("SELECT step, status, started_at, finished_at, detail FROM {} "
-                                "WHERE attempt_id = %s ORDER BY started_at").format(relation("cutover_step")), (r["id"],))
+            cur.execute(sql.SQL("SELECT step, status, started_at, finished_at, detail{} FROM {} "
+                                "WHERE attempt_id = %s ORDER BY started_at").format(
+                                    sql.SQL(", figures" if figures else ", NULL AS figures"),
+                                    relation("cutover_step")), (r["id"],))
             r["steps"] = cur.fetchall()
     return rows
 
