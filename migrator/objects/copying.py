@@ -16,6 +16,7 @@ from migrator.objects.listing import ObjectRow, message
 from migrator.store import BadLocation, Stat, Store, normalise
 
 CHUNK = 1 << 20
+MISSING = "missing in the source store"
 
 
 class Throttle:
@@ -40,7 +41,8 @@ class Throttle:
 @dataclass(frozen=True)
 class Outcome:
     row: ObjectRow
-    kind: Literal["copied", "present", "failed"]
+    kind: Literal["copied", "present", "failed", "missing"]
+    """"missing": no file in the source store (a failure, unless the row changed since the pass's snapshot)."""
     nbytes: int = 0
     record: state.ObjectCopy | None = None
     reason: str | None = None
@@ -77,7 +79,7 @@ class Copier:
         location = normalise(row.location)
         source_stat = self.source.stat(location)
         if source_stat is None:
-            return Outcome(row, "failed", reason="missing in the source store")
+            return Outcome(row, "missing", reason=MISSING)
         target_stat = self.target.stat(location)
         if target_stat is not None and target_stat.size == source_stat.size:
             if known is not None and (known.size, known.mtime_ns, known.source_mtime_ns) == (

@@ -30,7 +30,7 @@ from migrator.config import Config, ObjectSettings
 from migrator.deltalog import read, rotation, triggers
 from migrator.deltalog.snapshot import Snapshot
 from migrator.objects import quarantine
-from migrator.objects.copying import Copier, Outcome, Throttle
+from migrator.objects.copying import MISSING, Copier, Outcome, Throttle
 from migrator.objects.listing import MAX_LISTED, ObjectRow, list_objects, query_tables, settings
 from migrator.store import BadLocation, Store, normalise, open_store
 
@@ -49,6 +49,8 @@ class ObjectSyncResult:
     """Keys the last follow pass read from the delta log."""
     last_pass: str = ""
     """"full (why)" or "follow"."""
+    pass_seconds: float = 0.0
+    """How long the last pass took."""
     copied: int = 0
     present: int = 0
     """Already in the target store with the source's bytes (recorded, or read and compared)."""
@@ -74,7 +76,8 @@ class ObjectSyncResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "passes": self.passes, "full_passes": self.full_passes, "last_pass": self.last_pass,
-            "listed": self.listed, "changed_keys": self.changed_keys, "copied": self.copied,
+            "pass_seconds": round(self.pass_seconds, 3), "listed": self.listed, "changed_keys": self.changed_keys,
+            "copied": self.copied,
             "present": self.present, "bytes_copied": self.bytes_copied, "seconds": round(self.seconds, 3),
             "megabytes_per_second": round(self.bytes_copied / 1e6 / self.seconds, 1) if self.seconds else None,
             "quarantined": self.quarantined, "quarantined_keys": self.quarantined_keys,
@@ -104,6 +107,8 @@ class _Pipeline:
         self.result, self.progress = result, progress
         self.pending: set[cf.Future[Outcome]] = set()
         self.records: list[state.ObjectCopy] = []
+        self.missing: list[ObjectRow] = []
+        """Rows whose file the source store lacked: looked at again once the pass is over."""
 
     def submit(self, rows: list[ObjectRow]) -> None:
         known = state.objects_copied(self.tconn, {_location(r) for r in rows} - {""})
@@ -131,6 +136,8 @@ class _Pipeline:
                 r.bytes_copied += out.nbytes
             elif out.kind == "present":
                 r.present += 1
+            elif out.kind == "missing":
+                self.missing.append(out.row)
             else:
                 r.fail(out.row.key, out.reason or "failed")
             if out.record is not None:
@@ -207,9 +214,12 @@ def _followed(sconn: psycopg.Connection[Any], query: str) -> tuple[list[int] | N
 
 
 def sync(cfg: Config, *, follow: bool = False, stop: threading.Event | None = None, workers: int | None = None,
-         max_rate: float | None = None, progress: Callable[[int, int], None] | None = None) -> ObjectSyncResult:
-    """One full pass; with `follow`, then a pass every `poll_interval` until `stop` is set, reading the rows changed
-    since the last from the delta log. `progress(files, bytes)` is called as objects are done."""
+         max_rate: float | None = None, progress: Callable[[int, int], None] | None = None,
+         passes: int | None = None, first_full: bool = True) -> ObjectSyncResult:
+    """One full pass; with `follow`, then a pass every `poll_interval` until `stop` is set (or `passes` were made),
+    reading the rows changed since the last from the delta log. `first_full=False` makes the first pass of a follow
+    read the log from the recorded position too (tests, benchmarks). `progress(files, bytes)` is called as objects
+    are done."""
     s = settings(cfg)
     source, target = open_store(s.source_root, "source"), open_store(s.target_root, "target")
     workers = max(1, workers or s.workers)
@@ -229,11 +239,11 @@ def sync(cfg: Config, *, follow: bool = False, stop: threading.Event | None = No
             run.moved(m)
         assert s.query is not None
         run.followed, run.why_full = _followed(sconn, s.query)
-        full: str | None = "first pass" if follow else "on demand"
+        full: str | None = ("first pass" if first_full else None) if follow else "on demand"
         while not stop.is_set():
             _one_pass(run, full)
             full = None
-            if not follow:
+            if not follow or (passes is not None and result.passes >= passes):
                 break
             stop.wait(s.poll_interval)
     result.seconds = time.monotonic() - started
@@ -244,17 +254,37 @@ def _one_pass(run: _Run, full: str | None) -> None:
     r = run.result
     r.listed = r.changed_keys = 0
     failed_before = r.failed_count
+    t0 = time.monotonic()
     why = full or run.why_full or _follow_pass(run)
     if why:
         _full_pass(run, why)
+    _missing(run)
     if run.stop.is_set():
         return  # cut short: nothing counted as a pass
     r.passes += 1
+    r.pass_seconds = time.monotonic() - t0
     log.get(phase="objects").info("objects.pass", mode=r.last_pass, listed=r.listed, changed_keys=r.changed_keys,
                                   copied=r.copied, present=r.present, quarantined=r.quarantined,
                                   failed=r.failed_count, bytes=r.bytes_copied)
     if r.failed_count > failed_before:
         log.get(phase="objects").warning("objects.failed", count=r.failed_count - failed_before)
+
+
+def _missing(run: _Run) -> None:
+    """A file missing in the source store is a failure when its row still names it now: a row deleted or pointed
+    elsewhere after the pass's snapshot (the application removing its file) is the next pass's business."""
+    rows, run.pipeline.missing = run.pipeline.missing, []
+    if not rows:
+        return
+    assert run.settings.query is not None
+    try:
+        still = {(r.key, r.location) for r in list_objects(run.sconn, run.settings.query,
+                                                           keys=sorted({r.key for r in rows}))}
+    finally:
+        run.sconn.rollback()
+    for row in rows:
+        if (row.key, row.location) in still:
+            run.result.fail(row.key, MISSING)
 
 
 def _full_pass(run: _Run, why: str) -> None:

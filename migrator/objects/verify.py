@@ -117,6 +117,8 @@ def _check(row: ObjectRow, source: Store, target: Store, show_values: bool) -> t
 def _side_digest(store: Store, location: str, side: str, reasons: list[str]) -> tuple[int, bytes] | None:
     try:
         return digest(store, location)
+    except BadLocation as exc:
+        reasons.append(str(exc))
     except FileNotFoundError:
         reasons.append(f"missing in the {side} store")
     except IsADirectoryError:
