@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -92,16 +93,17 @@ def quarantined(target_dsn: str) -> dict[str, tuple[str, str, str]]:
 
 
 @pytest.fixture
-def ocfg_for(make_config: Callable[..., Config]) -> Callable[[Store], Config]:
-    def make(store: Store) -> Config:
+def ocfg_for(make_config: Callable[..., Config]) -> Callable[..., Config]:
+    def make(store: Store, **objects_settings: Any) -> Config:
         return make_config(copy={"workers": 2}, cutover={"switch_command": "true"},
                            objects={"query": QUERY, "source_root": str(store.source),
-                                    "target_root": str(store.target), "workers": 2, "poll_interval": 0.1})
+                                    "target_root": str(store.target), "workers": 2, "poll_interval": 0.1,
+                                    **objects_settings})
     return make
 
 
 def test_follow_under_live_writes_then_cutover_quarantines_every_deleted_rows_file_and_deletes_nothing(
-        ocfg_for: Callable[[Store], Config], source_dsn: str, target_dsn: str, tmp_path: Path) -> None:
+        ocfg_for: Callable[..., Config], source_dsn: str, target_dsn: str, tmp_path: Path) -> None:
     store = images(tmp_path, source_dsn, 60)
     cfg = ocfg_for(store)
     prepare.prepare(cfg)
@@ -162,7 +164,7 @@ def test_follow_under_live_writes_then_cutover_quarantines_every_deleted_rows_fi
 
 
 def test_a_follow_pass_lists_only_the_rows_the_delta_log_says_changed(
-        ocfg_for: Callable[[Store], Config], source_dsn: str, target_dsn: str, tmp_path: Path) -> None:
+        ocfg_for: Callable[..., Config], source_dsn: str, target_dsn: str, tmp_path: Path) -> None:
     store = images(tmp_path, source_dsn, 200)
     cfg = ocfg_for(store)
     prepare.prepare(cfg)
@@ -183,6 +185,15 @@ def test_a_follow_pass_lists_only_the_rows_the_delta_log_says_changed(
     assert set(gone) <= set(quarantined(target_dsn))
     assert objects.verify(cfg).exit_code == 0
 
+    # A file changed in place leaves no trace in the log: a follow pass does not see it, the periodic full pass does.
+    (in_place,) = store.source.rglob("1.2.00005-*.dcm")
+    time.sleep(0.01)
+    in_place.write_bytes(in_place.read_bytes().upper())
+    unseen = objects.sync(cfg, follow=True, passes=1, first_full=False)
+    assert (unseen.last_pass, unseen.listed, unseen.copied) == ("follow", 0, 0)
+    periodic = objects.sync(ocfg_for(store, full_pass_interval=0.001), follow=True, passes=1, first_full=False)
+    assert (periodic.last_pass, periodic.copied) == ("full (periodic)", 1)
+
     # The log rotates and a drained child is truncated: its events are gone, so the next pass lists everything.
     with psycopg.connect(source_dsn, autocommit=True) as conn:
         store.insert(conn, "1.4.00001")
@@ -200,7 +211,7 @@ def test_a_follow_pass_lists_only_the_rows_the_delta_log_says_changed(
 
 
 def test_locations_that_leave_their_store_are_refused_on_both_sides(
-        ocfg_for: Callable[[Store], Config], source_dsn: str, target_dsn: str, tmp_path: Path) -> None:
+        ocfg_for: Callable[..., Config], source_dsn: str, target_dsn: str, tmp_path: Path) -> None:
     store = images(tmp_path, source_dsn, 1, target_dsn)
     outside = tmp_path / "outside"
     (outside / "etc").mkdir(parents=True)
@@ -233,7 +244,7 @@ def test_locations_that_leave_their_store_are_refused_on_both_sides(
 
 
 def test_a_move_recorded_before_a_crash_is_finished_then_listed_and_emptied_on_the_operators_word(
-        ocfg_for: Callable[[Store], Config], source_dsn: str, target_dsn: str, tmp_path: Path) -> None:
+        ocfg_for: Callable[..., Config], source_dsn: str, target_dsn: str, tmp_path: Path) -> None:
     store = images(tmp_path, source_dsn, 3, target_dsn)
     cfg = ocfg_for(store)
     objects.sync(cfg)
