@@ -194,6 +194,8 @@ class _Run:
         if m.outcome == "moving":
             self.result.fail(m.entry.key or "?", f"could not be moved to the quarantine: {m.error}")
             return
+        if m.outcome != "quarantined":
+            return  # no file there any more: recorded as absent, nothing moved
         self.result.quarantined += 1
         if len(self.result.quarantined_keys) < MAX_LISTED:
             self.result.quarantined_keys.append(m.entry.key or "?")
