@@ -110,14 +110,17 @@ class _Pipeline:
         self.missing: list[ObjectRow] = []
         """Rows whose file the source store lacked: looked at again once the pass is over."""
 
-    def submit(self, rows: list[ObjectRow]) -> None:
-        known = state.objects_copied(self.tconn, {_location(r) for r in rows} - {""})
+    def submit(self, rows: list[ObjectRow]) -> list[str]:
+        """Copy these rows' files; returns their locations in canonical form ("" for one that is not a location)."""
+        locations = [_location(r) for r in rows]
+        known = state.objects_copied(self.tconn, set(locations) - {""})
         self.tconn.commit()
-        for row in rows:
-            self.pending.add(self.pool.submit(self.copier, row, known.get(_location(row))))
+        for row, location in zip(rows, locations, strict=True):
+            self.pending.add(self.pool.submit(self.copier, row, known.get(location)))
             if len(self.pending) >= self.workers * 4:
                 done, self.pending = cf.wait(self.pending, return_when=cf.FIRST_COMPLETED)
                 self._collect(done)
+        return locations
 
     def drain(self) -> None:
         done, _ = cf.wait(self.pending)
@@ -305,10 +308,10 @@ def _full_pass(run: _Run, why: str) -> None:
     snap = _snapshot(sconn)
     try:
         for batch in run.batches(list_objects(sconn, query)):
-            run.pipeline.submit(batch)
+            locations = run.pipeline.submit(batch)
             with tconn.cursor() as cur, cur.copy(sql.SQL("COPY {} (location) FROM STDIN").format(_LISTED)) as cp:
-                for row in batch:
-                    cp.write_row((_location(row),))
+                for location in locations:
+                    cp.write_row((location,))
             tconn.commit()
     finally:
         run.pipeline.drain()
@@ -357,8 +360,7 @@ def _follow_pass(run: _Run) -> str:
             run.result.changed_keys += len(batch)
             listed: set[str] = set()
             for rows in run.batches(list_objects(sconn, query, keys=batch)):
-                run.pipeline.submit(rows)
-                listed.update(_location(row) for row in rows)
+                listed.update(run.pipeline.submit(rows))
             candidates += [c for c in state.copies_of_keys(tconn, batch, now) if c.location not in listed]
             tconn.commit()
         run.pipeline.drain()
