@@ -95,7 +95,7 @@ def quarantined(target_dsn: str) -> dict[str, tuple[str, str, str]]:
 @pytest.fixture
 def ocfg_for(make_config: Callable[..., Config]) -> Callable[..., Config]:
     def make(store: Store, **objects_settings: Any) -> Config:
-        return make_config(copy={"workers": 2}, cutover={"switch_command": "true"},
+        return make_config(copy={"workers": 1}, cutover={"switch_command": "true", "verify": "none"},
                            objects={"query": QUERY, "source_root": str(store.source),
                                     "target_root": str(store.target), "workers": 2, "poll_interval": 0.1,
                                     **objects_settings})

@@ -72,6 +72,9 @@ class Copier:
             return self._copy(row, known)
         except BadLocation as exc:
             return Outcome(row, "failed", reason=str(exc))
+        except FileNotFoundError:
+            # The source file went between its stat and its read (the application deleted it): looked at again.
+            return Outcome(row, "missing", reason=MISSING)
         except OSError as exc:
             return Outcome(row, "failed", reason=f"{message(exc)} ({type(exc).__name__})")
 

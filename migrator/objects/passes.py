@@ -276,8 +276,9 @@ def _one_pass(run: _Run, full: str | None) -> None:
 
 
 def _missing(run: _Run) -> None:
-    """A file missing in the source store is a failure when its row still names it now: a row deleted or pointed
-    elsewhere after the pass's snapshot (the application removing its file) is the next pass's business."""
+    """A file missing in the source store is a failure when its row still names it now and a second try finds it
+    missing again: a row deleted or pointed elsewhere after the pass's snapshot (the application removing its file)
+    is the next pass's business."""
     rows, run.pipeline.missing = run.pipeline.missing, []
     if not rows:
         return
@@ -289,7 +290,12 @@ def _missing(run: _Run) -> None:
         run.sconn.rollback()
     for row in rows:
         if (row.key, row.location) in still:
-            run.result.fail(row.key, MISSING)
+            # The row still names it: a copy again tells a file the source store lacks from one that came back.
+            run.pipeline.submit([row])
+    run.pipeline.drain()
+    for row in run.pipeline.missing:
+        run.result.fail(row.key, MISSING)
+    run.pipeline.missing = []
 
 
 def _full_pass(run: _Run, why: str) -> None:
