@@ -29,7 +29,8 @@ from migrator.errors import MigratorError
 TEMP_MARK = ".migrator-part-"
 """Part of the name of a file being written; such files are never listed as objects."""
 QUARANTINE_DIR = ".migrator-quarantine"
-"""The quarantine folder, at the top of the target store (so on its filesystem: moving a file there is a rename)."""
+"""The quarantine folder, at the top of the target store (so on its filesystem: moving a file there is a rename); flat,
+one file per entry named `<entry id>-<file name>`."""
 
 
 class BadLocation(MigratorError):
@@ -68,8 +69,8 @@ class Store(Protocol):
         ...
 
     def quarantine(self, location: str, name: str) -> bool:
-        """Move the object into the quarantine as `name` (a relative path there), by a rename, durably; False when
-        the store holds no object there (nothing moved)."""
+        """Move the object into the quarantine as `name` (a file name there), by a rename, durably; False when the
+        store holds no object there (nothing moved)."""
         ...
 
     def quarantined(self, name: str) -> bool:
@@ -177,7 +178,9 @@ class DirectoryStore:
                     yield (base / name).as_posix()
 
     def _in_quarantine(self, name: str) -> Path:
-        return self._quarantine / PurePosixPath(normalise(name))
+        if "/" in name or name in ("", ".", ".."):
+            raise BadLocation(f"{name!r} is not a name in the quarantine")
+        return self._quarantine / name
 
     def quarantine(self, location: str, name: str) -> bool:
         # The directory entry at the location moves (a link stays a link); its directories are resolved.
@@ -186,11 +189,14 @@ class DirectoryStore:
         dest = self._in_quarantine(name)
         if not source.exists() and not source.is_symlink():
             return False
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists():
-            raise FileExistsError(f"quarantine already holds {name}")
+        if not self._quarantine.is_dir():
+            self._quarantine.mkdir(exist_ok=True)
+            _fsync_dir(self._real)  # the folder's own entry, before anything is moved into it
+        if dest.exists() or dest.is_symlink():
+            raise FileExistsError(f"the quarantine already holds {name}")
         os.rename(source, dest)  # same filesystem (EXDEV otherwise: never a copy and delete)
-        _fsync_dir(dest.parent)
+        # Durable before it is recorded as done: the entry left the location and arrived in the quarantine.
+        _fsync_dir(self._quarantine)
         _fsync_dir(source.parent)
         return True
 
@@ -199,18 +205,10 @@ class DirectoryStore:
         return path.exists() or path.is_symlink()
 
     def purge(self, name: str) -> bool:
-        path = self._in_quarantine(name)
         try:
-            path.unlink()
+            self._in_quarantine(name).unlink()
         except FileNotFoundError:
             return False
-        for parent in path.parents:  # the folders emptied along the way
-            if parent == self._quarantine or self._quarantine not in parent.parents:
-                break
-            try:
-                parent.rmdir()
-            except OSError:
-                break
         return True
 
 

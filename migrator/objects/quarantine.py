@@ -2,7 +2,8 @@
 sync: each is recorded in the control schema first (key, location, its name in the quarantine folder, the time),
 then moved there by a rename on the same filesystem, then marked moved. A crash between the record and the rename
 leaves a 'moving' entry that the next run finishes (`recover`). Only the operator empties the quarantine
-(`migrator objects quarantine --empty`), audited: each emptied entry names the audit row of the action.
+(`migrator objects quarantine --empty`), audited: each emptied entry names the audit row of the action. The folder is
+flat: `<target_root>/.migrator-quarantine/<id>-<file name>`; the entry keeps the location to put it back.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from migrator.config import Config
 from migrator.objects.listing import message, settings
 from migrator.store import BadLocation, Store, open_store
 
+_BATCH = 100
+
 
 @dataclass(frozen=True)
 class Moved:
@@ -27,36 +30,42 @@ class Moved:
 
 
 def _finish(conn: state.Conn, store: Store, entry: state.QuarantineEntry) -> Moved:
-    """Move the recorded file (unless the quarantine holds it already: the rename was done) and record it."""
+    """Move the recorded file (unless the quarantine holds it already: the rename was done) and record it, in the
+    caller's transaction."""
     try:
         if store.quarantined(entry.name):
             outcome = "quarantined"
         else:
             outcome = "quarantined" if store.quarantine(entry.location, entry.name) else "absent"
     except (BadLocation, OSError) as exc:
-        conn.rollback()
         return Moved(entry, "moving", f"{message(exc)} ({type(exc).__name__})")
     state.quarantine_done(conn, entry.id, outcome)
-    conn.commit()
     log.get(phase="objects").info("objects.quarantined", key=entry.key, entry=entry.id, outcome=outcome)
     return Moved(entry, outcome)
 
 
+def _finish_all(conn: state.Conn, store: Store, entries: list[state.QuarantineEntry]) -> list[Moved]:
+    done = [_finish(conn, store, e) for e in entries]
+    conn.commit()
+    return done
+
+
 def move(conn: state.Conn, store: Store, copies: list[state.ObjectCopy], before: dt.datetime) -> list[Moved]:
-    """Quarantine the files of these copies, whose rows left the source: each recorded (and its copy forgotten) and
-    committed before its rename. A copy recorded again after `before` (another run copied it since) stays."""
+    """Quarantine the files of these copies, whose rows left the source, _BATCH at a time: each recorded (and its
+    copy forgotten) and committed before its rename, each rename durable before it is marked done. A copy recorded
+    again after `before` (another run copied it since) stays."""
     done = []
-    for copy in copies:
-        entry = state.record_quarantine(conn, copy, store.quarantine_root(), before)
+    for at in range(0, len(copies), _BATCH):
+        entries = [e for c in copies[at:at + _BATCH]
+                   if (e := state.record_quarantine(conn, c, store.quarantine_root(), before)) is not None]
         conn.commit()
-        if entry is not None:
-            done.append(_finish(conn, store, entry))
+        done += _finish_all(conn, store, entries)
     return done
 
 
 def recover(conn: state.Conn, store: Store) -> list[Moved]:
     """Finish the moves a run recorded and did not complete (it crashed, or the rename failed)."""
-    return [_finish(conn, store, e) for e in state.quarantine_entries(conn, ("moving",))]
+    return _finish_all(conn, store, state.quarantine_entries(conn, ("moving",)))
 
 
 @dataclass

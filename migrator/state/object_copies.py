@@ -94,7 +94,7 @@ class QuarantineEntry:
     key: str | None
     location: str
     name: str
-    """Its path in the quarantine folder: `<id>/<location>`."""
+    """Its name in the quarantine folder: `<id>-<the location's file name>`."""
     root: str
     """The quarantine folder when it was moved."""
     recorded_at: dt.datetime
@@ -116,15 +116,16 @@ _Q_COLUMNS = sql.SQL("id, key, location, name, root, recorded_at, moved_at, outc
 
 
 def record_quarantine(conn: Conn, copy: ObjectCopy, root: str, before: dt.datetime) -> QuarantineEntry | None:
-    """Record that the file of `copy` goes to the quarantine, and forget the copy, in one statement the caller
-    commits before it moves the file. None when the copy is no longer recorded as it was before `before` (another
+    """Record that the file of `copy` goes to the quarantine (as `<id>-<file name>`), and forget the copy, in one
+    statement the caller commits before it moves the file. None when the copy is no longer recorded as it was before `before` (another
     run quarantined it, or copied it again since): nothing to move then."""
     row = conn.execute(sql.SQL(
         "WITH gone AS (DELETE FROM {copy} WHERE location = %(location)s AND copied_at < %(before)s "
         "              RETURNING location, key), "
         "     n AS (SELECT nextval(pg_get_serial_sequence(%(q)s, 'id')) AS id) "
         "INSERT INTO {q} (id, key, location, name, root) "
-        "SELECT n.id, gone.key, gone.location, n.id::text || '/' || gone.location, %(root)s FROM gone, n "
+        "SELECT n.id, gone.key, gone.location, n.id::text || '-' || regexp_replace(gone.location, '^.*/', ''), "
+        "       %(root)s FROM gone, n "
         "RETURNING {cols}").format(copy=relation("object_copy"), q=relation("object_quarantine"), cols=_Q_COLUMNS),
         {"location": copy.location, "before": before, "root": root,
          "q": relation("object_quarantine").as_string()}).fetchone()
