@@ -237,19 +237,22 @@ def verify(obj: Ctx, tables: tuple[str, ...], with_objects: bool, show_values: b
 @exits()
 @main.group("objects")
 def objects_group() -> None:
-    """The files rows point to (DICOM images, PDFs): copy them into the target store."""
+    """The files rows point to (DICOM images, PDFs): copy them into the target store, quarantine those whose row left
+    the source."""
 
 
 @exits({ExitCode.OK: "done; --follow: stopped by SIGINT or SIGTERM",
-        ExitCode.FINDING: "some files could not be copied"})
+        ExitCode.FINDING: "some files could not be copied or quarantined (a location outside its store among them)"})
 @objects_group.command("sync")
-@click.option("--follow", is_flag=True, help="Keep copying new files every poll_interval; SIGINT/SIGTERM stop.")
+@click.option("--follow", is_flag=True, help="Keep following the rows every poll_interval (the changed ones, from the "
+              "delta log; all every full_pass_interval); SIGINT/SIGTERM stop.")
 @click.option("--workers", type=int, default=None, help="Files copied at once (default [objects] workers).")
 @click.option("--max-rate", type=float, default=None, metavar="MB/S", help="Throttle over all workers.")
 @json_option
 @click.pass_obj
 def objects_sync(obj: Ctx, follow: bool, workers: int | None, max_rate: float | None, as_json: bool) -> None:
-    """Copy every listed file the target store lacks or holds with other bytes; exit 1 when some failed."""
+    """Copy every listed file the target store lacks or holds with other bytes, and move to the quarantine the files
+    whose row left the source (never deleted); exit 1 when some failed."""
     from migrator import objects
     from migrator.terminal import CopyProgress
 
@@ -262,6 +265,29 @@ def objects_sync(obj: Ctx, follow: bool, workers: int | None, max_rate: float | 
                           "recorded)")
     emit(result, as_json)
     sys.exit(ExitCode.OK if result.ok else ExitCode.FINDING)
+
+
+@exits({ExitCode.FINDING: "declined, or some files could not be removed (listed)"})
+@objects_group.command("quarantine")
+@click.option("--empty", is_flag=True, help="Delete the quarantined files (after asking; audited).")
+@yes_option
+@json_option
+@click.pass_obj
+def objects_quarantine(obj: Ctx, empty: bool, yes: bool, as_json: bool) -> None:
+    """List the files objects sync moved to the quarantine (their row left the source); --empty deletes them on the
+    operator's word, recorded in the audit trail."""
+    from migrator import objects
+
+    if not empty:
+        emit(objects.listing(obj.cfg), as_json)
+        return
+    confirm(yes, f"delete the quarantined files under {obj.cfg.objects.target_root or '?'}")
+    with audit_mod.recorded(obj.cfg, "objects quarantine --empty", {}) as rec:
+        report = objects.listing(obj.cfg, empty=True, audit_id=rec.id)
+        rec.detail = f"{report.emptied} file(s) deleted, {len(report.failed)} failed"
+        emit(report, as_json)
+        if report.failed:
+            sys.exit(ExitCode.FINDING)
 
 
 @exits()

@@ -239,6 +239,9 @@ class ObjectSettings:
     """Copy throttle in MB/s over all workers; None: unthrottled."""
     poll_interval: Positive = 10.0
     """Seconds between passes of `objects sync --follow`."""
+    full_pass_interval: Positive = 3600.0
+    """Seconds between the full passes of `objects sync --follow` (the others read only the rows the delta log says
+    changed): a full pass lists every object again and catches files changed in place."""
 
 
 @dataclass(frozen=True, config=_SECTION)

@@ -203,3 +203,47 @@ def test_orthanc_behind_pgbouncer_ends_serving_on_one_side_never_a_silent_outage
         missing = set(client.kept) - instances_in(dsn)
         assert not missing, f"{len(missing)} acknowledged instances are not in the {side} database"
         assert orthanc.call("GET", f"/instances/{next(reversed(client.kept))}")[0] == 200
+
+
+ORTHANC_OBJECTS = """SELECT id || '/' || filetype AS key,
+       substr(uuid, 1, 2) || '/' || substr(uuid, 3, 2) || '/' || uuid AS location, compressedsize AS size
+  FROM public.attachedfiles"""
+"""Orthanc's files as `[objects]` lists them: its storage names a file by its uuid (two levels of directories), and
+the row's key (id, filetype) joined by '/' is what a follow pass finds in the delta log."""
+
+
+def test_orthanc_files_follow_their_instances_deleted_ones_to_the_quarantine(
+        make_config: Callable[..., Config], source_dsn: str, target_dsn: str, orthanc_work: Path) -> None:
+    """The issue's PACS (issue 17): instances uploaded and deleted through Orthanc's REST API while `objects sync
+    --follow` runs; then every file is proven and the deleted instances' files are in the quarantine, not orphans."""
+    if os.environ.get("CI"):
+        pytest.skip("a local scenario (Orthanc's start and a live upload take several seconds); "
+                    "tests/test_objects_follow.py covers the same in CI")
+    from migrator import objects
+
+    target_store = orthanc_work / "target-store"
+    target_store.mkdir()
+    with running_bouncer(source_dsn, target_dsn) as b, running_orthanc(b, orthanc_work) as orthanc:
+        cfg = make_config(copy={"workers": 2}, objects={
+            "query": ORTHANC_OBJECTS, "source_root": str(orthanc_work / "storage"), "target_root": str(target_store),
+            "workers": 2, "poll_interval": 0.2})
+        with Uploader(orthanc) as client:
+            prepare.prepare(cfg)
+            copy.run(cfg)
+            stop = threading.Event()
+            outcome: list[objects.ObjectSyncResult] = []
+            follower = threading.Thread(target=lambda: outcome.append(objects.sync(cfg, follow=True, stop=stop)))
+            follower.start()
+            time.sleep(4)
+        sync.sync(cfg)
+        time.sleep(1)  # passes after the last upload
+        stop.set()
+        follower.join(timeout=60)
+    (followed,) = outcome
+    report = objects.verify(cfg)
+    print(f"\nOrthanc objects: {followed.passes} passes ({followed.full_passes} full), {followed.copied} copied, "
+          f"{followed.quarantined} quarantined; verify: {report.checked} checked, {report.orphan_count} orphans")
+    assert followed.ok, followed.render_text()
+    assert report.exit_code == 0, report.render_text()
+    assert followed.quarantined > 0 and report.quarantined == followed.quarantined
+    assert len(client.kept) == len(instances_in(source_dsn))

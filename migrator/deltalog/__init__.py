@@ -22,9 +22,11 @@ three children, which rotate (rotation.py).
 - snapshot.py  Snapshot, the window of a batch, the decoding of a logged key
 - triggers.py  the capture triggers and functions: install, the expected sets, present and enabled, remove
 - freeze.py    freeze and release (the capture functions' bodies replaced by ones that reject writes)
-- rotation.py  the log's children, switching writers to the next, truncating a drained one, the policy sync applies
+- rotation.py  the log's children (and their files, which a truncate replaces), switching writers to the next,
+               truncating a drained one, the policy sync applies
 - apply.py     the Applier, which writes a batch: sync drives it forward, rollback in reverse
-- read.py      the log outside a batch: what is pending, whether a log exists, its lock, a table's events in a window
+- read.py      the log outside a batch: what is pending, whether a log exists, its lock, a table's events in a window,
+               the keys of rows changed since a snapshot (objects sync --follow)
 - owner.py     the capture's owner row (triggers/owner.sql): read and record; ownership.py decides who may act
 - rollback_position.py  the reverse replay's position on the legacy database (triggers/rollback.sql)
 """

@@ -1,9 +1,11 @@
-"""Reading the delta log outside a batch: what is pending (sync's lag, rollback's), whether a log exists, and the
-events of one table in a window (verify's rows in flight). Each composes its SQL from snapshot.window, as batches do.
+"""Reading the delta log outside a batch: what is pending (sync's lag, rollback's), whether a log exists, the
+events of one table in a window (verify's rows in flight), and the keys of the rows changed since a snapshot
+(`objects sync --follow`). Each composes its SQL from snapshot.window, as batches do.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -104,3 +106,28 @@ def row_images(table: Table, applied: Snapshot, current: Snapshot) -> sql.Compos
         "SELECT e.old_row::{t} AS r FROM {log} AS e WHERE {w} AND e.old_row IS NOT NULL UNION ALL "
         "SELECT e.new_row::{t} FROM {log} AS e WHERE {w} AND e.new_row IS NOT NULL"
     ).format(t=table.ident, log=LOG, w=_in_table(table, applied, current))
+
+
+def _in_tables(rels: list[int], applied: Snapshot) -> sql.Composed:
+    return sql.SQL("e.rel = ANY({}::oid[]) AND {}").format(sql.Literal(rels), snapshot.window(applied))
+
+
+def changed_keys(conn: psycopg.Connection[Any], rels: list[int], applied: Snapshot, *,
+                 batch: int = 1000) -> Iterator[list[str]]:
+    """The keys of the rows of these tables (oids) that changes committed since `applied` touched, up to the
+    reading transaction's own snapshot: distinct, as text (a one-column key as its text, several joined by '/'), in
+    lists of at most `batch`. The caller locks the log (lock_log) before its transaction's snapshot."""
+    with conn.cursor(name="migrator_changed_keys") as cur:
+        cur.execute(sql.SQL(
+            "SELECT DISTINCT CASE WHEN cardinality(e.key) = 1 THEN e.key[1] ELSE array_to_string(e.key, '/') END "
+            "FROM {} AS e WHERE {} AND e.key IS NOT NULL").format(LOG, _in_tables(rels, applied)))
+        while rows := cur.fetchmany(batch):
+            yield [str(r[0]) for r in rows]
+
+
+def changed_without_key(conn: psycopg.Connection[Any], rels: list[int], applied: Snapshot) -> bool:
+    """Whether changes committed since `applied` to these tables name no row by key (a TRUNCATE, a table without a
+    key): only a full listing tells what they did."""
+    row = conn.execute(sql.SQL("SELECT EXISTS (SELECT FROM {} AS e WHERE {} AND (e.key IS NULL OR e.op = 'T'))")
+                       .format(LOG, _in_tables(rels, applied))).fetchone()
+    return bool(row and row[0])

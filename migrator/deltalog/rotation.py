@@ -63,6 +63,20 @@ def log_children(conn: psycopg.Connection[Any]) -> list[LogChild]:
                 for r in cur.fetchall()]
 
 
+def children_files(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    """Each child's file (pg_relation_filenode), which every TRUNCATE replaces: a reader that remembers them knows
+    whether a child was truncated since (the events it held gone); empty when the database is not prepared."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{CAPTURE_SCHEMA}.delta_log_child",))
+        row = cur.fetchone()
+        if not row or not row[0]:
+            return {}
+        cur.execute(sql.SQL(
+            "SELECT l.child, pg_relation_filenode(format('%%I.%%I', %s::text, 'delta_log_' || l.child)::regclass) "
+            "FROM {}.delta_log_child AS l ORDER BY l.child").format(sql.Identifier(CAPTURE_SCHEMA)), (CAPTURE_SCHEMA,))
+        return {str(r[0]): int(r[1]) for r in cur.fetchall()}
+
+
 def _bounded(cur: psycopg.Cursor[Any], lock_timeout: float, statement_timeout: float) -> None:
     for name, seconds in (("lock_timeout", lock_timeout), ("statement_timeout", statement_timeout)):
         cur.execute(sql.SQL("SET LOCAL {} = {}").format(sql.Identifier(name),

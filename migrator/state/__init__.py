@@ -16,7 +16,8 @@ Callers use the names re-exported here (`state.position(conn)`); the modules hol
 - `flags`: every operator flag and every value passed between phases as a flag, each name declared once (among
   them the post-data copy left for sync)
 - `operators`: who acts, and the blockers an operator accepted by name
-- `object_copies`: the files `objects sync` has proved in the target store
+- `object_copies`: the files `objects sync` has proved in the target store, the quarantine of those whose row left
+  the source, and where `objects sync --follow` stands in the delta log
 - `secret`: the migration's key for keyed hashes of key values
 - `rehearsal`: the mark that a rehearsal made this target, each rehearsal's phases and outcome
 - `audit`: the audit trail of operator actions (append-only), and the run's history that `cleanup` exports
@@ -96,7 +97,22 @@ from migrator.state.flags import (
     resume_copy,
     set_flag,
 )
-from migrator.state.object_copies import ObjectCopy, objects_copied, record_objects
+from migrator.state.object_copies import (
+    ObjectCopy,
+    ObjectPosition,
+    QuarantineEntry,
+    clock,
+    copies_not_listed,
+    copies_of_keys,
+    objects_copied,
+    objects_position,
+    quarantine_done,
+    quarantine_emptied,
+    quarantine_entries,
+    record_objects,
+    record_quarantine,
+    save_objects_position,
+)
 from migrator.state.operators import Override, operator, overrides, record_override
 from migrator.state.phases import (
     Migration,
@@ -131,7 +147,9 @@ __all__ = [
     "cutover_hold", "drop", "history", "record_sample", "samples",
     "CLEANUP_FLAG", "COPY_PAUSED_FLAG", "HOLD_FLAG", "POST_DATA_DEFERRED_FLAG", "POST_DATA_PENDING_FLAG",
     "VERIFY_FLAG", "Chunk", "Conn", "CopyRun", "DeferredPostData", "Migration", "MigrationColumn",
-    "ObjectCopy", "Override", "PoolerEntry", "Position", "Rehearsal", "TableState", "add_post_data_pending",
+    "ObjectCopy", "ObjectPosition", "QuarantineEntry", "clock", "copies_not_listed", "copies_of_keys",
+    "objects_position", "quarantine_done", "quarantine_emptied", "quarantine_entries", "record_quarantine",
+    "save_objects_position", "Override", "PoolerEntry", "Position", "Rehearsal", "TableState", "add_post_data_pending",
     "advance_position", "attempts", "chunk_copied", "chunks", "claim_chunk", "cleaned_up", "clear",
     "clear_flag", "clear_post_data_deferred", "clear_post_data_pending", "copy_heartbeat", "copy_paused",
     "copy_run", "copy_workers", "cutover_held", "defer_post_data", "drop_control_schema", "exists", "finish_attempt",

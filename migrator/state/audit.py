@@ -1,7 +1,7 @@
 """The audit trail (revision 0010): every operator action, from the console and from the command line, and what the
 guardian or a health gate did on their behalf. Append-only (a trigger refuses UPDATE, DELETE and TRUNCATE): an action
 is one row when it starts and one when it ends (`of_id` names the first), a refusal one row. And the run's history,
-exported by `migrator cleanup` before the control schema may go.
+exported by `migrator cleanup` before the control schema may go (the objects quarantine's entries with it).
 """
 
 from __future__ import annotations
@@ -112,6 +112,8 @@ class History:
     last_verify: dict[str, Any] | None = None
     audit: list[dict[str, Any]] = field(default_factory=list)
     lag_by_minute: list[dict[str, Any]] = field(default_factory=list)
+    quarantine: list[dict[str, Any]] = field(default_factory=list)
+    """Every file objects sync moved to the quarantine (key, location, where, when, emptied by which action)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -120,7 +122,7 @@ class History:
 def history(conn: Conn) -> History:
     """The run's history: phases, tables, cutover and rollback attempts with their steps, overrides, the last verify,
     the audit trail, and the lag sampled by sync (by minute: the worst of each)."""
-    from migrator.state import cutover_steps, flags, operators, phases
+    from migrator.state import cutover_steps, flags, object_copies, operators, phases
 
     h = History()
     m = phases.migration(conn)
@@ -133,6 +135,8 @@ def history(conn: Conn) -> History:
     verified = flags.last_verify(conn)
     h.last_verify = verified[0] if verified else None
     h.audit = [r.to_dict() for r in audit_rows(conn)]
+    h.quarantine = [e.to_dict() for e in object_copies.quarantine_entries(
+        conn, ("moving", "quarantined", "absent", "emptied"))]
     if audit_present(conn):
         with conn.cursor(row_factory=dict_row) as cur:
             cur.execute(sql.SQL("SELECT date_trunc('minute', at) AS minute, max(lag_seconds) AS lag_seconds, "
