@@ -373,7 +373,7 @@ def _supervise(cfg: Config, target: psycopg.Connection[Any], workers: int, coord
     """Run local worker processes until every chunk is copied (workers of other hosts may help); heartbeat and
     progress meanwhile. Returns why local workers failed ((message, hint) each; empty when none did)."""
     eta = Eta()
-    ctx = multiprocessing.get_context("spawn")
+    ctx = _worker_context()
     json_logs = log_mod.renders_json()
     messages = ctx.SimpleQueue()
     procs: dict[str, Any] = {}
@@ -427,6 +427,16 @@ def _supervise(cfg: Config, target: psycopg.Connection[Any], workers: int, coord
             proc.join()
     target.rollback()
     return failed
+
+
+def _worker_context() -> Any:
+    """How local workers start: forked, when this process runs no other thread (a worker then starts at once, where
+    a spawned one first imports migrator again: a second or more of both cores on a busy machine, before the first
+    row); spawned otherwise, since a lock another thread held at the fork would stay held in the worker. A forked
+    worker never touches the coordinator's connections it inherits: it opens its own, and ends by os._exit."""
+    if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
 
 
 def _end_run(cfg: Config, target: psycopg.Connection[Any]) -> None:
