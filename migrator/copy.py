@@ -317,11 +317,11 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
         log.info("copy.start", tables=len(pending), already_copied=len(result.skipped), workers=workers,
                  chunks=sum(1 for c in state.chunks(target) if c.status == "pending"))
         target.rollback()
-        try:
-            failed = _supervise(cfg, target, workers, coordinator, progress, overall)
-        finally:
-            _end_run(cfg, target)
-            holder.rollback()
+        # A first copy, every chunk read under this run's snapshot: each table's post-data as soon as it is in.
+        early = (postdata.AsTablesArrive(cfg, tables, workers) if m.post_data_at is None and not only
+                 and all(c.status == "pending" for c in state.chunks(target)) else None)
+        target.rollback()
+        failed = _copy_chunks(cfg, target, holder, workers, coordinator, progress, overall, early)
         if failed:
             message, hint = failed[0]
             more = f" ({len(failed) - 1} more worker(s) failed too; see their log lines)" if len(failed) > 1 else ""
@@ -340,20 +340,53 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
                 progress(name, sum(c.rows_copied or 0 for c in mine), sum(c.bytes_copied or 0 for c in mine))
         m = state.require_prepared(target)
         target.commit()
-        t0 = time.monotonic()
-        # The first time, or for tables prepare created after the first post-data (new on the legacy database);
-        # what relates rows read under different snapshots waits for sync (postdata.py).
-        result.post_data_deferred = postdata.after_copy(cfg, target, m, workers)
-        result.post_data_seconds = time.monotonic() - t0
-        t0 = time.monotonic()
-        _analyze(cfg, [by_name[c.table] for c in result.copied], workers)
-        result.analyze_seconds = time.monotonic() - t0
+        _post_data(cfg, target, m, early, workers, result, by_name)
         state.mark(target, "copy_finished_at")
         target.commit()
     result.seconds = time.monotonic() - started
     log.info("copy.done", tables=len(result.copied), rows=result.rows, bytes=result.bytes,
              seconds=round(result.seconds, 3), post_data_seconds=round(result.post_data_seconds, 3))
     return result
+
+
+def _copy_chunks(cfg: Config, target: psycopg.Connection[Any], holder: psycopg.Connection[Any], workers: int,
+                 coordinator: str, progress: Progress | None, overall: Overall | None,
+                 early: postdata.AsTablesArrive | None) -> list[tuple[str, str | None]]:
+    """Supervise the workers until every chunk is copied, then end the run; the early post-data stops when the copy
+    fails. Returns why local workers failed."""
+    try:
+        failed = _supervise(cfg, target, workers, coordinator, progress, overall,
+                            early.table_copied if early else None)
+    except BaseException:
+        if early:
+            early.close()
+        raise
+    finally:
+        _end_run(cfg, target)
+        holder.rollback()
+    if failed and early:
+        early.close()
+    return failed
+
+
+def _post_data(cfg: Config, target: psycopg.Connection[Any], m: state.Migration,
+               early: postdata.AsTablesArrive | None, workers: int, result: CopyResult, by_name: dict[str, Table]) -> None:
+    """After the last chunk: the post-data not yet restored, then ANALYZE of the tables not yet analyzed."""
+    t0 = time.monotonic()
+    if early:
+        try:
+            early.finish(workers)
+        finally:
+            early.close()
+        postdata.mark_restored(target)
+    else:
+        # The first time, or for tables prepare created after the first post-data (new on the legacy database);
+        # what relates rows read under different snapshots waits for sync (postdata.py).
+        result.post_data_deferred = postdata.after_copy(cfg, target, m, workers)
+    result.post_data_seconds = time.monotonic() - t0
+    t0 = time.monotonic()
+    _analyze(cfg, [by_name[c.table] for c in result.copied if not early or c.table not in early.analyzed], workers)
+    result.analyze_seconds = time.monotonic() - t0
 
 
 def _empty(target: psycopg.Connection[Any], table: Table) -> None:
@@ -369,9 +402,11 @@ def _empty(target: psycopg.Connection[Any], table: Table) -> None:
 
 
 def _supervise(cfg: Config, target: psycopg.Connection[Any], workers: int, coordinator: str,
-               progress: Progress | None, overall: Overall | None = None) -> list[tuple[str, str | None]]:
+               progress: Progress | None, overall: Overall | None = None,
+               table_copied: Callable[[str, str], None] | None = None) -> list[tuple[str, str | None]]:
     """Run local worker processes until every chunk is copied (workers of other hosts may help); heartbeat and
-    progress meanwhile. Returns why local workers failed ((message, hint) each; empty when none did)."""
+    progress meanwhile, and `table_copied(schema, table)` when every chunk of a table is. Returns why local workers
+    failed ((message, hint) each; empty when none did)."""
     eta = Eta()
     ctx = _worker_context()
     json_logs = log_mod.renders_json()
@@ -391,6 +426,7 @@ def _supervise(cfg: Config, target: psycopg.Connection[Any], workers: int, coord
             chunks = state.chunks(target)
             pending = [c for c in chunks if c.status == "pending"]
             target.commit()
+            _tables_copied(chunks, table_copied)
             if not pending:
                 break
             # Chunks left pending with no local worker alive: a worker (local or remote) died; start fresh ones,
@@ -427,6 +463,15 @@ def _supervise(cfg: Config, target: psycopg.Connection[Any], workers: int, coord
             proc.join()
     target.rollback()
     return failed
+
+
+def _tables_copied(chunks: list[state.Chunk], table_copied: Callable[[str, str], None] | None) -> None:
+    """Call `table_copied` for each table whose every chunk is copied (again on every call)."""
+    if table_copied is None:
+        return
+    unfinished = {(c.schema_name, c.table_name) for c in chunks if c.status != "copied"}
+    for schema_name, table_name in sorted({(c.schema_name, c.table_name) for c in chunks} - unfinished):
+        table_copied(schema_name, table_name)
 
 
 def _worker_context() -> Any:
