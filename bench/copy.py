@@ -1,6 +1,7 @@
 """Bulk copy: `migrator prepare` + `migrator copy` next to the best PostgreSQL's own tools do, on the same data.
 
-    .venv/bin/python -m bench.copy [--scale 1] [--rounds 3] [--workers 2] [--two-clusters] [--methods a,b] [--keep]
+    .venv/bin/python -m bench.copy [--scale 1] [--rounds 3] [--workers 2] [--two-clusters] [--methods a,b]
+                                   [--compare NAME=CHECKOUT] [--keep]
 
 Builds a PACS-like source (migrator.rehearse.pacs). Each round runs every method once, in an order rotated from
 round to round, each from the same fresh state (an empty target database; migrator reads a clone of the source made
@@ -220,9 +221,12 @@ def bench_pgcopydb(src: str, tgt: str, jobs: int, tmp: Path) -> Run:
     return p.result()
 
 
-def bench_migrator(src: str, tgt: str, jobs: int, tmp: Path) -> Run:
-    # No migration.toml in `tmp`: the DSNs come from the environment.
+def bench_migrator(src: str, tgt: str, jobs: int, tmp: Path, checkout: Path | None = None) -> Run:
+    # No migration.toml in `tmp`: the DSNs come from the environment. Another checkout's migrator package (--compare)
+    # comes first on the path, with this checkout's interpreter and libraries.
     env = {**os.environ, "MIGRATOR_SOURCE_DSN": src, "MIGRATOR_TARGET_DSN": tgt}
+    if checkout is not None:
+        env["PYTHONPATH"] = str(checkout)
     p = Phases()
     p.run("prepare", [*MIGRATOR, "prepare", "--yes", "--json"], env=env, cwd=tmp)
     p.run("copy", [*MIGRATOR, "copy", "--workers", str(jobs), "--json"], env=env, cwd=tmp)
@@ -305,16 +309,19 @@ def run_rounds(source: Server, target: Server, src_db: str, args: argparse.Names
         for name in names[rnd % len(names):] + names[:rnd % len(names)]:
             tgt_db, clone = f"bench_tgt_{tag}", f"bench_srcm_{tag}"
             src = source.dsn(src_db)
-            if name == "migrator":  # prepare installs capture on the source: a fresh clone each time
+            if name == "migrator" or name in args.compare:  # prepare installs capture on the source: a fresh clone
                 src = source.create(clone, template=src_db)
             tgt = target.create(tgt_db)
             try:
                 with tempfile.TemporaryDirectory(prefix="bench-copy-") as tmp:
-                    run = RUNNERS[name](src, tgt, args.workers, Path(tmp))
+                    if name in args.compare:
+                        run = bench_migrator(src, tgt, args.workers, Path(tmp), args.compare[name])
+                    else:
+                        run = RUNNERS[name](src, tgt, args.workers, Path(tmp))
                 compare(name, want, end_state(tgt, tables))
             finally:
                 target.drop(tgt_db)
-                if name == "migrator":
+                if name == "migrator" or name in args.compare:
                     source.drop(clone)
             methods[name].runs.append(run)
             timings[name] = run.seconds
@@ -354,10 +361,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="parallel jobs of every method (migrator copy --workers)")
     parser.add_argument("--two-clusters", action="store_true", help="source and target in two private clusters")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--compare", action="append", default=[], metavar="NAME=PATH",
+                        help="also time the migrator of another checkout (PATH, e.g. a worktree of main) as NAME")
     parser.add_argument("--keep", action="store_true", help="keep the source database")
     args = parser.parse_args()
+    args.compare = {n: Path(p).resolve() for n, p in (c.split("=", 1) for c in args.compare)}
 
-    names = [m for m in METHODS if m in args.methods.split(",")]
+    names = [m for m in METHODS if m in args.methods.split(",")] + list(args.compare)
     if "pgcopydb" in names and shutil.which("pgcopydb") is None:
         print("pgcopydb: not installed (apt-get install pgcopydb); skipped")
         names.remove("pgcopydb")
