@@ -16,11 +16,13 @@ table records no single snapshot, and replay judges each change by the snapshot 
 each row image (an update that moves a key is a delete judged by the old key's chunk and an insert judged by the new
 key's). Tables without a key are copied whole, in one chunk.
 
-After the data, the schema's post-data (indexes, constraints, foreign keys, the application's triggers) is restored
-with parallel jobs, tolerating items a killed earlier run already created; when the chunks were read under
-different snapshots, the items that relate rows to each other (unique and exclusion indexes, foreign keys) are left
-for sync, which restores them once the target is the source as of one snapshot (migrator/postdata.py). Then the
-tables are analyzed in parallel. Operators throttle (`max_rate`, MB/s over all workers) and pause it
+On a first copy (every chunk pending, all read under the run's one snapshot) the schema's post-data (indexes,
+constraints, the application's triggers) is restored table by table while other tables still copy: a table's own
+items as soon as its last chunk is in, then its ANALYZE; a foreign key once both its tables are in; the rest after
+the last chunk. Otherwise it is restored after the data with parallel jobs, tolerating items a killed earlier run
+already created; when the chunks were read under different snapshots, the items that relate rows to each other
+(unique and exclusion indexes, foreign keys) are left for sync, which restores them once the target is the source as
+of one snapshot (migrator/postdata.py); then the tables are analyzed in parallel. Operators throttle (`max_rate`, MB/s over all workers) and pause it
 (`pause`/`resume`, a flag in the control schema every worker reads each second).
 """
 

@@ -1,5 +1,8 @@
 """Post-data after the bulk copy: whole when the target holds the source as of one snapshot, in two parts otherwise.
 
+A first copy, every chunk read under its one snapshot, restores it table by table as the tables arrive
+(`AsTablesArrive`): a table's own items once its chunks are in, a foreign key once both its tables are.
+
 Copy reads every chunk under its coordinator's exported snapshot; a copy killed and resumed reads the chunks left
 under a new one, and tables prepare added later (or a post-data owed for them) are copied while sync has moved the
 other tables on. Until sync has applied a batch whose snapshot contains every chunk's, the target then holds rows of
@@ -66,11 +69,12 @@ class AsTablesArrive:
     triggers as soon as all its chunks are in, then its ANALYZE; a foreign key once both its tables' own items are
     in; the rest (comments, index attachments, materialized views' data) at the end (`finish`), with whatever was
     not started by then. Only for a run whose every chunk is read under its one snapshot (copy decides), so nothing
-    here relates rows of two snapshots. Each group is a pg_restore of its items; `jobs` groups run at once, beside
-    the copy workers (the servers' index builds fill what the copy leaves of the machine)."""
+    here relates rows of two snapshots. Each group is a pg_restore of its items with `jobs` jobs, and `jobs` groups
+    run at once, beside the copy workers (the servers' index builds fill what the copy leaves of the machine)."""
 
     def __init__(self, cfg: Config, tables: list[Table], jobs: int) -> None:
         self.cfg = cfg
+        self.jobs = max(1, jobs)
         self._tmp = tempfile.TemporaryDirectory(prefix="migrator-postdata-")
         self._dump: schema.PostDataDump | None = None
         self.tables = {(t.schema, t.name): t for t in tables}
@@ -103,7 +107,8 @@ class AsTablesArrive:
 
     def _table(self, key: tuple[str, str]) -> None:
         dump = self.dump
-        dump.restore(dump.of_table.get(key, []), stop=self.stop)
+        # With `jobs` jobs: the last table's indexes build side by side, as nothing else runs then.
+        dump.restore(dump.of_table.get(key, []), jobs=self.jobs, stop=self.stop)
         with self.lock:
             assert self.fks_left is not None
             self.built.add(key)
