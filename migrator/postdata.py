@@ -49,7 +49,8 @@ def after_copy(cfg: Config, target: psycopg.Connection[Any], m: state.Migration,
     one_snapshot = len({c.snapshot for c in state.chunks(target)}) <= 1
     target.commit()
     if tables is None and one_snapshot:
-        schema.load_section(cfg.source_dsn, cfg.target_dsn, "post-data", jobs=jobs)
+        # Resumable: a first copy killed after its last chunk may have restored some tables' items already.
+        schema.load_section(cfg.source_dsn, cfg.target_dsn, "post-data", jobs=jobs, resumable=True)
         left: list[str] = []
     else:
         left = schema.load_section(cfg.source_dsn, cfg.target_dsn, "post-data", jobs=jobs, tables=tables,

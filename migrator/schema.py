@@ -156,7 +156,7 @@ def _filtered_list(pg_restore: str, dump: Path, env: dict[str, str], part: Part,
 
 def load_section(source_dsn: str, target_dsn: str, section: str, *, jobs: int = 1,
                  tables: list[tuple[str, str]] | None = None, part: Part = "all",
-                 stop: threading.Event | None = None) -> list[str]:
+                 stop: threading.Event | None = None, resumable: bool = False) -> list[str]:
     """Dump one section of the source's schema and restore it into the target (in a single transaction with one job
     and the whole section).
 
@@ -165,8 +165,9 @@ def load_section(source_dsn: str, target_dsn: str, section: str, *, jobs: int = 
     name) pairs) narrows the dump to those tables and what belongs to them (owned sequences; in post-data their
     indexes, constraints and triggers). `part` narrows post-data to the items that hold for rows read under
     different snapshots ("immediate") or to the others ("deferred"); a part is always restored item by item,
-    tolerating items already there (a restore that was stopped or killed is run again). `stop` ends a restore early
-    (Interrupted; what committed stays).
+    tolerating items already there (a restore that was stopped or killed is run again), and so is the whole section
+    when `resumable` (some items may be there already). `stop` ends a restore early (Interrupted; what committed
+    stays).
 
     Returns the descriptions of the items that relate rows: those left out ("immediate") or restored ("deferred");
     an empty list for "all".
@@ -191,7 +192,7 @@ def load_section(source_dsn: str, target_dsn: str, section: str, *, jobs: int = 
         if part == "deferred" and not taken:
             log.info("schema.nothing_deferred")
             return []
-        if jobs <= 1 and part == "all":
+        if jobs <= 1 and part == "all" and not resumable:
             _run([pg_restore, "--single-transaction", "--exit-on-error", "--no-owner", "--no-privileges",
                   f"--use-list={listing}", f"--dbname={tgt}", str(dump)], tgt_env, f"pg_restore of {section}")
         else:
