@@ -16,11 +16,13 @@ table records no single snapshot, and replay judges each change by the snapshot 
 each row image (an update that moves a key is a delete judged by the old key's chunk and an insert judged by the new
 key's). Tables without a key are copied whole, in one chunk.
 
-After the data, the schema's post-data (indexes, constraints, foreign keys, the application's triggers) is restored
-with parallel jobs, tolerating items a killed earlier run already created; when the chunks were read under
-different snapshots, the items that relate rows to each other (unique and exclusion indexes, foreign keys) are left
-for sync, which restores them once the target is the source as of one snapshot (migrator/postdata.py). Then the
-tables are analyzed in parallel. Operators throttle (`max_rate`, MB/s over all workers) and pause it
+On a first copy (every chunk pending, all read under the run's one snapshot) the schema's post-data (indexes,
+constraints, the application's triggers) is restored table by table while other tables still copy: a table's own
+items as soon as its last chunk is in, then its ANALYZE; a foreign key once both its tables are in; the rest after
+the last chunk. Otherwise it is restored after the data with parallel jobs, tolerating items a killed earlier run
+already created; when the chunks were read under different snapshots, the items that relate rows to each other
+(unique and exclusion indexes, foreign keys) are left for sync, which restores them once the target is the source as
+of one snapshot (migrator/postdata.py); then the tables are analyzed in parallel. Operators throttle (`max_rate`, MB/s over all workers) and pause it
 (`pause`/`resume`, a flag in the control schema every worker reads each second).
 """
 
@@ -317,11 +319,11 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
         log.info("copy.start", tables=len(pending), already_copied=len(result.skipped), workers=workers,
                  chunks=sum(1 for c in state.chunks(target) if c.status == "pending"))
         target.rollback()
-        try:
-            failed = _supervise(cfg, target, workers, coordinator, progress, overall)
-        finally:
-            _end_run(cfg, target)
-            holder.rollback()
+        # A first copy, every chunk read under this run's snapshot: each table's post-data as soon as it is in.
+        early = (postdata.AsTablesArrive(cfg, tables, workers) if m.post_data_at is None and not only
+                 and all(c.status == "pending" for c in state.chunks(target)) else None)
+        target.rollback()
+        failed = _copy_chunks(cfg, target, holder, workers, coordinator, progress, overall, early)
         if failed:
             message, hint = failed[0]
             more = f" ({len(failed) - 1} more worker(s) failed too; see their log lines)" if len(failed) > 1 else ""
@@ -340,20 +342,53 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
                 progress(name, sum(c.rows_copied or 0 for c in mine), sum(c.bytes_copied or 0 for c in mine))
         m = state.require_prepared(target)
         target.commit()
-        t0 = time.monotonic()
-        # The first time, or for tables prepare created after the first post-data (new on the legacy database);
-        # what relates rows read under different snapshots waits for sync (postdata.py).
-        result.post_data_deferred = postdata.after_copy(cfg, target, m, workers)
-        result.post_data_seconds = time.monotonic() - t0
-        t0 = time.monotonic()
-        _analyze(cfg, [by_name[c.table] for c in result.copied], workers)
-        result.analyze_seconds = time.monotonic() - t0
+        _post_data(cfg, target, m, early, workers, result, by_name)
         state.mark(target, "copy_finished_at")
         target.commit()
     result.seconds = time.monotonic() - started
     log.info("copy.done", tables=len(result.copied), rows=result.rows, bytes=result.bytes,
              seconds=round(result.seconds, 3), post_data_seconds=round(result.post_data_seconds, 3))
     return result
+
+
+def _copy_chunks(cfg: Config, target: psycopg.Connection[Any], holder: psycopg.Connection[Any], workers: int,
+                 coordinator: str, progress: Progress | None, overall: Overall | None,
+                 early: postdata.AsTablesArrive | None) -> list[tuple[str, str | None]]:
+    """Supervise the workers until every chunk is copied, then end the run; the early post-data stops when the copy
+    fails. Returns why local workers failed."""
+    try:
+        failed = _supervise(cfg, target, workers, coordinator, progress, overall,
+                            early.table_copied if early else None)
+    except BaseException:
+        if early:
+            early.close()
+        raise
+    finally:
+        _end_run(cfg, target)
+        holder.rollback()
+    if failed and early:
+        early.close()
+    return failed
+
+
+def _post_data(cfg: Config, target: psycopg.Connection[Any], m: state.Migration,
+               early: postdata.AsTablesArrive | None, workers: int, result: CopyResult, by_name: dict[str, Table]) -> None:
+    """After the last chunk: the post-data not yet restored, then ANALYZE of the tables not yet analyzed."""
+    t0 = time.monotonic()
+    if early:
+        try:
+            early.finish(workers)
+        finally:
+            early.close()
+        postdata.mark_restored(target)
+    else:
+        # The first time, or for tables prepare created after the first post-data (new on the legacy database);
+        # what relates rows read under different snapshots waits for sync (postdata.py).
+        result.post_data_deferred = postdata.after_copy(cfg, target, m, workers)
+    result.post_data_seconds = time.monotonic() - t0
+    t0 = time.monotonic()
+    _analyze(cfg, [by_name[c.table] for c in result.copied if not early or c.table not in early.analyzed], workers)
+    result.analyze_seconds = time.monotonic() - t0
 
 
 def _empty(target: psycopg.Connection[Any], table: Table) -> None:
@@ -369,11 +404,13 @@ def _empty(target: psycopg.Connection[Any], table: Table) -> None:
 
 
 def _supervise(cfg: Config, target: psycopg.Connection[Any], workers: int, coordinator: str,
-               progress: Progress | None, overall: Overall | None = None) -> list[tuple[str, str | None]]:
+               progress: Progress | None, overall: Overall | None = None,
+               table_copied: Callable[[str, str], None] | None = None) -> list[tuple[str, str | None]]:
     """Run local worker processes until every chunk is copied (workers of other hosts may help); heartbeat and
-    progress meanwhile. Returns why local workers failed ((message, hint) each; empty when none did)."""
+    progress meanwhile, and `table_copied(schema, table)` when every chunk of a table is. Returns why local workers
+    failed ((message, hint) each; empty when none did)."""
     eta = Eta()
-    ctx = multiprocessing.get_context("spawn")
+    ctx = _worker_context()
     json_logs = log_mod.renders_json()
     messages = ctx.SimpleQueue()
     procs: dict[str, Any] = {}
@@ -391,6 +428,7 @@ def _supervise(cfg: Config, target: psycopg.Connection[Any], workers: int, coord
             chunks = state.chunks(target)
             pending = [c for c in chunks if c.status == "pending"]
             target.commit()
+            _tables_copied(chunks, table_copied)
             if not pending:
                 break
             # Chunks left pending with no local worker alive: a worker (local or remote) died; start fresh ones,
@@ -427,6 +465,25 @@ def _supervise(cfg: Config, target: psycopg.Connection[Any], workers: int, coord
             proc.join()
     target.rollback()
     return failed
+
+
+def _tables_copied(chunks: list[state.Chunk], table_copied: Callable[[str, str], None] | None) -> None:
+    """Call `table_copied` for each table whose every chunk is copied (again on every call)."""
+    if table_copied is None:
+        return
+    unfinished = {(c.schema_name, c.table_name) for c in chunks if c.status != "copied"}
+    for schema_name, table_name in sorted({(c.schema_name, c.table_name) for c in chunks} - unfinished):
+        table_copied(schema_name, table_name)
+
+
+def _worker_context() -> Any:
+    """How local workers start: forked, when this process runs no other thread (a worker then starts at once, where
+    a spawned one first imports migrator again: a second or more of both cores on a busy machine, before the first
+    row); spawned otherwise, since a lock another thread held at the fork would stay held in the worker. A forked
+    worker never touches the coordinator's connections it inherits: it opens its own, and ends by os._exit."""
+    if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
 
 
 def _end_run(cfg: Config, target: psycopg.Connection[Any]) -> None:

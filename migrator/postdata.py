@@ -1,5 +1,8 @@
 """Post-data after the bulk copy: whole when the target holds the source as of one snapshot, in two parts otherwise.
 
+A first copy, every chunk read under its one snapshot, restores it table by table as the tables arrive
+(`AsTablesArrive`): a table's own items once its chunks are in, a foreign key once both its tables are.
+
 Copy reads every chunk under its coordinator's exported snapshot; a copy killed and resumed reads the chunks left
 under a new one, and tables prepare added later (or a post-data owed for them) are copied while sync has moved the
 other tables on. Until sync has applied a batch whose snapshot contains every chunk's, the target then holds rows of
@@ -17,13 +20,18 @@ turns the rows of one snapshot into those of a later one.
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
-from migrator import schema, state
+from migrator import db, schema, state
+from migrator.catalog import Table
 from migrator.config import Config
 from migrator.deltalog.snapshot import Snapshot
 from migrator.log import get
@@ -41,7 +49,8 @@ def after_copy(cfg: Config, target: psycopg.Connection[Any], m: state.Migration,
     one_snapshot = len({c.snapshot for c in state.chunks(target)}) <= 1
     target.commit()
     if tables is None and one_snapshot:
-        schema.load_section(cfg.source_dsn, cfg.target_dsn, "post-data", jobs=jobs)
+        # Resumable: a first copy killed after its last chunk may have restored some tables' items already.
+        schema.load_section(cfg.source_dsn, cfg.target_dsn, "post-data", jobs=jobs, resumable=True)
         left: list[str] = []
     else:
         left = schema.load_section(cfg.source_dsn, cfg.target_dsn, "post-data", jobs=jobs, tables=tables,
@@ -54,6 +63,87 @@ def after_copy(cfg: Config, target: psycopg.Connection[Any], m: state.Migration,
     state.clear_post_data_pending(target)
     target.commit()
     return left
+
+
+class AsTablesArrive:
+    """A first copy's post-data, restored table by table while the copy goes on: a table's indexes, constraints and
+    triggers as soon as all its chunks are in, then its ANALYZE; a foreign key once both its tables' own items are
+    in; the rest (comments, index attachments, materialized views' data) at the end (`finish`), with whatever was
+    not started by then. Only for a run whose every chunk is read under its one snapshot (copy decides), so nothing
+    here relates rows of two snapshots. Each group is a pg_restore of its items with `jobs` jobs, and `jobs` groups
+    run at once, beside the copy workers (the servers' index builds fill what the copy leaves of the machine)."""
+
+    def __init__(self, cfg: Config, tables: list[Table], jobs: int) -> None:
+        self.cfg = cfg
+        self.jobs = max(1, jobs)
+        self._tmp = tempfile.TemporaryDirectory(prefix="migrator-postdata-")
+        self._dump: schema.PostDataDump | None = None
+        self.tables = {(t.schema, t.name): t for t in tables}
+        # No thread until the first table is in: the copy's workers are forked before (see copy._worker_context).
+        self.pool = ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="postdata")
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.started: set[tuple[str, str]] = set()
+        self.built: set[tuple[str, str]] = set()
+        self.fks_left: list[tuple[str, set[tuple[str, str]]]] | None = None
+        self.futures: list[Future[None]] = []
+        self.analyzed: set[str] = set()
+
+    @property
+    def dump(self) -> schema.PostDataDump:
+        """The post-data dump, made by the first restore that needs it (off the coordinator's thread)."""
+        with self.lock:
+            if self._dump is None:
+                self._dump = schema.PostDataDump(self.cfg.source_dsn, self.cfg.target_dsn, Path(self._tmp.name))
+                self.fks_left = list(self._dump.foreign_keys)
+            return self._dump
+
+    def table_copied(self, schema_name: str, table_name: str) -> None:
+        """Every chunk of this table is in: restore its own items, then analyze it (in the background)."""
+        key = (schema_name, table_name)
+        if key in self.started or key not in self.tables:
+            return
+        self.started.add(key)
+        self.futures.append(self.pool.submit(self._table, key))
+
+    def _table(self, key: tuple[str, str]) -> None:
+        dump = self.dump
+        # With `jobs` jobs: the last table's indexes build side by side, as nothing else runs then.
+        dump.restore(dump.of_table.get(key, []), jobs=self.jobs, stop=self.stop)
+        with self.lock:
+            assert self.fks_left is not None
+            self.built.add(key)
+            ready = [fk for fk in self.fks_left if fk[1] <= self.built]
+            self.fks_left = [fk for fk in self.fks_left if fk not in ready]
+        if ready:
+            self.futures.append(self.pool.submit(dump.restore, [line for line, _ in ready], stop=self.stop))
+        table = self.tables[key]
+        with db.session(self.cfg.target_dsn, role="target", autocommit=True) as conn:
+            conn.execute(sql.SQL("ANALYZE {}").format(table.ident))
+        self.analyzed.add(table.display)
+
+    def finish(self, jobs: int) -> None:
+        """Wait for what runs; restore what is left (tables never reported, foreign keys to tables outside the copy,
+        the rest) with `jobs` parallel jobs."""
+        while self.futures:
+            self.futures.pop(0).result()
+        dump = self.dump
+        left = [line for key, lines in dump.of_table.items() if key not in self.built for line in lines]
+        left += [line for line, _ in self.fks_left or []] + dump.others
+        dump.restore(left, jobs=jobs, stop=self.stop)
+
+    def close(self) -> None:
+        """End early (a failed or interrupted copy): running restores are stopped, what they finished stays."""
+        self.stop.set()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self._tmp.cleanup()
+
+
+def mark_restored(target: psycopg.Connection[Any]) -> None:
+    """Record the first post-data restored whole (by AsTablesArrive); commits."""
+    state.mark(target, "post_data_at")
+    state.clear_post_data_pending(target)
+    target.commit()
 
 
 def after_batch(cfg: Config, target: psycopg.Connection[Any], stop: threading.Event | None = None) -> list[str]:

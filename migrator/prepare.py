@@ -5,6 +5,7 @@ since is created on the target too, and capture is made again where it is missin
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -100,6 +101,26 @@ def _accepted_blockers(source: psycopg.Connection[Any], overrides: Iterable[str]
     return [(f.name, f.message, str(row[0]) if row else "?") for f in accepted]
 
 
+class _Loading:
+    """The target's pre-data schema loading in a thread (its work is in pg_dump's and pg_restore's processes)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._load, args=(cfg,), name="prepare-pre-data", daemon=True)
+        self.thread.start()
+
+    def _load(self, cfg: Config) -> None:
+        try:
+            schema.load_section(cfg.source_dsn, cfg.target_dsn, "pre-data")
+        except BaseException as exc:  # re-raised in the caller's thread by result()
+            self.error = exc
+
+    def result(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 def prepare(cfg: Config, *, overrides: Iterable[str] = ()) -> PrepareResult:
     """Control schema and target schema on the target, capture on the source. Re-runnable.
 
@@ -130,18 +151,29 @@ def prepare(cfg: Config, *, overrides: Iterable[str] = ()) -> PrepareResult:
             raise Blocked("no source table matches [tables] include/exclude",
                           hint="Check the patterns in migration.toml ([tables] include = [\"public.*\"]).")
         inspect.require_rights(source, tables, cfg.tables)
-        state.upgrade(target)
-        state.start_migration(target, db.describe_dsn(cfg.source_dsn))
-        for name, detail, role in accepted:
-            state.record_override(target, name, detail, state.operator(), role)
-            log.warning("prepare.blocker_overridden", blocker=name, db_role=role)
-        target.commit()
+        # A new target (ownership.check_prepare refused one holding objects this migration did not create): its
+        # schema loads (pg_dump and pg_restore, in one transaction) while the control schema is made (alembic's
+        # import is most of that), instead of after it.
+        loading = _Loading(cfg) if not state.exists(target) else None
+        target.rollback()
+        try:
+            state.upgrade(target)
+            state.start_migration(target, db.describe_dsn(cfg.source_dsn))
+            for name, detail, role in accepted:
+                state.record_override(target, name, detail, state.operator(), role)
+                log.warning("prepare.blocker_overridden", blocker=name, db_role=role)
+            target.commit()
+        finally:
+            if loading:
+                loading.thread.join()
         m = state.migration(target)
         assert m is not None
         created_schema = False
         if m.target_schema_at is None:
-            # ownership.check_prepare refused a target holding objects this migration did not create.
-            schema.load_section(cfg.source_dsn, cfg.target_dsn, "pre-data")
+            if loading:
+                loading.result()
+            else:
+                schema.load_section(cfg.source_dsn, cfg.target_dsn, "pre-data")
             state.mark(target, "target_schema_at")
             target.commit()
             created_schema = True

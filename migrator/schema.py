@@ -156,7 +156,7 @@ def _filtered_list(pg_restore: str, dump: Path, env: dict[str, str], part: Part,
 
 def load_section(source_dsn: str, target_dsn: str, section: str, *, jobs: int = 1,
                  tables: list[tuple[str, str]] | None = None, part: Part = "all",
-                 stop: threading.Event | None = None) -> list[str]:
+                 stop: threading.Event | None = None, resumable: bool = False) -> list[str]:
     """Dump one section of the source's schema and restore it into the target (in a single transaction with one job
     and the whole section).
 
@@ -165,8 +165,9 @@ def load_section(source_dsn: str, target_dsn: str, section: str, *, jobs: int = 
     name) pairs) narrows the dump to those tables and what belongs to them (owned sequences; in post-data their
     indexes, constraints and triggers). `part` narrows post-data to the items that hold for rows read under
     different snapshots ("immediate") or to the others ("deferred"); a part is always restored item by item,
-    tolerating items already there (a restore that was stopped or killed is run again). `stop` ends a restore early
-    (Interrupted; what committed stays).
+    tolerating items already there (a restore that was stopped or killed is run again), and so is the whole section
+    when `resumable` (some items may be there already). `stop` ends a restore early (Interrupted; what committed
+    stays).
 
     Returns the descriptions of the items that relate rows: those left out ("immediate") or restored ("deferred");
     an empty list for "all".
@@ -191,7 +192,7 @@ def load_section(source_dsn: str, target_dsn: str, section: str, *, jobs: int = 
         if part == "deferred" and not taken:
             log.info("schema.nothing_deferred")
             return []
-        if jobs <= 1 and part == "all":
+        if jobs <= 1 and part == "all" and not resumable:
             _run([pg_restore, "--single-transaction", "--exit-on-error", "--no-owner", "--no-privileges",
                   f"--use-list={listing}", f"--dbname={tgt}", str(dump)], tgt_env, f"pg_restore of {section}")
         else:
@@ -207,6 +208,76 @@ def load_section(source_dsn: str, target_dsn: str, section: str, *, jobs: int = 
                 log.info("schema.items_already_there", items=len(errors))
     log.info("schema.loaded", relating=len(taken), left_for_later=len(left))
     return taken if part == "deferred" else left
+
+
+_OWNED_ITEMS = """
+SELECT 'pg_class'::regclass::oid::bigint, i.indexrelid::bigint, i.indrelid, 0::oid FROM pg_index i
+UNION ALL
+SELECT 'pg_constraint'::regclass::oid::bigint, k.oid::bigint, k.conrelid, k.confrelid FROM pg_constraint k
+ WHERE k.conrelid <> 0
+UNION ALL
+SELECT 'pg_trigger'::regclass::oid::bigint, g.oid::bigint, g.tgrelid, 0::oid FROM pg_trigger g WHERE NOT g.tgisinternal
+UNION ALL
+SELECT 'pg_rewrite'::regclass::oid::bigint, r.oid::bigint, r.ev_class, 0::oid FROM pg_rewrite r
+UNION ALL
+SELECT 'pg_policy'::regclass::oid::bigint, p.oid::bigint, p.polrelid, 0::oid FROM pg_policy p
+"""
+"""Post-data objects by (catalog table, oid) as `pg_restore -l` names them, with the table each belongs to and, for a
+foreign key, the table it references."""
+
+
+class PostDataDump:
+    """The source's post-data, dumped once and restored in groups of items (`restore`), each group when the
+    tables it needs are in: a table's own items (indexes, its constraints other than foreign keys, triggers, rules,
+    policies) by `of_table`; a foreign key once both its tables are (`foreign_keys`); the rest (`others`: comments,
+    index attachments, materialized views' data) last. The engine's capture triggers are left out."""
+
+    def __init__(self, source_dsn: str, target_dsn: str, workdir: Path) -> None:
+        self.pg_restore = tool("pg_restore")
+        src, src_env = _libpq_env(source_dsn)
+        self.tgt, self.tgt_env = _libpq_env(target_dsn)
+        self.dump = workdir / "post-data.dump"
+        _run([tool("pg_dump"), "--format=custom", "--section=post-data", f"--exclude-schema={CAPTURE_SCHEMA}",
+              "--no-owner", "--no-privileges", f"--file={self.dump}", f"--dbname={src}"], src_env,
+             "pg_dump of the source schema")
+        with db.session(source_dsn, role="source", autocommit=True) as conn:
+            owners = {(int(r[0]), int(r[1])): (int(r[2]), int(r[3])) for r in conn.execute(_OWNED_ITEMS).fetchall()}
+            names = {int(r[0]): (str(r[1]), str(r[2])) for r in conn.execute(
+                "SELECT c.oid, n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE c.relkind IN ('r', 'p', 'm')").fetchall()}
+        self.of_table: dict[tuple[str, str], list[str]] = {}
+        self.foreign_keys: list[tuple[str, set[tuple[str, str]]]] = []
+        self.others: list[str] = []
+        for line in _run([self.pg_restore, "-l", str(self.dump)], src_env, "pg_restore -l").splitlines():
+            m = _ITEM.match(line)
+            if m is None:
+                continue
+            if " TRIGGER " in line and any(f.startswith(TRIGGER_PREFIX) for f in line.split()[4:]):
+                continue
+            owner = owners.get((int(m[1]), int(m[2])))
+            table = names.get(owner[0]) if owner else None
+            if owner is None or table is None:
+                self.others.append(line)
+            elif owner[1]:
+                referenced = names.get(owner[1])
+                self.foreign_keys.append((line, {table, referenced} if referenced else {table}))
+            else:
+                self.of_table.setdefault(table, []).append(line)
+
+    def restore(self, lines: list[str], *, jobs: int = 1, stop: threading.Event | None = None) -> None:
+        """Restore these items of the dump, item by item, tolerating items already there (a run killed before)."""
+        if not lines:
+            return
+        with tempfile.NamedTemporaryFile("w", prefix="migrator-list-", suffix=".list", dir=self.dump.parent,
+                                         delete=False) as f:
+            f.write("\n".join(lines) + "\n")
+        returncode, stderr = _restore([self.pg_restore, f"--jobs={max(1, jobs)}", "--no-owner", "--no-privileges",
+                                       f"--use-list={f.name}", f"--dbname={self.tgt}", str(self.dump)], self.tgt_env,
+                                      stop)
+        fatal = [e for e in stderr.splitlines() if "ERROR:" in e and not _ALREADY_THERE.search(e)]
+        if returncode != 0 and (fatal or "ERROR:" not in stderr):
+            raise MigratorError(f"pg_restore of post-data failed: {scrub(chr(10).join(fatal) or stderr.strip())[-2000:]}",
+                                hint=_hint("\n".join(fatal) or stderr))
 
 
 def _restore(args: list[str], env: dict[str, str], stop: threading.Event | None) -> tuple[int, str]:
