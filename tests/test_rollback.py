@@ -16,9 +16,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from migrator import cutover, rollback, sync
+from migrator import cleanup, cutover, rollback, sync
 from migrator.config import Config
-from migrator.errors import CutoverFailed
+from migrator.errors import Blocked, CutoverFailed
 from tests.helpers import fetch, run_sql
 from tests.test_cutover import READ_ONLY, cli, migrated, sqlstate_of_write, write_config
 from tests.test_pgbouncer import POOL_DB, Bouncer, Clients, bouncer, pooler_config, uids  # noqa: F401
@@ -73,7 +73,7 @@ def assert_same(source_dsn: str, target_dsn: str) -> None:
         assert rows(source_dsn, table) == rows(target_dsn, table), f"{table} differs"
 
 
-def test_rollback_replays_every_target_change_onto_the_legacy_database_and_runs_the_rollback_command(
+def test_rollback_replays_every_target_change_onto_the_legacy_database_and_leaves_the_target_frozen_until_released(
         make_config: Callable[..., Config], source_dsn: str, target_dsn: str, tmp_path: Path) -> None:
     marker = tmp_path / "switched"
     cfg = make_config(copy={"workers": 2}, cutover={
@@ -83,6 +83,10 @@ def test_rollback_replays_every_target_change_onto_the_legacy_database_and_runs_
     assert report.ok and [s.step for s in report.steps] == list(cutover.STEPS)
     write_on_target(target_dsn)
     assert sqlstate_of_write(source_dsn, "INSERT INTO public.study (uid) VALUES ('x')") == READ_ONLY
+    config = write_config(tmp_path / "migration.toml", source_dsn, target_dsn, switch_command="true",
+                          rollback_command="true")
+    early = cli(config, "release", "--target", "--yes")  # the target is not frozen while clients are on it
+    assert early.returncode == 2 and "the target is not frozen; nothing to release" in early.stderr
 
     result = rollback.run(cfg)
 
@@ -109,6 +113,20 @@ def test_rollback_replays_every_target_change_onto_the_legacy_database_and_runs_
     assert again.ok and again.already_done and "the rollback is done" in again.render_text()
     assert "target stays frozen" in again.render_text()
     assert_target_frozen(target_dsn)
+
+    # Only the operator ends that freeze: cleanup refuses, removing nothing; `release --target` does it, audited.
+    refused = cli(config, "cleanup", "--yes")
+    assert refused.returncode == 1, refused.stderr
+    assert "target is frozen after a rollback" in refused.stderr and "--release-target" in refused.stderr
+    assert fetch(source_dsn, "SELECT count(*) FROM pg_namespace WHERE nspname = '_migrator'") == [(1,)]
+    assert_target_frozen(target_dsn)
+    released = cli(config, "release", "--target", "--yes")
+    assert released.returncode == 0, released.stderr
+    assert "the target takes writes again" in released.stdout
+    assert sqlstate_of_write(target_dsn, "INSERT INTO public.study (uid) VALUES ('released')") is None
+    assert engine_on_target(target_dsn) == []
+    assert fetch(target_dsn, "SELECT outcome FROM migrator_control.audit WHERE action = 'release --target' "
+                             "AND outcome <> 'started' ORDER BY id") == [("failed",), ("done",)]
 
 
 def test_the_frozen_target_takes_sync_an_undone_cutover_keeps_it_frozen_and_the_next_cutover_lifts_the_freeze(
@@ -145,38 +163,13 @@ def test_the_frozen_target_takes_sync_an_undone_cutover_keeps_it_frozen_and_the_
     assert rollback.run(cfg).ok  # and a later rollback freezes it again
     assert_target_frozen(target_dsn)
     assert_same(source_dsn, target_dsn)
-
-
-def test_release_target_lifts_the_freeze_after_a_rollback_audited_and_cleanup_refuses_until_told(
-        make_config: Callable[..., Config], source_dsn: str, target_dsn: str, tmp_path: Path) -> None:
-    migrated(make_config(copy={"workers": 2}), source_dsn)
-    config = write_config(tmp_path / "migration.toml", source_dsn, target_dsn, switch_command="true",
-                          rollback_command="true")
-    early = cli(config, "release", "--target", "--yes")  # before any rollback: nothing is frozen on the target
-    assert early.returncode == 2 and "the target is not frozen" in early.stderr
-    assert cli(config, "cutover", "--yes").returncode == 0
-    mid = cli(config, "release", "--target", "--yes")
-    assert mid.returncode == 2 and "not frozen" in mid.stderr
-    assert cli(config, "rollback", "--yes").returncode == 0
-    assert_target_frozen(target_dsn)
-
-    refused = cli(config, "cleanup", "--yes")  # removing the target's capture would end its freeze: refused
-    assert refused.returncode == 1, refused.stderr
-    assert "target is frozen after a rollback" in refused.stderr and "--release-target" in refused.stderr
-    assert fetch(source_dsn, "SELECT count(*) FROM pg_namespace WHERE nspname = '_migrator'") == [(1,)]
-    assert_target_frozen(target_dsn)
-
-    released = cli(config, "release", "--target", "--yes")
-
-    assert released.returncode == 0, released.stderr
-    assert "the target takes writes again" in released.stdout
-    assert sqlstate_of_write(target_dsn, "INSERT INTO public.study (uid) VALUES ('released')") is None
+    # cleanup ends it when told to: the target takes writes again, and nothing of the engine is left there.
+    with pytest.raises(Blocked, match="target is frozen after a rollback"):
+        cleanup.run(cfg)
+    done = cleanup.run(cfg, release_target=True)
+    assert done.target_released and "takes writes again" in done.render_text()
     assert engine_on_target(target_dsn) == []
-    assert fetch(target_dsn, "SELECT outcome FROM migrator_control.audit WHERE action = 'release --target' "
-                             "AND outcome <> 'started' ORDER BY id") == [("failed",), ("failed",), ("done",)]
-    again = cli(config, "release", "--target", "--yes")
-    assert again.returncode == 2 and "nothing to release" in again.stderr
-    assert cli(config, "cleanup", "--yes").returncode == 0
+    assert sqlstate_of_write(target_dsn, "INSERT INTO public.study (uid) VALUES ('cleaned up')") is None
 
 
 def test_a_failing_rollback_command_after_the_release_goes_forward_and_says_to_move_the_clients_by_hand(
