@@ -77,7 +77,7 @@ def test_the_guardian_undoes_a_hung_cutover_while_the_target_is_down_and_records
                 return found
             wait_until(lambda: journal()["outcome"] is not None, 10, "the guardian's journal says what it did")
             assert journal()["outcome"] == "back" and journal()["written_back"] is False
-            assert "REMOVING THE ROLLBACK'S CAPTURE FROM THE TARGET" in str(journal()["detail"])
+            assert "CLOSING THE ROLLBACK WINDOW ON THE TARGET" in str(journal()["detail"])
         finally:
             run_sql(admin_dsn, f'ALTER DATABASE "{tgt}" ALLOW_CONNECTIONS true')
         # The target is back: the guardian records what it did (it retries every 2 s).
