@@ -16,8 +16,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from migrator import cleanup, cutover, rollback, sync
+from migrator import catalog, cleanup, copy, cutover, prepare, rollback, sync
 from migrator.config import Config
+from migrator.deltalog import freeze as freezer
 from migrator.errors import Blocked, CutoverFailed
 from tests.helpers import fetch, run_sql
 from tests.test_cutover import READ_ONLY, cli, migrated, sqlstate_of_write, write_config
@@ -32,10 +33,10 @@ def rows(dsn: str, table: str) -> list[tuple[Any, ...]]:
 
 def assert_target_frozen(target_dsn: str) -> None:
     """The target rejects every client's write, a replica-role session's too, and its rollback log is empty."""
-    assert sqlstate_of_write(target_dsn, "INSERT INTO public.study (uid) VALUES ('direct')") == READ_ONLY
+    assert sqlstate_of_write(target_dsn, "INSERT INTO public.study (id, uid) VALUES (-1, 'direct')") == READ_ONLY
     assert sqlstate_of_write(target_dsn, "UPDATE public.study SET note = 'x' WHERE id = 1") == READ_ONLY
     assert sqlstate_of_write(target_dsn, "TRUNCATE public.audit") == READ_ONLY
-    assert sqlstate_of_write(target_dsn, "INSERT INTO public.study (uid) VALUES ('x')",
+    assert sqlstate_of_write(target_dsn, "INSERT INTO public.study (id, uid) VALUES (-2, 'x')",
                              "SET session_replication_role = replica") == READ_ONLY
     assert fetch(target_dsn, "SELECT count(*) FROM _migrator.delta_log") == [(0,)]
 
@@ -221,6 +222,33 @@ def test_the_rollback_capture_is_staged_disabled_before_the_pause_and_only_enabl
     assert fetch(target_dsn, "SELECT op::text, key FROM _migrator.delta_log") == [("U", ["7"])]
     rollback.disarm(cfg)  # a target no rollback froze: the window closes and capture goes
     assert engine_on_target(target_dsn) == []
+
+
+def test_a_table_prepare_creates_on_the_frozen_target_is_frozen_too_and_copy_and_sync_still_fill_it(
+        cfg: Config, source_dsn: str, target_dsn: str) -> None:
+    migrated(cfg, source_dsn)
+    # The target as a completed rollback leaves it (without the replay): capture armed, frozen, the window closed.
+    rollback.stage(cfg)
+    rollback.arm(cfg)
+    with psycopg.connect(target_dsn, autocommit=True) as conn:
+        freezer.freeze(conn, catalog.list_tables(conn, cfg.tables), 5.0, side="the target",
+                       reason=freezer.BY_ROLLBACK)
+    assert "stays frozen" in rollback.disarm(cfg)
+    assert_target_frozen(target_dsn)
+    run_sql(source_dsn, "CREATE TABLE public.dose_report (id int PRIMARY KEY, gy numeric)",
+            "INSERT INTO public.dose_report VALUES (1, 0.5)", "CREATE TABLE public.notes (line text)",
+            "INSERT INTO public.notes VALUES ('n1'), ('n1')")
+
+    prepare.prepare(cfg)  # creates them on the target: frozen with the rest
+    copy.run(cfg)
+    run_sql(source_dsn, "INSERT INTO public.dose_report VALUES (2, 1.5)", "INSERT INTO public.notes VALUES ('n2')")
+    sync.sync(cfg)
+
+    for table in ("public.dose_report", "public.notes"):
+        assert rows(target_dsn, table) == rows(source_dsn, table), table
+    assert sqlstate_of_write(target_dsn, "INSERT INTO public.dose_report VALUES (3, 2.5)") == READ_ONLY
+    assert sqlstate_of_write(target_dsn, "INSERT INTO public.notes VALUES ('direct')") == READ_ONLY
+    assert_target_frozen(target_dsn)
 
 
 def test_cleanup_ends_the_rollback_window_and_leaves_nothing_on_the_target(
