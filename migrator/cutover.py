@@ -6,8 +6,8 @@ With a pooler ([cutover] pgbouncer_admin_dsn) the clients never reconnect:
     disabled; see migrator/rollback.py) → guard (the guardian started) → pause (PgBouncer PAUSE, bounded) → freeze (the legacy database rejects
     writes from clients not behind the pooler) → drain → verify (counts, every event applied) → sequences →
     arm_rollback (the target's capture enabled, a freeze the last rollback left there lifted, its snapshot recorded) →
-    switch (the pooler's [databases] entries
-    rewritten to the target, RELOAD) → resume (RESUME) → health (the clients watched on the target: migrator/health.py)
+    switch (the pooler's [databases] entries rewritten to the target, RELOAD) → resume (RESUME) → health (the clients
+    watched on the target: migrator/health.py)
 
 Clients see one slow query: the pause, from PAUSE to RESUME, reported in seconds. Without a pooler the switch is
 `switch_command` and there is no pause/resume; with neither, the go/no-go `switch` item refuses before anything is

@@ -35,7 +35,7 @@ from migrator.deltalog.triggers import (
     write_freeze_bodies,
 )
 from migrator.deltalog.triggers import (
-    is_frozen as is_frozen,  # the predicate install needs too; said here as well
+    is_frozen as is_frozen,  # lives beside install, which keeps a frozen database frozen; read here by callers
 )
 from migrator.errors import Blocked
 from migrator.log import get
