@@ -16,9 +16,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from migrator import catalog, cleanup, copy, cutover, prepare, rollback, sync
+from migrator import cleanup, copy, cutover, prepare, rollback, sync
 from migrator.config import Config
-from migrator.deltalog import freeze as freezer
 from migrator.errors import Blocked, CutoverFailed
 from tests.helpers import fetch, run_sql
 from tests.test_cutover import READ_ONLY, cli, migrated, sqlstate_of_write, write_config
@@ -86,8 +85,6 @@ def test_rollback_replays_every_target_change_onto_the_legacy_database_and_leave
     assert sqlstate_of_write(source_dsn, "INSERT INTO public.study (uid) VALUES ('x')") == READ_ONLY
     config = write_config(tmp_path / "migration.toml", source_dsn, target_dsn, switch_command="true",
                           rollback_command="true")
-    early = cli(config, "release", "--target", "--yes")  # the target is not frozen while clients are on it
-    assert early.returncode == 2 and "the target is not frozen; nothing to release" in early.stderr
 
     result = rollback.run(cfg)
 
@@ -127,10 +124,12 @@ def test_rollback_replays_every_target_change_onto_the_legacy_database_and_leave
     assert sqlstate_of_write(target_dsn, "INSERT INTO public.study (uid) VALUES ('released')") is None
     assert engine_on_target(target_dsn) == []
     assert fetch(target_dsn, "SELECT outcome FROM migrator_control.audit WHERE action = 'release --target' "
-                             "AND outcome <> 'started' ORDER BY id") == [("failed",), ("done",)]
+                             "AND outcome <> 'started' ORDER BY id") == [("done",)]
+    again = cli(config, "release", "--target", "--yes")  # nothing frozen any more: said, exit 2
+    assert again.returncode == 2 and "the target is not frozen; nothing to release" in again.stderr
 
 
-def test_the_frozen_target_takes_sync_an_undone_cutover_keeps_it_frozen_and_the_next_cutover_lifts_the_freeze(
+def test_the_frozen_target_takes_sync_and_new_tables_an_undone_cutover_keeps_it_frozen_the_next_one_lifts_it(
         make_config: Callable[..., Config], source_dsn: str, target_dsn: str, tmp_path: Path) -> None:
     cfg = make_config(copy={"workers": 2}, cutover={"switch_command": "true", "rollback_command": "true"})
     migrated(cfg, source_dsn)
@@ -138,13 +137,23 @@ def test_the_frozen_target_takes_sync_an_undone_cutover_keeps_it_frozen_and_the_
     write_on_target(target_dsn)
     rollback.run(cfg)
     assert_target_frozen(target_dsn)
-    # Sync goes on writing the frozen target, through its own sessions only.
+    # Sync (and copy) go on writing the frozen target, through their own sessions only; a table prepare creates
+    # there meanwhile (with and without a key) is frozen with the rest.
     run_sql(source_dsn, "INSERT INTO public.study (uid, note) VALUES ('between', 'legacy again')",
             "UPDATE public.study SET note = 'legacy edit' WHERE id = 40", "INSERT INTO public.audit (what) VALUES ('b')",
-            "TRUNCATE public.audit")
+            "TRUNCATE public.audit", "CREATE TABLE public.dose (id int PRIMARY KEY, gy numeric)",
+            "INSERT INTO public.dose VALUES (1, 0.5)", "CREATE TABLE public.notes (line text)",
+            "INSERT INTO public.notes VALUES ('n1'), ('n1')")
+    prepare.prepare(cfg)
+    copy.run(cfg)
+    run_sql(source_dsn, "INSERT INTO public.dose VALUES (2, 1.5)", "INSERT INTO public.notes VALUES ('n2')")
     sync.sync(cfg)
     assert_same(source_dsn, target_dsn)
+    for table in ("public.dose", "public.notes"):
+        assert rows(target_dsn, table) == rows(source_dsn, table), table
     assert_target_frozen(target_dsn)
+    assert sqlstate_of_write(target_dsn, "INSERT INTO public.dose VALUES (3, 2.5)") == READ_ONLY
+    assert sqlstate_of_write(target_dsn, "INSERT INTO public.notes VALUES ('direct')") == READ_ONLY
 
     # A cutover that fails after arm_rollback lifted the target's freeze puts it back.
     failing = make_config(copy={"workers": 2}, cutover={"switch_command": "exit 7", "rollback_command": "true"})
@@ -222,33 +231,6 @@ def test_the_rollback_capture_is_staged_disabled_before_the_pause_and_only_enabl
     assert fetch(target_dsn, "SELECT op::text, key FROM _migrator.delta_log") == [("U", ["7"])]
     rollback.disarm(cfg)  # a target no rollback froze: the window closes and capture goes
     assert engine_on_target(target_dsn) == []
-
-
-def test_a_table_prepare_creates_on_the_frozen_target_is_frozen_too_and_copy_and_sync_still_fill_it(
-        cfg: Config, source_dsn: str, target_dsn: str) -> None:
-    migrated(cfg, source_dsn)
-    # The target as a completed rollback leaves it (without the replay): capture armed, frozen, the window closed.
-    rollback.stage(cfg)
-    rollback.arm(cfg)
-    with psycopg.connect(target_dsn, autocommit=True) as conn:
-        freezer.freeze(conn, catalog.list_tables(conn, cfg.tables), 5.0, side="the target",
-                       reason=freezer.BY_ROLLBACK)
-    assert "stays frozen" in rollback.disarm(cfg)
-    assert_target_frozen(target_dsn)
-    run_sql(source_dsn, "CREATE TABLE public.dose_report (id int PRIMARY KEY, gy numeric)",
-            "INSERT INTO public.dose_report VALUES (1, 0.5)", "CREATE TABLE public.notes (line text)",
-            "INSERT INTO public.notes VALUES ('n1'), ('n1')")
-
-    prepare.prepare(cfg)  # creates them on the target: frozen with the rest
-    copy.run(cfg)
-    run_sql(source_dsn, "INSERT INTO public.dose_report VALUES (2, 1.5)", "INSERT INTO public.notes VALUES ('n2')")
-    sync.sync(cfg)
-
-    for table in ("public.dose_report", "public.notes"):
-        assert rows(target_dsn, table) == rows(source_dsn, table), table
-    assert sqlstate_of_write(target_dsn, "INSERT INTO public.dose_report VALUES (3, 2.5)") == READ_ONLY
-    assert sqlstate_of_write(target_dsn, "INSERT INTO public.notes VALUES ('direct')") == READ_ONLY
-    assert_target_frozen(target_dsn)
 
 
 def test_cleanup_ends_the_rollback_window_and_leaves_nothing_on_the_target(
