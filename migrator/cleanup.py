@@ -1,6 +1,8 @@
 """Cleanup: end the migration's capture. Removes the capture triggers and the `_migrator` schema from the legacy
 database (deltalog/triggers.py), and from the target, whose capture recorded writes for a rollback (that window
-ends: rollback.disarm).
+ends: rollback.remove_capture). Either side frozen refuses, before anything is removed, unless the operator says it
+may take writes again: `--release-freeze` for the legacy database after a cutover, `--release-target` for the
+target after a rollback.
 
 Then the control schema, which lives on the target: its history (phases, tables, attempts and steps, overrides, the
 last verify, the audit trail, the lag by minute; no row values, no passwords) is written to a file in the local
@@ -21,7 +23,7 @@ from migrator import db, ownership, rollback, state
 from migrator.config import Config
 from migrator.deltalog.freeze import is_frozen
 from migrator.deltalog.triggers import remove
-from migrator.errors import ConnectionFailed, NotReady
+from migrator.errors import Blocked, ConnectionFailed, NotReady
 from migrator.log import get
 
 
@@ -35,16 +37,20 @@ class CleanupResult:
     history_file: str | None = None
     """Where the control schema's history was written (`export_history`)."""
     control_schema_dropped: bool = False
+    target_released: bool = False
+    """The target was frozen after a rollback and takes writes again (`--release-target`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"triggers_removed": self.triggers_removed, "schema_dropped": self.schema_dropped,
-                "target_triggers_removed": self.target_triggers_removed, "history_file": self.history_file,
-                "control_schema_dropped": self.control_schema_dropped}
+                "target_triggers_removed": self.target_triggers_removed, "target_released": self.target_released,
+                "history_file": self.history_file, "control_schema_dropped": self.control_schema_dropped}
 
     def render_text(self) -> str:
         on_target = self.target_triggers_removed
         text = (f"removed {self.triggers_removed} triggers and the _migrator schema"
-                + (f"; {on_target} triggers on the target (the rollback window is over)" if on_target else ""))
+                + (f"; {on_target} triggers on the target (the rollback window is over)" if on_target else "")
+                + ("; the target's freeze after the rollback is released: it takes writes again"
+                   if self.target_released else ""))
         if self.history_file:
             text += f"\nthe run's history and audit trail: {self.history_file}"
         if self.control_schema_dropped:
@@ -55,10 +61,13 @@ class CleanupResult:
         return text
 
 
-def run(cfg: Config, *, release_freeze: bool = False, migration: str | None = None) -> CleanupResult:
+def run(cfg: Config, *, release_freeze: bool = False, migration: str | None = None,
+        release_target: bool = False) -> CleanupResult:
     """Remove the capture triggers and the `_migrator` schema from the legacy database, leaving no trace; only the
     target's migration's capture, or that of the migration the operator names (`migration`, its id). Then, for the
-    target's own migration, the capture on the target (the rollback window ends)."""
+    target's own migration, the capture on the target (the rollback window ends). Refuses, removing nothing, while
+    the legacy database is frozen after a cutover (unless `release_freeze`) or the target after a rollback (unless
+    `release_target`)."""
     log = get(phase="cleanup")
     with db.session(cfg.source_dsn, role="source", autocommit=True) as source:
         ownership.check_cleanup(source, cfg.target_dsn, named=migration)
@@ -68,14 +77,32 @@ def run(cfg: Config, *, release_freeze: bool = False, migration: str | None = No
                 hint="If clients have moved and writes to the legacy database are acceptable again, run "
                      "`migrator cleanup --release-freeze --yes`; otherwise leave it frozen.",
             )
+        target_frozen = migration is None and _target_frozen(cfg)
+        if target_frozen and not release_target:
+            raise Blocked(
+                "cleanup refused: the target is frozen after a rollback, and removing its capture would make it "
+                "writable again; nothing was removed",
+                hint="If writes to the target are acceptable again (nobody will take them for the legacy "
+                     "database's), run `migrator cleanup --release-target --yes`; otherwise leave it frozen.")
         if migration is None:
             # A named migration is another one, abandoned: the configured target's migration goes on.
             _record_cleanup(cfg)
         removed = remove(source, cfg.sync.lock_timeout)
         log.info("cleanup.capture_removed", triggers=removed)
     # A named migration's target is gone, and the configured target's capture is not its own.
-    on_target = 0 if migration else rollback.disarm(cfg)
-    return CleanupResult(removed, True, on_target)
+    on_target = 0 if migration else rollback.remove_capture(cfg)
+    if target_frozen:
+        log.warning("cleanup.target_released")
+    return CleanupResult(removed, True, on_target, target_released=target_frozen)
+
+
+def _target_frozen(cfg: Config) -> bool:
+    """Whether the target rejects writes after a rollback (False when it cannot be reached: it is gone)."""
+    try:
+        with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
+            return is_frozen(target)
+    except ConnectionFailed:
+        return False
 
 
 def _record_cleanup(cfg: Config) -> None:

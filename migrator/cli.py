@@ -374,23 +374,36 @@ def _cutover(obj: Ctx, overrides: tuple[str, ...], on_unhealthy: str, as_json: b
     emit(report, as_json, report.render_text)
 
 
-@exits({ExitCode.FINDING: "declined, or refused: the freeze belongs to another migration"})
+@exits({ExitCode.FINDING: "declined, or refused: the freeze belongs to another migration; --target: refused: "
+                          "the rollback has not completed, or another cutover or rollback is running"})
 @main.command()
 @yes_option
+@click.option("--target", "target", is_flag=True,
+              help="Release the target instead, frozen by a completed rollback (its rollback capture is removed).")
 @click.pass_obj
-def release(obj: Ctx, yes: bool) -> None:
-    """Make the legacy database writable again after a cutover (capture stays installed)."""
+def release(obj: Ctx, yes: bool, target: bool) -> None:
+    """Make the legacy database writable again after a cutover (capture stays installed); with --target, the target
+    after a rollback."""
     from migrator import release as release_mod
 
+    if target:
+        confirm(yes, "This makes the target writable again after the rollback (writes there are not carried to the "
+                     "legacy database: split-brain risk if clients reach it)")
+        with audit_mod.recorded(obj.cfg, "release --target", {"target": True}):
+            click.echo(release_mod.run_target(obj.cfg).render_text())
+        return
     confirm(yes, "This makes the legacy database writable again (split-brain risk if clients moved)")
     with audit_mod.recorded(obj.cfg, "release", {}):
         click.echo(release_mod.run(obj.cfg).render_text())
 
 
-@exits({ExitCode.FINDING: "declined, or refused: the capture belongs to another migration"})
+@exits({ExitCode.FINDING: "declined, or refused: the capture belongs to another migration, or the target is frozen "
+                          "after a rollback (without --release-target)"})
 @main.command()
 @yes_option
 @click.option("--release-freeze", is_flag=True, help="Also end a post-cutover freeze (legacy becomes writable).")
+@click.option("--release-target", is_flag=True,
+              help="Also end a post-rollback freeze of the target (the target becomes writable).")
 @click.option("--migration", "migration_id", metavar="ID",
               help="Remove the capture of this migration (its id, as prepare recorded it) without asking its target, "
                    "which is gone; the configured target is left alone.")
@@ -398,7 +411,8 @@ def release(obj: Ctx, yes: bool) -> None:
               help="After writing its history to a file, drop the control schema from the target too.")
 @json_option
 @click.pass_obj
-def cleanup(obj: Ctx, yes: bool, release_freeze: bool, migration_id: str | None, drop: bool, as_json: bool) -> None:
+def cleanup(obj: Ctx, yes: bool, release_freeze: bool, release_target: bool, migration_id: str | None, drop: bool,
+            as_json: bool) -> None:
     """Remove the capture triggers and the _migrator schema from the legacy database; write the run's history and
     audit trail to a file, then offer to drop the control schema from the target."""
     from dataclasses import replace
@@ -407,9 +421,10 @@ def cleanup(obj: Ctx, yes: bool, release_freeze: bool, migration_id: str | None,
 
     confirm(yes, "This removes capture from the legacy database (and from the target: the rollback window ends); "
                   "changes after it are no longer recorded")
-    with audit_mod.recorded(obj.cfg, "cleanup", {"release_freeze": release_freeze, "migration": migration_id,
-                                  "drop_control_schema": drop}):
-        result = cleanup_mod.run(obj.cfg, release_freeze=release_freeze, migration=migration_id)
+    with audit_mod.recorded(obj.cfg, "cleanup", {"release_freeze": release_freeze, "release_target": release_target,
+                                                 "migration": migration_id, "drop_control_schema": drop}):
+        result = cleanup_mod.run(obj.cfg, release_freeze=release_freeze, migration=migration_id,
+                                 release_target=release_target)
     if migration_id is None:
         written = cleanup_mod.export_history(obj.cfg)
         if written is not None and not drop and not yes and sys.stdin.isatty():

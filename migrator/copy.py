@@ -392,13 +392,15 @@ def _post_data(cfg: Config, target: psycopg.Connection[Any], m: state.Migration,
 
 
 def _empty(target: psycopg.Connection[Any], table: Table) -> None:
+    # The table's ALWAYS triggers stay silent, as when its rows are loaded: the application's, and the capture of a
+    # target frozen after a rollback (whose TRUNCATE trigger rejects the statement).
     with target.cursor() as cur:
+        firing = schema.firing_in_replica(cur).get((table.schema, table.name), [])
         try:
-            with target.transaction():
+            with target.transaction(), schema.silenced(cur, table.ident, firing):
                 cur.execute(sql.SQL("TRUNCATE ONLY {}").format(table.ident))
         except psycopg.errors.FeatureNotSupported:
             cur.execute("SET LOCAL session_replication_role = replica")
-            firing = schema.firing_in_replica(cur).get((table.schema, table.name), [])
             with schema.silenced(cur, table.ident, firing):
                 cur.execute(sql.SQL("DELETE FROM ONLY {}").format(table.ident))
 

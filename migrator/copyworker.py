@@ -264,8 +264,8 @@ class Worker:
             load = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(table.ident, cols)
             stream = _Stream(self, chunk)
             try:
-                # Triggers on the target exist only when a table is copied again after post-data; ALWAYS ones must
-                # not fire either.
+                # Triggers on the target exist only when a table is copied again after post-data, or on a target
+                # frozen after a rollback (its capture); ALWAYS ones must not fire either.
                 firing = schema.firing_in_replica(tcur).get((table.schema, table.name), [])
                 with schema.silenced(tcur, table.ident, firing):
                     rows = stream.run(source, target, select, load)

@@ -5,8 +5,9 @@ With a pooler ([cutover] pgbouncer_admin_dsn) the clients never reconnect:
     catch_up → preflight (go/no-go, hold) → stage_rollback (the rollback's capture installed on the target,
     disabled; see migrator/rollback.py) → guard (the guardian started) → pause (PgBouncer PAUSE, bounded) → freeze (the legacy database rejects
     writes from clients not behind the pooler) → drain → verify (counts, every event applied) → sequences →
-    arm_rollback (the target's capture enabled, its snapshot recorded) → switch (the pooler's [databases] entries
-    rewritten to the target, RELOAD) → resume (RESUME) → health (the clients watched on the target: migrator/health.py)
+    arm_rollback (the target's capture enabled, a freeze the last rollback left there lifted, its snapshot recorded) →
+    switch (the pooler's [databases] entries rewritten to the target, RELOAD) → resume (RESUME) → health (the clients
+    watched on the target: migrator/health.py)
 
 Clients see one slow query: the pause, from PAUSE to RESUME, reported in seconds. Without a pooler the switch is
 `switch_command` and there is no pause/resume; with neither, the go/no-go `switch` item refuses before anything is
@@ -283,11 +284,13 @@ class _Cutover(AttemptRecorder):
 
     def disarm(self) -> str:
         # Last of the undos, after RESUME: nobody but migrator writes the target, and the clients wait no longer.
+        # A target the last rollback froze is frozen again (arm_rollback may have lifted it); any other is clean.
         try:
-            rollback.disarm(self.cfg)
+            said = rollback.disarm(self.cfg)
         except (MigratorError, psycopg.Error) as exc:
-            return f"removing capture from the target failed ({exc.__class__.__name__}): `migrator cleanup` removes it"
-        return ""
+            return (f"CLOSING THE ROLLBACK WINDOW ON THE TARGET FAILED ({exc.__class__.__name__}): run `migrator "
+                    "cutover` again, or `migrator release --target --yes` if the target should take writes")
+        return said
 
     def start_guardian(self) -> str:
         entries = self.pool.entries() if self.pool is not None else {}

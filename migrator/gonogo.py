@@ -293,8 +293,8 @@ def _switch(cfg: Config) -> tuple[State, str]:
 
 def _switch_back(cfg: Config) -> tuple[State, str]:
     return _moves_clients(cfg, cfg.cutover.rollback_command, "rollback_command",
-                          "they stay on the target while the legacy database takes writes again, and what they "
-                          "write on the target exists nowhere else")
+                          "they stay on the target, which the rollback freezes, while the legacy database takes "
+                          "writes again")
 
 
 _CHECKS: dict[str, Callable[[Config], tuple[State, str]]] = {

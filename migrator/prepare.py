@@ -16,7 +16,7 @@ from migrator import catalog, db, inspect, ownership, schema, state
 from migrator.catalog import Table
 from migrator.config import Config
 from migrator.deltalog.freeze import is_frozen
-from migrator.deltalog.triggers import install
+from migrator.deltalog.triggers import has_capture, install
 from migrator.errors import Blocked, MigratorError, NotReady
 from migrator.log import get
 
@@ -169,6 +169,7 @@ def prepare(cfg: Config, *, overrides: Iterable[str] = ()) -> PrepareResult:
         m = state.migration(target)
         assert m is not None
         created_schema = False
+        new: list[tuple[str, str]] = []
         if m.target_schema_at is None:
             if loading:
                 loading.result()
@@ -189,6 +190,9 @@ def prepare(cfg: Config, *, overrides: Iterable[str] = ()) -> PrepareResult:
                 target.commit()
                 log.info("prepare.new_tables_created", tables=[f"{s}.{n}" for s, n in new])
         check_target_columns(target, tables)
+        if new:
+            target.commit()
+            _freeze_new_on_target(cfg)
         ownership.claim(source, target, cfg.target_dsn)
         installed = install(source, tables, lock_timeout=cfg.sync.lock_timeout)
         state.register_tables(target, tables)
@@ -198,3 +202,9 @@ def prepare(cfg: Config, *, overrides: Iterable[str] = ()) -> PrepareResult:
                          tuple(name for name, _, _ in accepted))
 
 
+def _freeze_new_on_target(cfg: Config) -> None:
+    """A target frozen after a rollback rejects writes to the tables created on it since too (their capture
+    triggers, installed frozen: deltalog/triggers.install keeps a frozen database frozen)."""
+    with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
+        if has_capture(target) and is_frozen(target):
+            install(target, catalog.list_tables(target, cfg.tables), lock_timeout=cfg.sync.lock_timeout)

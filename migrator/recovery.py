@@ -19,7 +19,8 @@ decided. The decision rests on the real state, the recorded steps only where the
   clients are on the legacy database already; the target stays frozen); otherwise back.
 
 Back puts the pooler's entries where they were (RELOAD), makes the frozen side writable again, RESUMEs, and removes
-the rollback's capture a cutover had staged; forward completes the switch and RESUMEs. Every action finds what is
+the rollback's capture a cutover had staged (a target the last rollback froze is left frozen, or frozen again when
+the cutover's arm had lifted it); forward completes the switch and RESUMEs (a rollback's target stays frozen). Every action finds what is
 already done and leaves it, so running one twice is harmless; the pooler is resumed whatever else fails. The outcome
 goes to the journal first (local disk), then to the control schema (`write_back`) when the target answers. Only the
 latest attempt is ever acted on: an older one left unfinished is recorded as superseded, and a journal whose attempt
@@ -223,11 +224,12 @@ def _back(cfg: Config, j: Journal) -> list[str]:
 
 
 def _back_on_target(cfg: Config) -> str:
-    """What a back outcome does on the target: the rollback's capture a cutover staged or armed is removed."""
+    """What a back outcome does on the target: the rollback's capture a cutover staged or armed is removed, or, on a
+    target the last rollback froze, that freeze is kept (put back, when the cutover's arm had lifted it)."""
     from migrator import rollback  # the rollback owns its capture on the target (it imports this module)
 
-    return _attempt(lambda: f"{rollback.disarm(cfg)} rollback triggers removed from the target",
-                    "removing the rollback's capture from the target (the next cutover or `migrator cleanup` does)")
+    return _attempt(lambda: rollback.disarm(cfg),
+                    "closing the rollback window on the target (the next cutover or `migrator cleanup` does)")
 
 
 def _release(role: str, dsn: str) -> str:

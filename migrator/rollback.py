@@ -13,17 +13,24 @@ connections before RESUME, so that they reconnect and prepare them again on the 
     cutover) → pause (PgBouncer PAUSE) → freeze (the target
     rejects writes) → drain → verify (counts) → sequences (legacy at least at the target's) → release (the legacy
     database takes writes again) → switch (the pooler's entries back to the legacy ones, RELOAD) → resume → disarm
-    (capture removed from the target)
+    (the rollback window closes: the target's delta log emptied, the legacy position dropped; the target stays frozen)
+
+A completed rollback leaves the target frozen (no split brain: a client connecting to it directly could otherwise
+write where nobody reads), even after migrator exits, until the next cutover lifts the freeze at its `arm_rollback`
+(just before clients move there) or the operator releases it (`migrator release --target`, `migrator cleanup
+--release-target`). Sync goes on writing the frozen target as it writes any table with ALWAYS triggers (the
+triggers silenced inside its own transactions: migrator/deltalog/freeze.py). A cutover that is undone puts back the
+freeze its `arm_rollback` lifted (`disarm`).
 
 Without a pooler the switch is `[cutover] rollback_command`; with neither, the rollback is refused before anything is
 touched unless the operator accepts one that moves nobody (`--override no-switch`, recorded and reported): after it
-both databases take writes and the target records none of them. The frozen capture triggers of the legacy database do
+the legacy database takes writes and the target stays frozen. The frozen capture triggers of the legacy database do
 not stop the reverse replay: like the application's ALWAYS triggers during sync, they are disabled inside the replay
 transaction and enabled again before it commits, so no other session ever sees them off, and no client can open
 that door (no session setting lets a write through the freeze). Either the rollback completes, or it stops before
 the legacy database is released and leaves the clients on the target: pooler entries as they were, target writable,
 RESUME.
-`migrator cleanup` ends the rollback window (`disarm`). The steps and their undos are `_Rollback.steps`, run by
+`migrator cleanup` ends the rollback window (`remove_capture`). The steps and their undos are `_Rollback.steps`, run by
 migrator/switchover.py's StepRunner; the point of no return is the release of the legacy database (from then on
 clients not behind the pooler may write there, so it is never frozen again by an undo): a later failure goes forward
 (entries at the legacy database, RESUME). A rollback whose process dies is seen through by its guardian the same way
@@ -46,7 +53,7 @@ from migrator.catalog import Table
 from migrator.config import Config
 from migrator.deltalog import freeze as freezer
 from migrator.deltalog import rollback_position as position
-from migrator.deltalog import snapshot, triggers
+from migrator.deltalog import rotation, snapshot, triggers
 from migrator.deltalog.apply import Applier
 from migrator.deltalog.snapshot import Snapshot
 from migrator.errors import Blocked, CutoverFailed, MigratorError, NoGo, NotReady, SchemaChanged
@@ -72,20 +79,25 @@ POOLER_STEPS = ("preflight", "catch_up", "guard", "pause", "freeze", "drain", "v
 CATCH_UP_BATCHES = 20
 
 
-# --- arming (at cutover) and disarming (cleanup, or a finished rollback) ------------------------------------------
+# --- arming (at cutover), disarming (a finished rollback, an undone cutover) and removing (cleanup, release) ----------
 
 def stage(cfg: Config) -> str:
     """Install the rollback's capture on the target with its triggers disabled, before the cutover's pause.
 
     Creating a trigger function and five triggers per table costs a transaction per table (about 3.5 ms each: 1.0 s for
     300 tables, `python -m bench.arm`); done here it stays out of the client-visible window, and `arm` only enables the triggers. Disabled
-    triggers neither fire nor are switched off and on by sync's drain.
+    triggers neither fire nor are switched off and on by sync's drain. A target frozen by the last rollback keeps its
+    freeze (and its enabled triggers) until `arm`; its log, which nothing writes, is emptied of that rollback's events.
     """
     with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
         tables = catalog.list_tables(target, cfg.tables)
         installed = triggers.install(target, tables, lock_timeout=cfg.sync.lock_timeout, enabled=False)
-    get(phase="cutover").info("rollback.staged", tables=len(tables), triggers_installed=installed)
-    return f"capture staged (disabled) on {len(tables)} target tables"
+        frozen = freezer.is_frozen(target)
+        if frozen:
+            rotation.empty_log(target, cfg.sync.lock_timeout)
+    get(phase="cutover").info("rollback.staged", tables=len(tables), triggers_installed=installed, target_frozen=frozen)
+    return f"capture staged (disabled) on {len(tables)} target tables" + (
+        "; the target stays frozen (the last rollback's freeze) until arm_rollback" if frozen else "")
 
 
 def arm(cfg: Config) -> str:
@@ -93,7 +105,9 @@ def arm(cfg: Config) -> str:
 
     Called by the cutover after the drain and before clients move: nobody writes the target, so every later change
     is a transaction the recorded snapshot does not contain. Enables what `stage` installed (and installs what it
-    did not: a table staged by nobody is still captured); the snapshot is taken after that has committed.
+    did not: a table staged by nobody is still captured), and lifts the freeze the last rollback left on the target
+    (recorded as lifted by this cutover, so that an undo puts it back); the snapshot is taken after that has
+    committed.
     """
     with db.session(cfg.target_dsn, role="target", autocommit=True) as target, \
             db.session(cfg.source_dsn, role="source", autocommit=True) as legacy:
@@ -101,25 +115,59 @@ def arm(cfg: Config) -> str:
         # Staged tables are skipped (present, disabled); any other is installed, disabled, and enabled with them.
         installed = triggers.install(target, tables, lock_timeout=cfg.sync.lock_timeout, enabled=False)
         enabled = triggers.enable_triggers(target, tables, lock_timeout=cfg.sync.lock_timeout)
+        lifted = freezer.is_frozen(target)
+        if lifted:
+            freezer.release(target, reason=freezer.LIFTED_BY_CUTOVER)
         row = target.execute("SELECT pg_current_snapshot()::text").fetchone()
         assert row is not None
         position.record(legacy, row[0])
-    get(phase="cutover").info("rollback.armed", tables=len(tables), triggers_installed=installed, enabled=enabled)
-    return f"capture on {len(tables)} target tables from snapshot {row[0]}"
+    get(phase="cutover").info("rollback.armed", tables=len(tables), triggers_installed=installed, enabled=enabled,
+                              target_freeze_lifted=lifted)
+    return f"capture on {len(tables)} target tables from snapshot {row[0]}" + (
+        "; the target's freeze (from the last rollback) lifted" if lifted else "")
 
 
-def disarm(cfg: Config) -> int:
-    """Remove capture from the target (its triggers and `_migrator` schema) and the legacy side's position; returns
-    the number of triggers removed. Writes on the target are no longer recorded afterwards."""
+def disarm(cfg: Config) -> str:
+    """Close the rollback window: the last step of a completed rollback, and the undo of a cutover that staged it.
+
+    The legacy side's position goes. A target the last rollback froze keeps that freeze (or gets it back, when this
+    undoes a cutover whose `arm` had lifted it), with its delta log emptied; any other target loses its capture
+    (triggers and `_migrator` schema), and with it nothing that made it reject writes. Returns what it did."""
+    with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
+        keep = triggers.has_capture(target) and (
+            freezer.is_frozen(target) or freezer.freeze_reason(target) == freezer.LIFTED_BY_CUTOVER)
+        removed = 0
+        if keep:
+            if not freezer.is_frozen(target):
+                freezer.freeze(target, catalog.list_tables(target, cfg.tables), cfg.cutover.freeze_lock_timeout,
+                               side="the target", reason=freezer.BY_ROLLBACK)
+            rotation.empty_log(target, cfg.sync.lock_timeout)
+        elif triggers.has_capture(target):
+            removed = triggers.remove(target, cfg.sync.lock_timeout, where="target ")
+    _drop_position(cfg)
+    get(phase="rollback").info("rollback.disarmed", target_frozen=keep, triggers=removed)
+    if keep:
+        return "the target stays frozen (until the next cutover or `migrator release --target`); its log emptied"
+    return f"{removed} target triggers removed"
+
+
+def remove_capture(cfg: Config) -> int:
+    """Remove capture from the target (its triggers and `_migrator` schema, and with them a freeze: the target takes
+    writes) and the legacy side's position; returns the number of triggers removed. Writes on the target are no
+    longer recorded afterwards (`migrator cleanup`, `migrator release --target`)."""
     removed = 0
     with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
         if triggers.has_capture(target):
             removed = triggers.remove(target, cfg.sync.lock_timeout, where="target ")
+    _drop_position(cfg)
+    get(phase="rollback").info("rollback.capture_removed", triggers=removed)
+    return removed
+
+
+def _drop_position(cfg: Config) -> None:
     with db.session(cfg.source_dsn, role="source", autocommit=True) as legacy:
         if triggers.has_capture(legacy):
             position.drop(legacy)
-    get(phase="rollback").info("rollback.disarmed", triggers=removed)
-    return removed
 
 
 # --- the reverse replay -------------------------------------------------------------------------------------------
@@ -239,8 +287,10 @@ class RollbackReport:
     def render_text(self) -> str:
         before = "".join(f"{r}\n" for r in self.recovered)
         if self.already_done:
-            return before + "nothing more to do: the rollback is done; clients are on the legacy database"
+            return before + ("nothing more to do: the rollback is done; clients are on the legacy database, and the "
+                             "target stays frozen until the next cutover or `migrator release --target`")
         head = before + f"rollback done: {self.events_replayed} events written on the target replayed onto the legacy database"
+        head += ("\nthe target stays frozen: it rejects writes until the next cutover or `migrator release --target`")
         if self.pause_seconds is not None:
             head += f"; clients paused {self.pause_seconds:.2f}s"
         if not self.clients_moved:
@@ -281,7 +331,7 @@ def _run_locked(cfg: Config, target: psycopg.Connection[Any], legacy: psycopg.Co
     recovered = [j.detail for j in recovery.recover(cfg, target)]
     if _rolled_back(target):
         if triggers.has_capture(target):
-            disarm(cfg)  # the step the completed rollback's process did not reach
+            disarm(cfg)  # the step the completed rollback's process did not reach (the target stays frozen)
         return RollbackReport(attempt=0, ok=True, recovered=recovered, already_done=True)
     checklist = _ready(cfg, target, legacy, overrides)
     flow = _Rollback(cfg, target, legacy, checklist)
@@ -445,7 +495,7 @@ class _Rollback(AttemptRecorder):
 
     def freeze(self) -> str:
         r = freezer.freeze(self.target, list(self.tables.values()), self.cfg.cutover.freeze_lock_timeout,
-                           side="the target")
+                           side="the target", reason=freezer.BY_ROLLBACK)
         return f"{len(self.tables)} target tables frozen" + (f" (attempt {r.attempts})" if r.attempts > 1 else "")
 
     def release_target(self) -> str:
@@ -527,6 +577,7 @@ class _Rollback(AttemptRecorder):
 
     def disarm(self) -> str:
         try:
-            return f"{disarm(self.cfg)} target triggers removed"
+            return disarm(self.cfg)
         except (MigratorError, psycopg.Error) as exc:
-            return f"target capture left in place ({exc.__class__.__name__}); `migrator cleanup` removes it"
+            return (f"the rollback window left open ({exc.__class__.__name__}): the target stays frozen; "
+                    "`migrator rollback --yes` closes it")

@@ -28,6 +28,8 @@ class Status:
     sync: dict[str, Any] = field(default_factory=dict)
     cutover: list[dict[str, Any]] = field(default_factory=list)
     frozen: bool | None = None
+    target_frozen: bool = False
+    """The target rejects client writes (after a rollback, until the next cutover or `migrator release --target`)."""
     overrides: list[dict[str, Any]] = field(default_factory=list)
     """Blockers accepted by name at prepare (`prepare --override`): name, detail, os_user, db_role, overridden_at."""
     cleaned_up_at: dt.datetime | None = None
@@ -124,6 +126,7 @@ def read_target(cfg: Config, target: psycopg.Connection[Any]) -> tuple[Status, T
                            "different snapshots); `migrator sync` restores them after its next batch, and the "
                            "go/no-go refuses a cutover until it has")
     pos = state.position(target)
+    st.target_frozen = freeze.is_frozen(target)
     st.cutover = [{k: v for k, v in a.items() if k != "steps"} | {"steps": a["steps"]}
                   for a in state.attempts(target)]
     st.interrupted = _interrupted(target, st.cutover)

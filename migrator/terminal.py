@@ -78,7 +78,9 @@ def _age(v: Any) -> str:
 def render_status(st: Status) -> str:
     console = Console(record=True, width=120, file=io.StringIO())
     console.print(f"[bold]migration[/] {st.source} → {st.target}: {st.phase}"
-                  + ("" if st.frozen is None else f"; legacy {'FROZEN' if st.frozen else 'writable'}"))
+                  + ("" if st.frozen is None else f"; legacy {'FROZEN' if st.frozen else 'writable'}")
+                  + ("; target FROZEN (after the rollback: `migrator release --target` ends it)"
+                     if st.target_frozen else ""))
     if st.copy:
         c = st.copy
         console.print(f"copy: {c['copied']}/{c['tables']} tables, {c['rows']} rows, {c['bytes'] / 1e6:.1f} MB; "

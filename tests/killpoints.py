@@ -80,13 +80,11 @@ def frozen_after_guardian(point: str) -> str | None:
 
     A cutover undone leaves the target as it was before the cutover (written by sync, not frozen); completed, the
     legacy database frozen. A rollback undone leaves the legacy database frozen (as the cutover left it); completed,
-    the target frozen (its freeze step) until `disarm` removed its capture, and with it the freeze."""
-    flow, step, when = point.split(".")
+    the target frozen (its freeze step; `disarm` keeps it) until the next cutover or `migrator release --target`."""
+    flow = point.split(".")[0]
     if flow == "cutover":
         return "legacy" if forward(point) else None
-    if not forward(point):
-        return "legacy"
-    return None if (step, when) == ("disarm", "ran") else "target"
+    return "target" if forward(point) else "legacy"
 
 
 @dataclass

@@ -6,7 +6,7 @@ Ten clients write through a real PgBouncer in transaction pooling, each insert w
 COMMIT returned. `migrator cutover --yes` (or `rollback --yes`) kills itself at a point (MIGRATOR_FAULT_KILL, see
 tests/killpoints.py). Then: every client completes a transaction again within guardian_timeout + 10 s; the pooler
 serves one side, unpaused, and that side takes writes while a frozen side rejects them; the re-run exits 0 and
-leaves the flow completed; every committed id is on the side served at the end. A few points that differ are run
+leaves the flow completed, the side the clients left frozen (the target, after a rollback); every committed id is on the side served at the end. A few points that differ are run
 here; `python -m bench.guardian` runs every point and measures the clients' wait.
 """
 
@@ -112,7 +112,8 @@ def test_a_kill_at_a_step_leaves_no_client_waiting_and_the_rerun_completes_witho
         assert_resumed(writers, again.ended, f"the re-run of `migrator {flow}`")
 
     assert_pooler_serves(bouncer, dbnames[end])
-    assert_sides(dsns, end, "legacy" if flow == "cutover" else None, "after-rerun")
+    # The side the clients left stays frozen: the legacy database after a cutover, the target after a rollback.
+    assert_sides(dsns, end, "legacy" if flow == "cutover" else "target", "after-rerun")
     assert_flow_completed(flow, config, target_dsn)
     lost = writers.ids() - ids_on(dsns[end])
     assert not lost, f"{len(lost)} of {writers.count()} committed transactions are missing on the {end} side"

@@ -77,7 +77,7 @@ def test_the_guardian_undoes_a_hung_cutover_while_the_target_is_down_and_records
                 return found
             wait_until(lambda: journal()["outcome"] is not None, 10, "the guardian's journal says what it did")
             assert journal()["outcome"] == "back" and journal()["written_back"] is False
-            assert "REMOVING THE ROLLBACK'S CAPTURE FROM THE TARGET" in str(journal()["detail"])
+            assert "CLOSING THE ROLLBACK WINDOW ON THE TARGET" in str(journal()["detail"])
         finally:
             run_sql(admin_dsn, f'ALTER DATABASE "{tgt}" ALLOW_CONNECTIONS true')
         # The target is back: the guardian records what it did (it retries every 2 s).
@@ -183,4 +183,8 @@ def test_without_a_pooler_a_rollback_killed_after_the_release_is_completed_with_
     assert fetch(source_dsn, "SELECT count(*) FROM public.study WHERE uid = 'on target'") == [(1,)]
     rerun = cli(config, "rollback", "--yes")
     assert rerun.returncode == 0 and "the rollback is done" in rerun.stdout, rerun.stderr[-2000:]
-    assert fetch(target_dsn, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE '\\_migrator%'") == [(0,)]
+    # The re-run closes the rollback window (its last step, `disarm`): the legacy position goes, the target's log is
+    # emptied, and the target stays frozen, whoever completed the rollback.
+    assert fetch(source_dsn, "SELECT to_regclass('_migrator.rollback_position')") == [(None,)]
+    assert fetch(target_dsn, "SELECT count(*) FROM _migrator.delta_log") == [(0,)]
+    assert sqlstate_of_write(target_dsn, "UPDATE public.study SET note = 'x' WHERE id = 1") == READ_ONLY

@@ -274,6 +274,8 @@ def test_without_a_pooler_the_probe_decides_and_rollback_command_moves_the_clien
     [(_, _, _, _, recorded), _] = health_of(target_dsn)
     assert recorded["mode"] == "switch_command" and recorded["canary"] == "none"
     assert sqlstate_of_write(source_dsn, "INSERT INTO public.study (uid) VALUES ('after')") is None
+    # The gate's rollback, like any, leaves the target frozen.
+    assert sqlstate_of_write(target_dsn, "UPDATE public.study SET note = 'x' WHERE id = 1") == READ_ONLY
 
 
 def checklist_item(cfg: Config, item: str) -> tuple[str, str]:

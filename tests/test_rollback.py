@@ -2,7 +2,9 @@
 (inserts, updates, deletes, a key update, rows without a key, writes from a replica-role session) reaches the legacy
 database, which takes writes again with its sequences past the target's; clients end on the legacy side (by
 rollback_command, or through a real PgBouncer with clients writing throughout and none failing); a failed step
-leaves clients on a writable target; and nothing of the engine remains on the target afterwards."""
+leaves clients on a writable target; a completed rollback leaves the target frozen (it rejects every client's write,
+while sync goes on writing it) until the next cutover lifts the freeze (and a later rollback puts it back) or the
+operator releases it (`release --target`, audited; `cleanup` refuses without `--release-target`)."""
 
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from migrator import cutover, rollback, sync
+from migrator import cleanup, copy, cutover, prepare, rollback, sync
 from migrator.config import Config
-from migrator.errors import CutoverFailed
+from migrator.errors import Blocked, CutoverFailed
 from tests.helpers import fetch, run_sql
 from tests.test_cutover import READ_ONLY, cli, migrated, sqlstate_of_write, write_config
 from tests.test_pgbouncer import POOL_DB, Bouncer, Clients, bouncer, pooler_config, uids  # noqa: F401
@@ -26,6 +28,16 @@ TABLES = ("public.study", "public.series", "public.audit")
 
 def rows(dsn: str, table: str) -> list[tuple[Any, ...]]:
     return fetch(dsn, f"SELECT t::text FROM {table} AS t ORDER BY t::text")
+
+
+def assert_target_frozen(target_dsn: str) -> None:
+    """The target rejects every client's write, a replica-role session's too, and its rollback log is empty."""
+    assert sqlstate_of_write(target_dsn, "INSERT INTO public.study (id, uid) VALUES (-1, 'direct')") == READ_ONLY
+    assert sqlstate_of_write(target_dsn, "UPDATE public.study SET note = 'x' WHERE id = 1") == READ_ONLY
+    assert sqlstate_of_write(target_dsn, "TRUNCATE public.audit") == READ_ONLY
+    assert sqlstate_of_write(target_dsn, "INSERT INTO public.study (id, uid) VALUES (-2, 'x')",
+                             "SET session_replication_role = replica") == READ_ONLY
+    assert fetch(target_dsn, "SELECT count(*) FROM _migrator.delta_log") == [(0,)]
 
 
 def engine_on_target(target_dsn: str) -> list[tuple[Any, ...]]:
@@ -61,7 +73,7 @@ def assert_same(source_dsn: str, target_dsn: str) -> None:
         assert rows(source_dsn, table) == rows(target_dsn, table), f"{table} differs"
 
 
-def test_rollback_replays_every_target_change_onto_the_legacy_database_and_runs_the_rollback_command(
+def test_rollback_replays_every_target_change_onto_the_legacy_database_and_leaves_the_target_frozen_until_released(
         make_config: Callable[..., Config], source_dsn: str, target_dsn: str, tmp_path: Path) -> None:
     marker = tmp_path / "switched"
     cfg = make_config(copy={"workers": 2}, cutover={
@@ -71,6 +83,8 @@ def test_rollback_replays_every_target_change_onto_the_legacy_database_and_runs_
     assert report.ok and [s.step for s in report.steps] == list(cutover.STEPS)
     write_on_target(target_dsn)
     assert sqlstate_of_write(source_dsn, "INSERT INTO public.study (uid) VALUES ('x')") == READ_ONLY
+    config = write_config(tmp_path / "migration.toml", source_dsn, target_dsn, switch_command="true",
+                          rollback_command="true")
 
     result = rollback.run(cfg)
 
@@ -86,30 +100,86 @@ def test_rollback_replays_every_target_change_onto_the_legacy_database_and_runs_
             "INSERT INTO public.series (study_id, modality) VALUES (1, 'XA')")
     assert fetch(source_dsn, "SELECT id > (SELECT max(id) FROM public.study WHERE uid IN ('after-3', 'replica-role')) "
                              "FROM public.study WHERE uid = 'back on legacy'") == [(True,)]
-    # Nothing of the engine is left on the target; the attempt is recorded as a rollback; a new cutover may follow.
-    assert engine_on_target(target_dsn) == []
+    # The target stays frozen, its log emptied; the legacy position is gone; the attempt is recorded as a rollback;
+    # a new cutover may follow.
+    assert_target_frozen(target_dsn)
     assert fetch(source_dsn, "SELECT to_regclass('_migrator.rollback_position')") == [(None,)]
     assert fetch(target_dsn, "SELECT kind, status FROM migrator_control.cutover_attempt ORDER BY id") == [
         ("cutover", "done"), ("rollback", "done")]
     assert fetch(target_dsn, "SELECT cutover_at, frozen FROM migrator_control.migration") == [(None, False)]
     again = rollback.run(cfg)  # run again: nothing to do, and it says so
     assert again.ok and again.already_done and "the rollback is done" in again.render_text()
+    assert "target stays frozen" in again.render_text()
+    assert_target_frozen(target_dsn)
+
+    # Only the operator ends that freeze: cleanup refuses, removing nothing; `release --target` does it, audited.
+    refused = cli(config, "cleanup", "--yes")
+    assert refused.returncode == 1, refused.stderr
+    assert "target is frozen after a rollback" in refused.stderr and "--release-target" in refused.stderr
+    assert fetch(source_dsn, "SELECT count(*) FROM pg_namespace WHERE nspname = '_migrator'") == [(1,)]
+    assert_target_frozen(target_dsn)
+    released = cli(config, "release", "--target", "--yes")
+    assert released.returncode == 0, released.stderr
+    assert "the target takes writes again" in released.stdout
+    assert sqlstate_of_write(target_dsn, "INSERT INTO public.study (uid) VALUES ('released')") is None
+    assert engine_on_target(target_dsn) == []
+    assert fetch(target_dsn, "SELECT outcome FROM migrator_control.audit WHERE action = 'release --target' "
+                             "AND outcome <> 'started' ORDER BY id") == [("done",)]
+    again = cli(config, "release", "--target", "--yes")  # nothing frozen any more: said, exit 2
+    assert again.returncode == 2 and "the target is not frozen; nothing to release" in again.stderr
 
 
-def test_a_second_cutover_after_a_rollback_carries_the_legacy_writes_again(
-        make_config: Callable[..., Config], source_dsn: str, target_dsn: str) -> None:
+def test_the_frozen_target_takes_sync_and_new_tables_an_undone_cutover_keeps_it_frozen_the_next_one_lifts_it(
+        make_config: Callable[..., Config], source_dsn: str, target_dsn: str, tmp_path: Path) -> None:
     cfg = make_config(copy={"workers": 2}, cutover={"switch_command": "true", "rollback_command": "true"})
     migrated(cfg, source_dsn)
     cutover.run(cfg)
     write_on_target(target_dsn)
     rollback.run(cfg)
+    assert_target_frozen(target_dsn)
+    # Sync (and copy) go on writing the frozen target, through their own sessions only; a table prepare creates
+    # there meanwhile (with and without a key) is frozen with the rest.
     run_sql(source_dsn, "INSERT INTO public.study (uid, note) VALUES ('between', 'legacy again')",
-            "UPDATE public.study SET note = 'legacy edit' WHERE id = 40", "INSERT INTO public.audit (what) VALUES ('b')")
+            "UPDATE public.study SET note = 'legacy edit' WHERE id = 40", "INSERT INTO public.audit (what) VALUES ('b')",
+            "TRUNCATE public.audit", "CREATE TABLE public.dose (id int PRIMARY KEY, gy numeric)",
+            "INSERT INTO public.dose VALUES (1, 0.5)", "CREATE TABLE public.notes (line text)",
+            "INSERT INTO public.notes VALUES ('n1'), ('n1')")
+    prepare.prepare(cfg)
+    copy.run(cfg)
+    run_sql(source_dsn, "INSERT INTO public.dose VALUES (2, 1.5)", "INSERT INTO public.notes VALUES ('n2')")
+    sync.sync(cfg)
+    assert_same(source_dsn, target_dsn)
+    for table in ("public.dose", "public.notes"):
+        assert rows(target_dsn, table) == rows(source_dsn, table), table
+    assert_target_frozen(target_dsn)
+    assert sqlstate_of_write(target_dsn, "INSERT INTO public.dose VALUES (3, 2.5)") == READ_ONLY
+    assert sqlstate_of_write(target_dsn, "INSERT INTO public.notes VALUES ('direct')") == READ_ONLY
+
+    # A cutover that fails after arm_rollback lifted the target's freeze puts it back.
+    failing = make_config(copy={"workers": 2}, cutover={"switch_command": "exit 7", "rollback_command": "true"})
+    with pytest.raises(CutoverFailed, match="step switch"):
+        cutover.run(failing)
+    assert_target_frozen(target_dsn)
+    assert sqlstate_of_write(source_dsn, "INSERT INTO public.study (uid) VALUES ('legacy writable')") is None
 
     assert cutover.run(cfg).ok
 
     assert_same(source_dsn, target_dsn)
     assert len(engine_on_target(target_dsn)) > 1  # armed again for this cutover
+    assert sqlstate_of_write(target_dsn, "INSERT INTO public.study (uid) VALUES ('the target takes writes')") is None
+    assert sqlstate_of_write(source_dsn, "INSERT INTO public.study (uid) VALUES ('x')") == READ_ONLY
+    run_sql(target_dsn, "UPDATE public.study SET note = 'second window' WHERE id BETWEEN 50 AND 60",
+            "INSERT INTO public.audit (what) VALUES ('second window')")
+    assert rollback.run(cfg).ok  # and a later rollback freezes it again
+    assert_target_frozen(target_dsn)
+    assert_same(source_dsn, target_dsn)
+    # cleanup ends it when told to: the target takes writes again, and nothing of the engine is left there.
+    with pytest.raises(Blocked, match="target is frozen after a rollback"):
+        cleanup.run(cfg)
+    done = cleanup.run(cfg, release_target=True)
+    assert done.target_released and "takes writes again" in done.render_text()
+    assert engine_on_target(target_dsn) == []
+    assert sqlstate_of_write(target_dsn, "INSERT INTO public.study (uid) VALUES ('cleaned up')") is None
 
 
 def test_a_failing_rollback_command_after_the_release_goes_forward_and_says_to_move_the_clients_by_hand(
@@ -159,7 +229,7 @@ def test_the_rollback_capture_is_staged_disabled_before_the_pause_and_only_enabl
     assert target_capture_states(target_dsn) == {"A"}
     run_sql(target_dsn, "UPDATE public.study SET note = 'on the new server' WHERE id = 7")
     assert fetch(target_dsn, "SELECT op::text, key FROM _migrator.delta_log") == [("U", ["7"])]
-    rollback.disarm(cfg)
+    rollback.disarm(cfg)  # a target no rollback froze: the window closes and capture goes
     assert engine_on_target(target_dsn) == []
 
 
@@ -208,7 +278,7 @@ def test_rollback_through_pgbouncer_moves_writing_clients_back_without_an_error_
     with psycopg.connect(bouncer.client_dsn, prepare_threshold=None, autocommit=True) as conn:
         assert conn.execute("SELECT current_database()").fetchone() == (bouncer.legacy_db,)
     assert fetch(target_dsn, "SELECT pointing FROM migrator_control.pooler_entry") == [("legacy",)]
-    assert engine_on_target(target_dsn) == []
+    assert_target_frozen(target_dsn)
     # Every row the target held when clients left is on the legacy side.
     for table in TABLES:
         assert set(rows(target_dsn, table)) <= set(rows(source_dsn, table)), table

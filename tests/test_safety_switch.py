@@ -103,6 +103,9 @@ def test_rollback_with_no_way_to_move_clients_back_is_refused_before_anything_is
     assert fetch(source_dsn, "SELECT count(*) FROM public.study WHERE uid LIKE '%on target'") == [(2,)]
     [_, (kind, _, checklist, detail)] = fetch(target_dsn, ATTEMPT_AND_SWITCH)
     assert kind == "rollback" and detail == NOT_MOVED
+    # The clients were not moved, but no split brain either: the legacy database takes writes, the target is frozen.
+    assert sqlstate_of_write(source_dsn, "INSERT INTO public.study (uid) VALUES ('legacy again')") is None
+    assert sqlstate_of_write(target_dsn, "UPDATE public.study SET note = 'x' WHERE id = 1") == READ_ONLY
     assert [c["item"] for c in checklist] == ["switch"]
     assert_overridden_by_someone(checklist[0])
 

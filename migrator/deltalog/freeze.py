@@ -4,6 +4,15 @@ Freezing replaces every capture function's body with one that rejects the write 
 catalog change that holds after migrator exits, taken without rewriting any table. Every change committed before it
 is in the delta log. Releasing writes the capture bodies again. Replacing function bodies takes no lock the
 application's sessions wait for; the SHARE locks the freeze takes so that no writer is in flight are taken as below.
+
+The engine's own writes go through a frozen database the way they go through the application's ALWAYS triggers:
+sync, copy and the reverse replay disable the triggers of a table inside their own transaction and enable them
+again before it commits (schema.silenced), so no other session ever sees them off. No session setting opens that
+door to a client (the triggers are enabled ALWAYS, so `session_replication_role = replica` does not).
+
+`_migrator.freeze_state` says why: frozen by a cutover (the legacy database), frozen by a rollback (the target, until
+the next cutover lifts it at `arm_rollback` or `migrator release --target`), lifted by a cutover's arm (the target:
+an undone cutover puts that freeze back), released.
 """
 
 from __future__ import annotations
@@ -18,15 +27,27 @@ from psycopg import sql
 
 from migrator.catalog import Table
 from migrator.config import CAPTURE_SCHEMA
-from migrator.deltalog.triggers import FUNCTIONS_LOCK, create_functions, current_child, template, trigger_sql
+from migrator.deltalog.triggers import (
+    FUNCTIONS_LOCK,
+    create_functions,
+    current_child,
+    trigger_sql,
+    write_freeze_bodies,
+)
+from migrator.deltalog.triggers import (
+    is_frozen as is_frozen,  # lives beside install, which keeps a frozen database frozen; read here by callers
+)
 from migrator.errors import Blocked
 from migrator.log import get
 
-
-def _trigger_functions(cur: psycopg.Cursor[Any]) -> list[sql.Composed]:
-    cur.execute("SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
-                "WHERE n.nspname = %s AND p.prorettype = 'trigger'::regtype ORDER BY 1", (CAPTURE_SCHEMA,))
-    return [sql.SQL("{}.{}").format(sql.Identifier(CAPTURE_SCHEMA), sql.Identifier(r[0])) for r in cur.fetchall()]
+# Why a database is frozen or not (`_migrator.freeze_state.reason`).
+BY_CUTOVER = "cutover"
+"""The legacy database, frozen by a cutover."""
+BY_ROLLBACK = "rollback"
+"""The target, frozen by a rollback: it rejects writes until the next cutover or `migrator release --target`."""
+LIFTED_BY_CUTOVER = "lifted by a cutover"
+"""The target's rollback freeze, lifted by a cutover's `arm_rollback`: an undo of that cutover puts it back."""
+RELEASED = "released"
 
 
 # --- the freeze ----------------------------------------------------------------------------------------------------
@@ -69,7 +90,7 @@ class _AttemptStopped:
 
 
 def freeze(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: float, *,
-           side: str = "the legacy database") -> Frozen:
+           side: str = "the legacy database", reason: str = BY_CUTOVER) -> Frozen:
     """Reject every write to the captured tables from now on, once no writer is in flight. Raises Blocked, with
     nothing frozen, when writers kept the tables locked for lock_timeout seconds.
 
@@ -88,7 +109,7 @@ def freeze(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: flo
     while True:
         attempt += 1
         attempt_started = time.monotonic()
-        stopped = _freeze_attempt(conn, order, deadlock_timeout, deadline)
+        stopped = _freeze_attempt(conn, order, deadlock_timeout, deadline, reason)
         if stopped is None:
             return Frozen(attempt, attempt_started - started)
         name = stopped.table.display if stopped.table else None
@@ -121,7 +142,7 @@ _BOUND_NEXT_LOCK = sql.SQL(
 
 
 def _freeze_attempt(conn: psycopg.Connection[Any], tables: list[Table], deadlock_timeout: float,
-                    deadline: float) -> _AttemptStopped | None:
+                    deadline: float, reason: str) -> _AttemptStopped | None:
     """One attempt: every lock, then the freeze bodies, committed; or rolled back and the reason returned."""
     bound = {"wait": int(min(FREEZE_LOCK_WAIT, deadlock_timeout / 4) * 1000),
              "phase": int(min(deadlock_timeout / 2, deadline - time.monotonic()) * 1000)}
@@ -138,11 +159,10 @@ def _freeze_attempt(conn: psycopg.Connection[Any], tables: list[Table], deadlock
                     cur.execute(_BOUND_NEXT_LOCK, bound)
                     locks.append((t, conn.cursor()))
                     locks[-1][1].execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(t.ident))
-            for fn in _trigger_functions(cur):
-                cur.execute(template("freeze.sql", function=fn))
-            cur.execute(sql.SQL("INSERT INTO {}.freeze_state (id, frozen, reason) VALUES (1, true, 'cutover') "
+            write_freeze_bodies(cur)
+            cur.execute(sql.SQL("INSERT INTO {}.freeze_state (id, frozen, reason) VALUES (1, true, %s) "
                                 "ON CONFLICT (id) DO UPDATE SET frozen = true, since = now(), reason = excluded.reason")
-                        .format(sql.Identifier(CAPTURE_SCHEMA)))
+                        .format(sql.Identifier(CAPTURE_SCHEMA)), (reason,))
     except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected, psycopg.errors.QueryCanceled) as exc:
         stopped = next((t for t, c in locks if c.pgresult is None), locks[-1][0] if locks else None)
         return _AttemptStopped(stopped, type(exc).__name__)
@@ -168,25 +188,27 @@ def _wait_for_writers(conn: psycopg.Connection[Any], table: Table, deadline: flo
         time.sleep(FREEZE_POLL)
 
 
-def release(conn: psycopg.Connection[Any]) -> None:
-    """Make the legacy database writable again, with capture on (the freeze undone)."""
+def release(conn: psycopg.Connection[Any], reason: str = RELEASED) -> None:
+    """Make the database writable again, with capture on (the freeze undone)."""
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(FUNCTIONS_LOCK)
         cur.execute(sql.SQL(trigger_sql("capture.sql")))  # type: ignore[arg-type]
         create_functions(cur, current_child(cur))
-        cur.execute(sql.SQL("UPDATE {}.freeze_state SET frozen = false, since = now(), reason = 'released'")
-                    .format(sql.Identifier(CAPTURE_SCHEMA)))
+        cur.execute(sql.SQL("INSERT INTO {}.freeze_state (id, frozen, reason) VALUES (1, false, %s) "
+                            "ON CONFLICT (id) DO UPDATE SET frozen = false, since = now(), reason = excluded.reason")
+                    .format(sql.Identifier(CAPTURE_SCHEMA)), (reason,))
 
 
-def is_frozen(conn: psycopg.Connection[Any]) -> bool:
+def freeze_reason(conn: psycopg.Connection[Any]) -> str | None:
+    """Why the database is frozen or not (one of the reasons above), or None when no freeze was ever recorded."""
     with conn.cursor() as cur:
         cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{CAPTURE_SCHEMA}.freeze_state",))
         row = cur.fetchone()
         if not row or not row[0]:
-            return False
-        cur.execute(sql.SQL("SELECT frozen FROM {}.freeze_state WHERE id = 1").format(sql.Identifier(CAPTURE_SCHEMA)))
+            return None
+        cur.execute(sql.SQL("SELECT reason FROM {}.freeze_state WHERE id = 1").format(sql.Identifier(CAPTURE_SCHEMA)))
         row = cur.fetchone()
-    return bool(row and row[0])
+    return row[0] if row else None
 
 
 # --- the rotating delta log ----------------------------------------------------------------------------------------

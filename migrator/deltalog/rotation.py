@@ -16,7 +16,7 @@ from psycopg import sql
 from migrator.config import CAPTURE_SCHEMA, SyncSettings
 from migrator.deltalog.freeze import is_frozen
 from migrator.deltalog.snapshot import Snapshot
-from migrator.deltalog.triggers import create_functions, log_child
+from migrator.deltalog.triggers import FUNCTIONS_LOCK, create_functions, log_child
 from migrator.log import get
 
 # Three children take turns: one current (written), one draining (switched away from, its last writers finishing,
@@ -163,6 +163,14 @@ def truncate_log_child(conn: psycopg.Connection[Any], child: int, applied_xmin: 
         return int(row[1])
 
 
+def empty_log(conn: psycopg.Connection[Any], lock_timeout: float) -> None:
+    """TRUNCATE every child of the log, in one transaction under FUNCTIONS_LOCK (the target's log when a rollback
+    window closes: every event it holds is on the legacy database, or belongs to a cutover that was undone). For a
+    database nobody writes through capture: frozen, or staged with its triggers disabled."""
+    with conn.transaction(), conn.cursor() as cur:
+        _bounded(cur, lock_timeout, max(lock_timeout, 30.0))
+        cur.execute(FUNCTIONS_LOCK)
+        cur.execute(sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(log_child(c) for c in range(3))))
 
 
 def rotate(source: psycopg.Connection[Any], applied: Snapshot, settings: SyncSettings) -> list[str]:

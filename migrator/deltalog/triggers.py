@@ -57,6 +57,32 @@ def _with_lock_retries(conn: psycopg.Connection[Any], what: str, fn: Any, lock_t
     )
 
 
+def is_frozen(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the database is frozen (its capture functions reject writes: freeze.py), as its freeze_state says."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{CAPTURE_SCHEMA}.freeze_state",))
+        row = cur.fetchone()
+        if not row or not row[0]:
+            return False
+        cur.execute(sql.SQL("SELECT frozen FROM {}.freeze_state WHERE id = 1").format(sql.Identifier(CAPTURE_SCHEMA)))
+        row = cur.fetchone()
+    return bool(row and row[0])
+
+
+def trigger_functions(cur: psycopg.Cursor[Any]) -> list[sql.Composed]:
+    """Every trigger function of the capture schema (capture() and the key functions), by name."""
+    cur.execute("SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+                "WHERE n.nspname = %s AND p.prorettype = 'trigger'::regtype ORDER BY 1", (CAPTURE_SCHEMA,))
+    return [sql.SQL("{}.{}").format(sql.Identifier(CAPTURE_SCHEMA), sql.Identifier(r[0])) for r in cur.fetchall()]
+
+
+def write_freeze_bodies(cur: psycopg.Cursor[Any]) -> None:
+    """Replace every capture function's body by the one that rejects the write (triggers/freeze.sql). Called with
+    FUNCTIONS_LOCK held."""
+    for fn in trigger_functions(cur):
+        cur.execute(template("freeze.sql", function=fn))
+
+
 def has_capture(conn: psycopg.Connection[Any]) -> bool:
     """Whether the database holds the engine's schema (a capture is installed, or its remains)."""
     row = conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", (CAPTURE_SCHEMA,)).fetchone()
@@ -246,8 +272,8 @@ def present_triggers(conn: psycopg.Connection[Any], enabled_always: bool = False
 
 def remove(conn: psycopg.Connection[Any], lock_timeout: float, where: str = "") -> int:
     """Drop every capture trigger (a short transaction each, under lock_timeout, retried) and the capture schema;
-    returns how many triggers were dropped. Used by cleanup on the legacy database and by rollback's disarm on the
-    target."""
+    returns how many triggers were dropped. Used by cleanup on the legacy database and, on the target, when the
+    rollback's capture goes (rollback.remove_capture)."""
     triggers = _capture_triggers(conn)
     for _, schema_name, table_name, trigger, _ in triggers:
         ident = sql.SQL("{}.{}").format(sql.Identifier(schema_name), sql.Identifier(table_name))
@@ -265,12 +291,18 @@ def install(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: fl
             enabled: bool = True) -> int:
     """Create the capture schema and function, then the triggers on every table not yet captured (or whose
     definition changed since it was, or whose set of capture triggers is not the one expected: its triggers and key
-    function are made again). With `enabled` false the new triggers are created disabled (see `enable_triggers`)."""
+    function are made again). With `enabled` false the new triggers are created disabled (see `enable_triggers`).
+
+    A frozen database (the target after a rollback) stays frozen: the functions written get the freeze body, and
+    the triggers are enabled whatever `enabled` says, since a disabled one would let writes through."""
     log = get(phase="prepare")
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(FUNCTIONS_LOCK)
         cur.execute(sql.SQL(trigger_sql("capture.sql")))  # type: ignore[arg-type]
         cur.execute(template("capture_rows.sql", log=log_child(current_child(cur))))
+        if is_frozen(conn):
+            write_freeze_bodies(cur)
+            enabled = True
     done = installed_tables(conn)
     # Enabled: a capture trigger disabled by hand is made again. Staged (not enabled): present is enough.
     present = present_triggers(conn, enabled_always=enabled)
@@ -284,6 +316,8 @@ def install(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: fl
             cur.execute(FUNCTIONS_LOCK)  # the current child stays current until the key function names it
             _drop_triggers(cur, t)
             _create_triggers(cur, t, enabled)
+            if t.key and is_frozen(cur.connection):  # under the lock: a freeze committed since is kept
+                cur.execute(template("freeze.sql", function=key_function(t)))
             cur.execute(sql.SQL("INSERT INTO {}.captured_table (rel, schema_name, table_name, fingerprint, "
                                 "key_columns) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (rel) DO UPDATE SET "
                                 "schema_name = excluded.schema_name, table_name = excluded.table_name, "
@@ -294,5 +328,3 @@ def install(conn: psycopg.Connection[Any], tables: list[Table], lock_timeout: fl
         created += 1
         log.info("capture.installed", table=t.display, key=bool(t.key), statement_level=bool(t.key) and not t.in_hierarchy)
     return created
-
-

@@ -69,7 +69,7 @@ def start_over(cfg: Config, admitted: Admitted) -> str:
         return ""
     done = []
     if admitted.legacy_capture:
-        cleanup.run(cfg, release_freeze=True)
+        cleanup.run(cfg, release_freeze=True, release_target=True)
         done.append("removed its capture from the legacy database")
     with db.session(cfg.target_dsn, role="target", autocommit=True) as target:
         target.execute(sql.SQL(_EMPTY).format(control=sql.Literal(CONTROL_SCHEMA)))
