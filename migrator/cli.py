@@ -23,9 +23,10 @@ from migrator import config as config_mod
 from migrator import log as log_mod
 from migrator import state
 from migrator.clibase import (
-    DECLARED,
     Ctx,
+    code_table,
     confirm,
+    declared_codes,
     emit,
     exits,
     interrupted_code,
@@ -48,32 +49,12 @@ C = TypeVar("C", bound=click.Command)
 
 def exit_codes() -> dict[str, dict[ExitCode, str]]:
     """Every command's exit codes by its full name ("objects sync"), as declared with `exits`."""
-    found: dict[str, dict[ExitCode, str]] = {}
-
-    def walk(group: click.Group, prefix: str) -> None:
-        for name, command in group.commands.items():
-            if isinstance(command, click.Group):
-                walk(command, f"{prefix}{name} ")
-            else:
-                found[f"{prefix}{name}"] = DECLARED[command]
-    walk(main, "")
-    return found
+    return declared_codes(main)
 
 
 def exit_code_table() -> str:
-    """The README's table: each code, what it means, and which commands give it (with their own meaning)."""
-    commands = exit_codes()
-    lines = ["| code | meaning | commands |", "| --- | --- | --- |"]
-    for code in ExitCode:
-        having = {name: codes[code] for name, codes in commands.items() if code in codes}
-        own = "; ".join(f"`{name}`: {text}" for name, text in having.items() if text != code.meaning)
-        if len(having) == len(commands):
-            which = "every command" + (f" ({own})" if own else "")
-        else:
-            which = "; ".join(f"`{name}`: {text}" if text != code.meaning else f"`{name}`"
-                              for name, text in having.items())
-        lines.append(f"| {int(code)} | {code.meaning} | {which} |")
-    return "\n".join(lines)
+    """The README's table of exit codes (clibase.code_table)."""
+    return code_table(main)
 
 
 @exits({code: code.meaning for code in ExitCode})

@@ -134,3 +134,33 @@ def interrupted_code() -> ExitCode:
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON for scripts.")
 yes_option = click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+
+
+def declared_codes(group: click.Group) -> dict[str, dict[ExitCode, str]]:
+    """Every command's exit codes by its full name ("objects sync"), as declared with `exits`."""
+    found: dict[str, dict[ExitCode, str]] = {}
+
+    def walk(group: click.Group, prefix: str) -> None:
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                walk(command, f"{prefix}{name} ")
+            else:
+                found[f"{prefix}{name}"] = DECLARED[command]
+    walk(group, "")
+    return found
+
+
+def code_table(group: click.Group) -> str:
+    """The README's table: each code, what it means, and which commands give it (with their own meaning)."""
+    commands = declared_codes(group)
+    lines = ["| code | meaning | commands |", "| --- | --- | --- |"]
+    for code in ExitCode:
+        having = {name: codes[code] for name, codes in commands.items() if code in codes}
+        own = "; ".join(f"`{name}`: {text}" for name, text in having.items() if text != code.meaning)
+        if len(having) == len(commands):
+            which = "every command" + (f" ({own})" if own else "")
+        else:
+            which = "; ".join(f"`{name}`: {text}" if text != code.meaning else f"`{name}`"
+                              for name, text in having.items())
+        lines.append(f"| {int(code)} | {code.meaning} | {which} |")
+    return "\n".join(lines)
