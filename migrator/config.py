@@ -149,6 +149,9 @@ class SyncSettings:
     which `migrator console` charts and the rehearsal report summarises."""
     sample_days: Positive = 7.0
     """Samples older than this many days are deleted as new ones are recorded."""
+    connect_retries: CountOrZero = 5
+    """Without --follow, how many times sync retries a refused or lost connection before it gives up (waiting 1, 2, 4
+    ... seconds between tries, at most 30); with --follow it retries for ever."""
 
 
 @dataclass(frozen=True, config=_SECTION)

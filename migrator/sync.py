@@ -348,13 +348,14 @@ class Syncer:
 
 
 def sync(cfg: Config, *, follow: bool = False, stop: threading.Event | None = None,
-         on_batch: Callable[[BatchInfo, Lag], None] | None = None, max_retries: int = 5,
+         on_batch: Callable[[BatchInfo, Lag], None] | None = None, max_retries: int | None = None,
          samples: bool = False) -> SyncResult:
     """Apply batches until nothing committed is pending (or, with follow, until `stop` is set); with `samples`,
     record a sample (`Syncer.sample`) after the first batch and then every `[sync] sample_interval` seconds (the
     command does; a cutover's catch-up and drain do not, to keep the freeze short).
 
-    Connection failures are retried with backoff (for ever with follow, `max_retries` times otherwise); errors that
+    Connection failures are retried with backoff (for ever with follow, `max_retries` times otherwise, by default
+    `[sync] connect_retries`); errors that
     need an operator (DDL, a refused change) stop it with the position unchanged. `stop` also cancels a batch in
     progress (it rolls back): with follow that is the end of the run; without, Interrupted says what was left.
     """
@@ -402,7 +403,7 @@ def sync(cfg: Config, *, follow: bool = False, stop: threading.Event | None = No
                 if syncer is not None:
                     syncer.close()
                     syncer = None
-                if not follow and failures > max_retries:
+                if not follow and failures > (cfg.sync.connect_retries if max_retries is None else max_retries):
                     raise
                 delay = min(2 ** failures * 0.5, 30.0)
                 log.warning("sync.retry", error=str(exc).splitlines()[0], attempt=failures, delay=delay)

@@ -8,6 +8,7 @@ import json
 import re
 import tomllib
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +120,9 @@ def test_a_wrong_configuration_stops_every_command_before_it_connects_or_asks(
                 ["cutover", "--check"], ["cleanup", "--yes"], ["release"], ["rollback", "--yes"],
                 ["objects", "sync"]]
 
-    for command in commands:
-        run = migrator("--config", config, *command)
+    with ThreadPoolExecutor(len(commands)) as pool:  # each command starts an interpreter
+        runs = list(pool.map(lambda command: migrator("--config", config, *command), commands))
+    for command, run in zip(commands, runs, strict=True):
         assert run.returncode == 2, (command, run.stderr)
         assert run.stderr.startswith(f"error: {config} has 2 problems:\n"), (command, run.stderr)
         assert "[tables] include: given a string" in run.stderr and "[copy] workers" in run.stderr
