@@ -120,7 +120,7 @@ def test_the_page_live_under_a_workload_hold_refusal_cutover_steps_and_freeze(
             steps = browser.execute_script(
                 "return [...document.querySelectorAll('.attempt tbody tr')].map((e) => e.dataset.step)")
             assert steps[:2] == ["catch_up", "preflight"] and {"freeze", "drain", "switch"} <= set(steps)
-            assert _text(browser, "#phase") == "CUT OVER"
+            until(lambda: _text(browser, "#phase") == "CUT OVER", 30)  # the phase comes with the next poll of the target
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             shot = ARTIFACTS / "console.png"
             browser.set_window_size(1400, int(browser.execute_script("return document.body.scrollHeight")) + 200)
