@@ -13,4 +13,6 @@ admin="${MIGRATOR_TEST_DSN:-postgresql://postgres@127.0.0.1:5432/postgres}"
 if [ -n "${CI:-}" ] && psql "$admin" -qAtc "ALTER SYSTEM SET fsync = off" -c "SELECT pg_reload_conf()" >/dev/null; then
   trap 'psql "$admin" -qAtc "ALTER SYSTEM RESET fsync" -c "SELECT pg_reload_conf()" >/dev/null || true' EXIT
 fi
-.venv/bin/pytest -q "$@"
+# Two test files at a time (pytest-xdist; a file's tests stay together and in order, so its module fixtures and its
+# scenarios' sequence hold): most tests wait on servers, sleeps and subprocesses, not on a core.
+.venv/bin/pytest -q -n "${MIGRATOR_TEST_PROCESSES:-2}" --dist loadfile "$@"
