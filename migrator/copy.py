@@ -412,7 +412,9 @@ def _supervise(cfg: Config, target: psycopg.Connection[Any], workers: int, coord
     progress meanwhile, and `table_copied(schema, table)` when every chunk of a table is. Returns why local workers
     failed ((message, hint) each; empty when none did)."""
     eta = Eta()
-    ctx = _worker_context()
+    # Spawned, not forked: a forked worker inherits the coordinator's signal handlers and its open sessions (under
+    # load a paused copy forked so did not stop on SIGINT within 15 s); a spawned one imports migrator again first.
+    ctx = multiprocessing.get_context("spawn")
     json_logs = log_mod.renders_json()
     messages = ctx.SimpleQueue()
     procs: dict[str, Any] = {}
@@ -476,16 +478,6 @@ def _tables_copied(chunks: list[state.Chunk], table_copied: Callable[[str, str],
     unfinished = {(c.schema_name, c.table_name) for c in chunks if c.status != "copied"}
     for schema_name, table_name in sorted({(c.schema_name, c.table_name) for c in chunks} - unfinished):
         table_copied(schema_name, table_name)
-
-
-def _worker_context() -> Any:
-    """How local workers start: forked, when this process runs no other thread (a worker then starts at once, where
-    a spawned one first imports migrator again: a second or more of both cores on a busy machine, before the first
-    row); spawned otherwise, since a lock another thread held at the fork would stay held in the worker. A forked
-    worker never touches the coordinator's connections it inherits: it opens its own, and ends by os._exit."""
-    if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("spawn")
 
 
 def _end_run(cfg: Config, target: psycopg.Connection[Any]) -> None:
