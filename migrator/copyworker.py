@@ -86,11 +86,12 @@ class _Stream:
                     if put(buf) != 1:
                         raise CopyError(f"writing to the target failed: {_error(tp, None)}")
                     self.bytes += len(buf)
+                    self.worker.sent += len(buf)
                     buf = bytearray()
                     if time.monotonic() >= next_check:
                         self.worker.checkpoint(self)
                         next_check = time.monotonic() + _REPORT_EVERY
-                    self.worker.throttle(self.bytes)
+                    self.worker.throttle()
             if n == -2:
                 tp.put_copy_end(b"the source failed")
                 raise CopyError(f"reading from the source failed: {_error(sp, None)}")
@@ -143,6 +144,8 @@ class Worker:
         self.tables_snapshot: str | None = None
         self.window_start = time.monotonic()
         self.window_bytes = 0
+        self.sent = 0
+        """Bytes this worker has written to the target, over all its chunks (what its share of the rate bounds)."""
         self.mask: KeyMask | None = None
 
     def close(self) -> None:
@@ -158,7 +161,9 @@ class Worker:
                               stream.rows if stream else 0, stream.bytes if stream else 0)
         run = state.copy_run(self.control)
         workers = max(1, len(state.copy_workers(self.control)))
-        self.rate_share = run.max_rate * 1e6 / workers if run and run.max_rate else None
+        share = run.max_rate * 1e6 / workers if run and run.max_rate else None
+        if share != self.rate_share:  # a new rate, or a new number of workers: the window starts again
+            self.rate_share, self.window_start, self.window_bytes = share, time.monotonic(), self.sent
         paused = False
         while state.copy_paused(self.control):
             if not paused:
@@ -169,13 +174,14 @@ class Worker:
                                   stream.rows if stream else 0, stream.bytes if stream else 0)
         if paused:
             self.log.info("copy.resumed")
-            self.window_start, self.window_bytes = time.monotonic(), stream.bytes if stream else 0
+            self.window_start, self.window_bytes = time.monotonic(), self.sent
 
-    def throttle(self, nbytes: int) -> None:
+    def throttle(self) -> None:
         if self.rate_share is None:
             return
-        # Sleep until this worker's bytes since the window began fit its share of the rate.
-        due = self.window_start + (nbytes - self.window_bytes) / self.rate_share
+        # Sleep until this worker's bytes since the window began (over every chunk: a chunk's own count starts at
+        # zero, and bounded only each chunk's start) fit its share of the rate.
+        due = self.window_start + (self.sent - self.window_bytes) / self.rate_share
         delay = due - time.monotonic()
         if delay > 0:
             time.sleep(min(delay, _REPORT_EVERY))
