@@ -33,6 +33,14 @@ def environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("MIGRATOR_")}
 
 
+def _as_from_a_terminal() -> None:
+    """In the child before exec: SIGINT delivered and handled by default, as a shell's foreground job has it. A test
+    process that ran other tests before (pytest-xdist's workers run several files) may hand its children SIGINT
+    ignored or blocked; both survive exec, and then no Ctrl-C reaches the command (seen in CI: copy ran on)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 class Command:
     """A `migrator` process running in the background, its stdout and stderr in files (read while it runs)."""
 
@@ -41,7 +49,8 @@ class Command:
         self.err = config.parent / f"err-{uuid.uuid4().hex[:6]}"
         with self.out.open("wb") as out, self.err.open("wb") as err:
             self.proc = subprocess.Popen([MIGRATOR, "--config", str(config), "--log-json", *args], stdout=out,
-                                         stderr=err, stdin=subprocess.DEVNULL, env=environment())
+                                         stderr=err, stdin=subprocess.DEVNULL, env=environment(),
+                                         preexec_fn=_as_from_a_terminal)
 
     @property
     def stderr(self) -> str:
