@@ -412,8 +412,8 @@ def _supervise(cfg: Config, target: psycopg.Connection[Any], workers: int, coord
     progress meanwhile, and `table_copied(schema, table)` when every chunk of a table is. Returns why local workers
     failed ((message, hint) each; empty when none did)."""
     eta = Eta()
-    # Spawned, not forked: a forked worker inherits the coordinator's signal handlers and its open sessions (under
-    # load a paused copy forked so did not stop on SIGINT within 15 s); a spawned one imports migrator again first.
+    # Spawned, not forked: a forked worker would inherit the coordinator's signal handlers, its open sessions and any
+    # lock another thread (post-data's) held; a spawned one imports migrator again first (about a second of a core).
     ctx = multiprocessing.get_context("spawn")
     json_logs = log_mod.renders_json()
     messages = ctx.SimpleQueue()

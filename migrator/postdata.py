@@ -79,7 +79,7 @@ class AsTablesArrive:
         self._tmp = tempfile.TemporaryDirectory(prefix="migrator-postdata-")
         self._dump: schema.PostDataDump | None = None
         self.tables = {(t.schema, t.name): t for t in tables}
-        # No thread until the first table is in: the copy's workers are forked before (see copy._worker_context).
+        # No thread starts until the first table is in (the pool starts its threads on the first task).
         self.pool = ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="postdata")
         self.stop = threading.Event()
         self.lock = threading.Lock()
