@@ -31,6 +31,7 @@ from migrator.deltalog.triggers import (
     FUNCTIONS_LOCK,
     create_functions,
     current_child,
+    freeze_row,
     trigger_sql,
     write_freeze_bodies,
 )
@@ -201,14 +202,8 @@ def release(conn: psycopg.Connection[Any], reason: str = RELEASED) -> None:
 
 def freeze_reason(conn: psycopg.Connection[Any]) -> str | None:
     """Why the database is frozen or not (one of the reasons above), or None when no freeze was ever recorded."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{CAPTURE_SCHEMA}.freeze_state",))
-        row = cur.fetchone()
-        if not row or not row[0]:
-            return None
-        cur.execute(sql.SQL("SELECT reason FROM {}.freeze_state WHERE id = 1").format(sql.Identifier(CAPTURE_SCHEMA)))
-        row = cur.fetchone()
-    return row[0] if row else None
+    row = freeze_row(conn)
+    return row[1] if row else None
 
 
 # --- the rotating delta log ----------------------------------------------------------------------------------------

@@ -57,15 +57,22 @@ def _with_lock_retries(conn: psycopg.Connection[Any], what: str, fn: Any, lock_t
     )
 
 
-def is_frozen(conn: psycopg.Connection[Any]) -> bool:
-    """Whether the database is frozen (its capture functions reject writes: freeze.py), as its freeze_state says."""
+def freeze_row(conn: psycopg.Connection[Any]) -> tuple[bool, str | None] | None:
+    """The database's freeze_state (frozen, reason), or None when no freeze was ever recorded (freeze.py)."""
     with conn.cursor() as cur:
         cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{CAPTURE_SCHEMA}.freeze_state",))
         row = cur.fetchone()
         if not row or not row[0]:
-            return False
-        cur.execute(sql.SQL("SELECT frozen FROM {}.freeze_state WHERE id = 1").format(sql.Identifier(CAPTURE_SCHEMA)))
-        row = cur.fetchone()
+            return None
+        cur.execute(sql.SQL("SELECT frozen, reason FROM {}.freeze_state WHERE id = 1")
+                    .format(sql.Identifier(CAPTURE_SCHEMA)))
+        found = cur.fetchone()
+    return (bool(found[0]), found[1]) if found else None
+
+
+def is_frozen(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the database is frozen (its capture functions reject writes: freeze.py), as its freeze_state says."""
+    row = freeze_row(conn)
     return bool(row and row[0])
 
 
