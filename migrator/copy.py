@@ -1,20 +1,24 @@
-"""The bulk copy: every captured table, in key-range chunks, from a consistent snapshot of the source into the target.
+"""The bulk copy: every captured table, in chunks, from a consistent snapshot of the source into the target.
 
-A coordinator (`migrator copy`) opens a transaction on the source, exports its snapshot (pg_export_snapshot) and
-publishes it in the control schema (`copy_run`), splits each large table with a key into key ranges at sampled key
-values (text and UUID keys as well as integers), and starts worker processes. Each worker (also `migrator copy
---worker` on other hosts) claims the largest pending chunk with a row lock (SKIP LOCKED) in a target transaction,
-imports the snapshot, and streams `COPY (SELECT ... WHERE key in range) TO STDOUT (FORMAT binary)` straight into
-`COPY ... FROM STDIN` through libpq: no rows in Python, no temporary files, a few hundred kilobytes of buffer. The
-same target transaction records the chunk copied with the snapshot it was read under (its *boundary*); a worker
-that dies releases its claim with its transaction. The worker's side is migrator/copyworker.py.
+A coordinator (`migrator copy`) starts its worker processes (they import migrator meanwhile), opens a transaction on
+the source, exports its snapshot (pg_export_snapshot) and publishes it in the control schema (`copy_run`), and
+splits each large table with a key into chunks: heap block ranges on PostgreSQL 14 and later (each chunk reads its
+own pages once, a TID range scan, whatever the key's order: a DICOM UID's has nothing to do with where rows lie),
+key ranges at sampled key values before. Each worker (also `migrator copy --worker` on other hosts) claims the
+largest pending chunk with a row lock (SKIP LOCKED) in a target transaction, imports the snapshot, and streams
+`COPY (SELECT ... WHERE ctid or key in range) TO STDOUT (FORMAT binary)` straight into `COPY ... FROM STDIN` through
+libpq: no rows in Python, no temporary files, a few hundred kilobytes of buffer. The same target transaction records
+the chunk copied with the snapshot it was read under (its *boundary*); a worker that dies releases its claim with
+its transaction. The worker's side is migrator/copyworker.py.
 
 The boundary is kept per chunk. Normally every chunk shares the coordinator's snapshot and the table records it.
 After a kill -9 the finished chunks are kept and the rest are read under a new coordinator's snapshot (but a table
-copied again after post-data starts over: its unique indexes on the target check its rows as they load); such a
-table records no single snapshot, and replay judges each change by the snapshot of the chunk holding the key of
-each row image (an update that moves a key is a delete judged by the old key's chunk and an insert judged by the new
-key's). Tables without a key are copied whole, in one chunk.
+copied again after post-data starts over: its unique indexes on the target check its rows as they load; so does one
+rewritten on the source since its block chunks were planned, as its rows have moved between blocks). Such a table
+records no single snapshot, and replay skips none of its changes: it replaces the target's rows of every key a
+change touched since the first snapshot with the source's. A row that such a change moved to a block read later
+may have been copied twice: one row per key is kept before the primary key is built. Tables without a key are
+copied whole, in one chunk.
 
 On a first copy (every chunk pending, all read under the run's one snapshot) the schema's post-data (indexes,
 constraints, the application's triggers) is restored table by table while other tables still copy: a table's own
@@ -28,7 +32,6 @@ of one snapshot (migrator/postdata.py); then the tables are analyzed in parallel
 
 from __future__ import annotations
 
-import math
 import multiprocessing
 import os
 import signal
@@ -44,7 +47,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from migrator import catalog, copyworker, db, postdata, schema, state
+from migrator import catalog, copyplan, copyworker, db, postdata, schema, state
 from migrator import log as log_mod
 from migrator.catalog import Table
 from migrator.config import Config
@@ -132,66 +135,38 @@ Overall = Callable[[int, int], None]
 """overall(done, total): estimated source bytes of the run's chunks copied so far (in-flight ones in part), of all."""
 _LOG_PROGRESS_EVERY = 10.0
 """Seconds between the coordinator's `copy.progress` log events (percentage done, estimated time left)."""
+_LOCAL_WAIT = 3600.0
+"""Seconds a local worker waits for its coordinator's run to start (planning a large database takes a while)."""
+_POLL = 0.1
+"""Seconds between the coordinator's looks at the chunks (a table all in starts its post-data at the next look)."""
 STOP_WORKERS_WITHIN = 5.0
 """Seconds local workers get to end after the coordinator is interrupted, before they are killed."""
 
 
-# --- planning -----------------------------------------------------------------------------------------------------
-
-def _key_text(table: Table) -> sql.Composable:
-    return sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in table.key)
-
-
-def plan(cur: psycopg.Cursor[Any], table: Table, chunk_bytes: int) -> list[tuple[list[str] | None,
-                                                                                  list[str] | None, int]]:
-    """Key ranges [lower, upper) of about `chunk_bytes` each, at key values sampled from the table (any key type:
-    the bounds are the keys' text forms, compared on the source as the key's own type and collation)."""
-    if not table.key or table.bytes < 2 * chunk_bytes or table.est_rows < 1000:
-        return [(None, None, table.bytes)]
-    n = min(math.ceil(table.bytes / chunk_bytes), 256)
-    # About 200 sampled keys per chunk; SYSTEM sampling reads whole pages, so it costs a fraction of a scan.
-    percent = min(100.0, max(0.01, 100.0 * 200 * n / table.est_rows))
-    # ORDER BY names the columns through the table's alias: unqualified, "id" would be the output column, the key's
-    # text form, and integer bounds sorted as text ('11533' < '2540') would make chunks overlap.
-    cur.execute(sql.SQL("SELECT {} FROM ONLY {} AS t TABLESAMPLE SYSTEM ({}) ORDER BY {}").format(
-        _key_text(table), table.ident, sql.Literal(percent),
-        sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(k)) for k in table.key)))
-    sample = [list(r) for r in cur.fetchall()]
-    bounds: list[list[str]] = []
-    for i in range(1, n):
-        b = sample[len(sample) * i // n] if sample else None
-        if b is not None and (not bounds or b != bounds[-1]):
-            bounds.append(b)
-    if not bounds:
-        return [(None, None, table.bytes)]
-    edges: list[list[str] | None] = [None, *bounds, None]
-    size = table.bytes // (len(edges) - 1)
-    return [(edges[i], edges[i + 1], size) for i in range(len(edges) - 1)]
-
-
 # --- workers ------------------------------------------------------------------------------------------------------
 
-def work(cfg: Config, *, name: str | None = None, wait: float = 0.0) -> int:
+def work(cfg: Config, *, name: str | None = None, wait: float = 0.0, coordinator: str | None = None) -> int:
     """Join a running copy: claim and copy chunks until none is pending (`migrator copy --worker`).
 
     `wait`: seconds to wait for a copy to start, or for chunks a dead worker left, before giving up.
-    Returns the number of chunks copied.
+    `coordinator`: join only the run this coordinator starts. Returns the number of chunks copied.
     """
     worker = copyworker.Worker(cfg, name or f"{socket.gethostname()}:{os.getpid()}")
     try:
-        return worker.run(wait=wait)
+        return worker.run(wait=wait, coordinator=coordinator)
     finally:
         worker.close()
 
 
-def _worker_process(cfg: Config, name: str, json_logs: bool, failures: Any) -> None:
+def _worker_process(cfg: Config, name: str, coordinator: str, json_logs: bool, failures: Any) -> None:
     """A local worker: its failure is one log line (no traceback for a failure the server or migrator named) and a
-    message on `failures` for the coordinator's error."""
+    message on `failures` for the coordinator's error. Started while its coordinator plans, it waits for the
+    coordinator's run (it ends with its coordinator, and is stopped if planning fails)."""
     _die_with_parent()
     log_mod.configure(json=json_logs)
     log = get(phase="copy", worker=name)
     try:
-        work(cfg, name=name)
+        work(cfg, name=name, wait=_LOCAL_WAIT, coordinator=coordinator)
     except KeyboardInterrupt:
         pass
     except (MigratorError, psycopg.Error) as exc:
@@ -249,11 +224,14 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
     started = time.monotonic()
     workers = max(1, workers or cfg.copy.workers)
     rate = max_rate if max_rate is not None else cfg.copy.max_rate
-    with db.session(cfg.target_dsn, role="target") as target, db.session(cfg.source_dsn, role="source") as holder:
+    with db.session(cfg.target_dsn, role="target") as target, db.session(cfg.source_dsn, role="source") as holder, \
+            LocalWorkers(cfg) as local:
         m = state.require_prepared(target)
         if freeze.is_frozen(holder):
             raise NotReady("the legacy database is frozen after cutover; there is nothing to copy")
         holder.rollback()
+        # The workers start now and import migrator while the run is planned (one of their cores' half a second).
+        local.start(workers)
         states = {s.display: s for s in state.tables(target)}
         if only:
             unknown = [n for n in only if n not in states]
@@ -292,11 +270,17 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
         # one whose copy again was killed: its post-data is on the target, and its unique and exclusion indexes check
         # each row as it loads, so its rows must all be read under one snapshot (a new table, whose post-data waits
         # for its copy, keeps its chunks: what relates its rows waits for sync, see postdata.py).
+        # So does one whose block chunks no longer divide its file (rewritten on the source since they were planned).
         owed = set(state.post_data_pending(target))
+        with holder.cursor() as cur:
+            moved = copyplan.rewritten(cur, state.chunks(target), by_name)
+        if moved:
+            log.warning("copy.rewritten_tables_copied_again", tables=sorted(f"{s}.{t}" for s, t in moved))
         stale = [(s.schema_name, s.table_name) for s in states.values() if s.status == "pending" or (
-            s.status == "copying" and m.post_data_at is not None and (s.schema_name, s.table_name) not in owed)]
+            s.status == "copying" and m.post_data_at is not None and (s.schema_name, s.table_name) not in owed)
+            or (s.status != "copied" and (s.schema_name, s.table_name) in moved)]
         with_copied = {(c.schema_name, c.table_name) for c in state.chunks(target) if c.status == "copied"}
-        state.reset_chunks(target, [n for n in stale if n in with_copied])
+        state.reset_chunks(target, [n for n in stale if n in with_copied or n in moved])
         planned = {c.display for c in state.chunks(target)}
         result = CopyResult(snapshot=snapshot, skipped=[n for n, s in states.items() if s.status == "copied"])
         with holder.cursor() as cur:
@@ -306,14 +290,17 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
                 # A table never copied, or reset: empty it (a table copied again after post-data is referenced by
                 # foreign keys; with triggers off a DELETE empties it just the same), then plan its chunks.
                 _empty(target, t)
-                state.plan_chunks(target, t.schema, t.name, plan(cur, t, int(cfg.copy.chunk_mb * 1e6)))
+                blocks = copyplan.plan_blocks(cur, t, int(cfg.copy.chunk_mb * 1e6))
+                if blocks:
+                    state.plan_chunks(target, t.schema, t.name, blocks[0], relfilenode=blocks[1])
+                else:
+                    state.plan_chunks(target, t.schema, t.name, copyplan.plan(cur, t, int(cfg.copy.chunk_mb * 1e6)))
         if m.copy_snapshot is None:
             # The first snapshot is where replay starts: every change it does not contain is in the delta log.
             state.mark(target, "copy_snapshot", snapshot)
             state.mark(target, "copy_started_at")
             state.init_position(target, snapshot)
-        coordinator = f"{socket.gethostname()}:{os.getpid()}"
-        state.start_copy_run(target, snapshot_id, snapshot, coordinator, rate)
+        state.start_copy_run(target, snapshot_id, snapshot, local.coordinator, rate)
         run_started = target.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
         target.commit()
         log.info("copy.start", tables=len(pending), already_copied=len(result.skipped), workers=workers,
@@ -323,7 +310,7 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
         early = (postdata.AsTablesArrive(cfg, tables, workers) if m.post_data_at is None and not only
                  and all(c.status == "pending" for c in state.chunks(target)) else None)
         target.rollback()
-        failed = _copy_chunks(cfg, target, holder, workers, coordinator, progress, overall, early)
+        failed = _copy_chunks(cfg, target, holder, local, workers, progress, overall, early)
         if failed:
             message, hint = failed[0]
             more = f" ({len(failed) - 1} more worker(s) failed too; see their log lines)" if len(failed) > 1 else ""
@@ -342,6 +329,7 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
                 progress(name, sum(c.rows_copied or 0 for c in mine), sum(c.bytes_copied or 0 for c in mine))
         m = state.require_prepared(target)
         target.commit()
+        _one_row_per_key(target, done, by_name)
         _post_data(cfg, target, m, early, workers, result, by_name)
         state.mark(target, "copy_finished_at")
         target.commit()
@@ -351,13 +339,13 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
     return result
 
 
-def _copy_chunks(cfg: Config, target: psycopg.Connection[Any], holder: psycopg.Connection[Any], workers: int,
-                 coordinator: str, progress: Progress | None, overall: Overall | None,
+def _copy_chunks(cfg: Config, target: psycopg.Connection[Any], holder: psycopg.Connection[Any], local: LocalWorkers,
+                 workers: int, progress: Progress | None, overall: Overall | None,
                  early: postdata.AsTablesArrive | None) -> list[tuple[str, str | None]]:
     """Supervise the workers until every chunk is copied, then end the run; the early post-data stops when the copy
     fails. Returns why local workers failed."""
     try:
-        failed = _supervise(cfg, target, workers, coordinator, progress, overall,
+        failed = _supervise(cfg, target, local, workers, progress, overall,
                             early.table_copied if early else None)
     except BaseException:
         if early:
@@ -391,6 +379,28 @@ def _post_data(cfg: Config, target: psycopg.Connection[Any], m: state.Migration,
     result.analyze_seconds = time.monotonic() - t0
 
 
+def _one_row_per_key(target: psycopg.Connection[Any], chunks: list[state.Chunk], by_name: dict[str, Table]) -> None:
+    """A table split by blocks whose chunks were read under different snapshots (a resumed copy) may hold a key
+    twice: a row that a change between those snapshots moved to a block read later (the change is in the delta log,
+    and replay replaces that key's rows on the target with the source's). One row of each key is kept, before the
+    table's primary key is built; what relates rows otherwise waits for sync (postdata.py)."""
+    snapshots: dict[str, set[str | None]] = {}
+    for c in chunks:
+        if c.blocks:
+            snapshots.setdefault(c.display, set()).add(c.snapshot)
+    for name in sorted(n for n, seen in snapshots.items() if len(seen) > 1):
+        table = by_name[name]
+        same = sql.SQL(" AND ").join(sql.SQL("a.{k} = b.{k}").format(k=sql.Identifier(k)) for k in table.key)
+        with target.cursor() as cur:
+            firing = schema.firing_in_replica(cur).get((table.schema, table.name), [])
+            with target.transaction(), schema.silenced(cur, table.ident, firing):
+                cur.execute("SET LOCAL session_replication_role = replica")
+                cur.execute(sql.SQL("DELETE FROM ONLY {t} AS a USING ONLY {t} AS b WHERE {same} AND a.ctid < b.ctid")
+                            .format(t=table.ident, same=same))
+                removed = cur.rowcount
+        get(phase="copy").info("copy.duplicate_keys_removed", table=name, rows=removed)
+
+
 def _empty(target: psycopg.Connection[Any], table: Table) -> None:
     # The table's ALWAYS triggers stay silent, as when its rows are loaded: the application's, and the capture of a
     # target frozen after a rollback (whose TRUNCATE trigger rejects the statement).
@@ -405,30 +415,17 @@ def _empty(target: psycopg.Connection[Any], table: Table) -> None:
                 cur.execute(sql.SQL("DELETE FROM ONLY {}").format(table.ident))
 
 
-def _supervise(cfg: Config, target: psycopg.Connection[Any], workers: int, coordinator: str,
+def _supervise(cfg: Config, target: psycopg.Connection[Any], local: LocalWorkers, workers: int,
                progress: Progress | None, overall: Overall | None = None,
                table_copied: Callable[[str, str], None] | None = None) -> list[tuple[str, str | None]]:
     """Run local worker processes until every chunk is copied (workers of other hosts may help); heartbeat and
     progress meanwhile, and `table_copied(schema, table)` when every chunk of a table is. Returns why local workers
     failed ((message, hint) each; empty when none did)."""
     eta = Eta()
-    # Spawned, not forked: a forked worker would inherit the coordinator's signal handlers, its open sessions and any
-    # lock another thread (post-data's) held; a spawned one imports migrator again first (about a second of a core).
-    ctx = multiprocessing.get_context("spawn")
-    json_logs = log_mod.renders_json()
-    messages = ctx.SimpleQueue()
-    procs: dict[str, Any] = {}
     failed: list[tuple[str, str | None]] = []
-    spawned = 0
     try:
         while True:
-            for name, proc in list(procs.items()):
-                if not proc.is_alive():
-                    proc.join()
-                    if proc.exitcode != 0:
-                        failed.append(messages.get() if not messages.empty()
-                                      else (f"copy worker {name} ended with exit code {proc.exitcode}", None))
-                    del procs[name]
+            failed += local.reap()
             chunks = state.chunks(target)
             pending = [c for c in chunks if c.status == "pending"]
             target.commit()
@@ -437,15 +434,9 @@ def _supervise(cfg: Config, target: psycopg.Connection[Any], workers: int, coord
                 break
             # Chunks left pending with no local worker alive: a worker (local or remote) died; start fresh ones,
             # unless local ones failed (a failure that repeats needs the operator).
-            if not procs and not failed:
-                for _ in range(min(workers, len(pending))):
-                    spawned += 1
-                    name = f"{coordinator}/{spawned}"
-                    proc = ctx.Process(target=_worker_process, args=(cfg, name, json_logs, messages), name=name,
-                                       daemon=True)
-                    proc.start()
-                    procs[name] = proc
-            elif not procs and failed:
+            if not local.procs and not failed:
+                local.start(min(workers, len(pending)))
+            elif not local.procs and failed:
                 break
             state.copy_heartbeat(target)
             active = state.copy_workers(target)
@@ -458,17 +449,80 @@ def _supervise(cfg: Config, target: psycopg.Connection[Any], workers: int, coord
                 overall(done, total)
             eta.log(done, total)
             target.commit()
-            time.sleep(0.3)
+            time.sleep(_POLL)
     except BaseException:
         # Interrupted (SIGINT, SIGTERM) or failed: the workers must not copy on, nor outlive this process, even
         # when paused. A chunk cut short rolls back with its transaction; the next run copies it again.
-        _stop_workers(list(procs.values()))
+        local.stop()
         raise
     finally:
-        for proc in procs.values():
-            proc.join()
+        local.join()
     target.rollback()
     return failed
+
+
+class LocalWorkers:
+    """The coordinator's worker processes, started as soon as the copy is known to run (they import migrator while
+    the coordinator plans, then wait for its run). Spawned, not forked: a forked worker would inherit the
+    coordinator's signal handlers, its open sessions and any lock another thread (post-data's) held; a spawned one
+    imports migrator again first (about half a second of a core). A context manager: leaving it by an exception
+    stops the workers still running (planning failed, or an interrupt)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.coordinator = f"{socket.gethostname()}:{os.getpid()}"
+        self.ctx = multiprocessing.get_context("spawn")
+        self.json_logs = log_mod.renders_json()
+        self.messages = self.ctx.SimpleQueue()
+        self.procs: dict[str, Any] = {}
+        self.spawned = 0
+
+    def __enter__(self) -> LocalWorkers:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
+        if kind is not None:
+            self.stop()
+        self.join()
+
+    def start(self, n: int) -> None:
+        for _ in range(n):
+            self.spawned += 1
+            name = f"{self.coordinator}/{self.spawned}"
+            proc = self.ctx.Process(target=_worker_process, name=name, daemon=True,
+                                    args=(self.cfg, name, self.coordinator, self.json_logs, self.messages))
+            proc.start()
+            self.procs[name] = proc
+
+    def reap(self) -> list[tuple[str, str | None]]:
+        """Forget the workers that ended; why those that failed did."""
+        failed: list[tuple[str, str | None]] = []
+        for name, proc in list(self.procs.items()):
+            if not proc.is_alive():
+                proc.join()
+                if proc.exitcode != 0:
+                    failed.append(self.messages.get() if not self.messages.empty()
+                                  else (f"copy worker {name} ended with exit code {proc.exitcode}", None))
+                del self.procs[name]
+        return failed
+
+    def stop(self) -> None:
+        """End the workers within a bound: SIGTERM (a worker that is starting, or loading a chunk, ends at once; its
+        transactions roll back on the servers), then SIGKILL after STOP_WORKERS_WITHIN seconds."""
+        procs = list(self.procs.values())
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        deadline = time.monotonic() + STOP_WORKERS_WITHIN
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+    def join(self) -> None:
+        for proc in self.procs.values():
+            proc.join()
 
 
 def _tables_copied(chunks: list[state.Chunk], table_copied: Callable[[str, str], None] | None) -> None:
@@ -492,20 +546,6 @@ def _end_run(cfg: Config, target: psycopg.Connection[Any]) -> None:
         with db.session(cfg.target_dsn, role="target") as fresh:
             state.finish_copy_run(fresh)
             fresh.commit()
-
-
-def _stop_workers(procs: list[Any]) -> None:
-    """End local worker processes within a bound: SIGTERM (a worker that is starting, or loading a chunk, ends at
-    once; its transactions roll back on the servers), then SIGKILL after STOP_WORKERS_WITHIN seconds."""
-    for proc in procs:
-        if proc.is_alive():
-            proc.terminate()
-    deadline = time.monotonic() + STOP_WORKERS_WITHIN
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
 
 
 def estimated_done(chunks: list[state.Chunk], active: list[dict[str, Any]]) -> tuple[int, int]:

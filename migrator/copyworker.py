@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -26,8 +27,17 @@ _BUFFER = 256 * 1024
 """Bytes gathered from the source's per-row COPY messages before one write to the target."""
 _REPORT_EVERY = 1.0
 """Seconds between a worker's progress reports, pause checks and throttle adjustments."""
+_WAIT_POLL = 0.1
+"""Seconds between a waiting worker's looks for the copy run to start (its coordinator plans meanwhile)."""
 _REFUSED_HINT = ("Fix what the target refused (named above: a constraint, a column's type or size), then run "
                  "`migrator copy` again: chunks already copied are kept and this one is copied again.")
+
+
+def _blocks(lower: list[str] | None, upper: list[str] | None) -> sql.Composable:
+    """WHERE clause of a heap block range [lower, upper) (PostgreSQL 14 and later scan it as a TID range)."""
+    parts = [sql.SQL("ctid {} {}::tid").format(sql.SQL(op), sql.Literal(f"({int(bound[0])},0)"))
+             for op, bound in ((">=", lower), ("<", upper)) if bound is not None]
+    return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(parts) if parts else sql.SQL("")
 
 
 def _range(table: Table, lower: list[str] | None, upper: list[str] | None) -> sql.Composable:
@@ -186,9 +196,11 @@ class Worker:
         if delay > 0:
             time.sleep(min(delay, _REPORT_EVERY))
 
-    def run(self, *, wait: float) -> int:
+    def run(self, *, wait: float, coordinator: str | None = None) -> int:
         """Copy chunks while any is pending (waiting for those other workers hold, in case one dies); returns how
-        many this worker copied. `wait`: seconds to wait for a copy to be started when none is running."""
+        many this worker copied. `wait`: seconds to wait for a copy to be started when none is running.
+        `coordinator`: join only the run this coordinator starts (a local worker, started while its coordinator
+        still plans: the run recorded before may be one a killed coordinator left)."""
         done = 0
         joined = False  # saw a copy running: once it has finished, this worker's work is over
         deadline = time.monotonic() + wait
@@ -197,11 +209,12 @@ class Worker:
             while True:
                 self.checkpoint(None)
                 run = state.copy_run(self.control)
-                if run is None or run.finished_at is not None or run.snapshot_id is None:
-                    if joined and run is not None and run.finished_at is not None:
+                mine = run is not None and coordinator in (None, run.coordinator)
+                if run is None or not mine or run.finished_at is not None or run.snapshot_id is None:
+                    if run is not None and mine and run.finished_at is not None and (joined or coordinator):
                         return done
                     if time.monotonic() < deadline:
-                        time.sleep(0.5)
+                        time.sleep(_WAIT_POLL)
                         continue
                     return done
                 joined = True
@@ -216,7 +229,10 @@ class Worker:
                     time.sleep(1.0)
 
     def _bounds(self, table: Table, chunk: state.Chunk) -> str:
-        """The chunk's key range as it may be printed (key values that may be patient data as keyed hashes)."""
+        """The chunk's range as it may be printed (key values that may be patient data as keyed hashes)."""
+        if chunk.blocks:
+            return (f"heap blocks from {chunk.lower_bound[0] if chunk.lower_bound else 0} "
+                    f"{f'below {chunk.upper_bound[0]}' if chunk.upper_bound else 'to the end'}")
         if self.mask is None:
             self.mask = KeyMask.of(self.control)
         types = {c.name: c.type for c in table.columns}
@@ -227,6 +243,19 @@ class Worker:
             return "the whole table"
         return " ".join(part for part in (f"keys from {lower}" if lower else "keys",
                                           f"below {upper}" if upper else "") if part)
+
+    def _same_file(self, source: psycopg.Connection[Any], table: Table, chunk: state.Chunk) -> None:
+        """A block chunk divides the file the table had when planned: with the lock the chunk's read takes anyway
+        (no rewrite can start until it ends), check that the table has it still."""
+        with source.cursor() as cur:
+            cur.execute(sql.SQL("LOCK TABLE ONLY {} IN ACCESS SHARE MODE").format(table.ident))
+            cur.execute("SELECT pg_relation_filenode(%s::oid::regclass)", (table.oid,))
+            row = cur.fetchone()
+        if row is None or row[0] is None or int(row[0]) != chunk.relfilenode:
+            raise CopyError(f"{table.display} was rewritten on the source since its copy was planned (VACUUM FULL, "
+                            "CLUSTER, pg_repack or an ALTER TABLE that rewrites it): its rows have moved between the "
+                            "blocks its chunks divide",
+                            hint="Run `migrator copy` again: it copies this table again from its start.")
 
     def _pending_left(self) -> bool:
         return any(c.status == "pending" for c in state.chunks(self.control))
@@ -264,9 +293,12 @@ class Worker:
             if table is None:
                 raise CopyError(f"{chunk.display} is no longer on the source")
             log = self.log.bind(table=table.display, chunk=chunk.chunk_no)
+            if chunk.blocks:
+                self._same_file(source, table, chunk)
+            where = (_blocks if chunk.blocks else partial(_range, table))(chunk.lower_bound, chunk.upper_bound)
             cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.writable_columns)
             select = sql.SQL("COPY (SELECT {} FROM ONLY {}{}) TO STDOUT (FORMAT binary)").format(
-                cols, table.ident, _range(table, chunk.lower_bound, chunk.upper_bound))
+                cols, table.ident, where)
             load = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(table.ident, cols)
             stream = _Stream(self, chunk)
             try:

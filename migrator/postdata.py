@@ -79,15 +79,15 @@ class AsTablesArrive:
         self._tmp = tempfile.TemporaryDirectory(prefix="migrator-postdata-")
         self._dump: schema.PostDataDump | None = None
         self.tables = {(t.schema, t.name): t for t in tables}
-        # No thread starts until the first table is in (the pool starts its threads on the first task).
         self.pool = ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="postdata")
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.started: set[tuple[str, str]] = set()
         self.built: set[tuple[str, str]] = set()
         self.fks_left: list[tuple[str, set[tuple[str, str]]]] | None = None
-        self.futures: list[Future[None]] = []
         self.analyzed: set[str] = set()
+        # The dump is made at once, while the first chunks copy, so the first table in restores without waiting.
+        self.futures: list[Future[Any]] = [self.pool.submit(lambda: self.dump)]
 
     @property
     def dump(self) -> schema.PostDataDump:

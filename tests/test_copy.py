@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from migrator import copy, prepare, state, sync
+from migrator import copy, copyplan, prepare, state, sync
 from migrator.config import CONTROL_SCHEMA, Config
 from migrator.deltalog.snapshot import Snapshot
 from tests.helpers import fetch, run_sql
@@ -52,15 +52,21 @@ def config_file(tmp_path: Path, source_dsn: str, target_dsn: str, chunk_mb: floa
     return path
 
 
+@pytest.mark.parametrize("split", ["blocks", "keys"])
 def test_text_keyed_table_is_split_into_chunks_and_copied_exactly(
-    make_config: Any, source_dsn: str, target_dsn: str
+    make_config: Any, source_dsn: str, target_dsn: str, split: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if split == "keys":  # as on a source before PostgreSQL 14, which scans a block range as a whole table
+        monkeypatch.setattr(copyplan, "BLOCK_RANGES_FROM", 10**9)
     run_sql(source_dsn, STUDY.format(rows=30_000), "VACUUM ANALYZE")
     cfg = chunked(make_config)
     prepare.prepare(cfg)
 
     result = copy.run(cfg)
 
+    assert fetch(target_dsn, sql.SQL("SELECT DISTINCT table_name, blocks FROM {}.copy_chunk ORDER BY 1").format(
+        sql.Identifier(CONTROL_SCHEMA)).as_string(None)) == [
+        ("audit", False), ("series", split == "blocks"), ("study", split == "blocks")]
     chunks = [r for r in chunk_rows(target_dsn) if r[0] == "study"]
     assert len(chunks) >= 4, chunks
     assert chunks[0][2] is None and chunks[-1][3] is None

@@ -23,7 +23,7 @@ from psycopg import sql
 
 from migrator import copy, gonogo, prepare, state, status, sync
 from migrator.config import CONTROL_SCHEMA
-from migrator.errors import MigratorError
+from migrator.errors import ExitCode, MigratorError
 from migrator.verify import verify
 from tests.helpers import fetch, run_sql
 from tests.test_copy import chunk_rows, chunked, config_file
@@ -152,6 +152,8 @@ def test_copy_killed_several_times_then_resumed_finishes_with_every_constraint(
         assert len({r[5] for r in chunks if r[4] == "copied"}) >= 2, "each killed run copied under its own snapshot"
 
         done = procs.run("copy", "--json", timeout=120)
+        blocks = fetch(target_dsn, sql.SQL("SELECT DISTINCT table_name, blocks FROM {}.copy_chunk ORDER BY 1").format(
+            sql.Identifier(CONTROL_SCHEMA)).as_string(None))
 
         orphans, twins = _broken(target_dsn)
         time.sleep(0.5)
@@ -163,6 +165,12 @@ def test_copy_killed_several_times_then_resumed_finishes_with_every_constraint(
     # Rows of several moments on the target, or the test proves nothing: visits of discharged patients, and the MRN
     # of a patient copied before a swap held by the other one, copied after it.
     assert orphans > 0 and twins > 0
+    # Patients are split by heap blocks: a row a swap moved to a block read by a later run was copied twice; the copy
+    # kept one row per key before building the primary key (sync replaces that key's rows).
+    assert blocks == [("patient", True), ("visit", False)]
+    removed = [json.loads(line) for line in done.stderr.splitlines() if "copy.duplicate_keys_removed" in line]
+    print("duplicate keys removed:", removed)
+    assert [r["table"] for r in removed] == ["public.patient"] and removed[0]["rows"] > 0
 
     # Copy is finished; what relates rows waits for sync, and the cutover may not go meanwhile.
     with psycopg.connect(target_dsn) as conn:
@@ -269,6 +277,41 @@ def test_a_copy_again_of_a_table_killed_and_resumed_starts_it_over_under_its_uni
     assert again not in killed, "the resumed copy starts the table over, under its own snapshot"
     with psycopg.connect(target_dsn) as conn:
         assert state.post_data_deferred(conn) is None, "the table's post-data stayed on the target"
+    sync.sync(cfg)
+    assert_same_rows(source_dsn, target_dsn)
+    for query in (CONSTRAINTS, INDEXES):
+        assert fetch(target_dsn, query) == fetch(source_dsn, query)
+
+
+def test_a_table_rewritten_on_the_source_during_its_copy_is_copied_again_from_its_start(
+    make_config: Any, source_dsn: str, target_dsn: str, tmp_path: Path
+) -> None:
+    # Patients are split by heap blocks. VACUUM FULL after the first chunks moves the rows of later blocks into the
+    # earlier ones, already copied, without a change the capture sees: copied on, those rows would be lost.
+    run_sql(source_dsn, SCHEMA, "VACUUM ANALYZE")
+    cfg = chunked(make_config, chunk_mb=CHUNK_MB)
+    prepare.prepare(cfg)
+    procs = Processes(config_file(tmp_path, source_dsn, target_dsn, chunk_mb=CHUNK_MB))
+    try:
+        proc = procs.start("copy", "--workers", "1", "--max-rate", "0.3")
+
+        def patient_started() -> bool:
+            assert proc.poll() is None, f"copy ended before the rewrite:\n{procs.output(proc)}"
+            return any(r[0] == "patient" and r[4] == "copied" for r in chunk_rows(target_dsn))
+
+        wait_for(patient_started, 60, "a chunk of patient to be copied")
+        run_sql(source_dsn, "DELETE FROM public.patient WHERE id <= 3000", "VACUUM FULL public.patient")
+        proc.wait(timeout=60)
+        failed = procs.output(proc)
+        assert proc.returncode == ExitCode.ERROR, failed
+        assert "public.patient was rewritten on the source" in failed and "run `migrator copy` again" in failed.lower()
+
+        again = procs.run("copy", timeout=120)
+    finally:
+        procs.kill_all()
+    assert "copy.rewritten_tables_copied_again" in again.stderr and "public.patient" in again.stderr
+    patients = [r for r in chunk_rows(target_dsn) if r[0] == "patient"]
+    assert len({r[5] for r in patients}) == 1, "every chunk of the rewritten table read under the new run's snapshot"
     sync.sync(cfg)
     assert_same_rows(source_dsn, target_dsn)
     for query in (CONSTRAINTS, INDEXES):

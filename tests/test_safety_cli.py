@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from migrator import copy, prepare, sync
+from migrator import copy, copyplan, prepare, sync
 from migrator.cli import exit_code_table, exit_codes, main
 from migrator.config import Config
 from migrator.errors import ExitCode
@@ -446,7 +446,7 @@ def test_the_key_ranges_of_an_integer_key_follow_its_order_not_its_text(cfg: Con
     image_table(source_dsn)  # ids 1..40000: as text '11533' < '2540'
     with psycopg.connect(source_dsn) as conn, conn.cursor() as cur:
         (table,) = catalog.list_tables(conn, cfg.tables)
-        ranges = copy.plan(cur, table, 500_000)
+        ranges = copyplan.plan(cur, table, 500_000)
 
     cuts = [int(upper[0]) for _, upper, _ in ranges[:-1] if upper is not None]
     assert len(ranges) > 5 and cuts == sorted(cuts) and len(set(cuts)) == len(cuts)

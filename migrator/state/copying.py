@@ -39,6 +39,10 @@ class Chunk:
     worker: str | None
     copy_started_at: dt.datetime | None
     copy_finished_at: dt.datetime | None
+    blocks: bool = False
+    """The bounds are heap block numbers (ctid ranges), not key values."""
+    relfilenode: int | None = None
+    """For block chunks: the table's file on the source when planned (a rewrite moves rows between blocks)."""
 
     @property
     def display(self) -> str:
@@ -85,13 +89,15 @@ def chunks(conn: Conn) -> list[Chunk]:
 
 
 def plan_chunks(conn: Conn, schema_name: str, table_name: str,
-                ranges: list[tuple[list[str] | None, list[str] | None, int]]) -> None:
-    """Record a table's key ranges [lower, upper) (None: unbounded) with their estimated sizes, all pending."""
+                ranges: list[tuple[list[str] | None, list[str] | None, int]], *, relfilenode: int | None = None) -> None:
+    """Record a table's ranges [lower, upper) (None: unbounded) with their estimated sizes, all pending: key ranges,
+    or heap block ranges when `relfilenode` (the table's file on the source, as planned) is given."""
     with conn.cursor() as cur:
         cur.executemany(
-            sql.SQL("INSERT INTO {} (schema_name, table_name, chunk_no, lower_bound, upper_bound, est_bytes) "
-                    "VALUES (%s, %s, %s, %s, %s, %s)").format(relation("copy_chunk")),
-            [(schema_name, table_name, i, lo, hi, size) for i, (lo, hi, size) in enumerate(ranges)],
+            sql.SQL("INSERT INTO {} (schema_name, table_name, chunk_no, lower_bound, upper_bound, est_bytes, blocks, "
+                    "relfilenode) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)").format(relation("copy_chunk")),
+            [(schema_name, table_name, i, lo, hi, size, relfilenode is not None, relfilenode)
+             for i, (lo, hi, size) in enumerate(ranges)],
         )
 
 
