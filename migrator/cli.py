@@ -120,8 +120,10 @@ def prepare(obj: Ctx, yes: bool, overrides: tuple[str, ...], as_json: bool) -> N
 @click.pass_obj
 def copy(obj: Ctx, workers: int | None, only: tuple[str, ...], max_rate: float | None, as_worker: bool,
          wait: float, control: str | None, as_json: bool) -> None:
-    """Bulk copy in key-range chunks from one consistent snapshot; re-run to resume after a failure."""
+    """Bulk copy in chunks (heap block or key ranges) from one consistent snapshot; re-run to resume after a
+    failure."""
     from migrator import copy as copy_mod
+    from migrator import copyworker
     from migrator.terminal import CopyProgress
 
     if control is not None:
@@ -129,7 +131,7 @@ def copy(obj: Ctx, workers: int | None, only: tuple[str, ...], max_rate: float |
             emit(copy_mod.pause(obj.cfg) if control == "pause" else copy_mod.resume(obj.cfg), as_json)
         return
     if as_worker:
-        emit(copy_mod.WorkerResult(copy_mod.work(obj.cfg, wait=wait)), as_json)
+        emit(copy_mod.WorkerResult(copyworker.work(obj.cfg, wait=wait)), as_json)
         return
     with CopyProgress(enabled=not as_json and sys.stderr.isatty()) as progress:
         result = copy_mod.run(obj.cfg, workers=workers, progress=progress.update, only=list(only) or None,

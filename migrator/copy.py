@@ -32,11 +32,6 @@ of one snapshot (migrator/postdata.py); then the tables are analyzed in parallel
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import signal
-import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -48,13 +43,11 @@ import psycopg
 from psycopg import sql
 
 from migrator import catalog, copyplan, copyworker, db, postdata, schema, state
-from migrator import log as log_mod
 from migrator.catalog import Table
 from migrator.config import Config
 from migrator.deltalog import freeze
 from migrator.errors import CopyError, MigratorError, NotReady
 from migrator.log import get
-from migrator.redaction import database_error, scrub
 
 
 @dataclass(frozen=True)
@@ -135,62 +128,10 @@ Overall = Callable[[int, int], None]
 """overall(done, total): estimated source bytes of the run's chunks copied so far (in-flight ones in part), of all."""
 _LOG_PROGRESS_EVERY = 10.0
 """Seconds between the coordinator's `copy.progress` log events (percentage done, estimated time left)."""
-_LOCAL_WAIT = 3600.0
-"""Seconds a local worker waits for its coordinator's run to start (planning a large database takes a while)."""
-_POLL = 0.1
+_POLL = 0.2
 """Seconds between the coordinator's looks at the chunks (a table all in starts its post-data at the next look)."""
-STOP_WORKERS_WITHIN = 5.0
-"""Seconds local workers get to end after the coordinator is interrupted, before they are killed."""
-
 
 # --- workers ------------------------------------------------------------------------------------------------------
-
-def work(cfg: Config, *, name: str | None = None, wait: float = 0.0, coordinator: str | None = None) -> int:
-    """Join a running copy: claim and copy chunks until none is pending (`migrator copy --worker`).
-
-    `wait`: seconds to wait for a copy to start, or for chunks a dead worker left, before giving up.
-    `coordinator`: join only the run this coordinator starts. Returns the number of chunks copied.
-    """
-    worker = copyworker.Worker(cfg, name or f"{socket.gethostname()}:{os.getpid()}")
-    try:
-        return worker.run(wait=wait, coordinator=coordinator)
-    finally:
-        worker.close()
-
-
-def _worker_process(cfg: Config, name: str, coordinator: str, json_logs: bool, failures: Any) -> None:
-    """A local worker: its failure is one log line (no traceback for a failure the server or migrator named) and a
-    message on `failures` for the coordinator's error. Started while its coordinator plans, it waits for the
-    coordinator's run (it ends with its coordinator, and is stopped if planning fails)."""
-    _die_with_parent()
-    log_mod.configure(json=json_logs)
-    log = get(phase="copy", worker=name)
-    try:
-        work(cfg, name=name, wait=_LOCAL_WAIT, coordinator=coordinator)
-    except KeyboardInterrupt:
-        pass
-    except (MigratorError, psycopg.Error) as exc:
-        message = scrub(str(exc)) if isinstance(exc, MigratorError) else database_error(exc)
-        log.error("copy.worker_failed", error=message)
-        failures.put((message, exc.hint if isinstance(exc, MigratorError) else None))
-        sys.exit(1)
-    except Exception as exc:
-        log.error("copy.worker_failed", error=scrub(str(exc)) or type(exc).__name__, exc_info=True)
-        failures.put((f"a copy worker failed: {scrub(str(exc)) or type(exc).__name__}", None))
-        sys.exit(1)
-
-
-def _die_with_parent() -> None:
-    """A local worker ends when its coordinator does, even by kill -9 (Linux); a resumed copy starts its own."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() == 1:
-        os._exit(1)
-
 
 # --- operator controls --------------------------------------------------------------------------------------------
 
@@ -225,8 +166,9 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
     workers = max(1, workers or cfg.copy.workers)
     rate = max_rate if max_rate is not None else cfg.copy.max_rate
     with db.session(cfg.target_dsn, role="target") as target, db.session(cfg.source_dsn, role="source") as holder, \
-            LocalWorkers(cfg) as local:
+            copyworker.LocalWorkers(cfg) as local:
         m = state.require_prepared(target)
+        state.catch_up(target)  # prepared by an older migrator: the control schema gains what this copy records
         if freeze.is_frozen(holder):
             raise NotReady("the legacy database is frozen after cutover; there is nothing to copy")
         holder.rollback()
@@ -339,8 +281,8 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
     return result
 
 
-def _copy_chunks(cfg: Config, target: psycopg.Connection[Any], holder: psycopg.Connection[Any], local: LocalWorkers,
-                 workers: int, progress: Progress | None, overall: Overall | None,
+def _copy_chunks(cfg: Config, target: psycopg.Connection[Any], holder: psycopg.Connection[Any],
+                 local: copyworker.LocalWorkers, workers: int, progress: Progress | None, overall: Overall | None,
                  early: postdata.AsTablesArrive | None) -> list[tuple[str, str | None]]:
     """Supervise the workers until every chunk is copied, then end the run; the early post-data stops when the copy
     fails. Returns why local workers failed."""
@@ -390,14 +332,17 @@ def _one_row_per_key(target: psycopg.Connection[Any], chunks: list[state.Chunk],
             snapshots.setdefault(c.display, set()).add(c.snapshot)
     for name in sorted(n for n, seen in snapshots.items() if len(seen) > 1):
         table = by_name[name]
-        same = sql.SQL(" AND ").join(sql.SQL("a.{k} = b.{k}").format(k=sql.Identifier(k)) for k in table.key)
+        keys = sql.SQL(", ").join(sql.Identifier(k) for k in table.key)
         with target.cursor() as cur:
             firing = schema.firing_in_replica(cur).get((table.schema, table.name), [])
             with target.transaction(), schema.silenced(cur, table.ident, firing):
                 cur.execute("SET LOCAL session_replication_role = replica")
-                cur.execute(sql.SQL("DELETE FROM ONLY {t} AS a USING ONLY {t} AS b WHERE {same} AND a.ctid < b.ctid")
-                            .format(t=table.ident, same=same))
+                # One sort of the table (it has no index yet); the few rows found are deleted by their ctid.
+                cur.execute(sql.SQL("DELETE FROM ONLY {t} WHERE ctid = ANY (ARRAY(SELECT ctid FROM (SELECT ctid, "
+                                    "row_number() OVER (PARTITION BY {keys}) AS n FROM ONLY {t}) AS r WHERE n > 1))")
+                            .format(t=table.ident, keys=keys))
                 removed = cur.rowcount
+        target.commit()
         get(phase="copy").info("copy.duplicate_keys_removed", table=name, rows=removed)
 
 
@@ -415,7 +360,7 @@ def _empty(target: psycopg.Connection[Any], table: Table) -> None:
                 cur.execute(sql.SQL("DELETE FROM ONLY {}").format(table.ident))
 
 
-def _supervise(cfg: Config, target: psycopg.Connection[Any], local: LocalWorkers, workers: int,
+def _supervise(cfg: Config, target: psycopg.Connection[Any], local: copyworker.LocalWorkers, workers: int,
                progress: Progress | None, overall: Overall | None = None,
                table_copied: Callable[[str, str], None] | None = None) -> list[tuple[str, str | None]]:
     """Run local worker processes until every chunk is copied (workers of other hosts may help); heartbeat and
@@ -459,70 +404,6 @@ def _supervise(cfg: Config, target: psycopg.Connection[Any], local: LocalWorkers
         local.join()
     target.rollback()
     return failed
-
-
-class LocalWorkers:
-    """The coordinator's worker processes, started as soon as the copy is known to run (they import migrator while
-    the coordinator plans, then wait for its run). Spawned, not forked: a forked worker would inherit the
-    coordinator's signal handlers, its open sessions and any lock another thread (post-data's) held; a spawned one
-    imports migrator again first (about half a second of a core). A context manager: leaving it by an exception
-    stops the workers still running (planning failed, or an interrupt)."""
-
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.coordinator = f"{socket.gethostname()}:{os.getpid()}"
-        self.ctx = multiprocessing.get_context("spawn")
-        self.json_logs = log_mod.renders_json()
-        self.messages = self.ctx.SimpleQueue()
-        self.procs: dict[str, Any] = {}
-        self.spawned = 0
-
-    def __enter__(self) -> LocalWorkers:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
-        if kind is not None:
-            self.stop()
-        self.join()
-
-    def start(self, n: int) -> None:
-        for _ in range(n):
-            self.spawned += 1
-            name = f"{self.coordinator}/{self.spawned}"
-            proc = self.ctx.Process(target=_worker_process, name=name, daemon=True,
-                                    args=(self.cfg, name, self.coordinator, self.json_logs, self.messages))
-            proc.start()
-            self.procs[name] = proc
-
-    def reap(self) -> list[tuple[str, str | None]]:
-        """Forget the workers that ended; why those that failed did."""
-        failed: list[tuple[str, str | None]] = []
-        for name, proc in list(self.procs.items()):
-            if not proc.is_alive():
-                proc.join()
-                if proc.exitcode != 0:
-                    failed.append(self.messages.get() if not self.messages.empty()
-                                  else (f"copy worker {name} ended with exit code {proc.exitcode}", None))
-                del self.procs[name]
-        return failed
-
-    def stop(self) -> None:
-        """End the workers within a bound: SIGTERM (a worker that is starting, or loading a chunk, ends at once; its
-        transactions roll back on the servers), then SIGKILL after STOP_WORKERS_WITHIN seconds."""
-        procs = list(self.procs.values())
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-        deadline = time.monotonic() + STOP_WORKERS_WITHIN
-        for proc in procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-
-    def join(self) -> None:
-        for proc in self.procs.values():
-            proc.join()
 
 
 def _tables_copied(chunks: list[state.Chunk], table_copied: Callable[[str, str], None] | None) -> None:

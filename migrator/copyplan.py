@@ -63,11 +63,12 @@ def plan_blocks(cur: psycopg.Cursor[Any], table: Table, chunk_bytes: int) -> tup
     capture records (replay then replaces its key's rows on the target, however many the copy put there), or by a
     rewrite of the table (VACUUM FULL, CLUSTER, pg_repack), which gives it a new file: the workers compare it with
     the one planned, and a rewritten table is copied again from its start."""
-    if not table.key or table.unlogged or table.bytes < 2 * chunk_bytes or table.est_rows < 1000 \
+    if not table.key or table.unlogged or table.bytes < 2 * chunk_bytes \
             or cur.connection.info.server_version < BLOCK_RANGES_FROM:
         return None
-    cur.execute("SELECT pg_relation_filenode(%s::oid::regclass), "
-                "pg_relation_size(%s::oid::regclass) / current_setting('block_size')::bigint", (table.oid, table.oid))
+    # The file as the copy's snapshot sees it (pg_class read under it), which the workers compare with the table's.
+    cur.execute("SELECT c.relfilenode, pg_relation_size(c.oid) / current_setting('block_size')::bigint "
+                "FROM pg_class c WHERE c.oid = %s", (table.oid,))
     row = cur.fetchone()
     if row is None or row[0] is None or row[1] < 2:
         return None
@@ -80,14 +81,15 @@ def plan_blocks(cur: psycopg.Cursor[Any], table: Table, chunk_bytes: int) -> tup
 
 
 def rewritten(cur: psycopg.Cursor[Any], chunks: list[state.Chunk], tables: dict[str, Table]) -> set[tuple[str, str]]:
-    """Tables whose block chunks no longer divide their file: rewritten on the source since they were planned."""
+    """Tables whose block chunks no longer divide their file: rewritten on the source between the snapshot they were
+    planned under and this cursor's."""
     planned = {(c.schema_name, c.table_name): c.relfilenode for c in chunks if c.blocks}
     moved: set[tuple[str, str]] = set()
     for (schema_name, table_name), filenode in planned.items():
         table = tables.get(f"{schema_name}.{table_name}")
         if table is None:
             continue
-        cur.execute("SELECT pg_relation_filenode(%s::oid::regclass)", (table.oid,))
+        cur.execute("SELECT relfilenode FROM pg_class WHERE oid = %s", (table.oid,))
         row = cur.fetchone()
         if row is None or row[0] is None or int(row[0]) != filenode:
             moved.add((schema_name, table_name))

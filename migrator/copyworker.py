@@ -1,6 +1,6 @@
-"""One copy worker: claims the largest pending chunk, streams its key range from the source's COPY into the target's,
-and records it copied in the same target transaction (`migrator copy` starts these in worker processes, `migrator copy
---worker` on other hosts; see migrator/copy.py for the coordinator).
+"""One copy worker: claims the largest pending chunk, streams its range (heap blocks or keys) from the source's COPY
+into the target's, and records it copied in the same target transaction (`migrator copy` starts these in worker
+processes, `LocalWorkers`; `migrator copy --worker` on other hosts; see migrator/copy.py for the coordinator).
 
 Rows go through libpq's COPY calls in a tight loop, never into Python objects; once a second the worker reports its
 progress, reads the operators' pause flag and rate limit from the control schema, and throttles to its share.
@@ -8,7 +8,12 @@ progress, reads the operators' pause flag and rate limit from the control schema
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import re
+import signal
+import socket
+import sys
 import time
 from functools import partial
 from typing import Any
@@ -17,9 +22,10 @@ import psycopg
 from psycopg import pq, sql
 
 from migrator import catalog, db, schema, state
+from migrator import log as log_mod
 from migrator.catalog import Table
 from migrator.config import Config
-from migrator.errors import CopyError, NotReady
+from migrator.errors import CopyError, MigratorError, NotReady
 from migrator.log import get
 from migrator.redaction import KeyMask, database_error, scrub
 
@@ -27,8 +33,12 @@ _BUFFER = 256 * 1024
 """Bytes gathered from the source's per-row COPY messages before one write to the target."""
 _REPORT_EVERY = 1.0
 """Seconds between a worker's progress reports, pause checks and throttle adjustments."""
-_WAIT_POLL = 0.1
+_WAIT_POLL = 0.25
 """Seconds between a waiting worker's looks for the copy run to start (its coordinator plans meanwhile)."""
+_LOCAL_WAIT = 3600.0
+"""Seconds a local worker waits for its coordinator's run to start (planning a large database takes a while)."""
+STOP_WORKERS_WITHIN = 5.0
+"""Seconds local workers get to end after the coordinator is interrupted, before they are killed."""
 _REFUSED_HINT = ("Fix what the target refused (named above: a constraint, a column's type or size), then run "
                  "`migrator copy` again: chunks already copied are kept and this one is copied again.")
 
@@ -245,17 +255,22 @@ class Worker:
                                           f"below {upper}" if upper else "") if part)
 
     def _same_file(self, source: psycopg.Connection[Any], table: Table, chunk: state.Chunk) -> None:
-        """A block chunk divides the file the table had when planned: with the lock the chunk's read takes anyway
-        (no rewrite can start until it ends), check that the table has it still."""
+        """With the lock the chunk's read takes anyway (no rewrite can start until it ends): the table has the file
+        the snapshot sees (a rewrite committed since, ALTER TABLE's or pg_repack's, gives every row a transaction
+        the snapshot does not see: read on, the chunk would be empty), and a block chunk's is the one it was planned
+        on (a rewrite moves rows between blocks)."""
         with source.cursor() as cur:
             cur.execute(sql.SQL("LOCK TABLE ONLY {} IN ACCESS SHARE MODE").format(table.ident))
-            cur.execute("SELECT pg_relation_filenode(%s::oid::regclass)", (table.oid,))
+            cur.execute("SELECT c.relfilenode, pg_relation_filenode(c.oid) FROM pg_class c WHERE c.oid = %s",
+                        (table.oid,))
             row = cur.fetchone()
-        if row is None or row[0] is None or int(row[0]) != chunk.relfilenode:
-            raise CopyError(f"{table.display} was rewritten on the source since its copy was planned (VACUUM FULL, "
-                            "CLUSTER, pg_repack or an ALTER TABLE that rewrites it): its rows have moved between the "
-                            "blocks its chunks divide",
-                            hint="Run `migrator copy` again: it copies this table again from its start.")
+        seen, now = (row[0], row[1]) if row else (None, None)
+        if seen is None or seen != now or (chunk.blocks and seen != chunk.relfilenode):
+            raise CopyError(f"{table.display} was rewritten on the source since this copy's snapshot or plan (VACUUM "
+                            "FULL, CLUSTER, pg_repack or an ALTER TABLE that rewrites it): the snapshot would not see "
+                            "its rows, or they have moved between the blocks its chunks divide",
+                            hint="Run `migrator copy` again: it reads under a new snapshot, and copies a table split "
+                                 "by blocks again from its start.")
 
     def _pending_left(self) -> bool:
         return any(c.status == "pending" for c in state.chunks(self.control))
@@ -276,6 +291,7 @@ class Worker:
                     scur.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(run.snapshot_id)))
                     # Bitmap scans read a key range's pages once, in order; a sequential scan per chunk reads all.
                     scur.execute("SET LOCAL enable_seqscan = off")
+                    scur.execute("SET LOCAL enable_tidscan = on")
                     scur.execute("SET LOCAL work_mem = '64MB'")
                     scur.execute("SELECT pg_current_snapshot()::text")
                     snapshot = scur.fetchone()[0]  # type: ignore[index]
@@ -293,8 +309,7 @@ class Worker:
             if table is None:
                 raise CopyError(f"{chunk.display} is no longer on the source")
             log = self.log.bind(table=table.display, chunk=chunk.chunk_no)
-            if chunk.blocks:
-                self._same_file(source, table, chunk)
+            self._same_file(source, table, chunk)
             where = (_blocks if chunk.blocks else partial(_range, table))(chunk.lower_bound, chunk.upper_bound)
             cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.writable_columns)
             select = sql.SQL("COPY (SELECT {} FROM ONLY {}{}) TO STDOUT (FORMAT binary)").format(
@@ -318,3 +333,116 @@ class Worker:
         state.worker_progress(self.control, self.name, None, 0, 0)
         log.info("copy.chunk_done", rows=rows, bytes=stream.bytes, seconds=round(time.monotonic() - started, 3))
         return "copied"
+
+
+# --- worker processes ---------------------------------------------------------------------------------------------
+
+def work(cfg: Config, *, name: str | None = None, wait: float = 0.0, coordinator: str | None = None) -> int:
+    """Join a running copy: claim and copy chunks until none is pending (`migrator copy --worker`).
+
+    `wait`: seconds to wait for a copy to start, or for chunks a dead worker left, before giving up.
+    `coordinator`: join only the run this coordinator starts. Returns the number of chunks copied.
+    """
+    worker = Worker(cfg, name or f"{socket.gethostname()}:{os.getpid()}")
+    try:
+        return worker.run(wait=wait, coordinator=coordinator)
+    finally:
+        worker.close()
+
+
+def _worker_process(cfg: Config, name: str, coordinator: str, parent: int, json_logs: bool, failures: Any) -> None:
+    """A local worker: its failure is one log line (no traceback for a failure the server or migrator named) and a
+    message on `failures` for the coordinator's error. Started while its coordinator plans, it waits for the
+    coordinator's run (it ends with its coordinator, and is stopped if planning fails)."""
+    _die_with_parent(parent)
+    log_mod.configure(json=json_logs)
+    log = get(phase="copy", worker=name)
+    try:
+        work(cfg, name=name, wait=_LOCAL_WAIT, coordinator=coordinator)
+    except KeyboardInterrupt:
+        pass
+    except (MigratorError, psycopg.Error) as exc:
+        message = scrub(str(exc)) if isinstance(exc, MigratorError) else database_error(exc)
+        log.error("copy.worker_failed", error=message)
+        failures.put((message, exc.hint if isinstance(exc, MigratorError) else None))
+        sys.exit(1)
+    except Exception as exc:
+        log.error("copy.worker_failed", error=scrub(str(exc)) or type(exc).__name__, exc_info=True)
+        failures.put((f"a copy worker failed: {scrub(str(exc)) or type(exc).__name__}", None))
+        sys.exit(1)
+
+
+def _die_with_parent(parent: int) -> None:
+    """A local worker ends when its coordinator does, even by kill -9 (Linux); a resumed copy starts its own."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # orphaned before the line above took effect
+        os._exit(1)
+
+
+class LocalWorkers:
+    """The coordinator's worker processes, started as soon as the copy is known to run (they import migrator while
+    the coordinator plans, then wait for its run). Spawned, not forked: a forked worker would inherit the
+    coordinator's signal handlers, its open sessions and any lock another thread (post-data's) held; a spawned one
+    imports migrator again first (about half a second of a core). A context manager: leaving it by an exception
+    stops the workers still running (planning failed, or an interrupt)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.coordinator = f"{socket.gethostname()}:{os.getpid()}"
+        self.ctx = multiprocessing.get_context("spawn")
+        self.json_logs = log_mod.renders_json()
+        self.messages = self.ctx.SimpleQueue()
+        self.procs: dict[str, Any] = {}
+        self.spawned = 0
+
+    def __enter__(self) -> LocalWorkers:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
+        if kind is not None:
+            self.stop()
+        self.join()
+
+    def start(self, n: int) -> None:
+        for _ in range(n):
+            self.spawned += 1
+            name = f"{self.coordinator}/{self.spawned}"
+            proc = self.ctx.Process(target=_worker_process, name=name, daemon=True,
+                                    args=(self.cfg, name, self.coordinator, os.getpid(), self.json_logs, self.messages))
+            proc.start()
+            self.procs[name] = proc
+
+    def reap(self) -> list[tuple[str, str | None]]:
+        """Forget the workers that ended; why those that failed did."""
+        failed: list[tuple[str, str | None]] = []
+        for name, proc in list(self.procs.items()):
+            if not proc.is_alive():
+                proc.join()
+                if proc.exitcode != 0:
+                    failed.append(self.messages.get() if not self.messages.empty()
+                                  else (f"copy worker {name} ended with exit code {proc.exitcode}", None))
+                del self.procs[name]
+        return failed
+
+    def stop(self) -> None:
+        """End the workers within a bound: SIGTERM (a worker that is starting, or loading a chunk, ends at once; its
+        transactions roll back on the servers), then SIGKILL after STOP_WORKERS_WITHIN seconds."""
+        procs = list(self.procs.values())
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        deadline = time.monotonic() + STOP_WORKERS_WITHIN
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+    def join(self) -> None:
+        for proc in self.procs.values():
+            proc.join()

@@ -127,6 +127,7 @@ def prepare(cfg: Config, *, overrides: Iterable[str] = ()) -> PrepareResult:
     Refuses first, creating nothing, while a blocker stands (inspect's `check_blockers`) that `overrides` does not
     name; each override is recorded in the control schema with the operating-system user and the source role."""
     log = get(phase="prepare")
+    state.preload_upgrade()
     db.refuse_same_database(cfg.source_dsn, cfg.target_dsn)
     with db.session(cfg.target_dsn, role="target") as target, db.session(cfg.source_dsn, role="source") as source:
         accepted = _accepted_blockers(source, overrides)

@@ -21,7 +21,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from migrator import copy, gonogo, prepare, state, status, sync
+from migrator import copy, copyplan, gonogo, prepare, state, status, sync
 from migrator.config import CONTROL_SCHEMA
 from migrator.errors import ExitCode, MigratorError
 from migrator.verify import verify
@@ -316,3 +316,52 @@ def test_a_table_rewritten_on_the_source_during_its_copy_is_copied_again_from_it
     assert_same_rows(source_dsn, target_dsn)
     for query in (CONSTRAINTS, INDEXES):
         assert fetch(target_dsn, query) == fetch(source_dsn, query)
+
+
+def test_a_rewrite_committed_after_the_copy_snapshot_is_refused_not_copied_as_an_empty_table(
+    make_config: Any, source_dsn: str, target_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An ALTER TABLE that rewrites the table, committed after the coordinator exported its snapshot and before it
+    # planned the table: the new file's rows carry the ALTER's transaction, which the snapshot does not see, so a
+    # chunk read on would load nothing, and the capture records no change for sync to repair.
+    run_sql(source_dsn, SCHEMA, "VACUUM ANALYZE")
+    cfg = chunked(make_config, chunk_mb=CHUNK_MB)
+    prepare.prepare(cfg)
+    planned = copyplan.plan_blocks
+
+    def rewritten_first(cur: Any, table: Any, chunk_bytes: int) -> Any:
+        if table.name == "patient":
+            run_sql(source_dsn, "ALTER TABLE public.patient ALTER COLUMN note TYPE text USING note || ''")
+        return planned(cur, table, chunk_bytes)
+
+    monkeypatch.setattr(copyplan, "plan_blocks", rewritten_first)
+    with pytest.raises(MigratorError) as refused:
+        copy.run(cfg, workers=1)
+    assert "public.patient was rewritten on the source" in str(refused.value)
+    assert "run `migrator copy` again" in refused.value.hint.lower()
+    monkeypatch.setattr(copyplan, "plan_blocks", planned)
+
+    copy.run(cfg, workers=1)
+
+    sync.sync(cfg)
+    assert_same_rows(source_dsn, target_dsn)
+    assert fetch(target_dsn, "SELECT count(*) FROM public.patient") == fetch(source_dsn,
+                                                                              "SELECT count(*) FROM public.patient")
+
+
+def test_copy_brings_the_control_schema_of_an_older_migrator_up_to_date(
+    make_config: Any, source_dsn: str, target_dsn: str
+) -> None:
+    run_sql(source_dsn, SCHEMA, "VACUUM ANALYZE")
+    cfg = chunked(make_config, chunk_mb=CHUNK_MB)
+    prepare.prepare(cfg)
+    # As an older migrator left it: without the block chunks' columns (revision 0016).
+    run_sql(target_dsn, f"ALTER TABLE {CONTROL_SCHEMA}.copy_chunk DROP COLUMN blocks, DROP COLUMN relfilenode",
+            f"UPDATE {CONTROL_SCHEMA}.alembic_version SET version_num = '0002' WHERE version_num = '0016'")
+
+    copy.run(cfg)
+
+    assert fetch(target_dsn, f"SELECT DISTINCT table_name, blocks FROM {CONTROL_SCHEMA}.copy_chunk ORDER BY 1") == [
+        ("patient", True), ("visit", False)]
+    sync.sync(cfg)
+    assert_same_rows(source_dsn, target_dsn)

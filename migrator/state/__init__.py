@@ -7,9 +7,9 @@ state in the same transaction as the data it describes (the applied position com
 
 Callers use the names re-exported here (`state.position(conn)`); the modules hold them by concern:
 
-- `control`: `relation` (how the package's modules name a control table), `upgrade`, `exists`, `drop`
+- `control`: `relation` (how the package's modules name a control table), `upgrade` (`preload_upgrade`, `catch_up`), `exists`, `drop`
 - `phases`: the migration row (each phase's time, the copy snapshot, the frozen flag) and each captured table's state
-- `copying`: the running copy's exported snapshot, the key-range chunks, the workers' progress
+- `copying`: the running copy's exported snapshot, the chunks (block or key ranges), the workers' progress
 - `sync_position`: the applied sync position, moved compare-and-set
 - `cutover_steps`: cutover and rollback attempts and their steps (with what each measured), the health gate's
   verdicts, the pooler entries a cutover rewrote
@@ -36,7 +36,7 @@ from migrator.state.audit import (
     audit_start,
     history,
 )
-from migrator.state.control import Conn, drop, exists, upgrade
+from migrator.state.control import Conn, catch_up, drop, exists, preload_upgrade, upgrade
 from migrator.state.copying import (
     Chunk,
     CopyRun,
@@ -154,7 +154,7 @@ __all__ = [
     "clear_flag", "clear_post_data_deferred", "clear_post_data_pending", "copy_heartbeat", "copy_paused",
     "copy_run", "copy_workers", "cutover_held", "defer_post_data", "drop_control_schema", "exists", "finish_attempt",
     "finish_copy_run", "finish_rehearsal", "flag", "health_passes", "hold_cutover", "init_position", "key_secret", "last_verify", "lock_position",
-    "mark", "migration", "objects_copied", "operator", "overrides", "pause_copy", "plan_chunks",
+    "mark", "migration", "objects_copied", "operator", "overrides", "pause_copy", "plan_chunks", "preload_upgrade", "catch_up",
     "pooler_entries", "position", "post_data_deferred", "post_data_pending", "record_attempt_pooler",
     "record_cleanup", "record_health", "record_objects", "record_override", "record_verify", "register_tables",
     "rehearsal_phase", "rehearsals",
