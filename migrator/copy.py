@@ -317,8 +317,20 @@ def _post_data(cfg: Config, target: psycopg.Connection[Any], m: state.Migration,
         result.post_data_deferred = postdata.after_copy(cfg, target, m, workers)
     result.post_data_seconds = time.monotonic() - t0
     t0 = time.monotonic()
-    _analyze(cfg, [by_name[c.table] for c in result.copied if not early or c.table not in early.analyzed], workers)
+    names = {c.table for c in result.copied if not early or c.table not in early.analyzed}
+    # And the tables an earlier run copied but did not analyze (killed before it could).
+    names |= _never_analyzed(target, by_name)
+    _analyze(cfg, [by_name[n] for n in sorted(names)], workers)
     result.analyze_seconds = time.monotonic() - t0
+
+
+def _never_analyzed(target: psycopg.Connection[Any], by_name: dict[str, Table]) -> set[str]:
+    with target.cursor() as cur:
+        cur.execute("SELECT schemaname || '.' || relname FROM pg_stat_user_tables "
+                    "WHERE last_analyze IS NULL AND last_autoanalyze IS NULL")
+        found = {str(r[0]) for r in cur.fetchall()} & set(by_name)
+    target.rollback()
+    return found
 
 
 def _one_row_per_key(target: psycopg.Connection[Any], chunks: list[state.Chunk], by_name: dict[str, Table]) -> None:

@@ -293,3 +293,45 @@ def test_progress_estimates_share_done_and_time_left(monkeypatch: pytest.MonkeyP
     eta.first = 100  # copied by an earlier run: not part of this run's rate
     eta.log(200, 400)  # 11 s later: 100 bytes in 11 s, 200 left
     assert [(e, f["done_pct"], f["eta_seconds"]) for e, f in events] == [("copy.progress", 50.0, 22)]
+
+
+def test_a_first_copy_killed_during_its_post_data_is_finished_by_the_next_run(
+    make_config: Any, source_dsn: str, target_dsn: str, tmp_path: Path
+) -> None:
+    # A first copy restores each table's post-data as it arrives. An expression index slow to build (a millisecond a
+    # row) holds the copy in its post-data, after its last chunk, long enough to kill it there.
+    run_sql(source_dsn, STUDY.format(rows=5_000),
+            "CREATE FUNCTION public.slow_id(n int) RETURNS int LANGUAGE sql IMMUTABLE AS "
+            "'SELECT n + (pg_sleep(0.001) IS NULL)::int'",
+            "CREATE TABLE public.report (id int PRIMARY KEY, study_uid text REFERENCES public.study, n int)",
+            "INSERT INTO public.report SELECT g, (g % 10) || '.2.840.' || g, g FROM generate_series(1, 2000) g",
+            "CREATE INDEX report_slow ON public.report (public.slow_id(n))", "VACUUM ANALYZE")
+    cfg = chunked(make_config)
+    prepare.prepare(cfg)
+    procs = Processes(config_file(tmp_path, source_dsn, target_dsn))
+    try:
+        proc = procs.start("copy", "--workers", "2")
+
+        def in_post_data() -> bool:
+            assert proc.poll() is None, f"copy ended before it could be killed:\n{procs.output(proc)}"
+            return all(r[4] == "copied" for r in chunk_rows(target_dsn)) and bool(fetch(
+                target_dsn, "SELECT 1 FROM pg_stat_activity WHERE query LIKE 'CREATE INDEX report_slow%'"))
+
+        wait_for(in_post_data, 60, "the copy to build the slow index, every chunk copied")
+        proc.kill()
+        proc.wait(timeout=10)
+        assert not fetch(target_dsn, "SELECT 1 FROM pg_indexes WHERE indexname = 'report_slow'")
+
+        again = json.loads(procs.run("copy", "--json", timeout=120).stdout)
+    finally:
+        procs.kill_all()
+    assert again["tables"] == [], "no chunk is copied again"
+    for query in ("SELECT tablename, indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1, 2",
+                  "SELECT conname, pg_get_constraintdef(oid), convalidated FROM pg_constraint "
+                  "WHERE connamespace = 'public'::regnamespace ORDER BY 1",
+                  "SELECT DISTINCT tablename FROM pg_stats WHERE schemaname = 'public' ORDER BY 1"):
+        assert fetch(target_dsn, query) == fetch(source_dsn, query), query
+    with psycopg.connect(target_dsn) as conn:
+        assert state.require_prepared(conn).post_data_at is not None and state.post_data_deferred(conn) is None
+    sync.sync(cfg)
+    assert_same_rows(source_dsn, target_dsn)
