@@ -111,6 +111,14 @@ class Ward(threading.Thread):
             raise self.error
 
 
+def _prepared(make_config: Any, source_dsn: str) -> Any:
+    """The schema above on the source, prepared, with chunks of CHUNK_MB."""
+    run_sql(source_dsn, SCHEMA, "VACUUM ANALYZE")
+    cfg = chunked(make_config, chunk_mb=CHUNK_MB)
+    prepare.prepare(cfg)
+    return cfg
+
+
 def _copied(target_dsn: str) -> int:
     return sum(1 for r in chunk_rows(target_dsn) if r[4] == "copied")
 
@@ -127,9 +135,7 @@ def _broken(target_dsn: str) -> tuple[int, int]:
 def test_copy_killed_several_times_then_resumed_finishes_with_every_constraint(
     make_config: Any, source_dsn: str, target_dsn: str, tmp_path: Path
 ) -> None:
-    run_sql(source_dsn, SCHEMA, "VACUUM ANALYZE")
-    cfg = chunked(make_config, chunk_mb=CHUNK_MB)
-    prepare.prepare(cfg)
+    cfg = _prepared(make_config, source_dsn)
     ward = Ward(source_dsn)
     ward.start()
     procs = Processes(config_file(tmp_path, source_dsn, target_dsn, chunk_mb=CHUNK_MB))
@@ -241,9 +247,7 @@ def test_a_table_added_later_gets_what_relates_rows_from_sync_and_a_broken_row_i
 def test_a_copy_again_of_a_table_killed_and_resumed_starts_it_over_under_its_unique_indexes(
     make_config: Any, source_dsn: str, target_dsn: str, tmp_path: Path
 ) -> None:
-    run_sql(source_dsn, SCHEMA, "VACUUM ANALYZE")
-    cfg = chunked(make_config, chunk_mb=CHUNK_MB)
-    prepare.prepare(cfg)
+    cfg = _prepared(make_config, source_dsn)
     copy.run(cfg)
     sync.sync(cfg)
     ward = Ward(source_dsn)
@@ -288,9 +292,7 @@ def test_a_table_rewritten_on_the_source_during_its_copy_is_copied_again_from_it
 ) -> None:
     # Patients are split by heap blocks. VACUUM FULL after the first chunks moves the rows of later blocks into the
     # earlier ones, already copied, without a change the capture sees: copied on, those rows would be lost.
-    run_sql(source_dsn, SCHEMA, "VACUUM ANALYZE")
-    cfg = chunked(make_config, chunk_mb=CHUNK_MB)
-    prepare.prepare(cfg)
+    cfg = _prepared(make_config, source_dsn)
     procs = Processes(config_file(tmp_path, source_dsn, target_dsn, chunk_mb=CHUNK_MB))
     try:
         proc = procs.start("copy", "--workers", "1", "--max-rate", "0.3")
@@ -324,9 +326,7 @@ def test_a_rewrite_committed_after_the_copy_snapshot_is_refused_not_copied_as_an
     # An ALTER TABLE that rewrites the table, committed after the coordinator exported its snapshot and before it
     # planned the table: the new file's rows carry the ALTER's transaction, which the snapshot does not see, so a
     # chunk read on would load nothing, and the capture records no change for sync to repair.
-    run_sql(source_dsn, SCHEMA, "VACUUM ANALYZE")
-    cfg = chunked(make_config, chunk_mb=CHUNK_MB)
-    prepare.prepare(cfg)
+    cfg = _prepared(make_config, source_dsn)
     planned = copyplan.plan_blocks
 
     def rewritten_first(cur: Any, table: Any, chunk_bytes: int) -> Any:
@@ -352,9 +352,7 @@ def test_a_rewrite_committed_after_the_copy_snapshot_is_refused_not_copied_as_an
 def test_copy_brings_the_control_schema_of_an_older_migrator_up_to_date(
     make_config: Any, source_dsn: str, target_dsn: str
 ) -> None:
-    run_sql(source_dsn, SCHEMA, "VACUUM ANALYZE")
-    cfg = chunked(make_config, chunk_mb=CHUNK_MB)
-    prepare.prepare(cfg)
+    cfg = _prepared(make_config, source_dsn)
     # As an older migrator left it: without the block chunks' columns (revision 0016).
     run_sql(target_dsn, f"ALTER TABLE {CONTROL_SCHEMA}.copy_chunk DROP COLUMN blocks, DROP COLUMN relfilenode",
             f"UPDATE {CONTROL_SCHEMA}.alembic_version SET version_num = '0002' WHERE version_num = '0016'")
