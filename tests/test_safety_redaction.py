@@ -12,16 +12,17 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 import structlog
 
-from migrator import copy, gonogo, prepare, state, sync, verify
+from migrator import copy, copyplan, gonogo, prepare, state, sync, verify
 from migrator import inspect as inspect_mod
 from migrator import log as log_mod
 from migrator.config import Config
-from migrator.errors import ReplayError
+from migrator.errors import MigratorError, ReplayError
 from migrator.redaction import KeyMask, database_error, scrub
 from tests.helpers import fetch, run_sql
 from tests.test_cli import migrator, write_config
@@ -61,10 +62,27 @@ def test_copy_refused_by_the_target_names_table_and_chunk_never_the_row_nor_a_tr
         assert "public.patient" in out and "no_jane" in out and "23514" in out, (how, out)
         assert NAME not in out and "Failing row" not in out and "Patient 0" not in out, (how, out)
         assert "Traceback" not in out, (how, out)
-        assert "hmac:" in out, (how, out)  # the refused chunk's bounds, as keyed hashes
+        assert "heap blocks from" in out, (how, out)  # the refused chunk, by its blocks: no key in sight
     error = [line for line in runs[1][1].stderr.splitlines() if '"copy.worker_failed"' in line]
     assert error and json.loads(error[0])["level"] == "error"
     assert fetch(target_dsn, "SELECT count(*) FROM migrator_control.copy_chunk WHERE status = 'pending'")[0][0] >= 1
+
+
+def test_a_refused_key_range_chunk_is_named_by_keyed_hashes_of_its_bounds(
+        source_dsn: str, target_dsn: str, make_config: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As on a source before PostgreSQL 14: the table is split at sampled names, which are patient data too.
+    monkeypatch.setattr(copyplan, "BLOCK_RANGES_FROM", 10**9)
+    run_sql(source_dsn, PATIENTS)
+    cfg = make_config(copy={"workers": 1, "chunk_mb": 0.02})
+    prepare.prepare(cfg)
+    run_sql(target_dsn, f"ALTER TABLE public.patient ADD CONSTRAINT no_jane CHECK (name <> '{NAME}')")
+
+    with pytest.raises(MigratorError) as refused:
+        copy.run(cfg)
+
+    message = str(refused.value)
+    assert "public.patient" in message and "no_jane" in message and "hmac:" in message, message
+    assert NAME not in message and "Patient 0" not in message, message
 
 
 def test_database_errors_and_log_lines_keep_names_and_sqlstate_but_lose_row_values(
