@@ -266,9 +266,11 @@ class Worker:
             row = cur.fetchone()
         seen, now = (row[0], row[1]) if row else (None, None)
         if seen is None or seen != now or (chunk.blocks and seen != chunk.relfilenode):
-            raise CopyError(f"{table.display} was rewritten on the source since this copy's snapshot or plan (VACUUM "
-                            "FULL, CLUSTER, pg_repack or an ALTER TABLE that rewrites it): the snapshot would not see "
-                            "its rows, or they have moved between the blocks its chunks divide",
+            # A TRUNCATE too: the capture records it, but the chunks read on would leave the target, as of this
+            # snapshot, without rows other tables' rows refer to (and a foreign key restored now would fail).
+            raise CopyError(f"{table.display} was rewritten or truncated on the source since this copy's snapshot or "
+                            "plan (VACUUM FULL, CLUSTER, pg_repack, TRUNCATE or an ALTER TABLE that rewrites it): the "
+                            "snapshot would not see its rows, or they have moved between the blocks its chunks divide",
                             hint="Run `migrator copy` again: it reads under a new snapshot, and copies a table split "
                                  "by blocks again from its start.")
 

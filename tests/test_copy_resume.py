@@ -287,11 +287,18 @@ def test_a_copy_again_of_a_table_killed_and_resumed_starts_it_over_under_its_uni
         assert fetch(target_dsn, query) == fetch(source_dsn, query)
 
 
+@pytest.mark.parametrize("rewrite", [
+    ("DELETE FROM public.patient WHERE id <= 3000", "VACUUM FULL public.patient"),
+    ("TRUNCATE public.patient CASCADE",
+     "INSERT INTO public.patient SELECT g, 'MRN' || g, int4range(g * 10, g * 10 + 5), 'again' "
+     "FROM generate_series(1, 500) g"),
+], ids=["vacuum-full", "truncate"])
 def test_a_table_rewritten_on_the_source_during_its_copy_is_copied_again_from_its_start(
-    make_config: Any, source_dsn: str, target_dsn: str, tmp_path: Path
+    make_config: Any, source_dsn: str, target_dsn: str, tmp_path: Path, rewrite: tuple[str, str]
 ) -> None:
     # Patients are split by heap blocks. VACUUM FULL after the first chunks moves the rows of later blocks into the
-    # earlier ones, already copied, without a change the capture sees: copied on, those rows would be lost.
+    # earlier ones, already copied, without a change the capture sees: copied on, those rows would be lost. A
+    # TRUNCATE (with its cascade to visits, copied already) leaves the snapshot's later chunks empty.
     cfg = _prepared(make_config, source_dsn)
     procs = Processes(config_file(tmp_path, source_dsn, target_dsn, chunk_mb=CHUNK_MB))
     try:
@@ -302,11 +309,11 @@ def test_a_table_rewritten_on_the_source_during_its_copy_is_copied_again_from_it
             return any(r[0] == "patient" and r[4] == "copied" for r in chunk_rows(target_dsn))
 
         wait_for(patient_started, 60, "a chunk of patient to be copied")
-        run_sql(source_dsn, "DELETE FROM public.patient WHERE id <= 3000", "VACUUM FULL public.patient")
+        run_sql(source_dsn, *rewrite)
         proc.wait(timeout=60)
         failed = procs.output(proc)
         assert proc.returncode == ExitCode.ERROR, failed
-        assert "public.patient was rewritten on the source" in failed and "run `migrator copy` again" in failed.lower()
+        assert "public.patient was rewritten or truncated on the source" in failed and "run `migrator copy` again" in failed.lower()
 
         again = procs.run("copy", timeout=120)
     finally:
@@ -337,7 +344,7 @@ def test_a_rewrite_committed_after_the_copy_snapshot_is_refused_not_copied_as_an
     monkeypatch.setattr(copyplan, "plan_blocks", rewritten_first)
     with pytest.raises(MigratorError) as refused:
         copy.run(cfg, workers=1)
-    assert "public.patient was rewritten on the source" in str(refused.value)
+    assert "public.patient was rewritten or truncated on the source" in str(refused.value)
     assert "run `migrator copy` again" in refused.value.hint.lower()
     monkeypatch.setattr(copyplan, "plan_blocks", planned)
 
