@@ -121,7 +121,8 @@ class TableFilter:
 class CopySettings:
     workers: Count = field(default_factory=lambda: os.cpu_count() or 2)
     chunk_mb: Positive = 64.0
-    """Tables with a key larger than twice this are split into key ranges of about this size."""
+    """Tables with a key larger than twice this are split into chunks of about this size (heap block ranges on a
+    PostgreSQL 14+ source, key ranges before)."""
     max_rate: Positive | None = None
     """Read throttle in MB/s over all copy workers (the coordinator's and those that joined); None: unthrottled."""
 

@@ -131,8 +131,6 @@ _LOG_PROGRESS_EVERY = 10.0
 _POLL = 0.2
 """Seconds between the coordinator's looks at the chunks (a table all in starts its post-data at the next look)."""
 
-# --- workers ------------------------------------------------------------------------------------------------------
-
 # --- operator controls --------------------------------------------------------------------------------------------
 
 def pause(cfg: Config) -> CopyControl:
@@ -215,7 +213,8 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
         # So does one whose block chunks no longer divide its file (rewritten on the source since they were planned).
         owed = set(state.post_data_pending(target))
         with holder.cursor() as cur:
-            moved = copyplan.rewritten(cur, state.chunks(target), by_name)
+            moved = copyplan.rewritten(cur, state.chunks(target), by_name) - {
+                (s.schema_name, s.table_name) for s in states.values() if s.status == "copied"}
         if moved:
             log.warning("copy.rewritten_tables_copied_again", tables=sorted(f"{s}.{t}" for s, t in moved))
         stale = [(s.schema_name, s.table_name) for s in states.values() if s.status == "pending" or (
@@ -271,7 +270,10 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
                 progress(name, sum(c.rows_copied or 0 for c in mine), sum(c.bytes_copied or 0 for c in mine))
         m = state.require_prepared(target)
         target.commit()
-        _one_row_per_key(target, done, by_name)
+        # Only where the primary key is still to be built: the first post-data, or a table it owes (added later).
+        owed = set(state.post_data_pending(target))
+        _one_row_per_key(target, [c for c in done if m.post_data_at is None or (c.schema_name, c.table_name) in owed],
+                         by_name)
         _post_data(cfg, target, m, early, workers, result, by_name)
         state.mark(target, "copy_finished_at")
         target.commit()
@@ -326,9 +328,10 @@ def _post_data(cfg: Config, target: psycopg.Connection[Any], m: state.Migration,
 
 def _never_analyzed(target: psycopg.Connection[Any], by_name: dict[str, Table]) -> set[str]:
     with target.cursor() as cur:
-        cur.execute("SELECT schemaname || '.' || relname FROM pg_stat_user_tables "
+        cur.execute("SELECT schemaname, relname FROM pg_stat_user_tables "
                     "WHERE last_analyze IS NULL AND last_autoanalyze IS NULL")
-        found = {str(r[0]) for r in cur.fetchall()} & set(by_name)
+        never = {(str(r[0]), str(r[1])) for r in cur.fetchall()}
+        found = {name for name, t in by_name.items() if (t.schema, t.name) in never}
     target.rollback()
     return found
 

@@ -68,7 +68,6 @@ def _range(table: Table, lower: list[str] | None, upper: list[str] | None) -> sq
     return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(parts) if parts else sql.SQL("")
 
 
-
 class _Stream:
     """One chunk's rows from the source COPY to the target COPY through libpq, with throttle and pause checks."""
 
@@ -291,7 +290,8 @@ class Worker:
                 with source.cursor() as scur:
                     scur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                     scur.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(run.snapshot_id)))
-                    # Bitmap scans read a key range's pages once, in order; a sequential scan per chunk reads all.
+                    # A block range by a TID range scan, a key range by a bitmap scan (its pages once, in order): a
+                    # sequential scan per chunk would read the whole table each time.
                     scur.execute("SET LOCAL enable_seqscan = off")
                     scur.execute("SET LOCAL enable_tidscan = on")
                     scur.execute("SET LOCAL work_mem = '64MB'")

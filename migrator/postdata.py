@@ -91,7 +91,7 @@ class AsTablesArrive:
 
     @property
     def dump(self) -> schema.PostDataDump:
-        """The post-data dump, made by the first restore that needs it (off the coordinator's thread)."""
+        """The post-data dump, made once, by the task submitted when this starts (off the coordinator's thread)."""
         with self.lock:
             if self._dump is None:
                 self._dump = schema.PostDataDump(self.cfg.source_dsn, self.cfg.target_dsn, Path(self._tmp.name))

@@ -4,7 +4,8 @@ Loaded the way pg_restore loads a dump: `pre-data` (types, functions, tables, se
 row arrives; `post-data` (indexes, constraints, foreign keys, the application's own triggers, and the REFRESH that
 populates each materialized view the source has populated) after the bulk copy. Post-data splits in two parts when
 the copied rows were read under different snapshots (`part`): the items that hold for any mix of rows each read
-under some snapshot of the source (primary keys, whose key ranges the chunks partition; indexes that are not unique;
+under some snapshot of the source (primary keys: key-range chunks partition the key, and after block chunks of
+several snapshots copy keeps one row per key before building it; indexes that are not unique;
 check constraints; triggers; rules; policies) and the ones that relate rows to other rows, which only hold once the
 target is the source as of one snapshot (unique and exclusion indexes and constraints, foreign keys, and the items
 that depend on them or read rows: index attachments of partitions, comments, REFRESH of materialized views).
@@ -105,7 +106,8 @@ SELECT 'pg_constraint'::regclass::oid::bigint, k.oid::bigint,
  WHERE k.contype IN ('u', 'x', 'f')
 """
 """The source's objects that relate rows, by (catalog table, oid) as `pg_restore -l` names them: unique indexes other
-than primary keys (a table's chunks partition its key, so each key is read once, under one snapshot), exclusion
+than primary keys (key-range chunks partition the key, and copy keeps one row per key of block chunks read under
+several snapshots before the primary key is built), exclusion
 indexes, and unique, exclusion and foreign-key constraints; each described for the operator."""
 
 

@@ -370,3 +370,29 @@ def test_copy_brings_the_control_schema_of_an_older_migrator_up_to_date(
         ("patient", True), ("visit", False)]
     sync.sync(cfg)
     assert_same_rows(source_dsn, target_dsn)
+
+
+def test_the_revisions_read_without_alembic_are_alembics_own_heads() -> None:
+    from alembic.config import Config as AlembicConfig
+    from alembic.script import ScriptDirectory
+
+    from migrator.state import control
+
+    alembic = AlembicConfig()
+    alembic.set_main_option("script_location", str(Path(control.__file__).parent))
+    known, newest = control.revisions()
+    assert newest == set(ScriptDirectory.from_config(alembic).get_heads())
+    assert known == {s.revision for s in ScriptDirectory.from_config(alembic).walk_revisions()}
+
+
+def test_copy_refuses_a_control_schema_a_newer_migrator_made(
+    make_config: Any, source_dsn: str, target_dsn: str
+) -> None:
+    cfg = _prepared(make_config, source_dsn)
+    run_sql(target_dsn, f"INSERT INTO {CONTROL_SCHEMA}.alembic_version VALUES ('9999')")
+
+    with pytest.raises(MigratorError) as refused:
+        copy.run(cfg)
+
+    assert "revision(s) 9999, newer than this migrator" in str(refused.value)
+    assert fetch(target_dsn, f"SELECT count(*) FROM {CONTROL_SCHEMA}.copy_chunk") == [(0,)]

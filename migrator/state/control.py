@@ -15,6 +15,8 @@ import psycopg
 from psycopg import sql
 
 from migrator.config import CONTROL_SCHEMA
+from migrator.errors import MigratorError, NotReady
+from migrator.redaction import scrub
 
 Conn = psycopg.Connection[Any]
 
@@ -34,37 +36,50 @@ def preload_upgrade() -> None:
     threading.Thread(target=load, name="alembic-import", daemon=True).start()
 
 
-def heads() -> set[str]:
-    """The newest revisions (those no other revision follows), read from versions/ without importing alembic."""
-    revisions: set[str] = set()
+def revisions() -> tuple[set[str], set[str]]:
+    """(every revision, the newest: those no other revision follows), read from versions/ without importing alembic
+    (each file names its `revision` and its one `down_revision`, as those here do)."""
+    known: set[str] = set()
     follows: set[str] = set()
     for path in (Path(__file__).parent / "versions").glob("*.py"):
         text = path.read_text()
         revision = re.search(r'^revision = "(\w+)"', text, re.M)
         down = re.search(r'^down_revision = "(\w+)"', text, re.M)
         if revision:
-            revisions.add(revision[1])
+            known.add(revision[1])
         if down:
             follows.add(down[1])
-    return revisions - follows
+    return known, known - follows
 
 
 def catch_up(conn: Conn) -> None:
     """`upgrade` when the control schema lacks a revision this migrator has (prepared by an older one), waiting at
-    most 10 s for its tables' locks; without importing alembic otherwise. Commits."""
+    most 10 s for its tables' locks; without importing alembic otherwise. Refuses a schema a newer migrator made.
+    Commits."""
     with conn.cursor() as cur:
         cur.execute(sql.SQL("SELECT version_num FROM {}").format(relation("alembic_version")))
         have = {str(r[0]) for r in cur.fetchall()}
     conn.rollback()
-    if heads() <= have:
+    known, newest = revisions()
+    if have - known:
+        raise NotReady(f"the control schema is at revision(s) {', '.join(sorted(have - known))}, newer than this "
+                       "migrator knows", hint="Run the migrator version that prepared this migration (or a newer one).")
+    if newest and newest <= have:
         return
     conn.execute("SET lock_timeout = '10s'")
     try:
         upgrade(conn)
+    except Exception as exc:  # alembic's and SQLAlchemy's errors, a lock wait that timed out among them
+        raise MigratorError(f"the control schema could not be brought up to this migrator's revisions: {scrub(str(exc))}",
+                            hint="Run the same command again (another migrator process may have held the control "
+                                 "tables); if it fails again, run `migrator prepare --yes`, which upgrades it.") from exc
     finally:
-        conn.rollback()
-        conn.execute("RESET lock_timeout")
-        conn.commit()
+        try:
+            conn.rollback()
+            conn.execute("RESET lock_timeout")
+            conn.commit()
+        except psycopg.Error:
+            pass
 
 
 def upgrade(conn: Conn) -> None:

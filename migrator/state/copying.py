@@ -1,5 +1,5 @@
-"""The running copy (its exported snapshot, importable while the coordinator lives), each table's key-range chunks
-with the snapshot each was read under, and what each worker is loading now (revision 0002)."""
+"""The running copy (its exported snapshot, importable while the coordinator lives), each table's chunks (heap block
+or key ranges) with the snapshot each was read under, and what each worker is loading now (revisions 0002, 0016)."""
 
 from __future__ import annotations
 
