@@ -224,18 +224,16 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
         state.reset_chunks(target, [n for n in stale if n in with_copied or n in moved])
         planned = {c.display for c in state.chunks(target)}
         result = CopyResult(snapshot=snapshot, skipped=[n for n, s in states.items() if s.status == "copied"])
-        with holder.cursor() as cur:
+        with holder.cursor() as cur, target.cursor() as tcur:
+            firing = schema.firing_in_replica(tcur)
             for t in pending:
                 if t.display in planned:
                     continue
                 # A table never copied, or reset: empty it (a table copied again after post-data is referenced by
                 # foreign keys; with triggers off a DELETE empties it just the same), then plan its chunks.
-                _empty(target, t)
-                blocks = copyplan.plan_blocks(cur, t, int(cfg.copy.chunk_mb * 1e6))
-                if blocks:
-                    state.plan_chunks(target, t.schema, t.name, blocks[0], relfilenode=blocks[1])
-                else:
-                    state.plan_chunks(target, t.schema, t.name, copyplan.plan(cur, t, int(cfg.copy.chunk_mb * 1e6)))
+                _empty(target, t, firing.get((t.schema, t.name), []))
+                ranges, relfilenode = copyplan.chunks(cur, t, int(cfg.copy.chunk_mb * 1e6))
+                state.plan_chunks(target, t.schema, t.name, ranges, relfilenode=relfilenode)
         if m.copy_snapshot is None:
             # The first snapshot is where replay starts: every change it does not contain is in the delta log.
             state.mark(target, "copy_snapshot", snapshot)
@@ -271,7 +269,6 @@ def run(cfg: Config, *, workers: int | None = None, progress: Progress | None = 
         m = state.require_prepared(target)
         target.commit()
         # Only where the primary key is still to be built: the first post-data, or a table it owes (added later).
-        owed = set(state.post_data_pending(target))
         _one_row_per_key(target, [c for c in done if m.post_data_at is None or (c.schema_name, c.table_name) in owed],
                          by_name)
         _post_data(cfg, target, m, early, workers, result, by_name)
@@ -345,12 +342,16 @@ def _one_row_per_key(target: psycopg.Connection[Any], chunks: list[state.Chunk],
     for c in chunks:
         if c.blocks:
             snapshots.setdefault(c.display, set()).add(c.snapshot)
-    for name in sorted(n for n, seen in snapshots.items() if len(seen) > 1):
+    mixed = sorted(n for n, seen in snapshots.items() if len(seen) > 1)
+    if not mixed:
+        return
+    with target.cursor() as cur:
+        firing = schema.firing_in_replica(cur)
+    for name in mixed:
         table = by_name[name]
         keys = sql.SQL(", ").join(sql.Identifier(k) for k in table.key)
         with target.cursor() as cur:
-            firing = schema.firing_in_replica(cur).get((table.schema, table.name), [])
-            with target.transaction(), schema.silenced(cur, table.ident, firing):
+            with target.transaction(), schema.silenced(cur, table.ident, firing.get((table.schema, table.name), [])):
                 cur.execute("SET LOCAL session_replication_role = replica")
                 # One sort of the table (it has no index yet); the few rows found are deleted by their ctid.
                 cur.execute(sql.SQL("DELETE FROM ONLY {t} WHERE ctid = ANY (ARRAY(SELECT ctid FROM (SELECT ctid, "
@@ -361,11 +362,10 @@ def _one_row_per_key(target: psycopg.Connection[Any], chunks: list[state.Chunk],
         get(phase="copy").info("copy.duplicate_keys_removed", table=name, rows=removed)
 
 
-def _empty(target: psycopg.Connection[Any], table: Table) -> None:
-    # The table's ALWAYS triggers stay silent, as when its rows are loaded: the application's, and the capture of a
-    # target frozen after a rollback (whose TRUNCATE trigger rejects the statement).
+def _empty(target: psycopg.Connection[Any], table: Table, firing: list[tuple[str, bool]]) -> None:
+    # The table's ALWAYS triggers (`firing`) stay silent, as when its rows are loaded: the application's, and the
+    # capture of a target frozen after a rollback (whose TRUNCATE trigger rejects the statement).
     with target.cursor() as cur:
-        firing = schema.firing_in_replica(cur).get((table.schema, table.name), [])
         try:
             with target.transaction(), schema.silenced(cur, table.ident, firing):
                 cur.execute(sql.SQL("TRUNCATE ONLY {}").format(table.ident))

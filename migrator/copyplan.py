@@ -80,6 +80,12 @@ def plan_blocks(cur: psycopg.Cursor[Any], table: Table, chunk_bytes: int) -> tup
     return [(edges[i], edges[i + 1], size) for i in range(n)], filenode
 
 
+def chunks(cur: psycopg.Cursor[Any], table: Table, chunk_bytes: int) -> tuple[Ranges, int | None]:
+    """A table's chunks and, for block ranges, the file they divide (None for key ranges or one chunk)."""
+    blocks = plan_blocks(cur, table, chunk_bytes)
+    return blocks if blocks else (plan(cur, table, chunk_bytes), None)
+
+
 def rewritten(cur: psycopg.Cursor[Any], chunks: list[state.Chunk], tables: dict[str, Table]) -> set[tuple[str, str]]:
     """Tables whose block chunks no longer divide their file: rewritten on the source between the snapshot they were
     planned under and this cursor's."""
