@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 from functools import partial
 from typing import Any
@@ -357,6 +358,7 @@ def _worker_process(cfg: Config, name: str, coordinator: str, parent: int, json_
     message on `failures` for the coordinator's error. Started while its coordinator plans, it waits for the
     coordinator's run (it ends with its coordinator, and is stopped if planning fails)."""
     _die_with_parent(parent)
+    _as_if_new()
     log_mod.configure(json=json_logs)
     log = get(phase="copy", worker=name)
     try:
@@ -374,6 +376,16 @@ def _worker_process(cfg: Config, name: str, coordinator: str, parent: int, json_
         sys.exit(1)
 
 
+def _as_if_new() -> None:
+    """A forked worker starts as a spawned one would, with the signals its coordinator handles (the command line's
+    SIGTERM, say) back to Python's defaults. (The coordinator's sessions it inherits are never used, nor closed: the
+    child ends by os._exit, as multiprocessing's children do, and the server sees nothing of it.)"""
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        if callable(signal.getsignal(signum)):
+            signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _die_with_parent(parent: int) -> None:
     """A local worker ends when its coordinator does, even by kill -9 (Linux); a resumed copy starts its own."""
     try:
@@ -386,12 +398,23 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def _context(spawn: Any) -> Any:
+    """Fork where this process runs no other thread (see LocalWorkers), spawn otherwise."""
+    if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return spawn
+
+
 class LocalWorkers:
-    """The coordinator's worker processes, started as soon as the copy is known to run (they import migrator while
-    the coordinator plans, then wait for its run). Spawned, not forked: a forked worker would inherit the
-    coordinator's signal handlers, its open sessions and any lock another thread (post-data's) held; a spawned one
-    imports migrator again first (about half a second of a core). A context manager: leaving it by an exception
-    stops the workers still running (planning failed, or an interrupt)."""
+    """The coordinator's worker processes, started as soon as the copy is known to run (they wait for its run while
+    the coordinator plans). A context manager: leaving it by an exception stops the workers still running (planning
+    failed, or an interrupt).
+
+    Forked while the coordinator has no other thread: a forked worker has migrator imported already, where a spawned
+    one spends about half a second of a core importing it again, on a machine whose cores the copy needs. With a
+    thread running (post-data's, a progress display's, a test runner's), another thread may hold a lock the child
+    would need (a log stream's), so workers are spawned then: a worker restarted after one died, or a copy run inside
+    another program."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -414,7 +437,7 @@ class LocalWorkers:
         for _ in range(n):
             self.spawned += 1
             name = f"{self.coordinator}/{self.spawned}"
-            proc = self.ctx.Process(target=_worker_process, name=name, daemon=True,
+            proc = _context(self.ctx).Process(target=_worker_process, name=name, daemon=True,
                                     args=(self.cfg, name, self.coordinator, os.getpid(), self.json_logs, self.messages))
             proc.start()
             self.procs[name] = proc

@@ -39,8 +39,8 @@ class CopyProgress:
         ) if enabled else None
 
     def __enter__(self) -> CopyProgress:
-        if self._progress:
-            self._progress.start()
+        # The display (and its refresh thread) starts with the first figure: the copy forks its workers before, and
+        # forks only while no other thread runs (copyworker.LocalWorkers).
         return self
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
@@ -62,6 +62,8 @@ class CopyProgress:
         if not self._progress:
             return
         with self._lock:
+            if not self._tasks:
+                self._progress.start()
             task = self._tasks.get(name)
             if task is None:
                 task = self._tasks[name] = self._progress.add_task(name, total=None, rows="…")
