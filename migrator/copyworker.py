@@ -434,10 +434,12 @@ class LocalWorkers:
         self.join()
 
     def start(self, n: int) -> None:
+        ctx = _context(self.ctx)
+        get(phase="copy").info("copy.workers_started", workers=n, start=ctx.get_start_method())
         for _ in range(n):
             self.spawned += 1
             name = f"{self.coordinator}/{self.spawned}"
-            proc = _context(self.ctx).Process(target=_worker_process, name=name, daemon=True,
+            proc = ctx.Process(target=_worker_process, name=name, daemon=True,
                                     args=(self.cfg, name, self.coordinator, os.getpid(), self.json_logs, self.messages))
             proc.start()
             self.procs[name] = proc

@@ -4,7 +4,9 @@ resume after kill -9 mid-table while the application keeps writing (primary keys
 from __future__ import annotations
 
 import json
+import os
 import random
+import socket
 import threading
 import time
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import structlog
 from psycopg import sql
 
 from migrator import copy, copyplan, prepare, state, sync
@@ -78,6 +81,29 @@ def test_text_keyed_table_is_split_into_chunks_and_copied_exactly(
     assert by_table["public.study"].rows == 30_000 and by_table["public.study"].chunks == len(chunks)
     assert_same_rows(source_dsn, target_dsn)
     assert fetch(target_dsn, "SELECT count(*) FROM pg_indexes WHERE tablename IN ('study', 'series')") == [(2,)]
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_local_workers_are_forked_unless_another_thread_runs(make_config: Any, source_dsn: str, target_dsn: str,
+                                                             start: str) -> None:
+    run_sql(source_dsn, STUDY.format(rows=30_000), "VACUUM ANALYZE")
+    cfg = chunked(make_config)
+    prepare.prepare(cfg)
+    idle = threading.Event()
+    if start == "spawn":  # another thread may hold a lock a forked child would need (a log stream's, say)
+        threading.Thread(target=idle.wait, name="another", daemon=True).start()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            result = copy.run(cfg)
+    finally:
+        idle.set()
+
+    assert [e["start"] for e in logs if e["event"] == "copy.workers_started"] == [start]
+    assert {r[4] for r in chunk_rows(target_dsn)} == {"copied"}
+    assert {r[6].rsplit("/", 1)[0] for r in chunk_rows(target_dsn)} == {f"{socket.gethostname()}:{os.getpid()}"}, \
+        "the chunks are copied by this coordinator's workers"
+    assert result.rows == sum(t.rows for t in result.copied) > 30_000
+    assert_same_rows(source_dsn, target_dsn)
 
 
 def test_several_worker_processes_share_the_chunks(source_dsn: str, target_dsn: str, tmp_path: Path,
