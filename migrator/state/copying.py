@@ -110,13 +110,17 @@ def reset_chunks(conn: Conn, names: list[tuple[str, str]]) -> None:
 
 
 def claim_chunk(conn: Conn) -> Chunk | None:
-    """Lock the largest pending chunk nobody holds, in the caller's transaction (the one that loads it).
+    """Lock the next pending chunk nobody holds, in the caller's transaction (the one that loads it): the largest
+    table's first, in order, then the next table's. A table's post-data starts when its last chunk is in, and the
+    largest table's (its index builds, its foreign keys' checks) is the longest: started first, it runs while the
+    smaller tables still copy, rather than after them.
 
     The row lock is the claim: a worker that dies releases it with its transaction, and the chunk is pending again.
     """
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(sql.SQL("SELECT * FROM {} WHERE status = 'pending' ORDER BY est_bytes DESC, schema_name, "
-                            "table_name, chunk_no LIMIT 1 FOR UPDATE SKIP LOCKED").format(relation("copy_chunk")))
+        cur.execute(sql.SQL("SELECT * FROM {t} c WHERE status = 'pending' ORDER BY (SELECT sum(est_bytes) FROM {t} o "
+                            "WHERE o.schema_name = c.schema_name AND o.table_name = c.table_name) DESC, schema_name, "
+                            "table_name, chunk_no LIMIT 1 FOR UPDATE SKIP LOCKED").format(t=relation("copy_chunk")))
         row = cur.fetchone()
     return Chunk(**row) if row else None
 
