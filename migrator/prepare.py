@@ -127,9 +127,9 @@ def prepare(cfg: Config, *, overrides: Iterable[str] = ()) -> PrepareResult:
     Refuses first, creating nothing, while a blocker stands (inspect's `check_blockers`) that `overrides` does not
     name; each override is recorded in the control schema with the operating-system user and the source role."""
     log = get(phase="prepare")
-    state.preload_upgrade()
     db.refuse_same_database(cfg.source_dsn, cfg.target_dsn)
     with db.session(cfg.target_dsn, role="target") as target, db.session(cfg.source_dsn, role="source") as source:
+        state.preload_upgrade(target)  # alembic imports while the servers are checked, if it is to upgrade one
         accepted = _accepted_blockers(source, overrides)
         check_target_role(target)
         done = state.cleaned_up(target) if state.exists(target) else None
@@ -153,8 +153,8 @@ def prepare(cfg: Config, *, overrides: Iterable[str] = ()) -> PrepareResult:
                           hint="Check the patterns in migration.toml ([tables] include = [\"public.*\"]).")
         inspect.require_rights(source, tables, cfg.tables)
         # A new target (ownership.check_prepare refused one holding objects this migration did not create): its
-        # schema loads (pg_dump and pg_restore, in one transaction) while the control schema is made (alembic's
-        # import is most of that), instead of after it.
+        # schema loads (pg_dump and pg_restore, in one transaction) while the control schema is made (from
+        # control_schema.sql), instead of after it.
         loading = _Loading(cfg) if not state.exists(target) else None
         target.rollback()
         try:

@@ -1,9 +1,10 @@
 """The control-state store: the one package that reads and writes the control schema on the target.
 
 Runs, per-table copy progress and boundaries, the applied sync position, cutover attempts and steps, and operator
-flags live here, so every phase can be resumed from what is recorded. The schema itself is created and upgraded by
-alembic (`upgrade`, revisions in `versions/`); the functions take an open target connection so that callers can write
-state in the same transaction as the data it describes (the applied position commits with the changes it covers).
+flags live here, so every phase can be resumed from what is recorded. The schema itself is created from
+control_schema.sql (what alembic's offline mode writes for the revisions in `versions/`) and upgraded by alembic
+(`upgrade`); the functions take an open target connection so that callers can write state in the same transaction as
+the data it describes (the applied position commits with the changes it covers).
 
 Callers use the names re-exported here (`state.position(conn)`); the modules hold them by concern:
 
