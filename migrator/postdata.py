@@ -94,8 +94,10 @@ class AsTablesArrive:
         """The post-data dump, made once, by the task submitted when this starts (off the coordinator's thread)."""
         with self.lock:
             if self._dump is None:
+                started = time.monotonic()
                 self._dump = schema.PostDataDump(self.cfg.source_dsn, self.cfg.target_dsn, Path(self._tmp.name))
                 self.fks_left = list(self._dump.foreign_keys)
+                get(phase="copy").info("copy.post_data_dumped", seconds=round(time.monotonic() - started, 3))
             return self._dump
 
     def table_copied(self, schema_name: str, table_name: str) -> None:
@@ -108,6 +110,7 @@ class AsTablesArrive:
 
     def _table(self, key: tuple[str, str]) -> None:
         dump = self.dump
+        started = time.monotonic()
         # With `jobs` jobs: the last table's indexes build side by side, as nothing else runs then.
         dump.restore(dump.of_table.get(key, []), jobs=self.jobs, stop=self.stop)
         with self.lock:
@@ -121,6 +124,8 @@ class AsTablesArrive:
         with db.session(self.cfg.target_dsn, role="target", autocommit=True) as conn:
             conn.execute(sql.SQL("ANALYZE {}").format(table.ident))
         self.analyzed.add(table.display)
+        get(phase="copy").info("copy.table_post_data_done", table=table.display, items=len(dump.of_table.get(key, [])),
+                               seconds=round(time.monotonic() - started, 3))
 
     def finish(self, jobs: int) -> None:
         """Wait for what runs; restore what is left (tables never reported, foreign keys to tables outside the copy,
