@@ -374,8 +374,8 @@ def main() -> None:
     for checkout in [ROOT, *args.compare.values()]:
         # Byte-compiled, as a wheel's install leaves migrator (an editable one has no bytecode, and with
         # PYTHONDONTWRITEBYTECODE set each command would compile its modules again).
-        subprocess.run([sys.executable, "-m", "compileall", "-q", str(checkout / "migrator")], check=True,
-                       capture_output=True)
+        subprocess.run([sys.executable, "-m", "compileall", "-q", "--invalidation-mode", "checked-hash",
+                        str(checkout / "migrator"), str(checkout / "triggers")], check=True)
     if "pgcopydb" in names and shutil.which("pgcopydb") is None:
         print("pgcopydb: not installed (apt-get install pgcopydb); skipped")
         names.remove("pgcopydb")

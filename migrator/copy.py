@@ -1,15 +1,15 @@
 """The bulk copy: every captured table, in chunks, from a consistent snapshot of the source into the target.
 
-A coordinator (`migrator copy`) starts its worker processes (they import migrator meanwhile), opens a transaction on
-the source, exports its snapshot (pg_export_snapshot) and publishes it in the control schema (`copy_run`), and
-splits each large table with a key into chunks: heap block ranges on PostgreSQL 14 and later (each chunk reads its
-own pages once, a TID range scan, whatever the key's order: a DICOM UID's has nothing to do with where rows lie),
-key ranges at sampled key values before. Each worker (also `migrator copy --worker` on other hosts) claims the
-next pending chunk (the largest table's first) with a row lock (SKIP LOCKED) in a target transaction, imports the snapshot, and streams
-`COPY (SELECT ... WHERE ctid or key in range) TO STDOUT (FORMAT binary)` straight into `COPY ... FROM STDIN` through
-libpq: no rows in Python, no temporary files, a few hundred kilobytes of buffer. The same target transaction records
-the chunk copied with the snapshot it was read under (its *boundary*); a worker that dies releases its claim with
-its transaction. The worker's side is migrator/copyworker.py.
+A coordinator (`migrator copy`) starts its worker processes (forked, see copyworker.LocalWorkers), opens a
+transaction on the source, exports its snapshot (pg_export_snapshot) and publishes it in the control schema
+(`copy_run`), and splits each large table with a key into chunks: heap block ranges on PostgreSQL 14 and later (each
+chunk reads its own pages once, a TID range scan, whatever the key's order: a DICOM UID's has nothing to do with
+where rows lie), key ranges at sampled key values before. Each worker (also `migrator copy --worker` on other hosts)
+claims the next pending chunk (the largest table's first) with a row lock (SKIP LOCKED) in a target transaction,
+imports the snapshot, and streams `COPY (SELECT ... WHERE ctid or key in range) TO STDOUT (FORMAT binary)` straight
+into `COPY ... FROM STDIN` through libpq: no rows in Python, no temporary files, a few hundred kilobytes of buffer.
+The same target transaction records the chunk copied with the snapshot it was read under (its *boundary*); a worker
+that dies releases its claim with its transaction. The worker's side is migrator/copyworker.py.
 
 The boundary is kept per chunk. Normally every chunk shares the coordinator's snapshot and the table records it.
 After a kill -9 the finished chunks are kept and the rest are read under a new coordinator's snapshot (but a table

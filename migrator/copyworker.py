@@ -358,8 +358,8 @@ def _worker_process(cfg: Config, name: str, coordinator: str, parent: int, json_
     """A local worker: its failure is one log line (no traceback for a failure the server or migrator named) and a
     message on `failures` for the coordinator's error. Started while its coordinator plans, it waits for the
     coordinator's run (it ends with its coordinator, and is stopped if planning fails)."""
-    _die_with_parent(parent)
     _as_if_new()
+    _die_with_parent(parent)
     log_mod.configure(json=json_logs)
     log = get(phase="copy", worker=name)
     try:
@@ -378,13 +378,18 @@ def _worker_process(cfg: Config, name: str, coordinator: str, parent: int, json_
 
 
 def _as_if_new() -> None:
-    """A forked worker starts as a spawned one would, with the signals its coordinator handles (the command line's
-    SIGTERM, say) back to Python's defaults. (The coordinator's sessions it inherits are never used, nor closed: the
-    child ends by os._exit, as multiprocessing's children do, and the server sees nothing of it.)"""
-    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+    """A worker starts as a spawned one would: the signals its coordinator handles with Python code (the command
+    line's SIGTERM, say) back to Python's defaults (those it ignores stay ignored), then delivered again, as
+    `LocalWorkers.start` blocks them while it starts a worker. (A forked worker never uses its coordinator's
+    sessions, nor closes them: it ends by os._exit, as multiprocessing's children do, and the server sees nothing.)"""
+    for signum in _HELD:
         if callable(signal.getsignal(signum)):
-            signal.signal(signum, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
+
+
+_HELD = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
+"""Signals held while a worker starts: a forked one must not run its coordinator's handlers meanwhile."""
 
 
 def _die_with_parent(parent: int) -> None:
@@ -399,11 +404,13 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _context(spawn: Any) -> Any:
-    """Fork where this process runs no other thread (see LocalWorkers), spawn otherwise."""
-    if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("fork")
-    return spawn
+def _alone() -> bool:
+    """Whether this process runs a single thread: on Linux its tasks (threads that C code or `_thread` started
+    included, which `threading` does not list), elsewhere the threads `threading` knows."""
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return threading.active_count() == 1
 
 
 class LocalWorkers:
@@ -411,11 +418,11 @@ class LocalWorkers:
     the coordinator plans). A context manager: leaving it by an exception stops the workers still running (planning
     failed, or an interrupt).
 
-    Forked while the coordinator has no other thread: a forked worker has migrator imported already, where a spawned
-    one spends about half a second of a core importing it again, on a machine whose cores the copy needs. With a
-    thread running (post-data's, a progress display's, a test runner's), another thread may hold a lock the child
-    would need (a log stream's), so workers are spawned then: a worker restarted after one died, or a copy run inside
-    another program."""
+    The first workers are forked while the coordinator runs no other thread: a forked worker has migrator imported
+    already, where a spawned one spends about half a second of a core importing it again, on a machine whose cores
+    the copy needs. With a thread running (a progress display's, a test runner's, a program's that runs the copy
+    inside it), another thread may hold a lock the child would need (a log stream's), so workers are spawned then;
+    and so are workers started again after some died (rare, and by then the coordinator's sessions are busy)."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -435,15 +442,23 @@ class LocalWorkers:
         self.join()
 
     def start(self, n: int) -> None:
-        ctx = _context(self.ctx)
+        fork = self.spawned == 0 and _alone() and "fork" in multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork") if fork else self.ctx
         get(phase="copy").info("copy.workers_started", workers=n, start=ctx.get_start_method())
-        for _ in range(n):
-            self.spawned += 1
-            name = f"{self.coordinator}/{self.spawned}"
-            proc = ctx.Process(target=_worker_process, name=name, daemon=True,
-                                    args=(self.cfg, name, self.coordinator, os.getpid(), self.json_logs, self.messages))
-            proc.start()
-            self.procs[name] = proc
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+        try:
+            for _ in range(n):
+                self._start_one(ctx)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+    def _start_one(self, ctx: Any) -> None:
+        self.spawned += 1
+        name = f"{self.coordinator}/{self.spawned}"
+        proc = ctx.Process(target=_worker_process, name=name, daemon=True,
+                           args=(self.cfg, name, self.coordinator, os.getpid(), self.json_logs, self.messages))
+        proc.start()
+        self.procs[name] = proc
 
     def reap(self) -> list[tuple[str, str | None]]:
         """Forget the workers that ended; why those that failed did."""

@@ -95,5 +95,5 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 # migrator's own bytecode, as a wheel's install would leave it: an editable install has none, and where
 # PYTHONDONTWRITEBYTECODE is set every command would compile its modules again at start (0.15 s of a core each).
-# A module edited since is compiled again in memory (Python compares the source's time); run this again to write it.
-.venv/bin/python -m compileall -q migrator >/dev/null
+# Checked by the source's hash: a module edited since is compiled again in memory; run this again to write it.
+.venv/bin/python -m compileall -q --invalidation-mode checked-hash migrator triggers

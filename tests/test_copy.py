@@ -85,25 +85,61 @@ def test_text_keyed_table_is_split_into_chunks_and_copied_exactly(
 
 @pytest.mark.parametrize("start", ["fork", "spawn"])
 def test_local_workers_are_forked_unless_another_thread_runs(make_config: Any, source_dsn: str, target_dsn: str,
-                                                             start: str) -> None:
+                                                             tmp_path: Path, start: str) -> None:
     run_sql(source_dsn, STUDY.format(rows=30_000), "VACUUM ANALYZE")
     cfg = chunked(make_config)
     prepare.prepare(cfg)
-    idle = threading.Event()
-    if start == "spawn":  # another thread may hold a lock a forked child would need (a log stream's, say)
+    if start == "fork":  # the command line: one thread when the workers start
+        done = Processes(config_file(tmp_path, source_dsn, target_dsn)).run("copy", "--workers", "2", "--json")
+        events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+        coordinator = {e["worker"].rsplit("/", 1)[0] for e in events if e["event"] == "copy.chunk_done"}
+    else:  # in a program running another thread, which may hold a lock a forked child would need (a log stream's)
+        idle = threading.Event()
         threading.Thread(target=idle.wait, name="another", daemon=True).start()
-    try:
-        with structlog.testing.capture_logs() as logs:
-            result = copy.run(cfg)
-    finally:
-        idle.set()
+        try:
+            with structlog.testing.capture_logs() as events:
+                copy.run(cfg)
+        finally:
+            idle.set()
+        coordinator = {f"{socket.gethostname()}:{os.getpid()}"}
 
-    assert [e["start"] for e in logs if e["event"] == "copy.workers_started"] == [start]
+    assert [e["start"] for e in events if e["event"] == "copy.workers_started"] == [start]
     assert {r[4] for r in chunk_rows(target_dsn)} == {"copied"}
-    assert {r[6].rsplit("/", 1)[0] for r in chunk_rows(target_dsn)} == {f"{socket.gethostname()}:{os.getpid()}"}, \
+    assert len(coordinator) == 1 and {r[6].rsplit("/", 1)[0] for r in chunk_rows(target_dsn)} == coordinator, \
         "the chunks are copied by this coordinator's workers"
-    assert result.rows == sum(t.rows for t in result.copied) > 30_000
     assert_same_rows(source_dsn, target_dsn)
+
+
+def test_workers_claim_the_largest_tables_chunks_first_in_order(make_config: Any, source_dsn: str,
+                                                                target_dsn: str) -> None:
+    run_sql(source_dsn, STUDY.format(rows=30_000), "VACUUM ANALYZE")
+    prepare.prepare(chunked(make_config))
+    with psycopg.connect(target_dsn) as conn:
+        conn.execute(sql.SQL("INSERT INTO {}.copy_chunk (schema_name, table_name, chunk_no, est_bytes) VALUES "
+                             "('public', 'study', 0, 100), ('public', 'study', 1, 900), ('public', 'study', 2, 100), "
+                             "('public', 'series', 0, 1000), ('public', 'audit', 0, 10)")
+                     .format(sql.Identifier(CONTROL_SCHEMA)))
+        conn.commit()
+        claimed = []
+        with psycopg.connect(target_dsn) as other:  # a second worker skips the chunk the first holds
+            first = state.claim_chunk(conn)
+            second = state.claim_chunk(other)
+            assert first is not None and second is not None
+            claimed += [(first.table_name, first.chunk_no), (second.table_name, second.chunk_no)]
+            other.rollback()
+        conn.rollback()
+        for _ in range(5):
+            chunk = state.claim_chunk(conn)
+            assert chunk is not None
+            conn.execute(sql.SQL("UPDATE {}.copy_chunk SET status = 'copied' WHERE table_name = %s AND chunk_no = %s")
+                         .format(sql.Identifier(CONTROL_SCHEMA)), (chunk.table_name, chunk.chunk_no))
+            conn.commit()
+            claimed.append((chunk.table_name, chunk.chunk_no))
+        assert state.claim_chunk(conn) is None
+
+    # study (1,100 bytes in all) before series (1,000 in one chunk), its chunks in order; then series, then audit.
+    assert claimed == [("study", 0), ("study", 1), ("study", 0), ("study", 1), ("study", 2), ("series", 0),
+                       ("audit", 0)]
 
 
 def test_several_worker_processes_share_the_chunks(source_dsn: str, target_dsn: str, tmp_path: Path,
