@@ -273,9 +273,10 @@ class PostDataDump:
         with tempfile.NamedTemporaryFile("w", prefix="migrator-list-", suffix=".list", dir=self.dump.parent,
                                          delete=False) as f:
             f.write("\n".join(lines) + "\n")
-        returncode, stderr = _restore([self.pg_restore, f"--jobs={max(1, jobs)}", "--no-owner", "--no-privileges",
-                                       f"--use-list={f.name}", f"--dbname={self.tgt}", str(self.dump)], self.tgt_env,
-                                      stop)
+        # No more jobs than items: each job is a process and a session of its own.
+        returncode, stderr = _restore([self.pg_restore, f"--jobs={max(1, min(jobs, len(lines)))}", "--no-owner",
+                                       "--no-privileges", f"--use-list={f.name}", f"--dbname={self.tgt}",
+                                       str(self.dump)], self.tgt_env, stop)
         fatal = [e for e in stderr.splitlines() if "ERROR:" in e and not _ALREADY_THERE.search(e)]
         if returncode != 0 and (fatal or "ERROR:" not in stderr):
             raise MigratorError(f"pg_restore of post-data failed: {scrub(chr(10).join(fatal) or stderr.strip())[-2000:]}",
