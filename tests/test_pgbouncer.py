@@ -92,6 +92,9 @@ def running_bouncer(source_dsn: str, target_dsn: str, *, entry_extra: str = "") 
         "[pgbouncer]", "listen_addr = 127.0.0.1", f"listen_port = {port}", "unix_socket_dir =",
         "auth_type = trust", f"auth_file = {work / 'users.txt'}", f"admin_users = {user}",
         "pool_mode = transaction", "default_pool_size = 8", "max_client_conn = 200",
+        # A server login that failed once (a slow server on a loaded test machine) is tried again after 1 s, not
+        # PgBouncer's 15: a health gate watching the clients for 4 s would see them all refused meanwhile.
+        "server_login_retry = 1",
         f"logfile = {work / 'pgbouncer.log'}", f"%include {databases_ini}", ""]))
     for f in work.iterdir():
         f.chmod(0o644)
