@@ -5,7 +5,7 @@ transaction on the source, exports its snapshot (pg_export_snapshot) and publish
 (`copy_run`), and splits each large table with a key into chunks: heap block ranges on PostgreSQL 14 and later (each
 chunk reads its own pages once, a TID range scan, whatever the key's order: a DICOM UID's has nothing to do with
 where rows lie), key ranges at sampled key values before. Each worker (also `migrator copy --worker` on other hosts)
-claims the largest pending chunk with a row lock (SKIP LOCKED) in a target transaction,
+claims the next pending chunk (the largest table's first) with a row lock (SKIP LOCKED) in a target transaction,
 imports the snapshot, and streams `COPY (SELECT ... WHERE ctid or key in range) TO STDOUT (FORMAT binary)` straight
 into `COPY ... FROM STDIN` through libpq: no rows in Python, no temporary files, a few hundred kilobytes of buffer.
 The same target transaction records the chunk copied with the snapshot it was read under (its *boundary*); a worker

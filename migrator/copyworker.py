@@ -1,4 +1,4 @@
-"""One copy worker: claims the largest pending chunk, streams its range (heap blocks or keys)
+"""One copy worker: claims the next pending chunk (the largest table's first), streams its range (heap blocks or keys)
 from the source's COPY into the target's, and records it copied in the same target transaction (`migrator copy`
 starts these in worker processes, `LocalWorkers`; `migrator copy --worker` on other hosts; see migrator/copy.py for
 the coordinator).

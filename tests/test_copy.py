@@ -110,7 +110,8 @@ def test_local_workers_are_forked_unless_another_thread_runs(make_config: Any, s
     assert_same_rows(source_dsn, target_dsn)
 
 
-def test_workers_claim_the_largest_pending_chunk_first(make_config: Any, source_dsn: str, target_dsn: str) -> None:
+def test_workers_claim_the_largest_tables_chunks_first_in_order(make_config: Any, source_dsn: str,
+                                                                target_dsn: str) -> None:
     run_sql(source_dsn, STUDY.format(rows=30_000), "VACUUM ANALYZE")
     prepare.prepare(chunked(make_config))
     with psycopg.connect(target_dsn) as conn:
@@ -136,8 +137,8 @@ def test_workers_claim_the_largest_pending_chunk_first(make_config: Any, source_
             claimed.append((chunk.table_name, chunk.chunk_no))
         assert state.claim_chunk(conn) is None
 
-    # By size, whatever the table; equal sizes by table and chunk number.
-    assert claimed == [("series", 0), ("study", 1), ("series", 0), ("study", 1), ("study", 0), ("study", 2),
+    # study (1,100 bytes in all) before series (1,000 in one chunk), its chunks in order; then series, then audit.
+    assert claimed == [("study", 0), ("study", 1), ("study", 0), ("study", 1), ("study", 2), ("series", 0),
                        ("audit", 0)]
 
 
