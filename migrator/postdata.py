@@ -110,9 +110,10 @@ class AsTablesArrive:
 
     def _table(self, key: tuple[str, str]) -> None:
         dump = self.dump
+        items = dump.of_table.get(key, [])
         started = time.monotonic()
         # With `jobs` jobs: the last table's indexes build side by side, as nothing else runs then.
-        dump.restore(dump.of_table.get(key, []), jobs=self.jobs, stop=self.stop)
+        dump.restore(items, jobs=self.jobs, stop=self.stop)
         with self.lock:
             assert self.fks_left is not None
             self.built.add(key)
@@ -124,7 +125,7 @@ class AsTablesArrive:
         with db.session(self.cfg.target_dsn, role="target", autocommit=True) as conn:
             conn.execute(sql.SQL("ANALYZE {}").format(table.ident))
         self.analyzed.add(table.display)
-        get(phase="copy").info("copy.table_post_data_done", table=table.display, items=len(dump.of_table.get(key, [])),
+        get(phase="copy").info("copy.table_post_data_done", table=table.display, items=len(items),
                                seconds=round(time.monotonic() - started, 3))
 
     def finish(self, jobs: int) -> None:

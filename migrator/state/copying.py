@@ -113,8 +113,7 @@ def claim_chunk(conn: Conn) -> Chunk | None:
     """Lock the next pending chunk nobody holds, in the caller's transaction (the one that loads it): the largest
     table's first, in order, then the next table's. A table's post-data starts when its last chunk is in, and the
     largest table's (its index builds, its foreign keys' checks) is the longest: started first, it runs while the
-    smaller tables still copy, rather than after them (bench.copy at scale 1: 1.16 to 1.21 times the raw pipe,
-    against 1.24 to 1.30 by chunk size; at scale 4 the rounds vary more than either order, bench/README.md).
+    smaller tables still copy, rather than after them (measured against the order by chunk size in bench/README.md).
 
     The row lock is the claim: a worker that dies releases it with its transaction, and the chunk is pending again.
     """
